@@ -1,0 +1,104 @@
+//! Wiring: from a validated `Config` to a Pingora `Server` with the proxy and admin services.
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::front::Front;
+use crate::metrics::Metrics;
+use crate::proxy::SluiceProxy;
+use crate::state::Shared;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+use pingora_core::services::listening::Service;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Process options that pass through to Pingora.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    pub daemon: bool,
+    pub upgrade: bool,
+}
+
+/// Build the server; the caller runs it with `run_forever()`.
+pub fn build_server(
+    config: Config,
+    config_path: Option<PathBuf>,
+    options: RunOptions,
+) -> Result<Server, String> {
+    let metrics = Metrics::new().map_err(|e| format!("metrics registry: {e}"))?;
+    let proxy_conf = Arc::new(server_conf(&config)?);
+    let opt = Opt {
+        upgrade: options.upgrade,
+        daemon: options.daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config)?);
+    server.bootstrap();
+
+    let listen = config.server.listen.clone();
+    let admin_listen = config.server.admin_listen.clone();
+    let shared = Shared::new(config, config_path, metrics);
+
+    let http = pingora_proxy::http_proxy(&proxy_conf, SluiceProxy::new(shared.clone()));
+    let mut front = Service::new("sluice proxy".to_string(), Front::new(shared.clone(), http));
+    front.add_tcp(&listen);
+
+    let mut admin = Service::new("sluice admin".to_string(), Admin::new(shared));
+    admin.add_tcp(&admin_listen);
+    admin.threads = Some(1);
+
+    server.add_service(front);
+    server.add_service(admin);
+    Ok(server)
+}
+
+fn server_conf(config: &Config) -> Result<ServerConf, String> {
+    let s = &config.server;
+    let mut conf = ServerConf {
+        threads: config.worker_threads(),
+        grace_period_seconds: Some(ceil_secs(s.grace_period.get())),
+        graceful_shutdown_timeout_seconds: Some(ceil_secs(s.graceful_shutdown_timeout.get())),
+        upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+        pid_file: s.pid_file.clone(),
+        upgrade_sock: s.upgrade_sock.clone(),
+        ..ServerConf::default()
+    };
+    if let Some(extra) = &s.upstream_ca_file {
+        let bundle = ca_bundle(Path::new(extra))
+            .map_err(|e| format!("server.upstream_ca_file: cannot build the CA bundle: {e}"))?;
+        conf.ca_file = Some(bundle.display().to_string());
+    }
+    Ok(conf)
+}
+
+fn ceil_secs(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Pingora's connector trusts either the system roots or one CA file. To *add* the operator's
+/// CAs to the system roots, write both into one bundle that the connector loads.
+fn ca_bundle(extra: &Path) -> std::io::Result<PathBuf> {
+    let mut pem = String::new();
+    let system = std::env::var_os("SSL_CERT_FILE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            [
+                "/etc/ssl/certs/ca-certificates.crt",
+                "/etc/pki/tls/certs/ca-bundle.crt",
+                "/etc/ssl/cert.pem",
+            ]
+            .map(PathBuf::from),
+        )
+        .find(|p| p.is_file());
+    if let Some(path) = system {
+        pem.push_str(&std::fs::read_to_string(path)?);
+        pem.push('\n');
+    } else {
+        tracing::warn!("no system CA bundle found; trusting only server.upstream_ca_file");
+    }
+    pem.push_str(&std::fs::read_to_string(extra)?);
+    let out = std::env::temp_dir().join(format!("sluice-ca-{}.pem", std::process::id()));
+    std::fs::write(&out, pem)?;
+    Ok(out)
+}

@@ -1,0 +1,179 @@
+//! sluice's TOML configuration: types, named defaults and loading.
+//!
+//! Loading is two steps: `parse()` turns text into `Config` (unknown keys and bad values are
+//! errors with their key path), then `validate()` checks every semantic rule and reports every
+//! failure at once. `Generation::build()` compiles a valid `Config` into lookup structures.
+
+mod duration;
+mod generation;
+mod validate;
+
+pub use duration::HumanDuration;
+pub use generation::{Generation, Route};
+pub use validate::ConfigError;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The configuration used when no file is given.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../conf/default.toml");
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: Server,
+    /// Static name overrides: `"api.example.test" = ["127.0.0.1:18443"]`; a key may also be
+    /// `"host:port"` to pin one port only.
+    pub resolve: BTreeMap<String, Vec<String>>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// The proxy listener (all four ways in).
+    pub listen: String,
+    /// The admin listener: /metrics, /healthz, /status.
+    pub admin_listen: String,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+    /// PEM file of extra CAs trusted for upstream TLS, on top of the system roots.
+    pub upstream_ca_file: Option<String>,
+    /// Time to establish a TCP (and TLS) connection to an upstream.
+    pub connect_timeout: HumanDuration,
+    /// Longest wait for each read from an upstream (response header or body chunk).
+    pub read_timeout: HumanDuration,
+    /// Longest wait for each write to an upstream.
+    pub write_timeout: HumanDuration,
+    /// Longest wait for a DNS answer.
+    pub dns_timeout: HumanDuration,
+    /// Longest wait for a client to send the first bytes of a request or a CONNECT head.
+    pub header_read_timeout: HumanDuration,
+    /// A CONNECT tunnel with no bytes in either direction for this long is closed.
+    pub tunnel_idle_timeout: HumanDuration,
+    /// On SIGTERM, how long to keep serving before stopping to accept.
+    pub grace_period: HumanDuration,
+    /// After the grace period, how long in-flight work may take to finish.
+    pub graceful_shutdown_timeout: HumanDuration,
+    /// Upstream keep-alive pool size (connections kept idle across all destinations).
+    pub upstream_keepalive_pool_size: usize,
+    /// Log filter (`RUST_LOG` syntax); `RUST_LOG` in the environment wins.
+    pub log_level: String,
+    /// PID file, written in daemon mode.
+    pub pid_file: String,
+    /// Socket through which a new process (`--upgrade`) takes over the listeners.
+    pub upgrade_sock: String,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            threads: 0,
+            upstream_ca_file: None,
+            connect_timeout: HumanDuration::from_secs(5),
+            read_timeout: HumanDuration::from_secs(60),
+            write_timeout: HumanDuration::from_secs(30),
+            dns_timeout: HumanDuration::from_secs(5),
+            header_read_timeout: HumanDuration::from_secs(10),
+            tunnel_idle_timeout: HumanDuration::from_secs(300),
+            grace_period: HumanDuration::from_secs(5),
+            graceful_shutdown_timeout: HumanDuration::from_secs(10),
+            upstream_keepalive_pool_size: 256,
+            log_level: "info".into(),
+            pid_file: "/tmp/sluice.pid".into(),
+            upgrade_sock: "/tmp/sluice_upgrade.sock".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Path prefix on sluice, e.g. "/openai"; stripped before forwarding.
+    pub prefix: String,
+    /// Destination, e.g. "https://api.openai.com" (an optional base path is prepended).
+    pub target: String,
+}
+
+impl Config {
+    /// Parse TOML text. Errors name the key path, e.g. `server.connect_timeout: invalid duration`.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            ConfigError::single(path, inner.message().to_string())
+        })
+    }
+
+    /// Parse and validate a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::single("(file)".into(), format!("cannot read {}: {e}", path.display()))
+        })?;
+        let config = Config::parse(&text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The embedded default, parsed and validated.
+    pub fn embedded() -> Result<Config, ConfigError> {
+        let config = Config::parse(EMBEDDED_DEFAULT)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Worker threads to run: the configured number, or one per core.
+    pub fn worker_threads(&self) -> usize {
+        if self.server.threads > 0 {
+            self.server.threads
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_matches_code_defaults() {
+        let config = Config::embedded().expect("embedded default must be valid");
+        assert_eq!(config.server, Server::default());
+        assert!(config.routes.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let err = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n")
+            .expect_err("unknown key");
+        let text = err.to_string();
+        assert!(text.contains("server"), "{text}");
+        assert!(text.contains("lisen"), "{text}");
+    }
+
+    #[test]
+    fn bad_duration_names_its_path() {
+        let err = Config::parse("[server]\nconnect_timeout = \"fast\"\n").expect_err("bad");
+        assert!(
+            err.to_string().contains("server.connect_timeout"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn route_table_parses() {
+        let config = Config::parse(
+            "[[routes]]\nprefix = \"/openai\"\ntarget = \"https://api.openai.com\"\n",
+        )
+        .expect("valid");
+        assert_eq!(config.routes.len(), 1);
+        assert_eq!(config.routes[0].prefix, "/openai");
+    }
+}

@@ -1,0 +1,220 @@
+//! Semantic checks of a parsed `Config`: every failure is collected with its key path.
+
+use super::Config;
+use crate::target::Origin;
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+
+/// One or more configuration errors, each with the key path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub errors: Vec<(String, String)>,
+}
+
+impl ConfigError {
+    pub fn single(path: String, message: String) -> Self {
+        Self {
+            errors: vec![(path, message)],
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (path, message)) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if path.is_empty() || path == "." {
+                write!(f, "{message}")?;
+            } else {
+                write!(f, "{path}: {message}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Check every rule; report all failures, each with its key path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut err = |path: String, message: String| errors.push((path, message));
+        let s = &self.server;
+
+        let listen = parse_listen(&s.listen);
+        if let Err(m) = &listen {
+            err("server.listen".into(), m.clone());
+        }
+        let admin = parse_listen(&s.admin_listen);
+        if let Err(m) = &admin {
+            err("server.admin_listen".into(), m.clone());
+        }
+        if let (Ok(a), Ok(b)) = (&listen, &admin) {
+            if a == b {
+                err(
+                    "server.admin_listen".into(),
+                    format!("must differ from server.listen ({a})"),
+                );
+            }
+        }
+        if s.threads > 1024 {
+            err("server.threads".into(), "must be at most 1024".into());
+        }
+        for (key, value) in [
+            ("connect_timeout", s.connect_timeout),
+            ("read_timeout", s.read_timeout),
+            ("write_timeout", s.write_timeout),
+            ("dns_timeout", s.dns_timeout),
+            ("header_read_timeout", s.header_read_timeout),
+            ("tunnel_idle_timeout", s.tunnel_idle_timeout),
+        ] {
+            if value.get().is_zero() {
+                err(format!("server.{key}"), "must be greater than zero".into());
+            }
+        }
+        if let Some(path) = &s.upstream_ca_file {
+            if let Err(m) = check_ca_file(path) {
+                err("server.upstream_ca_file".into(), m);
+            }
+        }
+        if let Err(m) = tracing_subscriber::EnvFilter::try_new(&s.log_level) {
+            err("server.log_level".into(), format!("invalid filter: {m}"));
+        }
+
+        for (name, addrs) in &self.resolve {
+            let path = format!("resolve.{name:?}");
+            if name.is_empty() || name.contains('/') || name.contains(char::is_whitespace) {
+                err(path.clone(), "must be a host name or host:port".into());
+            }
+            if addrs.is_empty() {
+                err(path.clone(), "needs at least one address".into());
+            }
+            for (i, a) in addrs.iter().enumerate() {
+                if a.parse::<SocketAddr>().is_err() {
+                    err(
+                        format!("{path}[{i}]"),
+                        format!("{a:?} is not an ip:port socket address"),
+                    );
+                }
+            }
+        }
+
+        let mut prefixes = HashSet::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let path = format!("routes[{i}]");
+            let p = &route.prefix;
+            if !p.starts_with('/') || p.len() < 2 {
+                err(
+                    format!("{path}.prefix"),
+                    format!("{p:?} must start with '/' and name a path, e.g. \"/openai\""),
+                );
+            } else if p.ends_with('/') {
+                err(
+                    format!("{path}.prefix"),
+                    format!("{p:?} must not end with '/'"),
+                );
+            } else if p.contains(['?', '#', ' ']) {
+                err(
+                    format!("{path}.prefix"),
+                    format!("{p:?} must be a plain path"),
+                );
+            }
+            if !prefixes.insert(p.as_str()) {
+                err(
+                    format!("{path}.prefix"),
+                    format!("{p:?} is used by an earlier route"),
+                );
+            }
+            if let Err(e) = Origin::parse_with_base(&route.target) {
+                err(format!("{path}.target"), e.to_string());
+            }
+        }
+
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { errors })
+        }
+    }
+}
+
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .map_err(|_| format!("{text:?} is not an ip:port socket address"))
+}
+
+fn check_ca_file(path: &str) -> Result<(), String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let mut reader = std::io::BufReader::new(text.as_slice());
+    let mut count = 0;
+    for item in rustls_pemfile::certs(&mut reader) {
+        item.map_err(|e| format!("{path}: bad PEM: {e}"))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(format!("{path} holds no PEM certificate"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn errors_of(text: &str) -> Vec<String> {
+        let config = Config::parse(text).expect("parses");
+        match config.validate() {
+            Ok(()) => vec![],
+            Err(e) => e.errors.into_iter().map(|(p, _)| p).collect(),
+        }
+    }
+
+    #[test]
+    fn reports_every_error_with_its_path() {
+        let paths = errors_of(
+            r#"
+            [server]
+            listen = "nowhere"
+            admin_listen = "127.0.0.1:99999"
+            connect_timeout = "0s"
+            [resolve]
+            "a.test" = ["10.0.0.1"]
+            [[routes]]
+            prefix = "openai"
+            target = "ftp://x"
+            [[routes]]
+            prefix = "openai"
+            target = "https://ok.test"
+            "#,
+        );
+        for want in [
+            "server.listen",
+            "server.admin_listen",
+            "server.connect_timeout",
+            "resolve.\"a.test\"[0]",
+            "routes[0].prefix",
+            "routes[0].target",
+            "routes[1].prefix",
+        ] {
+            assert!(paths.iter().any(|p| p == want), "missing {want} in {paths:?}");
+        }
+    }
+
+    #[test]
+    fn listeners_must_differ() {
+        let paths = errors_of(
+            "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:1\"\n",
+        );
+        assert_eq!(paths, vec!["server.admin_listen".to_string()]);
+    }
+
+    #[test]
+    fn missing_ca_file_is_an_error() {
+        let paths = errors_of("[server]\nupstream_ca_file = \"/nonexistent/ca.pem\"\n");
+        assert_eq!(paths, vec!["server.upstream_ca_file".to_string()]);
+    }
+}

@@ -1,0 +1,193 @@
+//! Every way sluice refuses or fails a request: a short code, its HTTP status and the JSON body
+//! the client receives. One place maps Pingora's errors onto these codes.
+
+use pingora_error::{Error, ErrorSource, ErrorType};
+
+/// The short codes sent in `Sluice-Error`, logged, and used as metric labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Code {
+    BadRequest,
+    BadTarget,
+    NoTarget,
+    HeadTooLarge,
+    RequestTimeout,
+    Dns,
+    ConnectRefused,
+    ConnectTimeout,
+    ConnectFailed,
+    UpstreamTls,
+    UpstreamTimeout,
+    UpstreamClosed,
+    UpstreamProtocol,
+    ClientClosed,
+    Internal,
+}
+
+impl Code {
+    pub const ALL: [Code; 15] = [
+        Code::BadRequest,
+        Code::BadTarget,
+        Code::NoTarget,
+        Code::HeadTooLarge,
+        Code::RequestTimeout,
+        Code::Dns,
+        Code::ConnectRefused,
+        Code::ConnectTimeout,
+        Code::ConnectFailed,
+        Code::UpstreamTls,
+        Code::UpstreamTimeout,
+        Code::UpstreamClosed,
+        Code::UpstreamProtocol,
+        Code::ClientClosed,
+        Code::Internal,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Code::BadRequest => "bad_request",
+            Code::BadTarget => "bad_target",
+            Code::NoTarget => "no_target",
+            Code::HeadTooLarge => "head_too_large",
+            Code::RequestTimeout => "request_timeout",
+            Code::Dns => "dns",
+            Code::ConnectRefused => "connect_refused",
+            Code::ConnectTimeout => "connect_timeout",
+            Code::ConnectFailed => "connect_failed",
+            Code::UpstreamTls => "upstream_tls",
+            Code::UpstreamTimeout => "upstream_timeout",
+            Code::UpstreamClosed => "upstream_closed",
+            Code::UpstreamProtocol => "upstream_protocol",
+            Code::ClientClosed => "client_closed",
+            Code::Internal => "internal",
+        }
+    }
+
+    /// The status sent to the client; 0 when the client is gone and nothing can be sent.
+    pub const fn status(self) -> u16 {
+        match self {
+            Code::BadRequest | Code::BadTarget | Code::NoTarget => 400,
+            Code::HeadTooLarge => 431,
+            Code::RequestTimeout => 408,
+            Code::Dns
+            | Code::ConnectRefused
+            | Code::ConnectFailed
+            | Code::UpstreamTls
+            | Code::UpstreamClosed
+            | Code::UpstreamProtocol => 502,
+            Code::ConnectTimeout | Code::UpstreamTimeout => 504,
+            Code::ClientClosed => 0,
+            Code::Internal => 500,
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Code> {
+        Code::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
+    /// Classify any error raised while proxying.
+    pub fn of(e: &Error) -> Code {
+        use ErrorType::*;
+        let upstream = e.esource() == &ErrorSource::Upstream;
+        match e.etype() {
+            CustomCode(name, _) | Custom(name) => Code::from_name(name).unwrap_or(Code::Internal),
+            ConnectTimedout => Code::ConnectTimeout,
+            ConnectRefused => Code::ConnectRefused,
+            ConnectNoRoute | ConnectError | SocketError | BindError | ConnectProxyFailure => {
+                Code::ConnectFailed
+            }
+            TLSWantX509Lookup | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert
+            | HandshakeError => Code::UpstreamTls,
+            ReadTimedout | WriteTimedout if upstream => Code::UpstreamTimeout,
+            ReadTimedout | WriteTimedout => Code::RequestTimeout,
+            ConnectionClosed | ReadError | WriteError if upstream => Code::UpstreamClosed,
+            ConnectionClosed | ReadError | WriteError => Code::ClientClosed,
+            InvalidHTTPHeader | H1Error | H2Error | InvalidH2 | H2Downgrade if upstream => {
+                Code::UpstreamProtocol
+            }
+            InvalidHTTPHeader | H1Error | H2Error | InvalidH2 | H2Downgrade => Code::BadRequest,
+            HTTPStatus(s) if (400..500).contains(s) => Code::BadRequest,
+            HTTPStatus(_) if upstream => Code::UpstreamProtocol,
+            _ => Code::Internal,
+        }
+    }
+}
+
+/// A Pingora error carrying one of our codes and a human reason.
+pub fn error(code: Code, message: impl Into<String>) -> Box<Error> {
+    Error::explain(
+        ErrorType::CustomCode(code.as_str(), code.status()),
+        message.into(),
+    )
+}
+
+/// The human reason of an error: our own explanation, or Pingora's description.
+pub fn message_of(e: &Error) -> String {
+    match e.context.as_ref() {
+        Some(c) => c.as_str().to_string(),
+        None => e.etype().as_str().to_string(),
+    }
+}
+
+/// The small JSON body sent with every refusal.
+pub fn json_body(code: Code, message: &str) -> Vec<u8> {
+    let value = serde_json::json!({
+        "error": code.as_str(),
+        "message": message,
+    });
+    let mut body = value.to_string().into_bytes();
+    body.push(b'\n');
+    body
+}
+
+/// A whole HTTP/1.1 error response, for paths that write raw bytes (CONNECT).
+pub fn raw_response(code: Code, message: &str) -> Vec<u8> {
+    let status = code.status();
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let body = json_body(code, message);
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nSluice-Error: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        code.as_str(),
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_through_pingora_errors() {
+        for code in Code::ALL {
+            assert_eq!(Code::of(&error(code, "x")), code);
+        }
+    }
+
+    #[test]
+    fn pingora_errors_map_by_source() {
+        let mut e = Error::new(ErrorType::ReadTimedout);
+        e.esource = ErrorSource::Upstream;
+        assert_eq!(Code::of(&e), Code::UpstreamTimeout);
+        e.esource = ErrorSource::Downstream;
+        assert_eq!(Code::of(&e), Code::RequestTimeout);
+        assert_eq!(Code::of(&Error::new(ErrorType::ConnectRefused)), Code::ConnectRefused);
+    }
+
+    #[test]
+    fn no_code_is_a_bare_500_without_a_body() {
+        for code in Code::ALL {
+            let body: serde_json::Value =
+                serde_json::from_slice(&json_body(code, "why")).expect("json");
+            assert_eq!(body["error"], code.as_str());
+        }
+        let raw = String::from_utf8(raw_response(Code::ConnectRefused, "no")).expect("utf8");
+        assert!(raw.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+        assert!(raw.contains("Sluice-Error: connect_refused\r\n"));
+    }
+}

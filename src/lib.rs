@@ -1,0 +1,13 @@
+//! sluice: an egress proxy that paces, shares and routes outbound API calls.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod front;
+pub mod metrics;
+pub mod proxy;
+pub mod resolve;
+pub mod state;
+pub mod target;
+pub mod tunnel;

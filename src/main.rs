@@ -1,0 +1,90 @@
+//! The `sluice` command: parse flags, load the configuration, run the server.
+
+use anyhow::Context;
+use clap::Parser;
+use sluice::app::{build_server, RunOptions};
+use sluice::config::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// An egress proxy that paces, shares and routes outbound API calls.
+#[derive(Parser, Debug)]
+#[command(name = "sluice", version)]
+struct Cli {
+    /// Configuration file (TOML). Without it, the embedded default is used.
+    #[arg(short, long, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration, print every error, and exit (non-zero if invalid).
+    #[arg(long)]
+    check: bool,
+    /// Run in the background (Pingora daemon mode).
+    #[arg(short, long)]
+    daemon: bool,
+    /// Take over the listeners of a running sluice (graceful upgrade).
+    #[arg(short, long)]
+    upgrade: bool,
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config, String> {
+    let result = match path {
+        Some(p) => Config::load(p),
+        None => Config::embedded(),
+    };
+    result.map_err(|e| {
+        let source = path.map_or("embedded default".to_string(), |p| p.display().to_string());
+        format!("{source}: invalid configuration:\n{e}")
+    })
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = match load(cli.config.as_ref()) {
+        Ok(c) => c,
+        Err(message) => {
+            eprintln!("{message}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if cli.check {
+        let source = cli
+            .config
+            .as_ref()
+            .map_or("embedded default".to_string(), |p| p.display().to_string());
+        println!("{source}: configuration is valid");
+        return Ok(ExitCode::SUCCESS);
+    }
+    init_logging(&config.server.log_level);
+    tracing::info!(
+        listen = config.server.listen.as_str(),
+        admin = config.server.admin_listen.as_str(),
+        threads = config.worker_threads(),
+        "sluice starting"
+    );
+    let options = RunOptions {
+        daemon: cli.daemon,
+        upgrade: cli.upgrade,
+    };
+    let server = build_server(config, cli.config.clone(), options)
+        .map_err(anyhow::Error::msg)
+        .context("cannot start")?;
+    server.run_forever()
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sluice: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The Prometheus registry sluice exports on the admin listener. Registered once at start,
+//! passed down by `Arc`; every label value comes from a closed set (way in, error code, class).
+
+use crate::error::Code;
+use crate::target::WayIn;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Outcome label when the upstream answered (whatever its status).
+pub const OUTCOME_OK: &str = "ok";
+
+pub struct Metrics {
+    registry: Registry,
+    /// `sluice_requests_total{way, outcome}`: outcome is `ok` or an error code.
+    pub requests: IntCounterVec,
+    /// `sluice_upstream_responses_total{way, class}`: class is 1xx..5xx.
+    pub upstream_responses: IntCounterVec,
+    /// `sluice_request_duration_seconds{way}`.
+    pub request_duration: HistogramVec,
+    pub tunnels_opened: IntCounter,
+    pub tunnels_active: IntGauge,
+    /// `sluice_tunnel_bytes_total{direction="up|down"}`.
+    pub tunnel_bytes: IntCounterVec,
+    pub config_generation: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "sluice_requests_total",
+                "Requests and tunnels by way in and outcome (ok, or the Sluice-Error code)",
+            ),
+            &["way", "outcome"],
+        )?;
+        let upstream_responses = IntCounterVec::new(
+            Opts::new(
+                "sluice_upstream_responses_total",
+                "Upstream responses passed to clients, by way in and status class",
+            ),
+            &["way", "class"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_request_duration_seconds",
+                "Time from request head to the end of the response, by way in",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0, 60.0,
+            ]),
+            &["way"],
+        )?;
+        let tunnels_opened = IntCounter::new(
+            "sluice_tunnels_opened_total",
+            "CONNECT tunnels established",
+        )?;
+        let tunnels_active = IntGauge::new("sluice_tunnels_active", "CONNECT tunnels open now")?;
+        let tunnel_bytes = IntCounterVec::new(
+            Opts::new(
+                "sluice_tunnel_bytes_total",
+                "Bytes carried by CONNECT tunnels (up: client to upstream)",
+            ),
+            &["direction"],
+        )?;
+        let config_generation = IntGauge::new(
+            "sluice_config_generation",
+            "Number of the configuration generation in force",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("sluice_build_info", "Build information; always 1"),
+            &["version"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(upstream_responses.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(tunnels_opened.clone()))?;
+        registry.register(Box::new(tunnels_active.clone()))?;
+        registry.register(Box::new(tunnel_bytes.clone()))?;
+        registry.register(Box::new(config_generation.clone()))?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // Pre-create the series a dashboard expects so they read 0 rather than missing.
+        for way in WayIn::ALL {
+            requests.with_label_values(&[way.as_str(), OUTCOME_OK]);
+            request_duration.with_label_values(&[way.as_str()]);
+        }
+        for dir in ["up", "down"] {
+            tunnel_bytes.with_label_values(&[dir]);
+        }
+        Ok(Metrics {
+            registry,
+            requests,
+            upstream_responses,
+            request_duration,
+            tunnels_opened,
+            tunnels_active,
+            tunnel_bytes,
+            config_generation,
+        })
+    }
+
+    /// Count one finished request or tunnel.
+    pub fn record(&self, way: WayIn, outcome: Option<Code>, seconds: f64) {
+        let outcome = outcome.map_or(OUTCOME_OK, Code::as_str);
+        self.requests
+            .with_label_values(&[way.as_str(), outcome])
+            .inc();
+        self.request_duration
+            .with_label_values(&[way.as_str()])
+            .observe(seconds);
+    }
+
+    /// Count an upstream response by status class.
+    pub fn record_upstream_status(&self, way: WayIn, status: u16) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.upstream_responses
+            .with_label_values(&[way.as_str(), class])
+            .inc();
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        let families = self.registry.gather();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_and_encodes() {
+        let m = Metrics::new().expect("registry");
+        m.record(WayIn::Forward, None, 0.01);
+        m.record(WayIn::Connect, Some(Code::ConnectRefused), 0.02);
+        m.record_upstream_status(WayIn::Forward, 204);
+        let text = String::from_utf8(m.encode()).expect("utf8");
+        assert!(text.contains("sluice_requests_total{outcome=\"ok\",way=\"forward\"} 1"));
+        assert!(text.contains(
+            "sluice_requests_total{outcome=\"connect_refused\",way=\"connect\"} 1"
+        ));
+        assert!(text.contains("sluice_upstream_responses_total{class=\"2xx\",way=\"forward\"} 1"));
+        assert!(text.contains("sluice_build_info{version=\""));
+    }
+}

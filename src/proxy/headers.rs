@@ -1,0 +1,104 @@
+//! Header hygiene between client and upstream: hop-by-hop headers, proxy credentials and
+//! sluice's own control headers never cross; `Via` records the hop.
+
+use http::header::{HeaderMap, HeaderName};
+use pingora_http::{RequestHeader, ResponseHeader};
+
+/// Headers meaningful only for one connection (RFC 9110 7.6.1), plus proxy credentials.
+/// `Transfer-Encoding` is left to Pingora, which owns body framing on each side.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+pub const VIA: &str = "1.1 sluice";
+
+/// Names to drop from `headers`: the fixed hop-by-hop set, those listed in `Connection`, and,
+/// when `control` is set, every `sluice-*` header.
+fn names_to_drop(headers: &HeaderMap, control: bool) -> Vec<HeaderName> {
+    let mut drop: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(http::header::CONNECTION) {
+        if let Ok(text) = value.to_str() {
+            for token in text.split(',') {
+                if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
+                    drop.push(name);
+                }
+            }
+        }
+    }
+    for name in headers.keys() {
+        let s = name.as_str();
+        if HOP_BY_HOP.contains(&s) || (control && s.starts_with("sluice-")) {
+            drop.push(name.clone());
+        }
+    }
+    drop
+}
+
+/// Clean a request before it goes upstream.
+pub fn clean_request(req: &mut RequestHeader) {
+    for name in names_to_drop(&req.headers, true) {
+        req.remove_header(&name);
+    }
+    if let Err(e) = req.append_header(http::header::VIA, VIA) {
+        tracing::debug!(error = %e, "could not append Via");
+    }
+}
+
+/// Clean a response before it goes to the client.
+pub fn clean_response(resp: &mut ResponseHeader) {
+    for name in names_to_drop(&resp.headers, false) {
+        resp.remove_header(&name);
+    }
+    if let Err(e) = resp.append_header(http::header::VIA, VIA) {
+        tracing::debug!(error = %e, "could not append Via");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_credentials_and_control_headers() {
+        let mut req = RequestHeader::build("GET", b"/", None).expect("req");
+        for (k, v) in [
+            ("Connection", "keep-alive, X-Secret-Hop"),
+            ("X-Secret-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
+            ("Proxy-Connection", "keep-alive"),
+            ("Sluice-Target", "https://a.test"),
+            ("Sluice-Mode", "race"),
+            ("TE", "trailers"),
+            ("Authorization", "Bearer keep-me"),
+            ("X-Other", "keep"),
+        ] {
+            req.append_header(k, v).expect("header");
+        }
+        clean_request(&mut req);
+        let names: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(req.headers.contains_key("authorization"));
+        assert!(req.headers.contains_key("x-other"));
+        assert_eq!(req.headers.get("via").map(|v| v.as_bytes()), Some(&b"1.1 sluice"[..]));
+    }
+
+    #[test]
+    fn response_keeps_upstream_sluice_like_headers_but_drops_hops() {
+        let mut resp = ResponseHeader::build(200, None).expect("resp");
+        resp.append_header("Connection", "close").expect("h");
+        resp.append_header("Via", "1.1 upstream-cdn").expect("h");
+        resp.append_header("Content-Type", "text/plain").expect("h");
+        clean_response(&mut resp);
+        assert!(!resp.headers.contains_key("connection"));
+        let via: Vec<_> = resp.headers.get_all("via").iter().collect();
+        assert_eq!(via.len(), 2);
+    }
+}

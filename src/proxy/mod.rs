@@ -1,0 +1,180 @@
+//! `impl ProxyHttp`: a thin dispatcher. Each phase calls one module (target, resolve, headers,
+//! error) and keeps its state in `Ctx`.
+
+mod ctx;
+pub mod headers;
+
+pub use ctx::Ctx;
+
+use crate::error::{self, Code};
+use crate::resolve::resolve;
+use crate::state::Shared;
+use crate::target;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use std::sync::Arc;
+
+/// The HTTP side of sluice (forward proxy, explicit target, routes).
+pub struct SluiceProxy {
+    shared: Arc<Shared>,
+}
+
+impl SluiceProxy {
+    pub fn new(shared: Arc<Shared>) -> SluiceProxy {
+        SluiceProxy { shared }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for SluiceProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::new(self.shared.generation())
+    }
+
+    /// Find the destination and resolve it; refusals end here with a clear status.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let dest = match target::destination(session.req_header(), &ctx.generation) {
+            Ok(d) => d,
+            Err((way, code, message)) => {
+                ctx.way = way;
+                return Err(error::error(code, message));
+            }
+        };
+        ctx.way = dest.way;
+        let timeout = ctx.generation.config.server.dns_timeout.get();
+        ctx.addrs = resolve(&ctx.generation, &dest.origin.host, dest.origin.port, timeout).await?;
+        ctx.upstream_path = dest.path;
+        ctx.origin = Some(dest.origin);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let Some(origin) = ctx.origin.as_ref() else {
+            return Err(error::error(Code::Internal, "no destination chosen"));
+        };
+        if ctx.addrs.is_empty() {
+            return Err(error::error(Code::Dns, format!("no address for {}", origin.host)));
+        }
+        let addr = ctx.addrs[ctx.attempts as usize % ctx.addrs.len()];
+        ctx.attempts += 1;
+        let mut peer = HttpPeer::new(addr, origin.scheme.is_tls(), origin.host.clone());
+        let server = &ctx.generation.config.server;
+        peer.options.connection_timeout = Some(server.connect_timeout.get());
+        peer.options.total_connection_timeout = Some(server.connect_timeout.get());
+        peer.options.read_timeout = Some(server.read_timeout.get());
+        peer.options.write_timeout = Some(server.write_timeout.get());
+        peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
+        Ok(Box::new(peer))
+    }
+
+    /// Try the origin's next address while there is one not yet tried.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if (ctx.attempts as usize) < ctx.addrs.len() {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(origin) = ctx.origin.as_ref() else {
+            return Err(error::error(Code::Internal, "no destination chosen"));
+        };
+        let uri = http::Uri::try_from(ctx.upstream_path.as_str()).map_err(|e| {
+            error::error(
+                Code::BadTarget,
+                format!("invalid upstream path {:?}: {e}", ctx.upstream_path),
+            )
+        })?;
+        upstream.set_uri(uri);
+        headers::clean_request(upstream);
+        upstream.insert_header(http::header::HOST, origin.host_header())?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        self.shared
+            .metrics
+            .record_upstream_status(ctx.way, resp.status.as_u16());
+        headers::clean_response(resp);
+        resp.insert_header("Sluice-Attempts", ctx.attempts.to_string())?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let code = Code::of(e);
+        ctx.error = Some(code);
+        let status = code.status();
+        if status > 0 && session.response_written().is_none() {
+            let message = error::message_of(e);
+            if let Err(werr) = write_error(session, code, &message).await {
+                tracing::debug!(error = %werr, "could not send error response");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Refusals sluice decided itself are expected traffic, reported by the access log and
+    /// metrics; only failures of the way to the upstream go to the error log.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+        matches!(e.etype(), pingora_error::ErrorType::CustomCode(..))
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let outcome = ctx.error.or_else(|| e.map(Code::of));
+        let elapsed = ctx.started.elapsed();
+        self.shared
+            .metrics
+            .record(ctx.way, outcome, elapsed.as_secs_f64());
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        tracing::debug!(
+            way = ctx.way.as_str(),
+            host = ctx.origin.as_ref().map_or("-", |o| o.host.as_str()),
+            status,
+            attempts = ctx.attempts,
+            error = outcome.map_or("-", Code::as_str),
+            ms = elapsed.as_millis() as u64,
+            "request"
+        );
+    }
+}
+
+/// Send sluice's own error response: status, `Sluice-Error` and a JSON body.
+async fn write_error(session: &mut Session, code: Code, message: &str) -> Result<()> {
+    let body = error::json_body(code, message);
+    let mut resp = ResponseHeader::build(code.status(), Some(4))?;
+    resp.insert_header("Sluice-Error", code.as_str())?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! Process-wide state shared by the listener, the proxy and the admin service: the current
+//! configuration generation (swapped atomically) and the metrics.
+
+use crate::config::{Config, Generation};
+use crate::metrics::Metrics;
+use arc_swap::ArcSwap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct Shared {
+    current: ArcSwap<Generation>,
+    pub metrics: Metrics,
+    pub started: Instant,
+    /// The file the configuration came from; `None` for the embedded default.
+    pub config_path: Option<PathBuf>,
+}
+
+impl Shared {
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        metrics: Metrics,
+    ) -> Arc<Shared> {
+        let generation = Generation::build(1, config);
+        metrics.config_generation.set(1);
+        Arc::new(Shared {
+            current: ArcSwap::from_pointee(generation),
+            metrics,
+            started: Instant::now(),
+            config_path,
+        })
+    }
+
+    /// A snapshot of the generation in force; hold it for the whole request.
+    pub fn generation(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+}

@@ -1,0 +1,376 @@
+//! Which destination a request is for: an absolute URI (forward proxy), a `Sluice-Target`
+//! header, or a configured route. Parsing only; resolving names is `resolve.rs`'s job.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+
+/// Upstream scheme.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+
+    pub fn is_tls(self) -> bool {
+        self == Scheme::Https
+    }
+}
+
+/// Why a target could not be parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetError(pub String);
+
+impl fmt::Display for TargetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn bad<T>(msg: impl Into<String>) -> Result<T, TargetError> {
+    Err(TargetError(msg.into()))
+}
+
+/// A destination host: scheme, lowercased host (IPv6 without brackets), port, and an optional
+/// base path (no trailing '/') prepended to every forwarded path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub scheme: Scheme,
+    pub host: String,
+    pub port: u16,
+    pub base_path: String,
+}
+
+/// The way a request came in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WayIn {
+    /// Absolute-URI request to sluice as an HTTP proxy.
+    Forward,
+    /// CONNECT tunnel.
+    Connect,
+    /// Origin-form request with `Sluice-Target`.
+    Target,
+    /// Origin-form request matching a `[[routes]]` prefix.
+    Route,
+    /// Not (yet) known: the request failed before its way in was clear.
+    Unknown,
+}
+
+impl WayIn {
+    pub const ALL: [WayIn; 5] = [
+        WayIn::Forward,
+        WayIn::Connect,
+        WayIn::Target,
+        WayIn::Route,
+        WayIn::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WayIn::Forward => "forward",
+            WayIn::Connect => "connect",
+            WayIn::Target => "target",
+            WayIn::Route => "route",
+            WayIn::Unknown => "unknown",
+        }
+    }
+}
+
+impl Origin {
+    /// `scheme://authority` with nothing after it but an optional single '/'.
+    pub fn parse(text: &str) -> Result<Origin, TargetError> {
+        let (origin, rest) = split_absolute(text)?;
+        if !(rest.is_empty() || rest == "/") {
+            return bad(format!("{text:?} must be scheme://host[:port] with no path"));
+        }
+        Ok(origin)
+    }
+
+    /// `scheme://authority[/base/path]`, no query or fragment.
+    pub fn parse_with_base(text: &str) -> Result<Origin, TargetError> {
+        let (mut origin, rest) = split_absolute(text)?;
+        if rest.contains(['?', '#']) {
+            return bad(format!("{text:?} must not carry a query or fragment"));
+        }
+        origin.base_path = rest.trim_end_matches('/').to_string();
+        Ok(origin)
+    }
+
+    /// The value of the `Host` header for this origin (port omitted when it is the default).
+    pub fn host_header(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == self.scheme.default_port() {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+
+    /// `host:port`, the key used for pacing and static resolution.
+    pub fn host_port(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The path to send upstream: the base path joined with the request's path and query.
+    pub fn join_path(&self, path_and_query: &str) -> String {
+        let tail = if path_and_query.is_empty() {
+            "/"
+        } else {
+            path_and_query
+        };
+        if self.base_path.is_empty() {
+            if tail.starts_with('/') {
+                tail.to_string()
+            } else {
+                format!("/{tail}")
+            }
+        } else if tail.starts_with('?') || tail == "/" {
+            format!("{}{}", self.base_path, tail.trim_start_matches('/'))
+        } else if tail.starts_with('/') {
+            format!("{}{tail}", self.base_path)
+        } else {
+            format!("{}/{tail}", self.base_path)
+        }
+    }
+}
+
+/// Split `scheme://authority<rest>`; `rest` is what follows the authority (path, query), with
+/// any fragment dropped.
+pub fn split_absolute(text: &str) -> Result<(Origin, &str), TargetError> {
+    let Some((scheme, after)) = text.split_once("://") else {
+        return bad(format!("{text:?} is not an absolute http:// or https:// URI"));
+    };
+    let scheme = if scheme.eq_ignore_ascii_case("http") {
+        Scheme::Http
+    } else if scheme.eq_ignore_ascii_case("https") {
+        Scheme::Https
+    } else {
+        return bad(format!("unsupported scheme {scheme:?}: use http or https"));
+    };
+    let end = after.find(['/', '?', '#']).unwrap_or(after.len());
+    let (authority, mut rest) = after.split_at(end);
+    if let Some(i) = rest.find('#') {
+        rest = &rest[..i];
+    }
+    let (host, port) = parse_authority(authority, Some(scheme.default_port()))?;
+    Ok((
+        Origin {
+            scheme,
+            host,
+            port,
+            base_path: String::new(),
+        },
+        rest,
+    ))
+}
+
+/// Parse `host[:port]` (or `[v6]:port`). Without `default_port`, the port is required
+/// (CONNECT's authority form). The host comes back lowercased, IPv6 without brackets.
+pub fn parse_authority(
+    authority: &str,
+    default_port: Option<u16>,
+) -> Result<(String, u16), TargetError> {
+    if authority.is_empty() {
+        return bad("empty host");
+    }
+    if authority.contains('@') {
+        return bad("credentials in the URI are not accepted");
+    }
+    let (host, port_text) = if let Some(v6) = authority.strip_prefix('[') {
+        let Some((addr, after)) = v6.split_once(']') else {
+            return bad(format!("{authority:?}: unclosed '['"));
+        };
+        if addr.parse::<Ipv6Addr>().is_err() {
+            return bad(format!("{addr:?} is not an IPv6 address"));
+        }
+        let port = match after {
+            "" => None,
+            p => match p.strip_prefix(':') {
+                Some(p) => Some(p),
+                None => return bad(format!("{authority:?}: junk after ']'")),
+            },
+        };
+        (addr.to_ascii_lowercase(), port)
+    } else {
+        let (h, p) = match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        };
+        if h.is_empty() {
+            return bad("empty host");
+        }
+        if h.len() > 253 || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            return bad(format!("{h:?} is not a valid host name"));
+        }
+        (h.to_ascii_lowercase(), p)
+    };
+    let port = match port_text {
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) | Err(_) => return bad(format!("{p:?} is not a valid port")),
+            Ok(n) => n,
+        },
+        None => match default_port {
+            Some(d) => d,
+            None => return bad(format!("{authority:?} needs a port")),
+        },
+    };
+    Ok((host, port))
+}
+
+/// The host as an IP address, when it is a literal.
+pub fn ip_literal(host: &str) -> Option<IpAddr> {
+    host.parse().ok()
+}
+
+/// Header naming an explicit destination on an origin-form request.
+pub const SLUICE_TARGET: &str = "sluice-target";
+
+/// Where a request goes: its way in, the origin, and the path and query to send there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Destination {
+    pub way: WayIn,
+    pub origin: Origin,
+    pub path: String,
+}
+
+/// Find the destination of an HTTP request: absolute URI first, then `Sluice-Target`, then
+/// the routes of `generation`.
+pub fn destination(
+    req: &pingora_http::RequestHeader,
+    generation: &crate::config::Generation,
+) -> Result<Destination, (WayIn, crate::error::Code, String)> {
+    use crate::error::Code;
+    let raw = req.raw_path();
+    let is_absolute = raw.len() > 7
+        && (raw[..7].eq_ignore_ascii_case(b"http://") || raw.len() > 8 && raw[..8].eq_ignore_ascii_case(b"https://"));
+    if is_absolute {
+        let way = WayIn::Forward;
+        let text = std::str::from_utf8(raw)
+            .map_err(|_| (way, Code::BadTarget, "request target is not UTF-8".to_string()))?;
+        let (origin, rest) =
+            split_absolute(text).map_err(|e| (way, Code::BadTarget, e.to_string()))?;
+        let path = origin.join_path(rest);
+        return Ok(Destination { way, origin, path });
+    }
+    let path_and_query = req
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str());
+    if let Some(value) = req.headers.get(SLUICE_TARGET) {
+        let way = WayIn::Target;
+        let text = value
+            .to_str()
+            .map_err(|_| (way, Code::BadTarget, "Sluice-Target is not ASCII".to_string()))?;
+        let origin = Origin::parse_with_base(text.trim())
+            .map_err(|e| (way, Code::BadTarget, format!("Sluice-Target: {e}")))?;
+        let path = origin.join_path(path_and_query);
+        return Ok(Destination { way, origin, path });
+    }
+    if let Some(route) = generation.route_for(path_and_query) {
+        let rest = &path_and_query[route.prefix.len()..];
+        let origin = route.origin.clone();
+        let path = origin.join_path(rest);
+        return Ok(Destination {
+            way: WayIn::Route,
+            origin,
+            path,
+        });
+    }
+    Err((
+        WayIn::Unknown,
+        Code::NoTarget,
+        "no destination: send an absolute URI (use sluice as http_proxy), a Sluice-Target \
+         header, or a path under a configured route"
+            .to_string(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_origins() {
+        let o = Origin::parse("https://API.Example.com").expect("ok");
+        assert_eq!((o.scheme, o.host.as_str(), o.port), (Scheme::Https, "api.example.com", 443));
+        let o = Origin::parse("http://[::1]:8080/").expect("ok");
+        assert_eq!((o.host.as_str(), o.port), ("::1", 8080));
+        assert_eq!(o.host_header(), "[::1]:8080");
+        assert_eq!(o.host_port(), "[::1]:8080");
+        assert!(Origin::parse("https://a.test/v1").is_err());
+        let o = Origin::parse_with_base("https://a.test/v1/").expect("ok");
+        assert_eq!(o.base_path, "/v1");
+    }
+
+    #[test]
+    fn rejects_bad_targets() {
+        for t in [
+            "api.example.com",
+            "ftp://a.test",
+            "https://",
+            "https://:443",
+            "https://a.test:0",
+            "https://a.test:70000",
+            "https://a.test:x",
+            "https://user:pw@a.test",
+            "https://[::1",
+            "https://[zz]:1",
+            "https://a b.test",
+            "https://a.test]:1",
+        ] {
+            assert!(Origin::parse(t).is_err(), "{t} should be rejected");
+        }
+    }
+
+    #[test]
+    fn splits_absolute_uris() {
+        let (o, rest) = split_absolute("http://a.test:81/x/y?q=1#frag").expect("ok");
+        assert_eq!((o.host.as_str(), o.port, rest), ("a.test", 81, "/x/y?q=1"));
+        let (_, rest) = split_absolute("http://a.test").expect("ok");
+        assert_eq!(rest, "");
+        let (_, rest) = split_absolute("http://a.test?q").expect("ok");
+        assert_eq!(rest, "?q");
+    }
+
+    #[test]
+    fn authority_form_needs_a_port() {
+        assert_eq!(
+            parse_authority("Example.com:443", None).expect("ok"),
+            ("example.com".to_string(), 443)
+        );
+        assert!(parse_authority("example.com", None).is_err());
+        assert_eq!(
+            parse_authority("[::ffff:127.0.0.1]:443", None).expect("ok"),
+            ("::ffff:127.0.0.1".to_string(), 443)
+        );
+    }
+
+    #[test]
+    fn joins_base_paths() {
+        let o = Origin::parse_with_base("https://a.test").expect("ok");
+        assert_eq!(o.join_path(""), "/");
+        assert_eq!(o.join_path("/v1/x?q=1"), "/v1/x?q=1");
+        assert_eq!(o.join_path("?q=1"), "/?q=1");
+        let o = Origin::parse_with_base("https://a.test/api").expect("ok");
+        assert_eq!(o.join_path(""), "/api");
+        assert_eq!(o.join_path("/"), "/api");
+        assert_eq!(o.join_path("/v1"), "/api/v1");
+        assert_eq!(o.join_path("?q"), "/api?q");
+    }
+}

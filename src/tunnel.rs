@@ -1,0 +1,303 @@
+//! CONNECT tunnels, terminated by sluice: read the head from the raw stream, resolve and
+//! connect, answer `200` (and flush), then carry bytes both ways until both sides close or the
+//! tunnel sits idle too long. Failures are answered with a status and `Sluice-Error`.
+
+use crate::error::{self, Code};
+use crate::resolve::resolve;
+use crate::state::Shared;
+use crate::target::{parse_authority, WayIn};
+use pingora_core::protocols::Stream;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest CONNECT head accepted.
+pub const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+const COPY_BUF: usize = 16 * 1024;
+
+/// The parsed CONNECT head, and whatever the client sent right after it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConnectHead {
+    pub host: String,
+    pub port: u16,
+    pub leftover: Vec<u8>,
+}
+
+/// Parse a CONNECT head from `buf`. `Ok(None)`: incomplete, read more.
+pub fn parse_head(buf: &[u8]) -> Result<Option<ConnectHead>, (Code, String)> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err((Code::HeadTooLarge, "too many header lines".into()))
+        }
+        Err(e) => return Err((Code::BadRequest, format!("malformed CONNECT head: {e}"))),
+    };
+    if req.method != Some("CONNECT") {
+        return Err((Code::BadRequest, "expected a CONNECT request".into()));
+    }
+    let target = req.path.unwrap_or("");
+    let (host, port) = parse_authority(target, None)
+        .map_err(|e| (Code::BadTarget, format!("CONNECT target {target:?}: {e}")))?;
+    Ok(Some(ConnectHead {
+        host,
+        port,
+        leftover: buf[len..].to_vec(),
+    }))
+}
+
+/// Read the head, with the header timeout and size cap.
+async fn read_head(
+    stream: &mut Stream,
+    timeout: Duration,
+) -> Result<ConnectHead, (Code, String)> {
+    let mut buf = Vec::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => return Err((Code::RequestTimeout, "CONNECT head not received in time".into())),
+            Ok(Err(e)) => return Err((Code::ClientClosed, e.to_string())),
+            Ok(Ok(0)) => return Err((Code::ClientClosed, "client closed before the head".into())),
+            Ok(Ok(n)) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(head) = parse_head(&buf)? {
+            return Ok(head);
+        }
+        if buf.len() > MAX_HEAD {
+            return Err((Code::HeadTooLarge, format!("CONNECT head over {MAX_HEAD} bytes")));
+        }
+    }
+}
+
+/// Connect to the first address that answers.
+async fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, (Code, String)> {
+    let mut last = (Code::ConnectFailed, "no address".to_string());
+    for addr in addrs {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Err(_) => last = (Code::ConnectTimeout, format!("connect to {addr} timed out")),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                last = (Code::ConnectRefused, format!("connect to {addr} refused"))
+            }
+            Ok(Err(e)) => last = (Code::ConnectFailed, format!("connect to {addr}: {e}")),
+            Ok(Ok(s)) => {
+                if let Err(e) = s.set_nodelay(true) {
+                    tracing::debug!(error = %e, "set_nodelay failed");
+                }
+                return Ok(s);
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Serve one CONNECT on `stream` from start to end.
+pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
+    let started = Instant::now();
+    let generation = shared.generation();
+    let server = &generation.config.server;
+    let result = async {
+        let head = read_head(&mut stream, server.header_read_timeout.get()).await?;
+        let addrs = resolve(&generation, &head.host, head.port, server.dns_timeout.get())
+            .await
+            .map_err(|e| (Code::of(&e), error::message_of(&e)))?;
+        let upstream = connect(&addrs, server.connect_timeout.get()).await?;
+        Ok::<_, (Code, String)>((head, upstream))
+    }
+    .await;
+    let (head, mut upstream) = match result {
+        Ok(ok) => ok,
+        Err((code, message)) => {
+            if code.status() > 0 {
+                let raw = error::raw_response(code, &message);
+                if let Err(e) = write_and_flush(&mut stream, &raw).await {
+                    tracing::debug!(error = %e, "could not send CONNECT refusal");
+                }
+            }
+            tracing::debug!(error = code.as_str(), %message, "tunnel refused");
+            shared
+                .metrics
+                .record(WayIn::Connect, Some(code), started.elapsed().as_secs_f64());
+            return;
+        }
+    };
+    if let Err(e) = write_and_flush(&mut stream, b"HTTP/1.1 200 Connection Established\r\n\r\n").await
+    {
+        tracing::debug!(error = %e, "client left before the tunnel opened");
+        shared.metrics.record(
+            WayIn::Connect,
+            Some(Code::ClientClosed),
+            started.elapsed().as_secs_f64(),
+        );
+        return;
+    }
+    let metrics = &shared.metrics;
+    metrics.tunnels_opened.inc();
+    metrics.tunnels_active.inc();
+    let mut up_bytes = 0u64;
+    if !head.leftover.is_empty() {
+        if let Err(e) = upstream.write_all(&head.leftover).await {
+            tracing::debug!(error = %e, "upstream closed at once");
+        }
+        up_bytes = head.leftover.len() as u64;
+    }
+    let (up, down) = relay(&mut stream, &mut upstream, server.tunnel_idle_timeout.get()).await;
+    metrics.tunnels_active.dec();
+    metrics
+        .tunnel_bytes
+        .with_label_values(&["up"])
+        .inc_by(up + up_bytes);
+    metrics.tunnel_bytes.with_label_values(&["down"]).inc_by(down);
+    metrics.record(WayIn::Connect, None, started.elapsed().as_secs_f64());
+    tracing::debug!(
+        host = head.host.as_str(),
+        port = head.port,
+        up = up + up_bytes,
+        down,
+        ms = started.elapsed().as_millis() as u64,
+        "tunnel closed"
+    );
+}
+
+async fn write_and_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+/// Copy both ways until both directions end or nothing moves for `idle`.
+/// Returns (bytes client->upstream, bytes upstream->client).
+pub async fn relay<A, B>(a: &mut A, b: &mut B, idle: Duration) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let origin = tokio::time::Instant::now();
+    let last = AtomicU64::new(0);
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let copy = async {
+        tokio::join!(
+            copy_one_way(&mut ar, &mut bw, &up, &last, origin),
+            copy_one_way(&mut br, &mut aw, &down, &last, origin),
+        )
+    };
+    let watchdog = async {
+        loop {
+            let since = Duration::from_millis(last.load(Ordering::Relaxed));
+            let deadline = origin + since + idle;
+            tokio::time::sleep_until(deadline).await;
+            if Duration::from_millis(last.load(Ordering::Relaxed)) == since {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = copy => {}
+        _ = watchdog => tracing::debug!("tunnel idle, closing"),
+    }
+    (up.into_inner(), down.into_inner())
+}
+
+async fn copy_one_way<R, W>(
+    r: &mut R,
+    w: &mut W,
+    counter: &AtomicU64,
+    last: &AtomicU64,
+    origin: tokio::time::Instant,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        last.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if w.write_all(&buf[..n]).await.is_err() || w.flush().await.is_err() {
+            break;
+        }
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    // Pass the half-close on; errors mean the other side is already gone.
+    if let Err(e) = w.shutdown().await {
+        tracing::trace!(error = %e, "shutdown after copy");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_heads_and_keeps_early_bytes() {
+        let head = parse_head(b"CONNECT Api.Test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n\x16\x03\x01")
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(head.host, "api.test");
+        assert_eq!(head.port, 443);
+        assert_eq!(head.leftover, b"\x16\x03\x01");
+        assert_eq!(parse_head(b"CONNECT a.test:443 HTTP/1.1\r\n").expect("partial"), None);
+    }
+
+    #[test]
+    fn refuses_bad_heads() {
+        assert_eq!(
+            parse_head(b"CONNECT a.test HTTP/1.1\r\n\r\n").map_err(|e| e.0),
+            Err(Code::BadTarget)
+        );
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\n\r\n").map_err(|e| e.0),
+            Err(Code::BadRequest)
+        );
+        assert_eq!(
+            parse_head(b"CONNECT \x01 HTTP/1.1\r\n\r\n").map_err(|e| e.0),
+            Err(Code::BadRequest)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn relay_closes_idle_tunnels() {
+        let (mut client, mut near) = tokio::io::duplex(1024);
+        let (mut far, mut server) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(async move { relay(&mut near, &mut far, Duration::from_secs(30)).await });
+        client.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"ping");
+        server.write_all(b"pong!").await.expect("write");
+        let mut buf = [0u8; 5];
+        client.read_exact(&mut buf).await.expect("read");
+        // Nothing moves: the paused clock jumps ahead and the watchdog closes the tunnel.
+        let (up, down) = relay.await.expect("relay ends by itself");
+        assert_eq!((up, down), (4, 5));
+    }
+
+    #[tokio::test]
+    async fn relay_ends_when_both_sides_close() {
+        let (mut client, mut near) = tokio::io::duplex(1024);
+        let (mut far, mut server) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(async move { relay(&mut near, &mut far, Duration::from_secs(3600)).await });
+        client.write_all(b"abc").await.expect("write");
+        client.shutdown().await.expect("shutdown");
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"abc");
+        server.write_all(b"xy").await.expect("write");
+        server.shutdown().await.expect("shutdown");
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.expect("read");
+        assert_eq!(back, b"xy");
+        assert_eq!(relay.await.expect("ends"), (3, 2));
+    }
+}

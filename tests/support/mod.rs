@@ -1,0 +1,272 @@
+//! Test support: a programmable fake upstream, a test CA, a helper that runs the real `sluice`
+//! binary on free ports, raw-socket helpers, and `assert_eventually!`.
+#![allow(dead_code)]
+
+pub mod upstream;
+
+#[allow(unused_imports)]
+pub use upstream::{EchoServer, FakeUpstream, Reply};
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Retry an assertion until it holds or `$secs` seconds pass (default 10).
+#[macro_export]
+macro_rules! assert_eventually {
+    ($cond:expr, $($msg:tt)+) => {{
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if $cond { break; }
+            if std::time::Instant::now() > deadline { panic!($($msg)+); }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }};
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// A CA and a server certificate it signed, for localhost, 127.0.0.1 and *.example.test.
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "sluice test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("ca cert");
+        let key = KeyPair::generate().expect("leaf key");
+        let params = CertificateParams::new(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "api.example.test".to_string(),
+            "*.example.test".to_string(),
+        ])
+        .expect("leaf params");
+        let cert = params.signed_by(&key, &ca, &ca_key).expect("leaf cert");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_pem = ca.pem();
+        std::fs::write(dir.path().join("ca.pem"), &ca_pem).expect("write ca");
+        TestCa {
+            dir,
+            ca_pem,
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn reqwest_cert(&self) -> reqwest::Certificate {
+        reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).expect("ca for reqwest")
+    }
+}
+
+/// A running `sluice` process on free ports; stopped (by its PID) when dropped.
+pub struct Sluice {
+    child: Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Sluice {
+    /// Start sluice with `extra` TOML appended to a `[server]` section that sets the
+    /// listeners (tests may add more `server` keys through `server_extra`).
+    pub fn start(server_extra: &str, extra: &str) -> Sluice {
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            match Self::try_start(server_extra, extra) {
+                Ok(s) => return s,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("sluice did not start: {last_err}");
+    }
+
+    fn try_start(server_extra: &str, extra: &str) -> Result<Sluice, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().map_err(|_| "addr")?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().map_err(|_| "addr")?;
+        let config = format!(
+            "[server]\nlisten = \"{proxy}\"\nadmin_listen = \"{admin}\"\nthreads = 2\n\
+             pid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\n{server_extra}\n{extra}\n",
+            pid = dir.path().join("sluice.pid").display(),
+            sock = dir.path().join("upgrade.sock").display(),
+        );
+        let config_path = dir.path().join("sluice.toml");
+        std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+        let log = std::fs::File::create(dir.path().join("sluice.log")).map_err(|e| e.to_string())?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| format!("spawn sluice: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(dir.path().join("sluice.log")).unwrap_or_default();
+                return Err(format!("sluice exited with {status}: {log}"));
+            }
+            if let Ok((200, _, _)) = http_get(admin, "/healthz") {
+                if TcpStream::connect(proxy).is_ok() {
+                    return Ok(Sluice {
+                        child,
+                        proxy,
+                        admin,
+                        dir,
+                    });
+                }
+            }
+            if Instant::now() > deadline {
+                stop(&mut child);
+                return Err("sluice did not become healthy in 20 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.proxy)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sluice.log")).unwrap_or_default()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("sluice.toml")
+    }
+
+    /// GET a path on the admin listener.
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let (status, _, body) = http_get(self.admin, path).expect("admin request");
+        (status, body)
+    }
+
+    /// Current value of one metric series, e.g. `sluice_requests_total{outcome="ok",way="forward"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.admin_get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+fn stop(child: &mut Child) {
+    if let Err(e) = child.kill() {
+        eprintln!("stopping sluice: {e}");
+    }
+    if let Err(e) = child.wait() {
+        eprintln!("waiting for sluice: {e}");
+    }
+}
+
+/// A blocking one-shot HTTP/1.1 GET with `Connection: close`: (status, head, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String, String)> {
+    let raw = raw_exchange(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let (status, head, body) = split_response(&raw);
+    Ok((status, head, body))
+}
+
+/// Send bytes, read until the server closes (bounded by a 10 s read timeout).
+pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(request)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Split a raw response into status, head text and body text.
+pub fn split_response(raw: &[u8]) -> (u16, String, String) {
+    let text = String::from_utf8_lossy(raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+/// Header value from a raw head (case-insensitive name).
+pub fn header_of(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// A reqwest client that uses sluice as its HTTP and HTTPS proxy.
+pub fn proxied_client(sluice: &Sluice, ca: Option<&TestCa>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(sluice.proxy_url()).expect("proxy url"))
+        .timeout(Duration::from_secs(20));
+    if let Some(ca) = ca {
+        b = b.add_root_certificate(ca.reqwest_cert());
+    }
+    b.build().expect("client")
+}
+
+/// A reqwest client talking to sluice directly (explicit target, routes).
+pub fn direct_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+/// Write a config file into `dir` and run `sluice --check --config` on it.
+pub fn check_config(dir: &Path, name: &str, text: &str) -> std::process::Output {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    check_file(&path)
+}
+
+pub fn check_file(path: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--check")
+        .arg("--config")
+        .arg(path)
+        .env_remove("SLUICE_CONFIG")
+        .output()
+        .expect("run sluice --check")
+}
