@@ -176,7 +176,10 @@ mod tests {
         assert_eq!(Code::of(&e), Code::UpstreamTimeout);
         e.esource = ErrorSource::Downstream;
         assert_eq!(Code::of(&e), Code::RequestTimeout);
-        assert_eq!(Code::of(&Error::new(ErrorType::ConnectRefused)), Code::ConnectRefused);
+        assert_eq!(
+            Code::of(&Error::new(ErrorType::ConnectRefused)),
+            Code::ConnectRefused
+        );
     }
 
     #[test]

@@ -56,8 +56,18 @@ async fn peek_kind(stream: &mut Stream, wait: Duration, shutdown: &ShutdownWatch
 
 #[async_trait]
 impl ServerApp for Front {
-    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let first_wait = self.shared.generation().config.server.header_read_timeout.get();
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let first_wait = self
+            .shared
+            .generation()
+            .config
+            .server
+            .header_read_timeout
+            .get();
         let mut stream = stream;
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut wait = first_wait;

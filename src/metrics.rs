@@ -49,15 +49,13 @@ impl Metrics {
                 "Time from request head to the end of the response, by way in",
             )
             .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                30.0, 60.0,
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
             ]),
             &["way"],
         )?;
-        let tunnels_opened = IntCounter::new(
-            "sluice_tunnels_opened_total",
-            "CONNECT tunnels established",
-        )?;
+        let tunnels_opened =
+            IntCounter::new("sluice_tunnels_opened_total", "CONNECT tunnels established")?;
         let tunnels_active = IntGauge::new("sluice_tunnels_active", "CONNECT tunnels open now")?;
         let tunnel_bytes = IntCounterVec::new(
             Opts::new(
@@ -153,9 +151,9 @@ mod tests {
         m.record_upstream_status(WayIn::Forward, 204);
         let text = String::from_utf8(m.encode()).expect("utf8");
         assert!(text.contains("sluice_requests_total{outcome=\"ok\",way=\"forward\"} 1"));
-        assert!(text.contains(
-            "sluice_requests_total{outcome=\"connect_refused\",way=\"connect\"} 1"
-        ));
+        assert!(
+            text.contains("sluice_requests_total{outcome=\"connect_refused\",way=\"connect\"} 1")
+        );
         assert!(text.contains("sluice_upstream_responses_total{class=\"2xx\",way=\"forward\"} 1"));
         assert!(text.contains("sluice_build_info{version=\""));
     }

@@ -32,14 +32,20 @@ pub async fn resolve(
             Code::Dns,
             format!("DNS lookup of {host} timed out after {timeout:?}"),
         )),
-        Ok(Err(e)) => Err(error(Code::Dns, format!("DNS lookup of {host} failed: {e}"))),
+        Ok(Err(e)) => Err(error(
+            Code::Dns,
+            format!("DNS lookup of {host} failed: {e}"),
+        )),
         Ok(Ok(addrs)) => {
             let mut addrs: Vec<SocketAddr> = addrs.collect();
             // Prefer IPv4 first: many hosts publish AAAA records they do not serve well.
             addrs.sort_by_key(|a| a.is_ipv6());
             addrs.dedup();
             if addrs.is_empty() {
-                Err(error(Code::Dns, format!("DNS lookup of {host} found no address")))
+                Err(error(
+                    Code::Dns,
+                    format!("DNS lookup of {host} found no address"),
+                ))
             } else {
                 Ok(addrs)
             }

@@ -17,11 +17,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(
-        config: Config,
-        config_path: Option<PathBuf>,
-        metrics: Metrics,
-    ) -> Arc<Shared> {
+    pub fn new(config: Config, config_path: Option<PathBuf>, metrics: Metrics) -> Arc<Shared> {
         let generation = Generation::build(1, config);
         metrics.config_generation.set(1);
         Arc::new(Shared {

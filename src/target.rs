@@ -88,7 +88,9 @@ impl Origin {
     pub fn parse(text: &str) -> Result<Origin, TargetError> {
         let (origin, rest) = split_absolute(text)?;
         if !(rest.is_empty() || rest == "/") {
-            return bad(format!("{text:?} must be scheme://host[:port] with no path"));
+            return bad(format!(
+                "{text:?} must be scheme://host[:port] with no path"
+            ));
         }
         Ok(origin)
     }
@@ -153,7 +155,9 @@ impl Origin {
 /// any fragment dropped.
 pub fn split_absolute(text: &str) -> Result<(Origin, &str), TargetError> {
     let Some((scheme, after)) = text.split_once("://") else {
-        return bad(format!("{text:?} is not an absolute http:// or https:// URI"));
+        return bad(format!(
+            "{text:?} is not an absolute http:// or https:// URI"
+        ));
     };
     let scheme = if scheme.eq_ignore_ascii_case("http") {
         Scheme::Http
@@ -214,7 +218,10 @@ pub fn parse_authority(
         if h.is_empty() {
             return bad("empty host");
         }
-        if h.len() > 253 || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        if h.len() > 253
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
         {
             return bad(format!("{h:?} is not a valid host name"));
         }
@@ -258,25 +265,32 @@ pub fn destination(
     use crate::error::Code;
     let raw = req.raw_path();
     let is_absolute = raw.len() > 7
-        && (raw[..7].eq_ignore_ascii_case(b"http://") || raw.len() > 8 && raw[..8].eq_ignore_ascii_case(b"https://"));
+        && (raw[..7].eq_ignore_ascii_case(b"http://")
+            || raw.len() > 8 && raw[..8].eq_ignore_ascii_case(b"https://"));
     if is_absolute {
         let way = WayIn::Forward;
-        let text = std::str::from_utf8(raw)
-            .map_err(|_| (way, Code::BadTarget, "request target is not UTF-8".to_string()))?;
+        let text = std::str::from_utf8(raw).map_err(|_| {
+            (
+                way,
+                Code::BadTarget,
+                "request target is not UTF-8".to_string(),
+            )
+        })?;
         let (origin, rest) =
             split_absolute(text).map_err(|e| (way, Code::BadTarget, e.to_string()))?;
         let path = origin.join_path(rest);
         return Ok(Destination { way, origin, path });
     }
-    let path_and_query = req
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str());
+    let path_and_query = req.uri.path_and_query().map_or("/", |p| p.as_str());
     if let Some(value) = req.headers.get(SLUICE_TARGET) {
         let way = WayIn::Target;
-        let text = value
-            .to_str()
-            .map_err(|_| (way, Code::BadTarget, "Sluice-Target is not ASCII".to_string()))?;
+        let text = value.to_str().map_err(|_| {
+            (
+                way,
+                Code::BadTarget,
+                "Sluice-Target is not ASCII".to_string(),
+            )
+        })?;
         let origin = Origin::parse_with_base(text.trim())
             .map_err(|e| (way, Code::BadTarget, format!("Sluice-Target: {e}")))?;
         let path = origin.join_path(path_and_query);
@@ -308,7 +322,10 @@ mod tests {
     #[test]
     fn parses_origins() {
         let o = Origin::parse("https://API.Example.com").expect("ok");
-        assert_eq!((o.scheme, o.host.as_str(), o.port), (Scheme::Https, "api.example.com", 443));
+        assert_eq!(
+            (o.scheme, o.host.as_str(), o.port),
+            (Scheme::Https, "api.example.com", 443)
+        );
         let o = Origin::parse("http://[::1]:8080/").expect("ok");
         assert_eq!((o.host.as_str(), o.port), ("::1", 8080));
         assert_eq!(o.host_header(), "[::1]:8080");

@@ -53,16 +53,18 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<ConnectHead>, (Code, String)> {
 }
 
 /// Read the head, with the header timeout and size cap.
-async fn read_head(
-    stream: &mut Stream,
-    timeout: Duration,
-) -> Result<ConnectHead, (Code, String)> {
+async fn read_head(stream: &mut Stream, timeout: Duration) -> Result<ConnectHead, (Code, String)> {
     let mut buf = Vec::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut chunk = [0u8; 4096];
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Err(_) => return Err((Code::RequestTimeout, "CONNECT head not received in time".into())),
+            Err(_) => {
+                return Err((
+                    Code::RequestTimeout,
+                    "CONNECT head not received in time".into(),
+                ))
+            }
             Ok(Err(e)) => return Err((Code::ClientClosed, e.to_string())),
             Ok(Ok(0)) => return Err((Code::ClientClosed, "client closed before the head".into())),
             Ok(Ok(n)) => n,
@@ -72,7 +74,10 @@ async fn read_head(
             return Ok(head);
         }
         if buf.len() > MAX_HEAD {
-            return Err((Code::HeadTooLarge, format!("CONNECT head over {MAX_HEAD} bytes")));
+            return Err((
+                Code::HeadTooLarge,
+                format!("CONNECT head over {MAX_HEAD} bytes"),
+            ));
         }
     }
 }
@@ -128,7 +133,8 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
             return;
         }
     };
-    if let Err(e) = write_and_flush(&mut stream, b"HTTP/1.1 200 Connection Established\r\n\r\n").await
+    if let Err(e) =
+        write_and_flush(&mut stream, b"HTTP/1.1 200 Connection Established\r\n\r\n").await
     {
         tracing::debug!(error = %e, "client left before the tunnel opened");
         shared.metrics.record(
@@ -154,7 +160,10 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
         .tunnel_bytes
         .with_label_values(&["up"])
         .inc_by(up + up_bytes);
-    metrics.tunnel_bytes.with_label_values(&["down"]).inc_by(down);
+    metrics
+        .tunnel_bytes
+        .with_label_values(&["down"])
+        .inc_by(down);
     metrics.record(WayIn::Connect, None, started.elapsed().as_secs_f64());
     tracing::debug!(
         host = head.host.as_str(),
@@ -241,13 +250,17 @@ mod tests {
 
     #[test]
     fn parses_heads_and_keeps_early_bytes() {
-        let head = parse_head(b"CONNECT Api.Test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n\x16\x03\x01")
-            .expect("valid")
-            .expect("complete");
+        let head =
+            parse_head(b"CONNECT Api.Test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n\x16\x03\x01")
+                .expect("valid")
+                .expect("complete");
         assert_eq!(head.host, "api.test");
         assert_eq!(head.port, 443);
         assert_eq!(head.leftover, b"\x16\x03\x01");
-        assert_eq!(parse_head(b"CONNECT a.test:443 HTTP/1.1\r\n").expect("partial"), None);
+        assert_eq!(
+            parse_head(b"CONNECT a.test:443 HTTP/1.1\r\n").expect("partial"),
+            None
+        );
     }
 
     #[test]
@@ -270,7 +283,8 @@ mod tests {
     async fn relay_closes_idle_tunnels() {
         let (mut client, mut near) = tokio::io::duplex(1024);
         let (mut far, mut server) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(async move { relay(&mut near, &mut far, Duration::from_secs(30)).await });
+        let relay =
+            tokio::spawn(async move { relay(&mut near, &mut far, Duration::from_secs(30)).await });
         client.write_all(b"ping").await.expect("write");
         let mut buf = [0u8; 4];
         server.read_exact(&mut buf).await.expect("read");
@@ -287,7 +301,10 @@ mod tests {
     async fn relay_ends_when_both_sides_close() {
         let (mut client, mut near) = tokio::io::duplex(1024);
         let (mut far, mut server) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(async move { relay(&mut near, &mut far, Duration::from_secs(3600)).await });
+        let relay =
+            tokio::spawn(
+                async move { relay(&mut near, &mut far, Duration::from_secs(3600)).await },
+            );
         client.write_all(b"abc").await.expect("write");
         client.shutdown().await.expect("shutdown");
         let mut got = Vec::new();

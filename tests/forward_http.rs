@@ -17,14 +17,21 @@ fn rt() -> tokio::runtime::Runtime {
 #[test]
 fn get_and_post_with_bodies_through_the_proxy() {
     let up = FakeUpstream::builder()
-        .route("/hello", Reply::text(200, "hello from upstream").header("x-up", "1"))
+        .route(
+            "/hello",
+            Reply::text(200, "hello from upstream").header("x-up", "1"),
+        )
         .route("/chunked", Reply::chunked(200, &["one,", "two,", "three"]))
         .start();
     let sluice = Sluice::start("", "");
     let client = proxied_client(&sluice, None);
     rt().block_on(async {
         let base = format!("http://127.0.0.1:{}", up.port());
-        let r = client.get(format!("{base}/hello")).send().await.expect("get");
+        let r = client
+            .get(format!("{base}/hello"))
+            .send()
+            .await
+            .expect("get");
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-up"], "1");
         assert_eq!(r.headers()["sluice-attempts"], "1");
@@ -54,12 +61,19 @@ fn get_and_post_with_bodies_through_the_proxy() {
             assert_eq!(r.headers()["x-echo-method"], method);
         }
 
-        let r = client.get(format!("{base}/chunked")).send().await.expect("chunked");
+        let r = client
+            .get(format!("{base}/chunked"))
+            .send()
+            .await
+            .expect("chunked");
         assert_eq!(r.text().await.expect("body"), "one,two,three");
     });
     let received = up.requests();
     assert_eq!(received[0].target, "/hello", "upstream gets origin-form");
-    assert_eq!(received[0].header("host"), Some(format!("127.0.0.1:{}", up.port()).as_str()));
+    assert_eq!(
+        received[0].header("host"),
+        Some(format!("127.0.0.1:{}", up.port()).as_str())
+    );
 }
 
 #[test]
@@ -83,7 +97,8 @@ fn keep_alive_on_both_sides() {
     let up = FakeUpstream::builder().start();
     let sluice = Sluice::start("", "");
     let mut conn = TcpStream::connect(sluice.proxy).expect("connect");
-    conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     for i in 0..5 {
         let req = format!(
             "POST http://127.0.0.1:{p}/k{i} HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nContent-Length: 2\r\n\r\nok",
@@ -91,7 +106,10 @@ fn keep_alive_on_both_sides() {
         );
         conn.write_all(req.as_bytes()).expect("write");
         let head = read_head(&mut conn);
-        assert!(head.starts_with("HTTP/1.1 200"), "request {i} on one connection: {head}");
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "request {i} on one connection: {head}"
+        );
         let len: usize = header_of(&head, "content-length")
             .and_then(|v| v.parse().ok())
             .expect("content-length");
@@ -100,7 +118,11 @@ fn keep_alive_on_both_sides() {
         assert_eq!(body, b"ok");
     }
     assert_eq!(up.count(), 5);
-    assert_eq!(up.connections(), 1, "upstream connection is pooled and reused");
+    assert_eq!(
+        up.connections(),
+        1,
+        "upstream connection is pooled and reused"
+    );
 }
 
 fn read_head(conn: &mut TcpStream) -> String {
@@ -147,7 +169,10 @@ fn hop_by_hop_credentials_and_control_headers_are_not_forwarded() {
 #[test]
 fn failures_have_a_status_a_code_and_a_json_reason() {
     let slow = FakeUpstream::builder()
-        .route("/slow", Reply::text(200, "late").latency(Duration::from_secs(3)))
+        .route(
+            "/slow",
+            Reply::text(200, "late").latency(Duration::from_secs(3)),
+        )
         .start();
     let closed_port = free_port();
     let sluice = Sluice::start("read_timeout = \"300ms\"\nconnect_timeout = \"2s\"\n", "");
@@ -158,7 +183,9 @@ fn failures_have_a_status_a_code_and_a_json_reason() {
             "dns",
         ),
         (
-            format!("GET http://127.0.0.1:{closed_port}/ HTTP/1.1\r\nHost: 127.0.0.1:{closed_port}\r\n"),
+            format!(
+                "GET http://127.0.0.1:{closed_port}/ HTTP/1.1\r\nHost: 127.0.0.1:{closed_port}\r\n"
+            ),
             502,
             "connect_refused",
         ),
@@ -175,14 +202,24 @@ fn failures_have_a_status_a_code_and_a_json_reason() {
             400,
             "bad_target",
         ),
-        ("GET /plain HTTP/1.1\r\nHost: x\r\n".into(), 400, "no_target"),
+        (
+            "GET /plain HTTP/1.1\r\nHost: x\r\n".into(),
+            400,
+            "no_target",
+        ),
     ];
     for (head, want_status, want_code) in cases {
-        let raw = raw_exchange(sluice.proxy, format!("{head}Connection: close\r\n\r\n").as_bytes())
-            .expect("exchange");
+        let raw = raw_exchange(
+            sluice.proxy,
+            format!("{head}Connection: close\r\n\r\n").as_bytes(),
+        )
+        .expect("exchange");
         let (status, resp_head, body) = split_response(&raw);
         assert_eq!(status, want_status, "{head} -> {resp_head}\n{body}");
-        assert_eq!(header_of(&resp_head, "sluice-error").as_deref(), Some(want_code));
+        assert_eq!(
+            header_of(&resp_head, "sluice-error").as_deref(),
+            Some(want_code)
+        );
         let json: serde_json::Value = serde_json::from_str(&body).expect("json body");
         assert_eq!(json["error"], want_code);
         assert!(!json["message"].as_str().unwrap_or("").is_empty());

@@ -32,15 +32,13 @@ impl Generation {
             .routes
             .iter()
             .filter_map(|r| {
-                Origin::parse_with_base(&r.target)
-                    .ok()
-                    .map(|origin| Route {
-                        prefix: r.prefix.clone(),
-                        origin,
-                    })
+                Origin::parse_with_base(&r.target).ok().map(|origin| Route {
+                    prefix: r.prefix.clone(),
+                    origin,
+                })
             })
             .collect();
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         let resolve = config
             .resolve
             .iter()
@@ -84,9 +82,18 @@ mod tests {
         )
         .expect("valid");
         let g = Generation::build(1, config);
-        assert_eq!(g.route_for("/api/v2/x").map(|r| r.origin.host.as_str()), Some("b.test"));
-        assert_eq!(g.route_for("/api/v1").map(|r| r.origin.host.as_str()), Some("a.test"));
-        assert_eq!(g.route_for("/api?q=1").map(|r| r.origin.host.as_str()), Some("a.test"));
+        assert_eq!(
+            g.route_for("/api/v2/x").map(|r| r.origin.host.as_str()),
+            Some("b.test")
+        );
+        assert_eq!(
+            g.route_for("/api/v1").map(|r| r.origin.host.as_str()),
+            Some("a.test")
+        );
+        assert_eq!(
+            g.route_for("/api?q=1").map(|r| r.origin.host.as_str()),
+            Some("a.test")
+        );
         assert!(g.route_for("/apix").is_none());
         assert!(g.route_for("/").is_none());
     }

@@ -105,14 +105,24 @@ impl Config {
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            ConfigError::single(path, inner.message().to_string())
+            let line = inner
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+            let message = match line {
+                Some(n) => format!("{} (line {n})", inner.message()),
+                None => inner.message().to_string(),
+            };
+            ConfigError::single(path, message)
         })
     }
 
     /// Parse and validate a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::single("(file)".into(), format!("cannot read {}: {e}", path.display()))
+            ConfigError::single(
+                "(file)".into(),
+                format!("cannot read {}: {e}", path.display()),
+            )
         })?;
         let config = Config::parse(&text)?;
         config.validate()?;
@@ -161,10 +171,7 @@ mod tests {
     #[test]
     fn bad_duration_names_its_path() {
         let err = Config::parse("[server]\nconnect_timeout = \"fast\"\n").expect_err("bad");
-        assert!(
-            err.to_string().contains("server.connect_timeout"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("server.connect_timeout"), "{err}");
     }
 
     #[test]

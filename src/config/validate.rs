@@ -200,15 +200,17 @@ mod tests {
             "routes[0].target",
             "routes[1].prefix",
         ] {
-            assert!(paths.iter().any(|p| p == want), "missing {want} in {paths:?}");
+            assert!(
+                paths.iter().any(|p| p == want),
+                "missing {want} in {paths:?}"
+            );
         }
     }
 
     #[test]
     fn listeners_must_differ() {
-        let paths = errors_of(
-            "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:1\"\n",
-        );
+        let paths =
+            errors_of("[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:1\"\n");
         assert_eq!(paths, vec!["server.admin_listen".to_string()]);
     }
 

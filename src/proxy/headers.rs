@@ -87,7 +87,10 @@ mod tests {
         assert_eq!(names.len(), 3, "{names:?}");
         assert!(req.headers.contains_key("authorization"));
         assert!(req.headers.contains_key("x-other"));
-        assert_eq!(req.headers.get("via").map(|v| v.as_bytes()), Some(&b"1.1 sluice"[..]));
+        assert_eq!(
+            req.headers.get("via").map(|v| v.as_bytes()),
+            Some(&b"1.1 sluice"[..])
+        );
     }
 
     #[test]

@@ -48,7 +48,13 @@ impl ProxyHttp for SluiceProxy {
         };
         ctx.way = dest.way;
         let timeout = ctx.generation.config.server.dns_timeout.get();
-        ctx.addrs = resolve(&ctx.generation, &dest.origin.host, dest.origin.port, timeout).await?;
+        ctx.addrs = resolve(
+            &ctx.generation,
+            &dest.origin.host,
+            dest.origin.port,
+            timeout,
+        )
+        .await?;
         ctx.upstream_path = dest.path;
         ctx.origin = Some(dest.origin);
         Ok(false)
@@ -59,7 +65,10 @@ impl ProxyHttp for SluiceProxy {
             return Err(error::error(Code::Internal, "no destination chosen"));
         };
         if ctx.addrs.is_empty() {
-            return Err(error::error(Code::Dns, format!("no address for {}", origin.host)));
+            return Err(error::error(
+                Code::Dns,
+                format!("no address for {}", origin.host),
+            ));
         }
         let addr = ctx.addrs[ctx.attempts as usize % ctx.addrs.len()];
         ctx.attempts += 1;

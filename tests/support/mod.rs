@@ -105,8 +105,12 @@ impl Sluice {
 
     fn try_start(server_extra: &str, extra: &str) -> Result<Sluice, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().map_err(|_| "addr")?;
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().map_err(|_| "addr")?;
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .map_err(|_| "addr")?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .map_err(|_| "addr")?;
         let config = format!(
             "[server]\nlisten = \"{proxy}\"\nadmin_listen = \"{admin}\"\nthreads = 2\n\
              pid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\n{server_extra}\n{extra}\n",
@@ -115,7 +119,8 @@ impl Sluice {
         );
         let config_path = dir.path().join("sluice.toml");
         std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
-        let log = std::fs::File::create(dir.path().join("sluice.log")).map_err(|e| e.to_string())?;
+        let log =
+            std::fs::File::create(dir.path().join("sluice.log")).map_err(|e| e.to_string())?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .arg("--config")
@@ -129,7 +134,8 @@ impl Sluice {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(dir.path().join("sluice.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(dir.path().join("sluice.log")).unwrap_or_default();
                 return Err(format!("sluice exited with {status}: {log}"));
             }
             if let Ok((200, _, _)) = http_get(admin, "/healthz") {
@@ -172,7 +178,10 @@ impl Sluice {
     pub fn metric(&self, series: &str) -> f64 {
         let (_, text) = self.admin_get("/metrics");
         text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
             .unwrap_or(0.0)
     }
 }

@@ -239,7 +239,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         headers: parts
             .headers
             .iter()
-            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).to_string()))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).to_string(),
+                )
+            })
             .collect(),
         body: body.clone(),
         at: Instant::now(),
@@ -265,7 +270,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         tokio::time::sleep(reply.latency).await;
     }
     let failing = hit < reply.fail_first;
-    let status = if failing { reply.fail_status } else { reply.status };
+    let status = if failing {
+        reply.fail_status
+    } else {
+        reply.status
+    };
     let mut b = Response::builder().status(status);
     for (k, v) in &reply.headers {
         b = b.header(k, v);

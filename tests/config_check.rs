@@ -1,0 +1,107 @@
+//! `sluice --check`: every error with its key path and a non-zero exit; shipped configs valid.
+
+mod support;
+
+use support::*;
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn unknown_keys_bad_durations_and_bad_addresses_are_rejected_with_their_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, text, path) in [
+        (
+            "unknown.toml",
+            "[server]\nlisten = \"127.0.0.1:8080\"\nlisten_typo = 1\n",
+            "server",
+        ),
+        (
+            "duration.toml",
+            "[server]\nconnect_timeout = \"soonish\"\n",
+            "server.connect_timeout",
+        ),
+        (
+            "address.toml",
+            "[server]\nlisten = \"localhost\"\n",
+            "server.listen",
+        ),
+        ("top.toml", "[sever]\nlisten = \"127.0.0.1:1\"\n", "sever"),
+        (
+            "route.toml",
+            "[[routes]]\nprefix = \"/x\"\ntarget = \"https://a.test\"\nweight = 2\n",
+            "routes[0]",
+        ),
+    ] {
+        let out = check_config(dir.path(), name, text);
+        assert!(!out.status.success(), "{name} must be rejected");
+        let err = stderr_of(&out);
+        assert!(err.contains(path), "{name}: expected {path:?} in {err}");
+    }
+}
+
+#[test]
+fn every_semantic_error_is_reported_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = check_config(
+        dir.path(),
+        "many.toml",
+        "[server]\nlisten = \"nope\"\nadmin_listen = \"127.0.0.1:0x\"\nread_timeout = \"0s\"\n\
+         [resolve]\n\"a.test\" = [\"10.0.0.1\"]\n[[routes]]\nprefix = \"x\"\ntarget = \"gopher://a\"\n",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr_of(&out);
+    for path in [
+        "server.listen",
+        "server.admin_listen",
+        "server.read_timeout",
+        "resolve.\"a.test\"[0]",
+        "routes[0].prefix",
+        "routes[0].target",
+    ] {
+        assert!(err.contains(path), "expected {path:?} in {err}");
+    }
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![
+        root.join("conf/sluice.toml"),
+        root.join("conf/default.toml"),
+    ];
+    for entry in std::fs::read_dir(root.join("conf/examples")).expect("conf/examples") {
+        files.push(entry.expect("entry").path());
+    }
+    assert!(
+        files.len() >= 4,
+        "reference, default and examples: {files:?}"
+    );
+    for f in files {
+        let out = check_file(&f);
+        assert!(out.status.success(), "{}: {}", f.display(), stderr_of(&out));
+    }
+    // And the embedded default, with no file at all.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--check")
+        .env_remove("SLUICE_CONFIG")
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("embedded default"));
+}
+
+#[test]
+fn sluice_config_env_names_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("env.toml");
+    std::fs::write(&path, "[server]\nthreads = \"two\"\n").expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--check")
+        .env("SLUICE_CONFIG", &path)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("server.threads"));
+}

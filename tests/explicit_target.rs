@@ -1,0 +1,129 @@
+//! Way in 3: `Sluice-Target: https://host` on an origin-form request; sluice originates TLS.
+
+mod support;
+
+use support::*;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn tls_sluice(ca: &TestCa, up: &FakeUpstream) -> Sluice {
+    Sluice::start(
+        &format!("upstream_ca_file = \"{}\"\n", ca.ca_path().display()),
+        &format!(
+            "[resolve]\n\"api.example.test\" = [\"127.0.0.1:{}\"]\n",
+            up.port()
+        ),
+    )
+}
+
+#[test]
+fn explicit_target_over_tls_with_sni_and_pinned_resolution() {
+    let ca = TestCa::new();
+    let up = FakeUpstream::builder()
+        .tls(&ca)
+        .route("/v1/models", Reply::text(200, "models"))
+        .start();
+    let sluice = tls_sluice(&ca, &up);
+    let client = direct_client();
+    rt().block_on(async {
+        let r = client
+            .get(format!("{}/v1/models?limit=2", sluice.proxy_url()))
+            .header("Sluice-Target", "https://api.example.test")
+            .header("Sluice-Mode", "single")
+            .header("Authorization", "Bearer client-key")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200, "{}", sluice.log());
+        assert_eq!(r.text().await.expect("body"), "models");
+
+        // Also by DNS (localhost), with the port in the target.
+        let r = client
+            .post(format!("{}/echo", sluice.proxy_url()))
+            .header("Sluice-Target", format!("https://localhost:{}", up.port()))
+            .body("payload")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["x-echo-host"],
+            format!("localhost:{}", up.port())
+        );
+        assert_eq!(r.text().await.expect("body"), "payload");
+    });
+    let got = &up.requests()[0];
+    assert_eq!(got.target, "/v1/models?limit=2");
+    assert_eq!(got.header("host"), Some("api.example.test"));
+    assert_eq!(got.header("authorization"), Some("Bearer client-key"));
+    assert_eq!(got.header("sluice-target"), None);
+    assert_eq!(got.header("sluice-mode"), None);
+    assert!(sluice.metric("sluice_requests_total{outcome=\"ok\",way=\"target\"}") >= 2.0);
+}
+
+#[test]
+fn plain_http_target_and_base_path() {
+    let up = FakeUpstream::builder().start();
+    let sluice = Sluice::start("", "");
+    let client = direct_client();
+    rt().block_on(async {
+        let r = client
+            .get(format!("{}/chat?x=1", sluice.proxy_url()))
+            .header(
+                "Sluice-Target",
+                format!("http://127.0.0.1:{}/api/v2/", up.port()),
+            )
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-echo-target"], "/api/v2/chat?x=1");
+    });
+}
+
+#[test]
+fn untrusted_certificates_and_bad_targets_are_refused_with_reasons() {
+    let ca = TestCa::new();
+    let up = FakeUpstream::builder().tls(&ca).start();
+    // No upstream_ca_file: the test CA is not trusted.
+    let sluice = Sluice::start(
+        "",
+        &format!(
+            "[resolve]\n\"api.example.test\" = [\"127.0.0.1:{}\"]\n",
+            up.port()
+        ),
+    );
+    let client = direct_client();
+    rt().block_on(async {
+        let cases = [
+            ("https://api.example.test", 502, "upstream_tls"),
+            ("ftp://api.example.test", 400, "bad_target"),
+            ("api.example.test", 400, "bad_target"),
+            ("https://api.example.test:notaport", 400, "bad_target"),
+            ("https://no-such-host.invalid", 502, "dns"),
+        ];
+        for (target, status, code) in cases {
+            let r = client
+                .get(format!("{}/x", sluice.proxy_url()))
+                .header("Sluice-Target", target)
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(r.status(), status, "{target}");
+            assert_eq!(r.headers()["sluice-error"], code, "{target}");
+            let json: serde_json::Value =
+                serde_json::from_str(&r.text().await.expect("body")).expect("json");
+            assert_eq!(json["error"], code);
+        }
+    });
+    assert_eq!(
+        up.count(),
+        0,
+        "nothing reached the upstream over an untrusted TLS session"
+    );
+}
