@@ -42,6 +42,24 @@ impl Admin {
             .collect();
         hosts.sort();
         hosts.dedup();
+        let admission = &self.shared.admission;
+        let now = admission.now();
+        let limits: Vec<_> = configured_cells(&self.shared)
+            .into_iter()
+            .map(|(key, cell)| {
+                let l = generation.limits(cell.profile);
+                serde_json::json!({
+                    "host": key,
+                    "pace_rps": cell.rps(),
+                    "burst": cell.burst(),
+                    "max_concurrent": cell.max_concurrent(),
+                    "max_queue_wait_ms": l.max_queue_wait.get().as_millis() as u64,
+                    "queued": cell.queued(now),
+                    "in_flight": cell.in_flight(),
+                    "paused_for_ms": cell.paused_until().saturating_sub(now) / 1_000_000,
+                })
+            })
+            .collect();
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.shared.started.elapsed().as_secs(),
@@ -57,8 +75,42 @@ impl Admin {
             "routes": routes,
             "known_hosts": hosts,
             "tunnels_active": self.shared.metrics.tunnels_active.get(),
+            "defaults": {
+                "rps": config.defaults.rps,
+                "burst": config.defaults.burst,
+                "max_concurrent": config.defaults.max_concurrent,
+                "max_queue_wait_ms": config.defaults.max_queue_wait.get().as_millis() as u64,
+            },
+            "hosts_tracked": admission.len(),
+            "hosts": limits,
         })
     }
+}
+
+/// Cells of the hosts named exactly in `[hosts]` (bounded by the config, so safe as labels):
+/// `name:port` entries directly, bare names on their HTTPS and HTTP ports.
+pub fn configured_cells(
+    shared: &Shared,
+) -> Vec<(String, std::sync::Arc<crate::admission::HostCell>)> {
+    let generation = shared.generation();
+    let mut out = Vec::new();
+    for name in generation.config.hosts.keys() {
+        if name.starts_with("*.") {
+            continue;
+        }
+        let name = name.to_ascii_lowercase();
+        let keys = if name.contains(':') {
+            vec![name]
+        } else {
+            vec![format!("{name}:443"), format!("{name}:80")]
+        };
+        for key in keys {
+            if let Some(cell) = shared.admission.get(&key) {
+                out.push((key, cell));
+            }
+        }
+    }
+    out
 }
 
 fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -94,11 +146,18 @@ impl ServeHttp for Admin {
         }
         match path.as_str() {
             "/healthz" => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
-            "/metrics" => respond(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.shared.metrics.encode(),
-            ),
+            "/metrics" => {
+                let m = &self.shared.metrics;
+                m.hosts_tracked.set(self.shared.admission.len() as i64);
+                for (key, cell) in configured_cells(&self.shared) {
+                    m.host_pace.with_label_values(&[&key]).set(cell.rps());
+                }
+                respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.shared.metrics.encode(),
+                )
+            }
             "/status" => json(StatusCode::OK, &self.status_json()),
             _ => json(
                 StatusCode::NOT_FOUND,

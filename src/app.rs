@@ -43,12 +43,17 @@ pub fn build_server(
     let mut front = Service::new("sluice proxy".to_string(), Front::new(shared.clone(), http));
     front.add_tcp(&listen);
 
+    let sweeper = pingora_core::services::background::background_service(
+        "sluice sweeper",
+        crate::sweeper::Sweeper::new(shared.clone()),
+    );
     let mut admin = Service::new("sluice admin".to_string(), Admin::new(shared));
     admin.add_tcp(&admin_listen);
     admin.threads = Some(1);
 
     server.add_service(front);
     server.add_service(admin);
+    server.add_service(sweeper);
     Ok(server)
 }
 

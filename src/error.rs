@@ -8,6 +8,7 @@ use pingora_error::{Error, ErrorSource, ErrorType};
 pub enum Code {
     BadRequest,
     BadTarget,
+    RateLimited,
     NoTarget,
     HeadTooLarge,
     RequestTimeout,
@@ -24,9 +25,10 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 15] = [
+    pub const ALL: [Code; 16] = [
         Code::BadRequest,
         Code::BadTarget,
+        Code::RateLimited,
         Code::NoTarget,
         Code::HeadTooLarge,
         Code::RequestTimeout,
@@ -46,6 +48,7 @@ impl Code {
         match self {
             Code::BadRequest => "bad_request",
             Code::BadTarget => "bad_target",
+            Code::RateLimited => "rate_limited",
             Code::NoTarget => "no_target",
             Code::HeadTooLarge => "head_too_large",
             Code::RequestTimeout => "request_timeout",
@@ -67,6 +70,7 @@ impl Code {
         match self {
             Code::BadRequest | Code::BadTarget | Code::NoTarget => 400,
             Code::HeadTooLarge => 431,
+            Code::RateLimited => 429,
             Code::RequestTimeout => 408,
             Code::Dns
             | Code::ConnectRefused
@@ -141,14 +145,20 @@ pub fn json_body(code: Code, message: &str) -> Vec<u8> {
 
 /// A whole HTTP/1.1 error response, for paths that write raw bytes (CONNECT).
 pub fn raw_response(code: Code, message: &str) -> Vec<u8> {
+    raw_response_with(code, message, None)
+}
+
+/// A whole HTTP/1.1 error response with an optional `Retry-After` (seconds).
+pub fn raw_response_with(code: Code, message: &str, retry_after: Option<u64>) -> Vec<u8> {
     let status = code.status();
     let reason = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Error");
     let body = json_body(code, message);
+    let retry = retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nSluice-Error: {}\r\nContent-Type: application/json\r\n\
+        "HTTP/1.1 {status} {reason}\r\nSluice-Error: {}\r\n{retry}Content-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n",
         code.as_str(),
         body.len()

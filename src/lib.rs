@@ -1,6 +1,7 @@
 //! sluice: an egress proxy that paces, shares and routes outbound API calls.
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod config;
 pub mod error;
@@ -9,5 +10,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod resolve;
 pub mod state;
+pub mod sweeper;
 pub mod target;
 pub mod tunnel;

@@ -24,6 +24,21 @@ pub struct Metrics {
     /// `sluice_tunnel_bytes_total{direction="up|down"}`.
     pub tunnel_bytes: IntCounterVec,
     pub config_generation: IntGauge,
+    /// `sluice_queue_wait_seconds`: time requests and tunnels waited for admission.
+    pub queue_wait: prometheus::Histogram,
+    /// `sluice_admission_rejections_total{reason="pace|paused|concurrency"}`.
+    pub rejections: IntCounterVec,
+    /// `sluice_pauses_total{source="retry_after|backoff|ratelimit_headers"}`.
+    pub pauses: IntCounterVec,
+    /// `sluice_upstream_429_total{action="retried|passed"}`.
+    pub upstream_429: IntCounterVec,
+    /// `sluice_learned_limits_total{kind="rps|max_concurrent"}`.
+    pub learned: IntCounterVec,
+    /// `sluice_hint_errors_total{header}`: rate-limit headers whose values did not parse.
+    pub hint_errors: IntCounterVec,
+    pub hosts_tracked: IntGauge,
+    /// `sluice_host_pace_rps{host}`: current pace of hosts named in `[hosts]`.
+    pub host_pace: prometheus::GaugeVec,
 }
 
 impl Metrics {
@@ -72,6 +87,76 @@ impl Metrics {
             Opts::new("sluice_build_info", "Build information; always 1"),
             &["version"],
         )?;
+        let queue_wait = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "sluice_queue_wait_seconds",
+                "Time requests and tunnels waited for their host's admission",
+            )
+            .buckets(vec![
+                0.0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+            ]),
+        )?;
+        let rejections = IntCounterVec::new(
+            Opts::new(
+                "sluice_admission_rejections_total",
+                "Requests answered 429 by sluice because no slot was free in time, by reason",
+            ),
+            &["reason"],
+        )?;
+        let pauses = IntCounterVec::new(
+            Opts::new(
+                "sluice_pauses_total",
+                "Host pauses started or extended, by source",
+            ),
+            &["source"],
+        )?;
+        let upstream_429 = IntCounterVec::new(
+            Opts::new(
+                "sluice_upstream_429_total",
+                "429s from upstreams: retried after the pause, or passed to the client",
+            ),
+            &["action"],
+        )?;
+        let learned = IntCounterVec::new(
+            Opts::new(
+                "sluice_learned_limits_total",
+                "Limits learned from upstream headers, by kind",
+            ),
+            &["kind"],
+        )?;
+        let hint_errors = IntCounterVec::new(
+            Opts::new(
+                "sluice_hint_errors_total",
+                "Rate-limit headers from upstreams whose values did not parse, by header",
+            ),
+            &["header"],
+        )?;
+        let hosts_tracked = IntGauge::new(
+            "sluice_hosts_tracked",
+            "Destination hosts with admission state in memory",
+        )?;
+        let host_pace = prometheus::GaugeVec::new(
+            Opts::new(
+                "sluice_host_pace_rps",
+                "Current pace (requests/s) of hosts named in [hosts]; 0 = unpaced",
+            ),
+            &["host"],
+        )?;
+        for c in [&rejections, &pauses, &upstream_429, &learned, &hint_errors] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(queue_wait.clone()))?;
+        registry.register(Box::new(hosts_tracked.clone()))?;
+        registry.register(Box::new(host_pace.clone()))?;
+        for r in ["pace", "paused", "concurrency"] {
+            rejections.with_label_values(&[r]);
+        }
+        for src in crate::admission::PauseSource::ALL {
+            pauses.with_label_values(&[src.as_str()]);
+        }
+        for a in ["retried", "passed"] {
+            upstream_429.with_label_values(&[a]);
+        }
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(upstream_responses.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
@@ -100,6 +185,14 @@ impl Metrics {
             tunnels_active,
             tunnel_bytes,
             config_generation,
+            queue_wait,
+            rejections,
+            pauses,
+            upstream_429,
+            learned,
+            hint_errors,
+            hosts_tracked,
+            host_pace,
         })
     }
 

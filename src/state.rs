@@ -1,6 +1,7 @@
 //! Process-wide state shared by the listener, the proxy and the admin service: the current
 //! configuration generation (swapped atomically) and the metrics.
 
+use crate::admission::{Admission, Clock};
 use crate::config::{Config, Generation};
 use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
@@ -11,6 +12,8 @@ use std::time::Instant;
 pub struct Shared {
     current: ArcSwap<Generation>,
     pub metrics: Metrics,
+    /// Per-host pacing, pauses and learned limits.
+    pub admission: Admission,
     pub started: Instant,
     /// The file the configuration came from; `None` for the embedded default.
     pub config_path: Option<PathBuf>,
@@ -23,6 +26,7 @@ impl Shared {
         Arc::new(Shared {
             current: ArcSwap::from_pointee(generation),
             metrics,
+            admission: Admission::new(Clock::quanta()),
             started: Instant::now(),
             config_path,
         })

@@ -3,6 +3,7 @@
 //! tunnel sits idle too long. Failures are answered with a status and `Sluice-Error`.
 
 use crate::error::{self, Code};
+use crate::proxy::pace;
 use crate::resolve::resolve;
 use crate::state::Shared;
 use crate::target::{parse_authority, WayIn};
@@ -109,19 +110,43 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
     let generation = shared.generation();
     let server = &generation.config.server;
     let result = async {
-        let head = read_head(&mut stream, server.header_read_timeout.get()).await?;
+        let head = read_head(&mut stream, server.header_read_timeout.get())
+            .await
+            .map_err(|(c, m)| (c, m, None))?;
         let addrs = resolve(&generation, &head.host, head.port, server.dns_timeout.get())
             .await
-            .map_err(|e| (Code::of(&e), error::message_of(&e)))?;
-        let upstream = connect(&addrs, server.connect_timeout.get()).await?;
-        Ok::<_, (Code, String)>((head, upstream))
+            .map_err(|e| (Code::of(&e), error::message_of(&e), None))?;
+        let key = crate::target::Origin {
+            scheme: crate::target::Scheme::Https,
+            host: head.host.clone(),
+            port: head.port,
+            base_path: String::new(),
+        }
+        .host_port();
+        let cell = shared.admission.cell(&key, &head.host, &generation);
+        let max_wait = generation.limits(cell.profile).max_queue_wait.get();
+        let permit = pace::admit(shared, &cell, max_wait).await.map_err(|r| {
+            let secs = r.retry_after_secs();
+            (
+                Code::RateLimited,
+                format!(
+                    "{key}: no admission within the allowed wait ({}); retry after {secs}s",
+                    r.reason()
+                ),
+                Some(secs),
+            )
+        })?;
+        let upstream = connect(&addrs, server.connect_timeout.get())
+            .await
+            .map_err(|(c, m)| (c, m, None))?;
+        Ok::<_, (Code, String, Option<u64>)>((head, upstream, permit))
     }
     .await;
-    let (head, mut upstream) = match result {
+    let (head, mut upstream, _permit) = match result {
         Ok(ok) => ok,
-        Err((code, message)) => {
+        Err((code, message, retry_after)) => {
             if code.status() > 0 {
-                let raw = error::raw_response(code, &message);
+                let raw = error::raw_response_with(code, &message, retry_after);
                 if let Err(e) = write_and_flush(&mut stream, &raw).await {
                     tracing::debug!(error = %e, "could not send CONNECT refusal");
                 }

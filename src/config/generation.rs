@@ -1,6 +1,6 @@
 //! A compiled, immutable configuration generation: what a request reads while it runs.
 
-use super::Config;
+use super::{Config, HostLimits};
 use crate::target::Origin;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,6 +22,12 @@ pub struct Generation {
     pub routes: Vec<Route>,
     /// Static resolution, keyed by lowercased `host` or `host:port`.
     pub resolve: HashMap<String, Vec<SocketAddr>>,
+    /// Host limit profiles: index 0 is `[defaults]`, then one per `[hosts]` entry.
+    pub profiles: Vec<HostLimits>,
+    /// `[hosts]` names (`host` or `host:port`) to their profile.
+    exact_hosts: HashMap<String, u16>,
+    /// `[hosts."*.suffix"]` entries as (".suffix", profile), longest suffix first.
+    wildcard_hosts: Vec<(String, u16)>,
 }
 
 impl Generation {
@@ -47,12 +53,57 @@ impl Generation {
                 (name.to_ascii_lowercase(), addrs)
             })
             .collect();
+        let mut profiles = vec![config.defaults.clone()];
+        let mut exact_hosts = HashMap::new();
+        let mut wildcard_hosts = Vec::new();
+        for (name, o) in &config.hosts {
+            let index = u16::try_from(profiles.len()).unwrap_or(u16::MAX);
+            profiles.push(o.apply(&config.defaults));
+            let name = name.to_ascii_lowercase();
+            match name.strip_prefix('*') {
+                Some(suffix) => wildcard_hosts.push((suffix.to_string(), index)),
+                None => {
+                    exact_hosts.insert(name, index);
+                }
+            }
+        }
+        wildcard_hosts.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         Generation {
             number,
             config,
             routes,
             resolve,
+            profiles,
+            exact_hosts,
+            wildcard_hosts,
         }
+    }
+
+    /// The limits profile for a destination: `host:port`, then `host`, then the longest
+    /// matching `*.suffix`, then `[defaults]` (0). Also says whether `[hosts]` named it.
+    pub fn profile_for(&self, host: &str, host_port: &str) -> (u16, bool) {
+        if self.exact_hosts.is_empty() && self.wildcard_hosts.is_empty() {
+            return (0, false);
+        }
+        if let Some(&i) = self.exact_hosts.get(host_port) {
+            return (i, true);
+        }
+        if let Some(&i) = self.exact_hosts.get(host) {
+            return (i, true);
+        }
+        for (suffix, i) in &self.wildcard_hosts {
+            if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
+                return (*i, true);
+            }
+        }
+        (0, false)
+    }
+
+    /// The limits of a profile index (the defaults if out of range).
+    pub fn limits(&self, profile: u16) -> &HostLimits {
+        self.profiles
+            .get(usize::from(profile))
+            .unwrap_or(&self.profiles[0])
     }
 
     /// The route whose prefix matches `path` at a segment boundary, if any.
@@ -96,5 +147,35 @@ mod tests {
         );
         assert!(g.route_for("/apix").is_none());
         assert!(g.route_for("/").is_none());
+    }
+
+    #[test]
+    fn host_profiles_exact_port_and_wildcard() {
+        let config = Config::parse(
+            r#"
+            [defaults]
+            rps = 2.0
+            [hosts."api.example.com"]
+            rps = 10.0
+            [hosts."api.example.com:8443"]
+            rps = 20.0
+            [hosts."*.example.com"]
+            burst = 5
+            [hosts."*.eu.example.com"]
+            burst = 7
+            "#,
+        )
+        .expect("valid");
+        config.validate().expect("valid");
+        let g = Generation::build(1, config);
+        let rps = |h: &str, hp: &str| g.limits(g.profile_for(h, hp).0).rps;
+        let burst = |h: &str, hp: &str| g.limits(g.profile_for(h, hp).0).burst;
+        assert_eq!(rps("api.example.com", "api.example.com:443"), 10.0);
+        assert_eq!(rps("api.example.com", "api.example.com:8443"), 20.0);
+        assert_eq!(burst("x.example.com", "x.example.com:443"), 5);
+        assert_eq!(rps("x.example.com", "x.example.com:443"), 2.0);
+        assert_eq!(burst("a.eu.example.com", "a.eu.example.com:443"), 7);
+        assert_eq!(g.profile_for("example.com", "example.com:443"), (0, false));
+        assert_eq!(g.profile_for("other.test", "other.test:80"), (0, false));
     }
 }

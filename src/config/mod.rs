@@ -27,6 +27,62 @@ pub struct Config {
     /// `"host:port"` to pin one port only.
     pub resolve: BTreeMap<String, Vec<String>>,
     pub routes: Vec<RouteConfig>,
+    /// Pacing applied to every destination host unless `[hosts]` says otherwise.
+    pub defaults: HostLimits,
+    /// Per-host overrides: `"api.example.com"`, `"api.example.com:8443"` or `"*.example.com"`.
+    pub hosts: BTreeMap<String, HostOverride>,
+}
+
+/// Pacing limits of a destination host.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostLimits {
+    /// Requests per second; 0 turns pacing off.
+    pub rps: f64,
+    /// Requests that may go at once after an idle spell (at least 1).
+    pub burst: u32,
+    /// Requests (and tunnels) in flight at once; 0 = unlimited.
+    pub max_concurrent: u32,
+    /// Longest a request may wait for its slot; beyond it, sluice answers 429 at once.
+    pub max_queue_wait: HumanDuration,
+    /// Ceiling for a pace learned from upstream headers; 0 = no ceiling.
+    pub max_rps: f64,
+}
+
+impl Default for HostLimits {
+    fn default() -> Self {
+        Self {
+            rps: 2.0,
+            burst: 2,
+            max_concurrent: 0,
+            max_queue_wait: HumanDuration::from_secs(30),
+            max_rps: 0.0,
+        }
+    }
+}
+
+/// A `[hosts."name"]` table: any key left out comes from `[defaults]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HostOverride {
+    pub rps: Option<f64>,
+    pub burst: Option<u32>,
+    pub max_concurrent: Option<u32>,
+    pub max_queue_wait: Option<HumanDuration>,
+    pub max_rps: Option<f64>,
+}
+
+impl HostOverride {
+    /// These overrides applied on top of `base`.
+    pub fn apply(&self, base: &HostLimits) -> HostLimits {
+        HostLimits {
+            rps: self.rps.unwrap_or(base.rps),
+            burst: self.burst.unwrap_or(base.burst),
+            max_concurrent: self.max_concurrent.unwrap_or(base.max_concurrent),
+            max_queue_wait: self.max_queue_wait.unwrap_or(base.max_queue_wait),
+            max_rps: self.max_rps.unwrap_or(base.max_rps),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -56,6 +112,8 @@ pub struct Server {
     pub grace_period: HumanDuration,
     /// After the grace period, how long in-flight work may take to finish.
     pub graceful_shutdown_timeout: HumanDuration,
+    /// Hosts not named in `[hosts]` and unused this long are forgotten (their pace state).
+    pub idle_host_ttl: HumanDuration,
     /// Upstream keep-alive pool size (connections kept idle across all destinations).
     pub upstream_keepalive_pool_size: usize,
     /// Log filter (`RUST_LOG` syntax); `RUST_LOG` in the environment wins.
@@ -81,6 +139,7 @@ impl Default for Server {
             tunnel_idle_timeout: HumanDuration::from_secs(300),
             grace_period: HumanDuration::from_secs(5),
             graceful_shutdown_timeout: HumanDuration::from_secs(10),
+            idle_host_ttl: HumanDuration::from_secs(600),
             upstream_keepalive_pool_size: 256,
             log_level: "info".into(),
             pid_file: "/tmp/sluice.pid".into(),

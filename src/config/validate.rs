@@ -103,6 +103,19 @@ impl Config {
             }
         }
 
+        check_limits("defaults", &self.defaults, &mut err);
+        for (name, o) in &self.hosts {
+            let path = format!("hosts.{name:?}");
+            let pattern = name.strip_prefix("*.").unwrap_or(name);
+            if crate::target::parse_authority(pattern, Some(1)).is_err() || pattern.contains('*') {
+                err(
+                    path.clone(),
+                    "must be a host name, host:port, or *.suffix".into(),
+                );
+            }
+            check_limits(&path, &o.apply(&self.defaults), &mut err);
+        }
+
         let mut prefixes = HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {
             let path = format!("routes[{i}]");
@@ -139,6 +152,24 @@ impl Config {
         } else {
             Err(ConfigError { errors })
         }
+    }
+}
+
+fn check_limits(path: &str, l: &super::HostLimits, err: &mut impl FnMut(String, String)) {
+    if !(l.rps.is_finite() && l.rps >= 0.0 && l.rps <= 1_000_000.0) {
+        err(
+            format!("{path}.rps"),
+            "must be between 0 (no pacing) and 1000000".into(),
+        );
+    }
+    if l.burst == 0 {
+        err(format!("{path}.burst"), "must be at least 1".into());
+    }
+    if !(l.max_rps.is_finite() && l.max_rps >= 0.0) {
+        err(
+            format!("{path}.max_rps"),
+            "must be 0 (no ceiling) or positive".into(),
+        );
     }
 }
 

@@ -1,11 +1,12 @@
 //! Per-request state, created when the request head arrives and dropped after logging.
 
+use crate::admission::{HostCell, Permit};
 use crate::config::Generation;
 use crate::error::Code;
 use crate::target::{Origin, WayIn};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub struct Ctx {
     /// The configuration generation this request runs on, start to end.
@@ -22,9 +23,29 @@ pub struct Ctx {
     pub attempts: u32,
     /// The refusal or failure code, when sluice answered instead of the upstream.
     pub error: Option<Code>,
+    /// End-to-end deadline from `Sluice-Timeout`, queueing included.
+    pub deadline: Option<Instant>,
+    /// The destination host's admission cell.
+    pub cell: Option<Arc<HostCell>>,
+    /// The in-flight place of the current attempt.
+    pub permit: Option<Permit>,
+    /// Total time spent waiting for admission, over all attempts.
+    pub queued: Duration,
+    /// `Retry-After` (seconds) to send with a 429 from sluice.
+    pub retry_after: Option<u64>,
+    /// The last attempt failed to connect (the host never saw it: no new slot needed).
+    pub connect_failed: bool,
+    /// Times the request was sent again after a 429 or 503 with `Retry-After`.
+    pub resent: u32,
 }
 
 impl Ctx {
+    /// Time left before the deadline (`None`: no deadline).
+    pub fn time_left(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
     pub fn new(generation: Arc<Generation>) -> Ctx {
         Ctx {
             generation,
@@ -35,6 +56,13 @@ impl Ctx {
             addrs: Vec::new(),
             attempts: 0,
             error: None,
+            deadline: None,
+            cell: None,
+            permit: None,
+            queued: Duration::ZERO,
+            retry_after: None,
+            connect_failed: false,
+            resent: 0,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod ctx;
 pub mod headers;
+pub mod pace;
 
 pub use ctx::Ctx;
 
@@ -17,6 +18,9 @@ use pingora_error::{Error, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use std::sync::Arc;
+
+/// Reads from the upstream get at least this long, even when the deadline is nearer.
+const MIN_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The HTTP side of sluice (forward proxy, explicit target, routes).
 pub struct SluiceProxy {
@@ -47,6 +51,10 @@ impl ProxyHttp for SluiceProxy {
             }
         };
         ctx.way = dest.way;
+        if let Some(v) = session.req_header().headers.get(pace::SLUICE_TIMEOUT) {
+            let t = pace::parse_timeout(v).map_err(|m| error::error(Code::BadRequest, m))?;
+            ctx.deadline = Some(ctx.started + t);
+        }
         let timeout = ctx.generation.config.server.dns_timeout.get();
         ctx.addrs = resolve(
             &ctx.generation,
@@ -56,11 +64,18 @@ impl ProxyHttp for SluiceProxy {
         )
         .await?;
         ctx.upstream_path = dest.path;
+        let key = dest.origin.host_port();
+        ctx.cell = Some(
+            self.shared
+                .admission
+                .cell(&key, &dest.origin.host, &ctx.generation),
+        );
         ctx.origin = Some(dest.origin);
         Ok(false)
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        pace::before_attempt(&self.shared, ctx).await?;
         let Some(origin) = ctx.origin.as_ref() else {
             return Err(error::error(Code::Internal, "no destination chosen"));
         };
@@ -76,7 +91,10 @@ impl ProxyHttp for SluiceProxy {
         let server = &ctx.generation.config.server;
         peer.options.connection_timeout = Some(server.connect_timeout.get());
         peer.options.total_connection_timeout = Some(server.connect_timeout.get());
-        peer.options.read_timeout = Some(server.read_timeout.get());
+        let read_timeout = server.read_timeout.get();
+        peer.options.read_timeout = Some(ctx.time_left().map_or(read_timeout, |left| {
+            left.min(read_timeout).max(MIN_READ_TIMEOUT)
+        }));
         peer.options.write_timeout = Some(server.write_timeout.get());
         peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
         Ok(Box::new(peer))
@@ -92,6 +110,7 @@ impl ProxyHttp for SluiceProxy {
     ) -> Box<Error> {
         if (ctx.attempts as usize) < ctx.addrs.len() {
             e.set_retry(true);
+            ctx.connect_failed = true;
         }
         e
     }
@@ -117,6 +136,43 @@ impl ProxyHttp for SluiceProxy {
         Ok(())
     }
 
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let req = session.req_header();
+        let idempotent = req.method.is_idempotent() || req.headers.contains_key("idempotency-key");
+        let replayable = !session.as_ref().retry_buffer_truncated();
+        pace::after_response(&self.shared, resp, ctx, idempotent, replayable)
+    }
+
+    /// Pingora's default policy (no retry for non-idempotent methods or a body too large to
+    /// replay), except that a request sent again after an upstream 429 is retried whatever its
+    /// method: the upstream refused it, so nothing is duplicated.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        _ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer {peer}"));
+        let resend = matches!(e.etype(), pingora_error::ErrorType::CustomCode(c, _) if *c == Code::RateLimited.as_str());
+        if session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else if resend {
+            // keep the retry decided by pace::after_response
+        } else if !session.req_header().method.is_idempotent() {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -128,6 +184,7 @@ impl ProxyHttp for SluiceProxy {
             .record_upstream_status(ctx.way, resp.status.as_u16());
         headers::clean_response(resp);
         resp.insert_header("Sluice-Attempts", ctx.attempts.to_string())?;
+        resp.insert_header("Sluice-Queued-Ms", ctx.queued.as_millis().to_string())?;
         Ok(())
     }
 
@@ -137,7 +194,8 @@ impl ProxyHttp for SluiceProxy {
         let status = code.status();
         if status > 0 && session.response_written().is_none() {
             let message = error::message_of(e);
-            if let Err(werr) = write_error(session, code, &message).await {
+            let retry_after = ctx.retry_after.filter(|_| code == Code::RateLimited);
+            if let Err(werr) = write_error(session, code, &message, retry_after, ctx).await {
                 tracing::debug!(error = %werr, "could not send error response");
             }
         }
@@ -166,6 +224,7 @@ impl ProxyHttp for SluiceProxy {
             status,
             attempts = ctx.attempts,
             error = outcome.map_or("-", Code::as_str),
+            queued_ms = ctx.queued.as_millis() as u64,
             ms = elapsed.as_millis() as u64,
             "request"
         );
@@ -173,10 +232,22 @@ impl ProxyHttp for SluiceProxy {
 }
 
 /// Send sluice's own error response: status, `Sluice-Error` and a JSON body.
-async fn write_error(session: &mut Session, code: Code, message: &str) -> Result<()> {
+async fn write_error(
+    session: &mut Session,
+    code: Code,
+    message: &str,
+    retry_after: Option<u64>,
+    ctx: &Ctx,
+) -> Result<()> {
     let body = error::json_body(code, message);
-    let mut resp = ResponseHeader::build(code.status(), Some(4))?;
+    let mut resp = ResponseHeader::build(code.status(), Some(6))?;
     resp.insert_header("Sluice-Error", code.as_str())?;
+    if let Some(secs) = retry_after {
+        resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
+    }
+    if ctx.cell.is_some() {
+        resp.insert_header("Sluice-Queued-Ms", ctx.queued.as_millis().to_string())?;
+    }
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;

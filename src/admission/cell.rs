@@ -1,0 +1,486 @@
+//! One destination host's admission state: a GCRA cell (theoretical arrival time), a pause,
+//! and an in-flight count. Pure and lock-free: every method takes `now` (nanoseconds on the
+//! admission clock) and works by atomics, so it is tested without sockets or sleeps.
+//!
+//! A request *reserves* its slot by advancing the TAT with a compare-and-swap, then waits until
+//! the slot's time; reservations are thus served in the order they were made (FIFO per host).
+//! A pause moves the TAT past its end and bumps `epoch`: reservations made before it are void,
+//! and their holders reserve again after the pause, so traffic resumes at the pace.
+
+use arc_swap::ArcSwapOption;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// What the cell says about one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Go now.
+    Now,
+    /// A slot is reserved at `at` (ns); go then if `epoch` has not changed meanwhile.
+    At { at: u64, epoch: u32 },
+    /// No slot within the allowed wait; the earliest one is `retry_after` ns away.
+    Refuse { retry_after: u64 },
+}
+
+/// Where a pause came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PauseSource {
+    RetryAfter,
+    Backoff,
+    RateLimitHeaders,
+}
+
+impl PauseSource {
+    pub const ALL: [PauseSource; 3] = [
+        PauseSource::RetryAfter,
+        PauseSource::Backoff,
+        PauseSource::RateLimitHeaders,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseSource::RetryAfter => "retry_after",
+            PauseSource::Backoff => "backoff",
+            PauseSource::RateLimitHeaders => "ratelimit_headers",
+        }
+    }
+}
+
+/// First backoff pause after a 429 without `Retry-After`, doubled each time, capped.
+pub const BACKOFF_BASE_NS: u64 = 1_000_000_000;
+pub const BACKOFF_CAP_NS: u64 = 60_000_000_000;
+
+#[derive(Debug, Default)]
+pub struct HostCell {
+    /// Theoretical arrival time of the next request (ns).
+    tat: AtomicU64,
+    /// The host is paused until this time (ns); 0 = not paused.
+    paused_until: AtomicU64,
+    /// Nanoseconds between requests; 0 = no pacing.
+    interval: AtomicU64,
+    /// Bumped by every pause: reservations of older epochs must be made again.
+    epoch: AtomicU32,
+    burst: AtomicU32,
+    /// Requests in flight at once; 0 = unlimited.
+    max_concurrent: AtomicU32,
+    in_flight: AtomicU32,
+    /// Seconds on the admission clock when the cell was last used (for eviction).
+    last_used: AtomicU32,
+    /// Consecutive 429s without `Retry-After`.
+    backoff: AtomicU8,
+    /// Index of the configured limits this cell started from.
+    pub profile: u16,
+    /// Named in `[hosts]`: never evicted.
+    pub configured: bool,
+    /// Wakes requests waiting for an in-flight place; made on first need.
+    gate: ArcSwapOption<Notify>,
+}
+
+/// `rps` as nanoseconds per request (0 when pacing is off).
+pub fn interval_of(rps: f64) -> u64 {
+    if rps > 0.0 && rps.is_finite() {
+        (1e9 / rps).round().max(1.0) as u64
+    } else {
+        0
+    }
+}
+
+impl HostCell {
+    pub fn new(rps: f64, burst: u32, max_concurrent: u32, profile: u16, configured: bool) -> Self {
+        HostCell {
+            interval: AtomicU64::new(interval_of(rps)),
+            burst: AtomicU32::new(burst.max(1)),
+            max_concurrent: AtomicU32::new(max_concurrent),
+            profile,
+            configured,
+            ..HostCell::default()
+        }
+    }
+
+    /// Reserve a slot for one request arriving at `now`, waiting at most `max_wait` ns.
+    pub fn reserve(&self, now: u64, max_wait: u64) -> Decision {
+        let secs = (now / 1_000_000_000) as u32;
+        if self.last_used.load(Ordering::Relaxed) != secs {
+            self.last_used.store(secs, Ordering::Relaxed);
+        }
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let interval = self.interval.load(Ordering::Relaxed);
+        if interval == 0 {
+            let paused = self.paused_until.load(Ordering::Acquire);
+            return if paused <= now {
+                Decision::Now
+            } else if paused - now > max_wait {
+                Decision::Refuse {
+                    retry_after: paused - now,
+                }
+            } else {
+                Decision::At { at: paused, epoch }
+            };
+        }
+        let window = interval.saturating_mul(u64::from(self.burst.load(Ordering::Relaxed)));
+        let mut tat = self.tat.load(Ordering::Acquire);
+        loop {
+            let new_tat = tat.max(now).saturating_add(interval);
+            let at = new_tat.saturating_sub(window);
+            if at > now && at - now > max_wait {
+                return Decision::Refuse {
+                    retry_after: at - now,
+                };
+            }
+            match self
+                .tat
+                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) if at <= now => return Decision::Now,
+                Ok(_) => return Decision::At { at, epoch },
+                Err(current) => tat = current,
+            }
+        }
+    }
+
+    /// Whether a reservation made in `epoch` still stands.
+    pub fn still_valid(&self, epoch: u32) -> bool {
+        self.epoch.load(Ordering::Acquire) == epoch
+    }
+
+    /// Pause the host until `until` (ns). Never shortens a longer pause. Returns whether the
+    /// pause was extended. Reservations made before are void; after the pause, the first
+    /// request goes at `until` and the rest follow at the pace (no burst).
+    pub fn pause_until(&self, until: u64) -> bool {
+        let mut current = self.paused_until.load(Ordering::Acquire);
+        loop {
+            if current >= until {
+                return false;
+            }
+            match self.paused_until.compare_exchange_weak(
+                current,
+                until,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(c) => current = c,
+            }
+        }
+        let interval = self.interval.load(Ordering::Relaxed);
+        let burst = u64::from(self.burst.load(Ordering::Relaxed));
+        // The first reservation after this lands exactly at `until`.
+        let tat = until.saturating_add(interval.saturating_mul(burst.saturating_sub(1)));
+        // Reservations made before are void (the epoch bump below), so their slots are freed.
+        self.tat.store(tat, Ordering::Release);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// A 429 without `Retry-After`: pause for 1 s, doubling per consecutive 429, capped at 60 s.
+    /// Returns the pause length in ns.
+    pub fn backoff(&self, now: u64) -> u64 {
+        let level = self.backoff.fetch_add(1, Ordering::AcqRel).min(16);
+        let pause = (BACKOFF_BASE_NS << level).min(BACKOFF_CAP_NS);
+        self.pause_until(now.saturating_add(pause));
+        pause
+    }
+
+    /// A successful response resets the backoff.
+    pub fn succeeded(&self) {
+        if self.backoff.load(Ordering::Relaxed) != 0 {
+            self.backoff.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn paused_until(&self) -> u64 {
+        self.paused_until.load(Ordering::Acquire)
+    }
+
+    /// Set the pace (from configuration or a learned limit).
+    pub fn set_rps(&self, rps: f64) {
+        self.interval.store(interval_of(rps), Ordering::Relaxed);
+    }
+
+    pub fn rps(&self) -> f64 {
+        match self.interval.load(Ordering::Relaxed) {
+            0 => 0.0,
+            i => 1e9 / i as f64,
+        }
+    }
+
+    pub fn burst(&self) -> u32 {
+        self.burst.load(Ordering::Relaxed)
+    }
+
+    pub fn set_burst(&self, burst: u32) {
+        self.burst.store(burst.max(1), Ordering::Relaxed);
+    }
+
+    pub fn set_max_concurrent(&self, n: u32) {
+        self.max_concurrent.store(n, Ordering::Relaxed);
+    }
+
+    pub fn max_concurrent(&self) -> u32 {
+        self.max_concurrent.load(Ordering::Relaxed)
+    }
+
+    /// Take an in-flight place if the concurrency limit allows.
+    pub fn try_enter(&self) -> bool {
+        let mut cur = self.in_flight.load(Ordering::Acquire);
+        loop {
+            let limit = self.max_concurrent.load(Ordering::Relaxed);
+            if limit != 0 && cur >= limit {
+                return false;
+            }
+            match self.in_flight.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(c) => cur = c,
+            }
+        }
+    }
+
+    pub fn leave(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Some(gate) = self.gate.load().as_ref() {
+            gate.notify_one();
+        }
+    }
+
+    /// The notifier for requests waiting on the concurrency limit.
+    pub fn gate(&self) -> Arc<Notify> {
+        if let Some(g) = self.gate.load_full() {
+            return g;
+        }
+        let fresh = Arc::new(Notify::new());
+        let prev = self
+            .gate
+            .compare_and_swap(&None::<Arc<Notify>>, Some(fresh.clone()));
+        match prev.as_ref() {
+            Some(existing) => existing.clone(),
+            None => fresh,
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Requests holding a reserved slot later than `now` (an estimate from the TAT).
+    pub fn queued(&self, now: u64) -> u64 {
+        let interval = self.interval.load(Ordering::Relaxed);
+        let tat = self.tat.load(Ordering::Acquire);
+        if interval == 0 || tat <= now {
+            return 0;
+        }
+        let ahead = (tat - now) / interval;
+        ahead.saturating_sub(u64::from(self.burst()))
+    }
+
+    /// Idle: nothing in flight, nothing reserved or paused ahead, unused since `before_secs`.
+    pub fn idle(&self, now: u64, before_secs: u32) -> bool {
+        self.in_flight() == 0
+            && self.tat.load(Ordering::Acquire) <= now
+            && self.paused_until() <= now
+            && self.last_used.load(Ordering::Relaxed) < before_secs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+    const MS: u64 = 1_000_000;
+
+    fn slots(cell: &HostCell, now: u64, n: usize) -> Vec<Decision> {
+        (0..n).map(|_| cell.reserve(now, 30 * S)).collect()
+    }
+
+    #[test]
+    fn burst_then_pace() {
+        let cell = HostCell::new(2.0, 2, 0, 0, false);
+        let d = slots(&cell, 10 * S, 4);
+        assert_eq!(d[0], Decision::Now);
+        assert_eq!(d[1], Decision::Now);
+        assert_eq!(
+            d[2],
+            Decision::At {
+                at: 10 * S + 500 * MS,
+                epoch: 0
+            }
+        );
+        assert_eq!(
+            d[3],
+            Decision::At {
+                at: 11 * S,
+                epoch: 0
+            }
+        );
+        // After a long idle spell the burst is available again, not more.
+        let d = slots(&cell, 100 * S, 3);
+        assert_eq!(&d[..2], &[Decision::Now, Decision::Now]);
+        assert!(matches!(d[2], Decision::At { .. }));
+    }
+
+    #[test]
+    fn refuses_without_reserving_beyond_the_allowed_wait() {
+        let cell = HostCell::new(1.0, 1, 0, 0, false);
+        assert_eq!(cell.reserve(S, 0), Decision::Now);
+        assert_eq!(
+            cell.reserve(S, 500 * MS),
+            Decision::Refuse { retry_after: S }
+        );
+        // The refusal took nothing: the next slot is still one interval away.
+        assert_eq!(
+            cell.reserve(S, 2 * S),
+            Decision::At {
+                at: 2 * S,
+                epoch: 0
+            }
+        );
+    }
+
+    #[test]
+    fn pause_voids_reservations_and_resumes_at_the_pace() {
+        let cell = HostCell::new(20.0, 1, 0, 0, false);
+        let now = 5 * S;
+        assert_eq!(cell.reserve(now, 30 * S), Decision::Now);
+        let held: Vec<_> = slots(&cell, now, 10);
+        assert!(held
+            .iter()
+            .all(|d| matches!(d, Decision::At { epoch: 0, .. })));
+        assert!(cell.pause_until(now + 2 * S));
+        assert!(!cell.still_valid(0));
+        // Re-reserving after the pause: first at the pause end, then every 50 ms.
+        let again = slots(&cell, now + 10 * MS, 3);
+        assert_eq!(
+            again[0],
+            Decision::At {
+                at: now + 2 * S,
+                epoch: 1
+            }
+        );
+        assert_eq!(
+            again[1],
+            Decision::At {
+                at: now + 2 * S + 50 * MS,
+                epoch: 1
+            }
+        );
+        assert_eq!(
+            again[2],
+            Decision::At {
+                at: now + 2 * S + 100 * MS,
+                epoch: 1
+            }
+        );
+        // A shorter pause does not shorten it.
+        assert!(!cell.pause_until(now + S));
+        assert_eq!(cell.paused_until(), now + 2 * S);
+    }
+
+    #[test]
+    fn pause_with_burst_still_resumes_one_at_a_time() {
+        let cell = HostCell::new(10.0, 5, 0, 0, false);
+        cell.pause_until(S);
+        let d = slots(&cell, 0, 3);
+        assert_eq!(d[0], Decision::At { at: S, epoch: 1 });
+        assert_eq!(
+            d[1],
+            Decision::At {
+                at: S + 100 * MS,
+                epoch: 1
+            }
+        );
+    }
+
+    #[test]
+    fn unpaced_hosts_still_obey_pauses() {
+        let cell = HostCell::new(0.0, 1, 0, 0, false);
+        assert_eq!(cell.reserve(S, 0), Decision::Now);
+        cell.pause_until(3 * S);
+        assert_eq!(
+            cell.reserve(S, 5 * S),
+            Decision::At {
+                at: 3 * S,
+                epoch: 1
+            }
+        );
+        assert_eq!(cell.reserve(S, S), Decision::Refuse { retry_after: 2 * S });
+        assert_eq!(cell.reserve(3 * S, 0), Decision::Now);
+    }
+
+    #[test]
+    fn backoff_doubles_caps_and_resets() {
+        let cell = HostCell::new(1.0, 1, 0, 0, false);
+        assert_eq!(cell.backoff(0), S);
+        assert_eq!(cell.backoff(0), 2 * S);
+        assert_eq!(cell.backoff(0), 4 * S);
+        for _ in 0..10 {
+            cell.backoff(0);
+        }
+        assert_eq!(cell.backoff(0), 60 * S);
+        cell.succeeded();
+        assert_eq!(cell.backoff(100 * S), S);
+    }
+
+    #[test]
+    fn concurrency_limit() {
+        let cell = HostCell::new(0.0, 1, 2, 0, false);
+        assert!(cell.try_enter());
+        assert!(cell.try_enter());
+        assert!(!cell.try_enter());
+        cell.leave();
+        assert!(cell.try_enter());
+        cell.set_max_concurrent(0);
+        assert!(cell.try_enter());
+        assert_eq!(cell.in_flight(), 3);
+    }
+
+    #[test]
+    fn reservations_from_many_threads_are_distinct_slots() {
+        let cell = std::sync::Arc::new(HostCell::new(1000.0, 1, 0, 0, false));
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let cell = cell.clone();
+                std::thread::spawn(move || {
+                    (0..1000)
+                        .map(|_| match cell.reserve(0, u64::MAX) {
+                            Decision::Now => 0,
+                            Decision::At { at, .. } => at,
+                            Decision::Refuse { .. } => u64::MAX,
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<u64> = handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("thread"))
+            .collect();
+        all.sort_unstable();
+        let expected: Vec<u64> = (0..4000u64).map(|i| i * MS).collect();
+        assert_eq!(
+            all, expected,
+            "every slot handed out exactly once, 1 ms apart"
+        );
+    }
+
+    #[test]
+    fn queue_estimate_and_idleness() {
+        let cell = HostCell::new(10.0, 1, 0, 0, false);
+        for _ in 0..5 {
+            cell.reserve(0, 30 * S);
+        }
+        assert_eq!(cell.queued(0), 4);
+        assert!(!cell.idle(0, 100));
+        assert!(cell.idle(10 * S, 100));
+        assert!(
+            std::mem::size_of::<HostCell>() <= 64,
+            "{}",
+            std::mem::size_of::<HostCell>()
+        );
+    }
+}

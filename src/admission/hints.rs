@@ -1,0 +1,393 @@
+//! What upstream response headers say about a host's limits: `Retry-After`, the
+//! `X-EZTHROTTLE-*` pace statements, and the `RateLimit-*` / `X-RateLimit-*` / provider
+//! `x-ratelimit-*-requests` families. Parsing is total: a value that does not parse is
+//! ignored and reported by name, never a panic.
+
+use http::HeaderMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Longest pause any header may cause.
+pub const MAX_PAUSE: Duration = Duration::from_secs(3600);
+
+/// Header names whose values are parsed (lowercase); used as bounded metric labels.
+pub const NAMES: [&str; 11] = [
+    "retry-after",
+    "x-ezthrottle-rps",
+    "x-ezthrottle-max-concurrent",
+    "ratelimit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "ratelimit-limit",
+];
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Hints {
+    /// `Retry-After`, as a delay from now.
+    pub retry_after: Option<Duration>,
+    /// `X-EZTHROTTLE-RPS`.
+    pub rps: Option<f64>,
+    /// `X-EZTHROTTLE-MAX-CONCURRENT`.
+    pub max_concurrent: Option<u32>,
+    /// Remaining requests reached 0: the window resets after this delay.
+    pub exhausted_for: Option<Duration>,
+    /// Headers present whose values did not parse.
+    pub invalid: Vec<&'static str>,
+}
+
+impl Hints {
+    pub fn is_empty(&self) -> bool {
+        self.retry_after.is_none()
+            && self.rps.is_none()
+            && self.max_concurrent.is_none()
+            && self.exhausted_for.is_none()
+    }
+}
+
+/// Read every hint from `headers`; `now` is the wall clock (for HTTP-dates and epoch resets).
+pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
+    let mut h = Hints::default();
+    // Fast exit for the common response with none of these headers.
+    if !headers.keys().any(|k| {
+        let s = k.as_str();
+        s == "retry-after" || s.starts_with("x-ezthrottle-") || s.contains("ratelimit")
+    }) {
+        return h;
+    }
+    let get = |name: &'static str| headers.get(name).and_then(|v| v.to_str().ok());
+
+    if let Some(v) = get("retry-after") {
+        match retry_after(v, now) {
+            Some(d) => h.retry_after = Some(d),
+            None => h.invalid.push("retry-after"),
+        }
+    }
+    if let Some(v) = get("x-ezthrottle-rps") {
+        match v.trim().parse::<f64>() {
+            Ok(r) if r.is_finite() && r > 0.0 && r <= 1_000_000.0 => h.rps = Some(r),
+            _ => h.invalid.push("x-ezthrottle-rps"),
+        }
+    }
+    if let Some(v) = get("x-ezthrottle-max-concurrent") {
+        match v.trim().parse::<u32>() {
+            Ok(n) if n > 0 => h.max_concurrent = Some(n),
+            _ => h.invalid.push("x-ezthrottle-max-concurrent"),
+        }
+    }
+
+    // (remaining, reset) pairs, most specific first.
+    let pairs: [(
+        &'static str,
+        &'static str,
+        fn(&str, SystemTime) -> Option<Duration>,
+    ); 3] = [
+        (
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+            |v, _| go_duration(v),
+        ),
+        ("ratelimit-remaining", "ratelimit-reset", |v, _| {
+            delta_seconds(v)
+        }),
+        ("x-ratelimit-remaining", "x-ratelimit-reset", delta_or_epoch),
+    ];
+    for (rem_name, reset_name, parse_reset) in pairs {
+        let Some(rem) = get(rem_name) else { continue };
+        let Some(remaining) = parse_remaining(rem) else {
+            h.invalid.push(rem_name);
+            continue;
+        };
+        if remaining > 0 {
+            continue;
+        }
+        match get(reset_name).map(|v| parse_reset(v, now)) {
+            Some(Some(d)) => {
+                h.exhausted_for = Some(h.exhausted_for.map_or(d, |e| e.max(d)));
+            }
+            Some(None) => h.invalid.push(reset_name),
+            None => {}
+        }
+    }
+    // The structured form: `RateLimit: limit=100, remaining=0, reset=5`.
+    if let Some(v) = get("ratelimit") {
+        match structured(v) {
+            Some((0, Some(reset))) => {
+                let d = Duration::from_secs(reset.min(MAX_PAUSE.as_secs()));
+                h.exhausted_for = Some(h.exhausted_for.map_or(d, |e| e.max(d)));
+            }
+            Some(_) => {}
+            None => h.invalid.push("ratelimit"),
+        }
+    }
+    h
+}
+
+fn parse_remaining(v: &str) -> Option<u64> {
+    // Some APIs send a float ("0.0"); a negative count means exhausted too.
+    let t = v.trim();
+    if let Ok(n) = t.parse::<u64>() {
+        return Some(n);
+    }
+    match t.parse::<f64>() {
+        Ok(f) if f.is_finite() => Some(if f <= 0.0 { 0 } else { f.ceil() as u64 }),
+        _ => None,
+    }
+}
+
+fn cap(d: Duration) -> Duration {
+    d.min(MAX_PAUSE)
+}
+
+/// `Retry-After`: delay-seconds or an HTTP-date.
+pub fn retry_after(v: &str, now: SystemTime) -> Option<Duration> {
+    let t = v.trim();
+    if let Some(d) = delta_seconds(t) {
+        return Some(d);
+    }
+    let at = httpdate::parse_http_date(t).ok()?;
+    Some(cap(at.duration_since(now).unwrap_or(Duration::ZERO)))
+}
+
+/// Non-negative seconds, integer or decimal.
+fn delta_seconds(v: &str) -> Option<Duration> {
+    let t = v.trim();
+    if let Ok(n) = t.parse::<u64>() {
+        return Some(cap(Duration::from_secs(n.min(MAX_PAUSE.as_secs()))));
+    }
+    match t.parse::<f64>() {
+        Ok(f) if f.is_finite() && f >= 0.0 => {
+            Some(cap(Duration::from_secs_f64(f.min(MAX_PAUSE.as_secs_f64()))))
+        }
+        _ => None,
+    }
+}
+
+/// `X-RateLimit-Reset`: seconds from now, or a Unix time in seconds or milliseconds.
+fn delta_or_epoch(v: &str, now: SystemTime) -> Option<Duration> {
+    let n: f64 = v
+        .trim()
+        .parse()
+        .ok()
+        .filter(|f: &f64| f.is_finite() && *f >= 0.0)?;
+    let now_s = now.duration_since(UNIX_EPOCH).ok()?.as_secs_f64();
+    let secs = if n > 1e12 {
+        n / 1000.0 - now_s
+    } else if n > 1e9 {
+        n - now_s
+    } else {
+        n
+    };
+    Some(cap(Duration::from_secs_f64(
+        secs.clamp(0.0, MAX_PAUSE.as_secs_f64()),
+    )))
+}
+
+/// Durations as some providers write them: "1s", "6m0s", "20ms", "1.5s", "1h2m3s"; a bare
+/// number is seconds.
+pub fn go_duration(v: &str) -> Option<Duration> {
+    let t = v.trim();
+    if t.is_empty() {
+        return None;
+    }
+    if let Some(d) = delta_seconds(t) {
+        return Some(d);
+    }
+    let bytes = t.as_bytes();
+    let mut i = 0;
+    let mut total = 0f64;
+    while i < bytes.len() {
+        let start = i;
+        while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
+            i += 1;
+        }
+        let n: f64 = t.get(start..i)?.parse().ok()?;
+        let unit_start = i;
+        while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
+            i += 1;
+        }
+        let scale = match t.get(unit_start..i)? {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += n * scale;
+    }
+    if !total.is_finite() {
+        return None;
+    }
+    Some(cap(Duration::from_secs_f64(
+        total.clamp(0.0, MAX_PAUSE.as_secs_f64()),
+    )))
+}
+
+/// `limit=100, remaining=0, reset=5` (also `;`-separated): (remaining, reset).
+fn structured(v: &str) -> Option<(u64, Option<u64>)> {
+    let mut remaining = None;
+    let mut reset = None;
+    for part in v.split([',', ';']) {
+        let Some((k, val)) = part.split_once('=') else {
+            continue;
+        };
+        let val = val.trim().trim_matches('"');
+        match k.trim().to_ascii_lowercase().as_str() {
+            "remaining" | "r" => remaining = Some(val.parse::<u64>().ok()?),
+            "reset" | "t" => reset = Some(val.parse::<u64>().ok()?),
+            _ => {}
+        }
+    }
+    Some((remaining?, reset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).expect("value"));
+        }
+        h
+    }
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let h = parse(&headers(&[("retry-after", "2")]), now());
+        assert_eq!(h.retry_after, Some(Duration::from_secs(2)));
+        let date = httpdate::fmt_http_date(now() + Duration::from_secs(30));
+        let h = parse(&headers(&[("retry-after", &date)]), now());
+        assert_eq!(h.retry_after, Some(Duration::from_secs(30)));
+        let past = httpdate::fmt_http_date(now() - Duration::from_secs(30));
+        let h = parse(&headers(&[("retry-after", &past)]), now());
+        assert_eq!(h.retry_after, Some(Duration::ZERO));
+        let h = parse(&headers(&[("retry-after", "soon")]), now());
+        assert_eq!((h.retry_after, h.invalid), (None, vec!["retry-after"]));
+    }
+
+    #[test]
+    fn ezthrottle_pace() {
+        let h = parse(
+            &headers(&[
+                ("x-ezthrottle-rps", "10"),
+                ("x-ezthrottle-max-concurrent", "4"),
+            ]),
+            now(),
+        );
+        assert_eq!(h.rps, Some(10.0));
+        assert_eq!(h.max_concurrent, Some(4));
+        let h = parse(
+            &headers(&[
+                ("x-ezthrottle-rps", "-1"),
+                ("x-ezthrottle-max-concurrent", "0"),
+            ]),
+            now(),
+        );
+        assert!(h.is_empty());
+        assert_eq!(h.invalid.len(), 2);
+    }
+
+    #[test]
+    fn remaining_zero_pauses_until_reset_in_every_form() {
+        for (pairs, want) in [
+            (
+                vec![
+                    ("x-ratelimit-remaining-requests", "0"),
+                    ("x-ratelimit-reset-requests", "1s"),
+                ],
+                1.0,
+            ),
+            (
+                vec![
+                    ("x-ratelimit-remaining-requests", "0"),
+                    ("x-ratelimit-reset-requests", "6m0s"),
+                ],
+                360.0,
+            ),
+            (
+                vec![
+                    ("x-ratelimit-remaining-requests", "0"),
+                    ("x-ratelimit-reset-requests", "20ms"),
+                ],
+                0.02,
+            ),
+            (
+                vec![("ratelimit-remaining", "0"), ("ratelimit-reset", "5")],
+                5.0,
+            ),
+            (
+                vec![("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "7")],
+                7.0,
+            ),
+            (
+                vec![
+                    ("x-ratelimit-remaining", "0"),
+                    ("x-ratelimit-reset", "1700000009"),
+                ],
+                9.0,
+            ),
+            (
+                vec![
+                    ("x-ratelimit-remaining", "0"),
+                    ("x-ratelimit-reset", "1700000004000"),
+                ],
+                4.0,
+            ),
+            (vec![("ratelimit", "limit=100, remaining=0, reset=3")], 3.0),
+        ] {
+            let h = parse(&headers(&pairs), now());
+            let got = h.exhausted_for.map(|d| d.as_secs_f64());
+            assert_eq!(got, Some(want), "{pairs:?}");
+        }
+        let h = parse(
+            &headers(&[("x-ratelimit-remaining", "5"), ("x-ratelimit-reset", "7")]),
+            now(),
+        );
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn pauses_are_capped() {
+        let h = parse(&headers(&[("retry-after", "99999999999")]), now());
+        assert_eq!(h.retry_after, Some(MAX_PAUSE));
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_is_total(values in proptest::collection::vec("[ -~]{0,24}", NAMES.len())) {
+            let mut h = HeaderMap::new();
+            for (name, v) in NAMES.iter().zip(values.iter()) {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    h.insert(*name, v);
+                }
+            }
+            let hints = parse(&h, now());
+            if let Some(d) = hints.retry_after { prop_assert!(d <= MAX_PAUSE); }
+            if let Some(d) = hints.exhausted_for { prop_assert!(d <= MAX_PAUSE); }
+            if let Some(r) = hints.rps { prop_assert!(r > 0.0 && r.is_finite()); }
+        }
+
+        #[test]
+        fn integer_retry_after_round_trips(n in 0u64..3600) {
+            let h = parse(&headers(&[("retry-after", &n.to_string())]), now());
+            prop_assert_eq!(h.retry_after, Some(Duration::from_secs(n)));
+        }
+
+        #[test]
+        fn go_durations_never_panic(s in "\\PC{0,16}") {
+            if let Some(d) = go_duration(&s) { prop_assert!(d <= MAX_PAUSE); }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The request side of admission: wait for the destination host's slot before each attempt,
+//! learn from each response, and decide whether a 429 (or 503 with `Retry-After`) is sent
+//! again after the pause or passed to the client.
+
+use super::Ctx;
+use crate::admission::{hints, HostCell, Permit, Refusal};
+use crate::error::{self, Code};
+use crate::state::Shared;
+use pingora_error::{Error, ErrorType};
+use pingora_http::ResponseHeader;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Header a client uses to bound the whole request, queueing included.
+pub const SLUICE_TIMEOUT: &str = "sluice-timeout";
+/// Most times one request is sent again after a pause.
+const MAX_RESENDS: u32 = 5;
+
+/// Wait for a slot and an in-flight place, at most `max_wait`; count the outcome.
+pub async fn admit(
+    shared: &Shared,
+    cell: &Arc<HostCell>,
+    max_wait: Duration,
+) -> Result<Permit, Refusal> {
+    let result = shared.admission.acquire(cell, max_wait).await;
+    match &result {
+        Ok(p) => shared.metrics.queue_wait.observe(p.queued.as_secs_f64()),
+        Err(r) => shared
+            .metrics
+            .rejections
+            .with_label_values(&[r.reason()])
+            .inc(),
+    }
+    result
+}
+
+/// The refusal as an error for `fail_to_proxy`, remembering its `Retry-After`.
+pub fn refusal_error(ctx: &mut Ctx, host: &str, r: Refusal) -> Box<Error> {
+    let secs = r.retry_after_secs();
+    ctx.retry_after = Some(secs);
+    let why = match r {
+        Refusal::Pace { .. } => "its pace has no free slot",
+        Refusal::Paused { .. } => "it is paused after a rate-limit signal",
+        Refusal::Concurrency { .. } => "its in-flight limit is reached",
+    };
+    error::error(
+        Code::RateLimited,
+        format!("{host}: {why} within the allowed wait; retry after {secs}s"),
+    )
+}
+
+/// How long this request may wait for admission now.
+pub fn max_wait(ctx: &Ctx, cell: &HostCell) -> Duration {
+    let limit = ctx.generation.limits(cell.profile).max_queue_wait.get();
+    ctx.time_left().map_or(limit, |left| left.min(limit))
+}
+
+/// Before an attempt: take the host's admission (again, unless the last attempt never
+/// reached the host).
+pub async fn before_attempt(shared: &Shared, ctx: &mut Ctx) -> pingora_error::Result<()> {
+    if ctx.connect_failed && ctx.permit.is_some() {
+        ctx.connect_failed = false;
+        return Ok(());
+    }
+    ctx.permit = None;
+    let Some(cell) = ctx.cell.clone() else {
+        return Ok(());
+    };
+    match admit(shared, &cell, max_wait(ctx, &cell)).await {
+        Ok(p) => {
+            ctx.queued += p.queued;
+            ctx.permit = Some(p);
+            Ok(())
+        }
+        Err(r) => {
+            let host = ctx.origin.as_ref().map_or("-".into(), |o| o.host_port());
+            Err(refusal_error(ctx, &host, r))
+        }
+    }
+}
+
+/// After the response head: learn, and send the request again after a pause when allowed.
+pub fn after_response(
+    shared: &Shared,
+    resp: &mut ResponseHeader,
+    ctx: &mut Ctx,
+    idempotent: bool,
+    body_replayable: bool,
+) -> pingora_error::Result<()> {
+    let Some(cell) = ctx.cell.clone() else {
+        return Ok(());
+    };
+    let status = resp.status.as_u16();
+    let h = hints::parse(&resp.headers, SystemTime::now());
+    let m = &shared.metrics;
+    for name in &h.invalid {
+        m.hint_errors.with_label_values(&[name]).inc();
+    }
+    let limits = ctx.generation.limits(cell.profile);
+    let learned = shared.admission.learn(&cell, status, &h, limits.max_rps);
+    if learned.rps.is_some() {
+        m.learned.with_label_values(&["rps"]).inc();
+    }
+    if learned.max_concurrent.is_some() {
+        m.learned.with_label_values(&["max_concurrent"]).inc();
+    }
+    if let Some((_, source)) = learned.paused {
+        m.pauses.with_label_values(&[source.as_str()]).inc();
+    }
+    let pause_signal = status == 429 || (status == 503 && h.retry_after.is_some());
+    if !pause_signal {
+        return Ok(());
+    }
+    let now = shared.admission.now();
+    let pause_left = Duration::from_nanos(cell.paused_until().saturating_sub(now));
+    // A 429 means the request was not processed, so sending it again duplicates nothing;
+    // a 503 is sent again only when that is safe.
+    let safe = status == 429 || idempotent;
+    let fits = pause_left <= max_wait(ctx, &cell);
+    if safe && fits && body_replayable && ctx.resent < MAX_RESENDS {
+        ctx.resent += 1;
+        if status == 429 {
+            m.upstream_429.with_label_values(&["retried"]).inc();
+        }
+        let mut e = Error::explain(
+            ErrorType::CustomCode(Code::RateLimited.as_str(), 429),
+            format!("upstream answered {status}; sending again after the pause"),
+        );
+        e.set_retry(true);
+        return Err(e);
+    }
+    if status == 429 {
+        m.upstream_429.with_label_values(&["passed"]).inc();
+    }
+    if !pause_left.is_zero() {
+        let secs = pause_left.as_secs() + u64::from(pause_left.subsec_nanos() > 0);
+        resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
+    }
+    Ok(())
+}
+
+/// Parse `Sluice-Timeout` ("5s", "150ms").
+pub fn parse_timeout(value: &http::HeaderValue) -> Result<Duration, String> {
+    let text = value
+        .to_str()
+        .map_err(|_| "Sluice-Timeout is not ASCII".to_string())?;
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("Sluice-Timeout must be greater than zero".into()),
+        Err(e) => Err(format!(
+            "Sluice-Timeout {text:?}: {e} (write e.g. \"5s\" or \"250ms\")"
+        )),
+    }
+}
