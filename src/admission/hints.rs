@@ -24,6 +24,9 @@ pub const NAMES: [&str; 11] = [
     "ratelimit-limit",
 ];
 
+/// Parses a reset header value into a delay from now.
+type ResetParser = fn(&str, SystemTime) -> Option<Duration>;
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Hints {
     /// `Retry-After`, as a delay from now.
@@ -79,11 +82,7 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
     }
 
     // (remaining, reset) pairs, most specific first.
-    let pairs: [(
-        &'static str,
-        &'static str,
-        fn(&str, SystemTime) -> Option<Duration>,
-    ); 3] = [
+    let pairs: [(&'static str, &'static str, ResetParser); 3] = [
         (
             "x-ratelimit-remaining-requests",
             "x-ratelimit-reset-requests",
