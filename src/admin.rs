@@ -47,7 +47,7 @@ impl Admin {
         let limits: Vec<_> = configured_cells(&self.shared)
             .into_iter()
             .map(|(key, cell)| {
-                let l = generation.limits(cell.profile);
+                let l = generation.limits(cell.profile());
                 serde_json::json!({
                     "host": key,
                     "pace_rps": cell.rps(),
@@ -138,10 +138,28 @@ impl ServeHttp for Admin {
         let req = session.req_header();
         let path = req.uri.path().to_string();
         let method = req.method.clone();
+        if method == http::Method::POST && path == "/reload" {
+            let shared = self.shared.clone();
+            let outcome = tokio::task::spawn_blocking(move || crate::reload::reload(&shared)).await;
+            return match outcome {
+                Ok(Ok(generation)) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"result": "ok", "generation": generation}),
+                ),
+                Ok(Err(why)) => json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &serde_json::json!({"result": "error", "error": "reload_refused", "message": why}),
+                ),
+                Err(e) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"result": "error", "error": "internal", "message": e.to_string()}),
+                ),
+            };
+        }
         if method != http::Method::GET && method != http::Method::HEAD {
             return json(
                 StatusCode::METHOD_NOT_ALLOWED,
-                &serde_json::json!({"error": "method_not_allowed", "message": "use GET"}),
+                &serde_json::json!({"error": "method_not_allowed", "message": "use GET (or POST /reload)"}),
             );
         }
         match path.as_str() {

@@ -47,6 +47,10 @@ pub fn build_server(
         "sluice sweeper",
         crate::sweeper::Sweeper::new(shared.clone()),
     );
+    let hangup = pingora_core::services::background::background_service(
+        "sluice reload",
+        crate::reload::HangupListener::new(shared.clone()),
+    );
     let mut admin = Service::new("sluice admin".to_string(), Admin::new(shared));
     admin.add_tcp(&admin_listen);
     admin.threads = Some(1);
@@ -54,6 +58,7 @@ pub fn build_server(
     server.add_service(front);
     server.add_service(admin);
     server.add_service(sweeper);
+    server.add_service(hangup);
     Ok(server)
 }
 

@@ -8,6 +8,7 @@ pub mod error;
 pub mod front;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod resolve;
 pub mod state;
 pub mod sweeper;

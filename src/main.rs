@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use sluice::app::{build_server, RunOptions};
-use sluice::config::Config;
+use sluice::config::{Config, LogFormat};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -36,14 +36,18 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
     })
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -62,7 +66,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         println!("{source}: configuration is valid");
         return Ok(ExitCode::SUCCESS);
     }
-    init_logging(&config.server.log_level);
+    init_logging(&config.server.log_level, config.server.log_format);
     tracing::info!(
         listen = config.server.listen.as_str(),
         admin = config.server.admin_listen.as_str(),

@@ -24,6 +24,8 @@ pub struct Metrics {
     /// `sluice_tunnel_bytes_total{direction="up|down"}`.
     pub tunnel_bytes: IntCounterVec,
     pub config_generation: IntGauge,
+    /// `sluice_config_reloads_total{result="ok|error"}`.
+    pub config_reloads: IntCounterVec,
     /// `sluice_queue_wait_seconds`: time requests and tunnels waited for admission.
     pub queue_wait: prometheus::Histogram,
     /// `sluice_admission_rejections_total{reason="pace|paused|concurrency"}`.
@@ -142,7 +144,24 @@ impl Metrics {
             ),
             &["host"],
         )?;
-        for c in [&rejections, &pauses, &upstream_429, &learned, &hint_errors] {
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "sluice_config_reloads_total",
+                "Configuration reloads (SIGHUP or POST /reload), by result",
+            ),
+            &["result"],
+        )?;
+        for r in ["ok", "error"] {
+            config_reloads.with_label_values(&[r]);
+        }
+        for c in [
+            &rejections,
+            &pauses,
+            &upstream_429,
+            &learned,
+            &hint_errors,
+            &config_reloads,
+        ] {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(queue_wait.clone()))?;
@@ -185,6 +204,7 @@ impl Metrics {
             tunnels_active,
             tunnel_bytes,
             config_generation,
+            config_reloads,
             queue_wait,
             rejections,
             pauses,

@@ -32,6 +32,15 @@ impl Shared {
         })
     }
 
+    /// Put a new generation in force; requests already running keep the one they hold.
+    pub fn swap(&self, generation: Generation) {
+        let number = generation.number as i64;
+        let new = Arc::new(generation);
+        let old = self.current.swap(new.clone());
+        self.admission.apply_generation(&old, &new);
+        self.metrics.config_generation.set(number);
+    }
+
     /// A snapshot of the generation in force; hold it for the whole request.
     pub fn generation(&self) -> Arc<Generation> {
         self.current.load_full()

@@ -124,7 +124,7 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
         }
         .host_port();
         let cell = shared.admission.cell(&key, &head.host, &generation);
-        let max_wait = generation.limits(cell.profile).max_queue_wait.get();
+        let max_wait = generation.limits(cell.profile()).max_queue_wait.get();
         let permit = pace::admit(shared, &cell, max_wait).await.map_err(|r| {
             let secs = r.retry_after_secs();
             (
@@ -142,7 +142,7 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
         Ok::<_, (Code, String, Option<u64>)>((head, upstream, permit))
     }
     .await;
-    let (head, mut upstream, _permit) = match result {
+    let (head, mut upstream, permit) = match result {
         Ok(ok) => ok,
         Err((code, message, retry_after)) => {
             if code.status() > 0 {
@@ -151,7 +151,16 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
                     tracing::debug!(error = %e, "could not send CONNECT refusal");
                 }
             }
-            tracing::debug!(error = code.as_str(), %message, "tunnel refused");
+            if server.access_log {
+                tracing::info!(
+                    target: "sluice::access",
+                    way = "connect",
+                    status = code.status(),
+                    ms = started.elapsed().as_millis() as u64,
+                    error = code.as_str(),
+                    reason = message.as_str(),
+                );
+            }
             shared
                 .metrics
                 .record(WayIn::Connect, Some(code), started.elapsed().as_secs_f64());
@@ -169,6 +178,7 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
         );
         return;
     }
+    let queued = permit.queued;
     let metrics = &shared.metrics;
     metrics.tunnels_opened.inc();
     metrics.tunnels_active.inc();
@@ -190,14 +200,21 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
         .with_label_values(&["down"])
         .inc_by(down);
     metrics.record(WayIn::Connect, None, started.elapsed().as_secs_f64());
-    tracing::debug!(
-        host = head.host.as_str(),
-        port = head.port,
-        up = up + up_bytes,
-        down,
-        ms = started.elapsed().as_millis() as u64,
-        "tunnel closed"
-    );
+    drop(permit);
+    if server.access_log {
+        tracing::info!(
+            target: "sluice::access",
+            way = "connect",
+            host = head.host.as_str(),
+            port = head.port,
+            status = 200,
+            queued_ms = queued.as_millis() as u64,
+            ms = started.elapsed().as_millis() as u64,
+            bytes_in = up + up_bytes,
+            bytes_out = down,
+            error = "-",
+        );
+    }
 }
 
 async fn write_and_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {

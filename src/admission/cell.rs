@@ -8,7 +8,7 @@
 //! and their holders reserve again after the pause, so traffic resumes at the pace.
 
 use arc_swap::ArcSwapOption;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -69,10 +69,10 @@ pub struct HostCell {
     last_used: AtomicU32,
     /// Consecutive 429s without `Retry-After`.
     backoff: AtomicU8,
-    /// Index of the configured limits this cell started from.
-    pub profile: u16,
+    /// Index of the configured limits profile in force (changes on reload).
+    profile: AtomicU16,
     /// Named in `[hosts]`: never evicted.
-    pub configured: bool,
+    configured: AtomicBool,
     /// Wakes requests waiting for an in-flight place; made on first need.
     gate: ArcSwapOption<Notify>,
 }
@@ -92,10 +92,24 @@ impl HostCell {
             interval: AtomicU64::new(interval_of(rps)),
             burst: AtomicU32::new(burst.max(1)),
             max_concurrent: AtomicU32::new(max_concurrent),
-            profile,
-            configured,
+            profile: AtomicU16::new(profile),
+            configured: AtomicBool::new(configured),
             ..HostCell::default()
         }
+    }
+
+    pub fn profile(&self) -> u16 {
+        self.profile.load(Ordering::Relaxed)
+    }
+
+    pub fn configured(&self) -> bool {
+        self.configured.load(Ordering::Relaxed)
+    }
+
+    /// Point the cell at a new configuration's profile (on reload).
+    pub fn set_profile(&self, profile: u16, configured: bool) {
+        self.profile.store(profile, Ordering::Relaxed);
+        self.configured.store(configured, Ordering::Relaxed);
     }
 
     /// Reserve a slot for one request arriving at `now`, waiting at most `max_wait` ns.
@@ -198,10 +212,11 @@ impl HostCell {
         self.interval.store(interval_of(rps), Ordering::Relaxed);
     }
 
+    /// The pace in requests/s, rounded to a thousandth (the interval is whole nanoseconds).
     pub fn rps(&self) -> f64 {
         match self.interval.load(Ordering::Relaxed) {
             0 => 0.0,
-            i => 1e9 / i as f64,
+            i => (1e12 / i as f64).round() / 1000.0,
         }
     }
 

@@ -107,7 +107,12 @@ pub struct Admission {
 impl Admission {
     pub fn new(clock: Clock) -> Admission {
         Admission {
-            cells: Map::with_hasher(foldhash::fast::RandomState::default()),
+            // Blocking resizes: with incremental ones, a resize left unfinished (no writes
+            // after it) makes every later read search two tables.
+            cells: papaya::HashMap::builder()
+                .resize_mode(papaya::ResizeMode::Blocking)
+                .hasher(foldhash::fast::RandomState::default())
+                .build(),
             clock,
         }
     }
@@ -260,14 +265,39 @@ impl Admission {
         let before = (now.saturating_sub(idle_for.as_nanos() as u64) / 1_000_000_000) as u32;
         let map = self.cells.pin();
         let start = map.len();
-        map.retain(|_, c| c.configured || !c.idle(now, before));
+        map.retain(|_, c| c.configured() || !c.idle(now, before));
         start.saturating_sub(map.len())
+    }
+
+    /// A new configuration is in force: point every tracked host at its new profile, and where
+    /// the configured limits changed, apply them (replacing what was learned). Pace position,
+    /// pauses and in-flight counts carry over.
+    pub fn apply_generation(&self, old: &Generation, new: &Generation) {
+        let map = self.cells.pin();
+        for (key, cell) in map.iter() {
+            let host = host_of(key);
+            let (profile, configured) = new.profile_for(host, key);
+            let before = old.limits(cell.profile());
+            let after = new.limits(profile);
+            if before != after {
+                cell.set_rps(after.rps);
+                cell.set_burst(after.burst);
+                cell.set_max_concurrent(after.max_concurrent);
+            }
+            cell.set_profile(profile, configured);
+        }
     }
 
     /// A snapshot of one host's cell, if tracked.
     pub fn get(&self, key: &str) -> Option<Arc<HostCell>> {
         self.cells.pin().get(key).cloned()
     }
+}
+
+/// The host part of a `host:port` key (IPv6 without brackets).
+fn host_of(key: &str) -> &str {
+    let host = key.rsplit_once(':').map_or(key, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 #[cfg(test)]
@@ -374,6 +404,26 @@ mod tests {
         assert_eq!(cell.in_flight(), 1);
     }
 
+    #[test]
+    fn reload_applies_changed_limits_and_keeps_learned_ones() {
+        let old = generation("[hosts.\"a.test\"]\nrps = 5.0\n[hosts.\"b.test\"]\nrps = 7.0\n");
+        let new = generation("[hosts.\"a.test\"]\nrps = 9.0\n[hosts.\"b.test\"]\nrps = 7.0\n");
+        let adm = Admission::new(Clock::quanta());
+        let a = adm.cell("a.test:443", "a.test", &old);
+        let b = adm.cell("b.test:443", "b.test", &old);
+        let c = adm.cell("[::1]:80", "::1", &old);
+        b.set_rps(3.0); // learned from the upstream
+        adm.apply_generation(&old, &new);
+        assert_eq!(a.rps(), 9.0, "changed in config: applied");
+        assert_eq!(b.rps(), 3.0, "unchanged in config: learned pace kept");
+        assert!(a.configured() && b.configured() && !c.configured());
+        let gone = generation("");
+        adm.apply_generation(&new, &gone);
+        assert!(!a.configured(), "removed from [hosts]: evictable again");
+        assert_eq!(a.rps(), 2.0);
+        assert_eq!(host_of("[::1]:80"), "::1");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn learned_pace_ceiling_and_eviction() {
         let g = generation("[hosts.\"kept.test\"]\nrps = 1.0\n");
@@ -387,7 +437,7 @@ mod tests {
         assert_eq!(cell.rps(), 10.0);
         drop(cell);
         let kept = adm.cell("kept.test:443", "kept.test", &g);
-        assert!(kept.configured);
+        assert!(kept.configured());
         drop(kept);
         assert_eq!(adm.len(), 2);
         tokio::time::sleep(Duration::from_secs(700)).await;

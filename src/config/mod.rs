@@ -108,9 +108,9 @@ pub struct Server {
     pub header_read_timeout: HumanDuration,
     /// A CONNECT tunnel with no bytes in either direction for this long is closed.
     pub tunnel_idle_timeout: HumanDuration,
-    /// On SIGTERM, how long to keep serving before stopping to accept.
+    /// On SIGTERM, listeners close at once; in-flight requests have this long to finish.
     pub grace_period: HumanDuration,
-    /// After the grace period, how long in-flight work may take to finish.
+    /// After the grace period, how long the runtimes get to wind down.
     pub graceful_shutdown_timeout: HumanDuration,
     /// Hosts not named in `[hosts]` and unused this long are forgotten (their pace state).
     pub idle_host_ttl: HumanDuration,
@@ -118,6 +118,10 @@ pub struct Server {
     pub upstream_keepalive_pool_size: usize,
     /// Log filter (`RUST_LOG` syntax); `RUST_LOG` in the environment wins.
     pub log_level: String,
+    /// One line per request and tunnel on the `sluice::access` log target.
+    pub access_log: bool,
+    /// Log line format: "text" or "json".
+    pub log_format: LogFormat,
     /// PID file, written in daemon mode.
     pub pid_file: String,
     /// Socket through which a new process (`--upgrade`) takes over the listeners.
@@ -142,10 +146,19 @@ impl Default for Server {
             idle_host_ttl: HumanDuration::from_secs(600),
             upstream_keepalive_pool_size: 256,
             log_level: "info".into(),
+            access_log: true,
+            log_format: LogFormat::Text,
             pid_file: "/tmp/sluice.pid".into(),
             upgrade_sock: "/tmp/sluice_upgrade.sock".into(),
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

@@ -217,17 +217,22 @@ impl ProxyHttp for SluiceProxy {
         self.shared
             .metrics
             .record(ctx.way, outcome, elapsed.as_secs_f64());
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        tracing::debug!(
-            way = ctx.way.as_str(),
-            host = ctx.origin.as_ref().map_or("-", |o| o.host.as_str()),
-            status,
-            attempts = ctx.attempts,
-            error = outcome.map_or("-", Code::as_str),
-            queued_ms = ctx.queued.as_millis() as u64,
-            ms = elapsed.as_millis() as u64,
-            "request"
-        );
+        if ctx.generation.config.server.access_log {
+            let status = session.response_written().map_or(0, |r| r.status.as_u16());
+            tracing::info!(
+                target: "sluice::access",
+                way = ctx.way.as_str(),
+                host = ctx.origin.as_ref().map_or("-", |o| o.host.as_str()),
+                method = session.req_header().method.as_str(),
+                status,
+                attempts = ctx.attempts,
+                queued_ms = ctx.queued.as_millis() as u64,
+                ms = elapsed.as_millis() as u64,
+                bytes_in = session.body_bytes_read(),
+                bytes_out = session.body_bytes_sent(),
+                error = outcome.map_or("-", Code::as_str),
+            );
+        }
     }
 }
 

@@ -51,7 +51,7 @@ pub fn refusal_error(ctx: &mut Ctx, host: &str, r: Refusal) -> Box<Error> {
 
 /// How long this request may wait for admission now.
 pub fn max_wait(ctx: &Ctx, cell: &HostCell) -> Duration {
-    let limit = ctx.generation.limits(cell.profile).max_queue_wait.get();
+    let limit = ctx.generation.limits(cell.profile()).max_queue_wait.get();
     ctx.time_left().map_or(limit, |left| left.min(limit))
 }
 
@@ -96,7 +96,7 @@ pub fn after_response(
     for name in &h.invalid {
         m.hint_errors.with_label_values(&[name]).inc();
     }
-    let limits = ctx.generation.limits(cell.profile);
+    let limits = ctx.generation.limits(cell.profile());
     let learned = shared.admission.learn(&cell, status, &h, limits.max_rps);
     if learned.rps.is_some() {
         m.learned.with_label_values(&["rps"]).inc();

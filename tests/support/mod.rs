@@ -86,7 +86,8 @@ pub struct Sluice {
     child: Child,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
-    pub dir: tempfile::TempDir,
+    pub dir: std::sync::Arc<tempfile::TempDir>,
+    log_name: String,
 }
 
 impl Sluice {
@@ -144,7 +145,8 @@ impl Sluice {
                         child,
                         proxy,
                         admin,
-                        dir,
+                        dir: std::sync::Arc::new(dir),
+                        log_name: "sluice.log".into(),
                     });
                 }
             }
@@ -161,7 +163,60 @@ impl Sluice {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sluice.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(&self.log_name)).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send a signal (e.g. "HUP", "TERM", "QUIT") to this process, by its PID.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", sig, &self.pid().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -s {sig} {}", self.pid());
+    }
+
+    /// Wait up to `within` for the process to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Start a second process on the same configuration with `--upgrade`: it waits to
+    /// receive the listening sockets from this one (send this one SIGQUIT).
+    pub fn start_upgrade(&self) -> Sluice {
+        let log_name = "sluice-upgrade.log".to_string();
+        let log = std::fs::File::create(self.dir.path().join(&log_name)).expect("log");
+        let log2 = log.try_clone().expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("--config")
+            .arg(self.config_path())
+            .arg("--upgrade")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .expect("spawn upgraded sluice");
+        Sluice {
+            child,
+            proxy: self.proxy,
+            admin: self.admin,
+            dir: self.dir.clone(),
+            log_name,
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {

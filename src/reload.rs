@@ -1,0 +1,127 @@
+//! Configuration reload (SIGHUP or `POST /reload`): read and validate the file aside, build the
+//! new generation, then swap it in atomically. A bad file changes nothing: the reasons are
+//! logged and counted, and the running generation keeps serving.
+
+use crate::config::{Config, Generation};
+use crate::state::Shared;
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use std::sync::{Arc, Mutex};
+
+/// Settings a running process cannot change: they need a restart (or an upgrade).
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&old.server, &new.server);
+    let mut changed = Vec::new();
+    if o.listen != n.listen {
+        changed.push("server.listen");
+    }
+    if o.admin_listen != n.admin_listen {
+        changed.push("server.admin_listen");
+    }
+    if o.threads != n.threads {
+        changed.push("server.threads");
+    }
+    if o.upstream_ca_file != n.upstream_ca_file {
+        changed.push("server.upstream_ca_file");
+    }
+    if o.upstream_keepalive_pool_size != n.upstream_keepalive_pool_size {
+        changed.push("server.upstream_keepalive_pool_size");
+    }
+    if o.pid_file != n.pid_file || o.upgrade_sock != n.upgrade_sock {
+        changed.push("server.pid_file/upgrade_sock");
+    }
+    if o.grace_period != n.grace_period
+        || o.graceful_shutdown_timeout != n.graceful_shutdown_timeout
+    {
+        changed.push("server.grace_period/graceful_shutdown_timeout");
+    }
+    if o.log_level != n.log_level || o.access_log != n.access_log || o.log_format != n.log_format {
+        changed.push("server.log_*/access_log");
+    }
+    changed
+}
+
+/// Serializes reloads: never two at once.
+static RELOADING: Mutex<()> = Mutex::new(());
+
+/// Reload from the configuration file. Returns the new generation number, or every reason
+/// the file was refused.
+pub fn reload(shared: &Shared) -> Result<u64, String> {
+    let _one_at_a_time = RELOADING.lock().unwrap_or_else(|p| p.into_inner());
+    let result = try_reload(shared);
+    let label = if result.is_ok() { "ok" } else { "error" };
+    shared
+        .metrics
+        .config_reloads
+        .with_label_values(&[label])
+        .inc();
+    match &result {
+        Ok(n) => tracing::info!(generation = n, "configuration reloaded"),
+        Err(why) => {
+            tracing::error!(reason = %why, "configuration reload refused; the running configuration stays")
+        }
+    }
+    result
+}
+
+fn try_reload(shared: &Shared) -> Result<u64, String> {
+    let Some(path) = shared.config_path.as_ref() else {
+        return Err(
+            "sluice runs on the embedded default; start it with --config FILE to reload".into(),
+        );
+    };
+    let config = Config::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let current = shared.generation();
+    let restart = restart_only_changes(&current.config, &config);
+    if !restart.is_empty() {
+        return Err(format!(
+            "{} changed: these take effect only after a restart or an upgrade; nothing was applied",
+            restart.join(", ")
+        ));
+    }
+    let number = current.number + 1;
+    shared.swap(Generation::build(number, config));
+    Ok(number)
+}
+
+/// Reloads on SIGHUP until shutdown.
+pub struct HangupListener {
+    shared: Arc<Shared>,
+}
+
+impl HangupListener {
+    pub fn new(shared: Arc<Shared>) -> HangupListener {
+        HangupListener { shared }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for HangupListener {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; use POST /reload");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                got = hup.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    let shared = self.shared.clone();
+                    // Reading and validating the file is blocking work.
+                    let outcome = tokio::task::spawn_blocking(move || reload(&shared)).await;
+                    if let Err(e) = outcome {
+                        tracing::error!(error = %e, "reload task failed");
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
