@@ -10,11 +10,29 @@ use prometheus::{
 
 /// Outcome label when the upstream answered (whatever its status).
 pub const OUTCOME_OK: &str = "ok";
+/// Host label for destinations not named in `[hosts]`.
+pub const OTHER_HOST: &str = "other";
+/// The one region of a host without configured regions: its own DNS answer.
+pub const IMPLICIT_REGION: &str = "default";
+
+/// `1xx` .. `5xx`.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
-    /// `sluice_requests_total{way, outcome}`: outcome is `ok` or an error code.
+    /// `sluice_requests_total{way, host, outcome}`: host is a name from `[hosts]` or `other`;
+    /// outcome is `ok` or an error code.
     pub requests: IntCounterVec,
+    /// `sluice_upstream_attempts_total{host, region, outcome}`.
+    pub upstream_attempts: IntCounterVec,
     /// `sluice_upstream_responses_total{way, class}`: class is 1xx..5xx.
     pub upstream_responses: IntCounterVec,
     /// `sluice_request_duration_seconds{way}`.
@@ -51,7 +69,14 @@ impl Metrics {
                 "sluice_requests_total",
                 "Requests and tunnels by way in and outcome (ok, or the Sluice-Error code)",
             ),
-            &["way", "outcome"],
+            &["way", "host", "outcome"],
+        )?;
+        let upstream_attempts = IntCounterVec::new(
+            Opts::new(
+                "sluice_upstream_attempts_total",
+                "Attempts sent to upstreams, by host, region and outcome (status class or error code)",
+            ),
+            &["host", "region", "outcome"],
         )?;
         let upstream_responses = IntCounterVec::new(
             Opts::new(
@@ -177,6 +202,7 @@ impl Metrics {
             upstream_429.with_label_values(&[a]);
         }
         registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(upstream_attempts.clone()))?;
         registry.register(Box::new(upstream_responses.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(tunnels_opened.clone()))?;
@@ -189,7 +215,7 @@ impl Metrics {
             .set(1);
         // Pre-create the series a dashboard expects so they read 0 rather than missing.
         for way in WayIn::ALL {
-            requests.with_label_values(&[way.as_str(), OUTCOME_OK]);
+            requests.with_label_values(&[way.as_str(), OTHER_HOST, OUTCOME_OK]);
             request_duration.with_label_values(&[way.as_str()]);
         }
         for dir in ["up", "down"] {
@@ -198,6 +224,7 @@ impl Metrics {
         Ok(Metrics {
             registry,
             requests,
+            upstream_attempts,
             upstream_responses,
             request_duration,
             tunnels_opened,
@@ -217,10 +244,10 @@ impl Metrics {
     }
 
     /// Count one finished request or tunnel.
-    pub fn record(&self, way: WayIn, outcome: Option<Code>, seconds: f64) {
+    pub fn record(&self, way: WayIn, host: &str, outcome: Option<Code>, seconds: f64) {
         let outcome = outcome.map_or(OUTCOME_OK, Code::as_str);
         self.requests
-            .with_label_values(&[way.as_str(), outcome])
+            .with_label_values(&[way.as_str(), host, outcome])
             .inc();
         self.request_duration
             .with_label_values(&[way.as_str()])
@@ -229,15 +256,15 @@ impl Metrics {
 
     /// Count an upstream response by status class.
     pub fn record_upstream_status(&self, way: WayIn, status: u16) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
         self.upstream_responses
-            .with_label_values(&[way.as_str(), class])
+            .with_label_values(&[way.as_str(), status_class(status)])
+            .inc();
+    }
+
+    /// Count one attempt sent to an upstream: its status class, or the error that ended it.
+    pub fn record_attempt(&self, host: &str, outcome: &str) {
+        self.upstream_attempts
+            .with_label_values(&[host, IMPLICIT_REGION, outcome])
             .inc();
     }
 
@@ -259,14 +286,16 @@ mod tests {
     #[test]
     fn records_and_encodes() {
         let m = Metrics::new().expect("registry");
-        m.record(WayIn::Forward, None, 0.01);
-        m.record(WayIn::Connect, Some(Code::ConnectRefused), 0.02);
+        m.record(WayIn::Forward, OTHER_HOST, None, 0.01);
+        m.record(WayIn::Connect, "api.test", Some(Code::ConnectRefused), 0.02);
         m.record_upstream_status(WayIn::Forward, 204);
         let text = String::from_utf8(m.encode()).expect("utf8");
-        assert!(text.contains("sluice_requests_total{outcome=\"ok\",way=\"forward\"} 1"));
         assert!(
-            text.contains("sluice_requests_total{outcome=\"connect_refused\",way=\"connect\"} 1")
+            text.contains("sluice_requests_total{host=\"other\",outcome=\"ok\",way=\"forward\"} 1")
         );
+        assert!(text.contains(
+            "sluice_requests_total{host=\"api.test\",outcome=\"connect_refused\",way=\"connect\"} 1"
+        ));
         assert!(text.contains("sluice_upstream_responses_total{class=\"2xx\",way=\"forward\"} 1"));
         assert!(text.contains("sluice_build_info{version=\""));
     }

@@ -109,6 +109,7 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
     let started = Instant::now();
     let generation = shared.generation();
     let server = &generation.config.server;
+    let mut host_label = crate::metrics::OTHER_HOST.to_string();
     let result = async {
         let head = read_head(&mut stream, server.header_read_timeout.get())
             .await
@@ -124,6 +125,7 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
         }
         .host_port();
         let cell = shared.admission.cell(&key, &head.host, &generation);
+        host_label = generation.host_label(cell.profile()).to_string();
         let max_wait = generation.limits(cell.profile()).max_queue_wait.get();
         let permit = pace::admit(shared, &cell, max_wait).await.map_err(|r| {
             let secs = r.retry_after_secs();
@@ -161,9 +163,12 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
                     reason = message.as_str(),
                 );
             }
-            shared
-                .metrics
-                .record(WayIn::Connect, Some(code), started.elapsed().as_secs_f64());
+            shared.metrics.record(
+                WayIn::Connect,
+                &host_label,
+                Some(code),
+                started.elapsed().as_secs_f64(),
+            );
             return;
         }
     };
@@ -173,6 +178,7 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
         tracing::debug!(error = %e, "client left before the tunnel opened");
         shared.metrics.record(
             WayIn::Connect,
+            &host_label,
             Some(Code::ClientClosed),
             started.elapsed().as_secs_f64(),
         );
@@ -199,7 +205,12 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
         .tunnel_bytes
         .with_label_values(&["down"])
         .inc_by(down);
-    metrics.record(WayIn::Connect, None, started.elapsed().as_secs_f64());
+    metrics.record(
+        WayIn::Connect,
+        &host_label,
+        None,
+        started.elapsed().as_secs_f64(),
+    );
     drop(permit);
     if server.access_log {
         tracing::info!(

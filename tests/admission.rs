@@ -169,6 +169,18 @@ fn one_429_slows_the_whole_storm() {
         sluice.metric("sluice_upstream_429_total{action=\"retried\"}"),
         1.0
     );
+    let host = format!("127.0.0.1:{}", up.port());
+    let series = format!("sluice_requests_total{{host=\"{host}\",outcome=\"ok\"}}");
+    assert_eventually!(
+        sluice.metric(&series) == 50.0,
+        "labelled with the [hosts] name"
+    );
+    assert_eq!(
+        sluice.metric(&format!(
+            "sluice_upstream_attempts_total{{host=\"{host}\",outcome=\"4xx\"}}"
+        )),
+        1.0
+    );
     assert!(sluice.metric("sluice_pauses_total{source=\"retry_after\"}") >= 1.0);
 }
 

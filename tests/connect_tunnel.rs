@@ -163,8 +163,9 @@ fn refused_and_malformed_connects_get_a_status_and_a_code() {
         let json: serde_json::Value = serde_json::from_str(&body).expect("json");
         assert_eq!(json["error"], code);
     }
-    assert!(
-        sluice.metric("sluice_requests_total{outcome=\"connect_refused\",way=\"connect\"}") >= 1.0
+    assert_eventually!(
+        sluice.metric("sluice_requests_total{outcome=\"connect_refused\",way=\"connect\"}") >= 1.0,
+        "counted"
     );
 }
 

@@ -24,6 +24,8 @@ pub struct Generation {
     pub resolve: HashMap<String, Vec<SocketAddr>>,
     /// Host limit profiles: index 0 is `[defaults]`, then one per `[hosts]` entry.
     pub profiles: Vec<HostLimits>,
+    /// The `[hosts]` name of each profile (`other` for the defaults): bounded metric labels.
+    pub profile_names: Vec<String>,
     /// `[hosts]` names (`host` or `host:port`) to their profile.
     exact_hosts: HashMap<String, u16>,
     /// `[hosts."*.suffix"]` entries as (".suffix", profile), longest suffix first.
@@ -54,12 +56,14 @@ impl Generation {
             })
             .collect();
         let mut profiles = vec![config.defaults.clone()];
+        let mut profile_names = vec![crate::metrics::OTHER_HOST.to_string()];
         let mut exact_hosts = HashMap::new();
         let mut wildcard_hosts = Vec::new();
         for (name, o) in &config.hosts {
             let index = u16::try_from(profiles.len()).unwrap_or(u16::MAX);
             profiles.push(o.apply(&config.defaults));
             let name = name.to_ascii_lowercase();
+            profile_names.push(name.clone());
             match name.strip_prefix('*') {
                 Some(suffix) => wildcard_hosts.push((suffix.to_string(), index)),
                 None => {
@@ -74,6 +78,7 @@ impl Generation {
             routes,
             resolve,
             profiles,
+            profile_names,
             exact_hosts,
             wildcard_hosts,
         }
@@ -97,6 +102,13 @@ impl Generation {
             }
         }
         (0, false)
+    }
+
+    /// The metric label for a profile: its `[hosts]` name, or `other`.
+    pub fn host_label(&self, profile: u16) -> &str {
+        self.profile_names
+            .get(usize::from(profile))
+            .map_or(crate::metrics::OTHER_HOST, String::as_str)
     }
 
     /// The limits of a profile index (the defaults if out of range).

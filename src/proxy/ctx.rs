@@ -40,6 +40,14 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The bounded metric label of the destination host.
+    pub fn host_label(&self) -> &str {
+        match &self.cell {
+            Some(c) => self.generation.host_label(c.profile()),
+            None => crate::metrics::OTHER_HOST,
+        }
+    }
+
     /// Time left before the deadline (`None`: no deadline).
     pub fn time_left(&self) -> Option<Duration> {
         self.deadline

@@ -108,6 +108,9 @@ impl ProxyHttp for SluiceProxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        self.shared
+            .metrics
+            .record_attempt(ctx.host_label(), Code::of(&e).as_str());
         if (ctx.attempts as usize) < ctx.addrs.len() {
             e.set_retry(true);
             ctx.connect_failed = true;
@@ -142,6 +145,10 @@ impl ProxyHttp for SluiceProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        self.shared.metrics.record_attempt(
+            ctx.host_label(),
+            crate::metrics::status_class(resp.status.as_u16()),
+        );
         let req = session.req_header();
         let idempotent = req.method.is_idempotent() || req.headers.contains_key("idempotency-key");
         let replayable = !session.as_ref().retry_buffer_truncated();
@@ -156,9 +163,14 @@ impl ProxyHttp for SluiceProxy {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
         client_reused: bool,
     ) -> Box<Error> {
+        if !matches!(e.etype(), pingora_error::ErrorType::CustomCode(..)) {
+            self.shared
+                .metrics
+                .record_attempt(ctx.host_label(), Code::of(&e).as_str());
+        }
         let mut e = e.more_context(format!("peer {peer}"));
         let resend = matches!(e.etype(), pingora_error::ErrorType::CustomCode(c, _) if *c == Code::RateLimited.as_str());
         if session.as_ref().retry_buffer_truncated() {
@@ -216,7 +228,7 @@ impl ProxyHttp for SluiceProxy {
         let elapsed = ctx.started.elapsed();
         self.shared
             .metrics
-            .record(ctx.way, outcome, elapsed.as_secs_f64());
+            .record(ctx.way, ctx.host_label(), outcome, elapsed.as_secs_f64());
         if ctx.generation.config.server.access_log {
             let status = session.response_written().map_or(0, |r| r.status.as_u16());
             tracing::info!(

@@ -229,16 +229,35 @@ impl Sluice {
         (status, body)
     }
 
-    /// Current value of one metric series, e.g. `sluice_requests_total{outcome="ok",way="forward"}`.
+    /// The sum of every series of a metric whose labels include the given ones, e.g.
+    /// `sluice_requests_total{outcome="ok",way="forward"}` (any host) or `sluice_tunnels_active`.
     pub fn metric(&self, series: &str) -> f64 {
         let (_, text) = self.admin_get("/metrics");
+        let (name, want) = match series.split_once('{') {
+            Some((n, rest)) => (n, labels_of(rest.trim_end_matches('}'))),
+            None => (series, Vec::new()),
+        };
         text.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.trim().parse().ok())
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (head, value) = l.rsplit_once(' ')?;
+                let (n, labels) = match head.split_once('{') {
+                    Some((n, rest)) => (n, labels_of(rest.trim_end_matches('}'))),
+                    None => (head, Vec::new()),
+                };
+                (n == name && want.iter().all(|w| labels.contains(w)))
+                    .then(|| value.parse::<f64>().ok())
+                    .flatten()
             })
-            .unwrap_or(0.0)
+            .sum()
     }
+}
+
+fn labels_of(text: &str) -> Vec<String> {
+    text.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.trim().to_string())
+        .collect()
 }
 
 impl Drop for Sluice {
