@@ -9,6 +9,14 @@ pub enum Code {
     BadRequest,
     BadTarget,
     RateLimited,
+    AuthRequired,
+    AuthFailed,
+    ForbiddenDestination,
+    ForbiddenHost,
+    ForbiddenPort,
+    UriTooLong,
+    BodyTooLarge,
+    TooManyConnections,
     NoTarget,
     HeadTooLarge,
     RequestTimeout,
@@ -25,10 +33,18 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 16] = [
+    pub const ALL: [Code; 24] = [
         Code::BadRequest,
         Code::BadTarget,
         Code::RateLimited,
+        Code::AuthRequired,
+        Code::AuthFailed,
+        Code::ForbiddenDestination,
+        Code::ForbiddenHost,
+        Code::ForbiddenPort,
+        Code::UriTooLong,
+        Code::BodyTooLarge,
+        Code::TooManyConnections,
         Code::NoTarget,
         Code::HeadTooLarge,
         Code::RequestTimeout,
@@ -49,6 +65,14 @@ impl Code {
             Code::BadRequest => "bad_request",
             Code::BadTarget => "bad_target",
             Code::RateLimited => "rate_limited",
+            Code::AuthRequired => "auth_required",
+            Code::AuthFailed => "auth_failed",
+            Code::ForbiddenDestination => "forbidden_destination",
+            Code::ForbiddenHost => "forbidden_host",
+            Code::ForbiddenPort => "forbidden_port",
+            Code::UriTooLong => "uri_too_long",
+            Code::BodyTooLarge => "body_too_large",
+            Code::TooManyConnections => "too_many_connections",
             Code::NoTarget => "no_target",
             Code::HeadTooLarge => "head_too_large",
             Code::RequestTimeout => "request_timeout",
@@ -71,6 +95,11 @@ impl Code {
             Code::BadRequest | Code::BadTarget | Code::NoTarget => 400,
             Code::HeadTooLarge => 431,
             Code::RateLimited => 429,
+            Code::AuthRequired | Code::AuthFailed => 407,
+            Code::ForbiddenDestination | Code::ForbiddenHost | Code::ForbiddenPort => 403,
+            Code::UriTooLong => 414,
+            Code::BodyTooLarge => 413,
+            Code::TooManyConnections => 503,
             Code::RequestTimeout => 408,
             Code::Dns
             | Code::ConnectRefused
@@ -118,10 +147,20 @@ impl Code {
 
 /// A Pingora error carrying one of our codes and a human reason.
 pub fn error(code: Code, message: impl Into<String>) -> Box<Error> {
-    Error::explain(
-        ErrorType::CustomCode(code.as_str(), code.status()),
-        message.into(),
-    )
+    error_with_status(code, code.status(), message)
+}
+
+/// As `error`, with a status other than the code's usual one (401 instead of 407).
+pub fn error_with_status(code: Code, status: u16, message: impl Into<String>) -> Box<Error> {
+    Error::explain(ErrorType::CustomCode(code.as_str(), status), message.into())
+}
+
+/// The status to answer an error with.
+pub fn status_of(e: &Error) -> u16 {
+    match e.etype() {
+        ErrorType::CustomCode(_, status) => *status,
+        _ => Code::of(e).status(),
+    }
 }
 
 /// The human reason of an error: our own explanation, or Pingora's description.
@@ -151,6 +190,10 @@ pub fn raw_response(code: Code, message: &str) -> Vec<u8> {
 /// A whole HTTP/1.1 error response with an optional `Retry-After` (seconds).
 pub fn raw_response_with(code: Code, message: &str, retry_after: Option<u64>) -> Vec<u8> {
     let status = code.status();
+    let extra = match code {
+        Code::AuthRequired | Code::AuthFailed => "Proxy-Authenticate: Basic realm=\"sluice\"\r\n",
+        _ => "",
+    };
     let reason = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
@@ -158,7 +201,7 @@ pub fn raw_response_with(code: Code, message: &str, retry_after: Option<u64>) ->
     let body = json_body(code, message);
     let retry = retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nSluice-Error: {}\r\n{retry}Content-Type: application/json\r\n\
+        "HTTP/1.1 {status} {reason}\r\nSluice-Error: {}\r\n{retry}{extra}Content-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n",
         code.as_str(),
         body.len()

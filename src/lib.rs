@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod front;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod resolve;

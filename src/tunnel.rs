@@ -3,6 +3,7 @@
 //! tunnel sits idle too long. Failures are answered with a status and `Sluice-Error`.
 
 use crate::error::{self, Code};
+use crate::policy::auth::AuthError;
 use crate::proxy::pace;
 use crate::resolve::resolve;
 use crate::state::Shared;
@@ -25,6 +26,8 @@ const COPY_BUF: usize = 16 * 1024;
 pub struct ConnectHead {
     pub host: String,
     pub port: u16,
+    /// The `Proxy-Authorization` value, if sent.
+    pub authorization: Option<Vec<u8>>,
     pub leftover: Vec<u8>,
 }
 
@@ -46,9 +49,15 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<ConnectHead>, (Code, String)> {
     let target = req.path.unwrap_or("");
     let (host, port) = parse_authority(target, None)
         .map_err(|e| (Code::BadTarget, format!("CONNECT target {target:?}: {e}")))?;
+    let authorization = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("proxy-authorization"))
+        .map(|h| h.value.to_vec());
     Ok(Some(ConnectHead {
         host,
         port,
+        authorization,
         leftover: buf[len..].to_vec(),
     }))
 }
@@ -114,9 +123,55 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
         let head = read_head(&mut stream, server.header_read_timeout.get())
             .await
             .map_err(|(c, m)| (c, m, None))?;
+        let mut client_cell = None;
+        if generation.clients.enabled() {
+            match generation
+                .clients
+                .proxy_authorization(head.authorization.as_deref())
+            {
+                Ok(client) => {
+                    if let Some(l) = &client.limits {
+                        client_cell = Some((
+                            shared.admission.client_cell(&client.name, l.rps, l.burst),
+                            l.max_queue_wait.get(),
+                        ));
+                    }
+                }
+                Err(AuthError::Required) => {
+                    return Err((
+                        Code::AuthRequired,
+                        "authenticate with Proxy-Authorization (Basic or Bearer)".to_string(),
+                        None,
+                    ))
+                }
+                Err(AuthError::Failed) => {
+                    return Err((
+                        Code::AuthFailed,
+                        "credentials not accepted".to_string(),
+                        None,
+                    ))
+                }
+            }
+        }
+        let egress = &generation.egress;
+        let policy = |(c, m): crate::policy::Refusal| (c, m, None);
+        egress.check_host(&head.host).map_err(policy)?;
+        egress.check_connect_port(head.port).map_err(policy)?;
         let addrs = resolve(&generation, &head.host, head.port, server.dns_timeout.get())
             .await
             .map_err(|e| (Code::of(&e), error::message_of(&e), None))?;
+        let addrs = egress.filter(&head.host, addrs).map_err(policy)?;
+        let client_permit = match client_cell {
+            Some((cell, wait)) => Some(pace::admit(shared, &cell, wait).await.map_err(|r| {
+                let secs = r.retry_after_secs();
+                (
+                    Code::RateLimited,
+                    format!("client pace: no slot within the allowed wait; retry after {secs}s"),
+                    Some(secs),
+                )
+            })?),
+            None => None,
+        };
         let key = crate::target::Origin {
             scheme: crate::target::Scheme::Https,
             host: head.host.clone(),
@@ -141,10 +196,10 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
         let upstream = connect(&addrs, server.connect_timeout.get())
             .await
             .map_err(|(c, m)| (c, m, None))?;
-        Ok::<_, (Code, String, Option<u64>)>((head, upstream, permit))
+        Ok::<_, (Code, String, Option<u64>)>((head, upstream, (permit, client_permit)))
     }
     .await;
-    let (head, mut upstream, permit) = match result {
+    let (head, mut upstream, (permit, client_permit)) = match result {
         Ok(ok) => ok,
         Err((code, message, retry_after)) => {
             if code.status() > 0 {
@@ -212,6 +267,7 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
         started.elapsed().as_secs_f64(),
     );
     drop(permit);
+    drop(client_permit);
     if server.access_log {
         tracing::info!(
             target: "sluice::access",

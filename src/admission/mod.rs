@@ -148,6 +148,17 @@ impl Admission {
         map.get_or_insert(key.into(), fresh).clone()
     }
 
+    /// The pace cell of an authenticated client (its own limits, across all hosts).
+    pub fn client_cell(&self, name: &str, rps: f64, burst: u32) -> Arc<HostCell> {
+        let key = format!("@client/{name}");
+        let map = self.cells.pin();
+        if let Some(c) = map.get(key.as_str()) {
+            return c.clone();
+        }
+        map.get_or_insert(key.into(), Arc::new(HostCell::new(rps, burst, 0, 0, true)))
+            .clone()
+    }
+
     /// The pacing decision alone, for a host with default limits (the hot path measured by
     /// the benchmarks: one map read and one compare-and-swap for a known host).
     pub fn decide(&self, key: &str, now: u64, max_wait: u64, rps: f64, burst: u32) -> Decision {

@@ -26,6 +26,10 @@ pub struct Generation {
     pub profiles: Vec<HostLimits>,
     /// The `[hosts]` name of each profile (`other` for the defaults): bounded metric labels.
     pub profile_names: Vec<String>,
+    /// The egress policy compiled from `[security]`.
+    pub egress: crate::policy::Egress,
+    /// The clients of `[[clients]]` (authentication is on when any is listed).
+    pub clients: crate::policy::auth::Clients,
     /// `[hosts]` names (`host` or `host:port`) to their profile.
     exact_hosts: HashMap<String, u16>,
     /// `[hosts."*.suffix"]` entries as (".suffix", profile), longest suffix first.
@@ -72,8 +76,12 @@ impl Generation {
             }
         }
         wildcard_hosts.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        let egress = crate::policy::Egress::new(&config.security);
+        let clients = crate::policy::auth::Clients::new(&config.clients);
         Generation {
             number,
+            egress,
+            clients,
             config,
             routes,
             resolve,

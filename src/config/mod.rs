@@ -31,6 +31,86 @@ pub struct Config {
     pub defaults: HostLimits,
     /// Per-host overrides: `"api.example.com"`, `"api.example.com:8443"` or `"*.example.com"`.
     pub hosts: BTreeMap<String, HostOverride>,
+    /// Egress policy and request limits.
+    pub security: Security,
+    /// Clients allowed to use sluice; when any is listed, every request must authenticate.
+    pub clients: Vec<ClientConfig>,
+}
+
+/// Egress policy (checked on resolved addresses) and limits on what clients send.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Security {
+    /// Addresses allowed even inside the ranges denied by default (e.g. "10.0.0.0/8").
+    pub allow_cidrs: Vec<String>,
+    /// Addresses always denied.
+    pub deny_cidrs: Vec<String>,
+    /// When not empty, only these hosts may be reached (exact names or "*.suffix").
+    pub allow_hosts: Vec<String>,
+    /// Hosts never reached (exact names or "*.suffix").
+    pub deny_hosts: Vec<String>,
+    /// Ports CONNECT may open.
+    pub connect_ports: Vec<u16>,
+    /// Let CONNECT open any port (ignores `connect_ports`).
+    pub connect_any_port: bool,
+    /// Largest request head (request line and headers).
+    pub max_header_bytes: usize,
+    /// Longest request target.
+    pub max_uri_bytes: usize,
+    /// Largest request body.
+    pub max_body_bytes: u64,
+    /// Client connections open at once on the proxy listener.
+    pub max_connections: usize,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Self {
+            allow_cidrs: Vec::new(),
+            deny_cidrs: Vec::new(),
+            allow_hosts: Vec::new(),
+            deny_hosts: Vec::new(),
+            connect_ports: vec![443],
+            connect_any_port: false,
+            max_header_bytes: 64 * 1024,
+            max_uri_bytes: 8 * 1024,
+            max_body_bytes: 32 * 1024 * 1024,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// A client allowed to use sluice.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The client's name: the Basic user name, and its label in metrics and logs.
+    pub name: String,
+    /// Hex SHA-256 of the client's bearer token (`Proxy-Authorization: Bearer` / `Sluice-Key`).
+    pub token_sha256: Option<String>,
+    /// Hex SHA-256 of the client's password (`Proxy-Authorization: Basic name:password`).
+    pub password_sha256: Option<String>,
+    /// Pace of this client's requests, across all hosts.
+    pub limits: Option<ClientLimits>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientLimits {
+    pub rps: f64,
+    #[serde(default = "one")]
+    pub burst: u32,
+    /// Longest a request waits for the client's pace before a 429.
+    #[serde(default = "thirty_seconds")]
+    pub max_queue_wait: HumanDuration,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn thirty_seconds() -> HumanDuration {
+    HumanDuration::from_secs(30)
 }
 
 /// Pacing limits of a destination host.

@@ -116,6 +116,93 @@ impl Config {
             check_limits(&path, &o.apply(&self.defaults), &mut err);
         }
 
+        let sec = &self.security;
+        for (key, list) in [
+            ("allow_cidrs", &sec.allow_cidrs),
+            ("deny_cidrs", &sec.deny_cidrs),
+        ] {
+            for (i, c) in list.iter().enumerate() {
+                if let Err(m) = crate::policy::Cidr::parse(c) {
+                    err(format!("security.{key}[{i}]"), m);
+                }
+            }
+        }
+        for (key, list) in [
+            ("allow_hosts", &sec.allow_hosts),
+            ("deny_hosts", &sec.deny_hosts),
+        ] {
+            for (i, h) in list.iter().enumerate() {
+                let name = h.strip_prefix("*.").unwrap_or(h);
+                if crate::target::parse_authority(name, Some(1)).is_err() || name.contains(':') {
+                    err(
+                        format!("security.{key}[{i}]"),
+                        format!("{h:?} must be a host name or *.suffix"),
+                    );
+                }
+            }
+        }
+        if sec.connect_ports.iter().any(|p| *p == 0) {
+            err("security.connect_ports".into(), "ports are 1-65535".into());
+        }
+        for (key, v) in [
+            ("max_header_bytes", sec.max_header_bytes),
+            ("max_uri_bytes", sec.max_uri_bytes),
+            ("max_connections", sec.max_connections),
+        ] {
+            if v == 0 {
+                err(
+                    format!("security.{key}"),
+                    "must be greater than zero".into(),
+                );
+            }
+        }
+        if sec.max_header_bytes > 1024 * 1024 {
+            err(
+                "security.max_header_bytes".into(),
+                "must be at most 1 MiB (1048576)".into(),
+            );
+        }
+        let mut names = HashSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            let path = format!("clients[{i}]");
+            if c.name.is_empty() || c.name.contains([':', ' ']) || c.name.len() > 64 {
+                err(
+                    format!("{path}.name"),
+                    "must be 1-64 characters without ':' or spaces".into(),
+                );
+            }
+            if !names.insert(c.name.as_str()) {
+                err(
+                    format!("{path}.name"),
+                    format!("{:?} is listed twice", c.name),
+                );
+            }
+            if c.token_sha256.is_none() && c.password_sha256.is_none() {
+                err(path.clone(), "needs token_sha256 or password_sha256".into());
+            }
+            for (key, v) in [
+                ("token_sha256", &c.token_sha256),
+                ("password_sha256", &c.password_sha256),
+            ] {
+                if let Some(h) = v {
+                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        err(
+                            format!("{path}.{key}"),
+                            "must be 64 hex digits (sha256sum of the secret)".into(),
+                        );
+                    }
+                }
+            }
+            if let Some(l) = &c.limits {
+                if !(l.rps.is_finite() && l.rps > 0.0) {
+                    err(format!("{path}.limits.rps"), "must be positive".into());
+                }
+                if l.burst == 0 {
+                    err(format!("{path}.limits.burst"), "must be at least 1".into());
+                }
+            }
+        }
+
         let mut prefixes = HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {
             let path = format!("routes[{i}]");

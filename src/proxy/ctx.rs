@@ -37,6 +37,12 @@ pub struct Ctx {
     pub connect_failed: bool,
     /// Times the request was sent again after a 429 or 503 with `Retry-After`.
     pub resent: u32,
+    /// The authenticated client's name.
+    pub client: Option<String>,
+    /// The client's own pace cell, until its admission is taken (first attempt).
+    pub client_cell: Option<Arc<HostCell>>,
+    /// The client's pace place.
+    pub client_permit: Option<Permit>,
 }
 
 impl Ctx {
@@ -71,6 +77,9 @@ impl Ctx {
             retry_after: None,
             connect_failed: false,
             resent: 0,
+            client: None,
+            client_cell: None,
+            client_permit: None,
         }
     }
 }

@@ -8,9 +8,10 @@ pub mod pace;
 pub use ctx::Ctx;
 
 use crate::error::{self, Code};
+use crate::policy::auth::{AuthError, SLUICE_KEY};
 use crate::resolve::resolve;
 use crate::state::Shared;
-use crate::target;
+use crate::target::{self, WayIn};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -51,18 +52,43 @@ impl ProxyHttp for SluiceProxy {
             }
         };
         ctx.way = dest.way;
+        if ctx.generation.clients.enabled() {
+            self.authenticate(session, ctx)?;
+        }
         if let Some(v) = session.req_header().headers.get(pace::SLUICE_TIMEOUT) {
             let t = pace::parse_timeout(v).map_err(|m| error::error(Code::BadRequest, m))?;
             ctx.deadline = Some(ctx.started + t);
         }
+        let security = &ctx.generation.config.security;
+        if session.req_header().raw_path().len() > security.max_uri_bytes {
+            return Err(error::error(
+                Code::UriTooLong,
+                format!("request target over {} bytes", security.max_uri_bytes),
+            ));
+        }
+        if let Some(len) = content_length(session.req_header()) {
+            if len > security.max_body_bytes {
+                return Err(error::error(
+                    Code::BodyTooLarge,
+                    format!("request body over {} bytes", security.max_body_bytes),
+                ));
+            }
+        }
+        let egress = &ctx.generation.egress;
+        egress
+            .check_host(&dest.origin.host)
+            .map_err(|(code, m)| error::error(code, m))?;
         let timeout = ctx.generation.config.server.dns_timeout.get();
-        ctx.addrs = resolve(
+        let addrs = resolve(
             &ctx.generation,
             &dest.origin.host,
             dest.origin.port,
             timeout,
         )
         .await?;
+        ctx.addrs = egress
+            .filter(&dest.origin.host, addrs)
+            .map_err(|(code, m)| error::error(code, m))?;
         ctx.upstream_path = dest.path;
         let key = dest.origin.host_port();
         ctx.cell = Some(
@@ -203,11 +229,12 @@ impl ProxyHttp for SluiceProxy {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let code = Code::of(e);
         ctx.error = Some(code);
-        let status = code.status();
+        let status = error::status_of(e);
         if status > 0 && session.response_written().is_none() {
             let message = error::message_of(e);
             let retry_after = ctx.retry_after.filter(|_| code == Code::RateLimited);
-            if let Err(werr) = write_error(session, code, &message, retry_after, ctx).await {
+            if let Err(werr) = write_error(session, code, status, &message, retry_after, ctx).await
+            {
                 tracing::debug!(error = %werr, "could not send error response");
             }
         }
@@ -248,17 +275,80 @@ impl ProxyHttp for SluiceProxy {
     }
 }
 
+impl SluiceProxy {
+    /// Authenticate the client: `Proxy-Authorization` on forward-proxy requests, `Sluice-Key`
+    /// on explicit-target and route requests (401 there, as sluice is not their proxy).
+    fn authenticate(&self, session: &Session, ctx: &mut Ctx) -> Result<()> {
+        let clients = &ctx.generation.clients;
+        let headers = &session.req_header().headers;
+        let proxy_way = matches!(ctx.way, WayIn::Forward | WayIn::Connect);
+        let result = if proxy_way {
+            clients.proxy_authorization(
+                headers
+                    .get(http::header::PROXY_AUTHORIZATION)
+                    .map(|v| v.as_bytes()),
+            )
+        } else {
+            clients.sluice_key(headers.get(SLUICE_KEY).map(|v| v.as_bytes()))
+        };
+        match result {
+            Ok(client) => {
+                if let Some(l) = &client.limits {
+                    ctx.client_cell = Some(self.shared.admission.client_cell(
+                        &client.name,
+                        l.rps,
+                        l.burst,
+                    ));
+                }
+                ctx.client = Some(client.name.clone());
+                Ok(())
+            }
+            Err(e) => {
+                let (code, message) = match e {
+                    AuthError::Required if proxy_way => (
+                        Code::AuthRequired,
+                        "authenticate with Proxy-Authorization (Basic or Bearer)",
+                    ),
+                    AuthError::Required => {
+                        (Code::AuthRequired, "authenticate with a Sluice-Key header")
+                    }
+                    AuthError::Failed => (Code::AuthFailed, "credentials not accepted"),
+                };
+                let status = if proxy_way { 407 } else { 401 };
+                Err(error::error_with_status(code, status, message))
+            }
+        }
+    }
+}
+
+/// The request's declared body length.
+fn content_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Send sluice's own error response: status, `Sluice-Error` and a JSON body.
 async fn write_error(
     session: &mut Session,
     code: Code,
+    status: u16,
     message: &str,
     retry_after: Option<u64>,
     ctx: &Ctx,
 ) -> Result<()> {
     let body = error::json_body(code, message);
-    let mut resp = ResponseHeader::build(code.status(), Some(6))?;
+    let mut resp = ResponseHeader::build(status, Some(6))?;
     resp.insert_header("Sluice-Error", code.as_str())?;
+    match status {
+        407 => resp.insert_header(http::header::PROXY_AUTHENTICATE, "Basic realm=\"sluice\"")?,
+        401 => resp.insert_header(
+            http::header::WWW_AUTHENTICATE,
+            "Sluice-Key realm=\"sluice\"",
+        )?,
+        _ => {}
+    }
     if let Some(secs) = retry_after {
         resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
     }

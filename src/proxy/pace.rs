@@ -58,6 +58,22 @@ pub fn max_wait(ctx: &Ctx, cell: &HostCell) -> Duration {
 /// Before an attempt: take the host's admission (again, unless the last attempt never
 /// reached the host).
 pub async fn before_attempt(shared: &Shared, ctx: &mut Ctx) -> pingora_error::Result<()> {
+    if let Some(cell) = ctx.client_cell.take() {
+        let name = ctx.client.clone().unwrap_or_default();
+        let wait = ctx
+            .generation
+            .clients
+            .limits_of(&name)
+            .map_or(Duration::ZERO, |l| l.max_queue_wait.get());
+        let wait = ctx.time_left().map_or(wait, |left| left.min(wait));
+        match admit(shared, &cell, wait).await {
+            Ok(p) => {
+                ctx.queued += p.queued;
+                ctx.client_permit = Some(p);
+            }
+            Err(r) => return Err(refusal_error(ctx, &format!("client {name}"), r)),
+        }
+    }
     if ctx.connect_failed && ctx.permit.is_some() {
         ctx.connect_failed = false;
         return Ok(());

@@ -92,7 +92,9 @@ pub struct Sluice {
 
 impl Sluice {
     /// Start sluice with `extra` TOML appended to a `[server]` section that sets the
-    /// listeners (tests may add more `server` keys through `server_extra`).
+    /// listeners (tests may add more `server` keys through `server_extra`). Unless `extra` has
+    /// its own `[security]`, loopback destinations and any CONNECT port are allowed, since the
+    /// fake upstreams live on 127.0.0.1.
     pub fn start(server_extra: &str, extra: &str) -> Sluice {
         let mut last_err = String::new();
         for _ in 0..5 {
@@ -105,6 +107,12 @@ impl Sluice {
     }
 
     fn try_start(server_extra: &str, extra: &str) -> Result<Sluice, String> {
+        let security = if extra.contains("[security]") {
+            ""
+        } else {
+            "[security]\nallow_cidrs = [\"127.0.0.0/8\"]\nconnect_any_port = true\n"
+        };
+        let extra = format!("{security}{extra}");
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
