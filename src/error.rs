@@ -122,7 +122,13 @@ impl Code {
         use ErrorType::*;
         let upstream = e.esource() == &ErrorSource::Upstream;
         match e.etype() {
-            CustomCode(name, _) | Custom(name) => Code::from_name(name).unwrap_or(Code::Internal),
+            CustomCode(name, _) => Code::from_name(name).unwrap_or(Code::Internal),
+            // Pingora's body framing errors.
+            Custom("InvalidChunk" | "InvalidTrailerEnd") if upstream => Code::UpstreamProtocol,
+            Custom("InvalidChunk" | "InvalidTrailerEnd") => Code::BadRequest,
+            Custom("PrematureBodyEnd") if upstream => Code::UpstreamClosed,
+            Custom("PrematureBodyEnd") => Code::ClientClosed,
+            Custom(name) => Code::from_name(name).unwrap_or(Code::Internal),
             ConnectTimedout => Code::ConnectTimeout,
             ConnectRefused => Code::ConnectRefused,
             ConnectNoRoute | ConnectError | SocketError | BindError | ConnectProxyFailure => {

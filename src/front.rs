@@ -1,26 +1,33 @@
-//! The one proxy listener. Each connection's first bytes decide: `CONNECT ` goes to the tunnel,
-//! anything else is HTTP/1 handed to the Pingora proxy; keep-alive connections are checked
-//! again before each request, so a CONNECT may follow plain requests on one connection.
+//! The one proxy listener. sluice reads each request head itself, with a deadline and size
+//! caps (slowloris, oversized heads), checks its framing (request smuggling), and then sends
+//! `CONNECT` to the tunnel and everything else, head bytes included, to the Pingora proxy.
+//! Keep-alive connections come back here before each request, so a CONNECT may follow plain
+//! requests on one connection.
 
+use crate::error::{self, Code};
 use crate::proxy::SluiceProxy;
 use crate::state::Shared;
 use crate::tunnel;
 use async_trait::async_trait;
+use bytes::BytesMut;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const CONNECT_PREFIX: &[u8; 8] = b"CONNECT ";
 /// Idle time allowed between requests on a kept-alive client connection.
 const KEEPALIVE_SECS: u64 = 60;
+const MAX_HEADERS: usize = 128;
 
 pub struct Front {
     shared: Arc<Shared>,
     http: Arc<HttpProxy<SluiceProxy>>,
+    open: AtomicUsize,
 }
 
 impl Front {
@@ -28,30 +35,190 @@ impl Front {
         Front {
             shared,
             http: Arc::new(http),
+            open: AtomicUsize::new(0),
         }
     }
 }
 
-/// What the first bytes of a request say it is.
-enum Kind {
-    Connect,
-    Http,
-    Gone,
+/// Counts an open client connection until dropped.
+struct Open<'a>(&'a AtomicUsize);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
-async fn peek_kind(stream: &mut Stream, wait: Duration, shutdown: &ShutdownWatch) -> Kind {
-    let mut first = [0u8; CONNECT_PREFIX.len()];
+/// The outcome of reading one request head.
+enum Head {
+    /// A complete head (and whatever followed it in the same reads).
+    Complete(BytesMut),
+    /// The client closed or went quiet before sending anything: close silently.
+    Gone,
+    /// Refuse with this code and reason, then close.
+    Refuse(Code, String),
+}
+
+fn head_end(buf: &[u8], from: usize) -> bool {
+    let start = from.saturating_sub(3);
+    let tail = &buf[start..];
+    tail.windows(3).any(|w| w == b"\n\r\n") || tail.windows(2).any(|w| w == b"\n\n")
+}
+
+async fn read_head(
+    stream: &mut Stream,
+    idle: Duration,
+    head_timeout: Duration,
+    max: usize,
+    shutdown: &ShutdownWatch,
+) -> Head {
+    let mut buf = BytesMut::with_capacity(4096);
     let mut shutdown = shutdown.clone();
+    // Wait for the first bytes: the keep-alive idle time, or until shutdown.
     tokio::select! {
-        r = tokio::time::timeout(wait, stream.try_peek(&mut first)) => match r {
-            Ok(Ok(true)) if &first == CONNECT_PREFIX => Kind::Connect,
-            Ok(Ok(true)) => Kind::Http,
-            // Streams that cannot peek go to HTTP, which reads them normally.
-            Ok(Ok(false)) => Kind::Http,
-            Ok(Err(_)) | Err(_) => Kind::Gone,
+        r = tokio::time::timeout(idle, stream.read_buf(&mut buf)) => match r {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Head::Gone,
         },
-        _ = shutdown.wait_for(|down| *down) => Kind::Gone,
+        _ = shutdown.wait_for(|down| *down) => return Head::Gone,
     }
+    let deadline = tokio::time::Instant::now() + head_timeout;
+    let mut scanned = 0;
+    loop {
+        if head_end(&buf, scanned) {
+            return Head::Complete(buf);
+        }
+        scanned = buf.len();
+        if buf.len() > max {
+            return Head::Refuse(Code::HeadTooLarge, format!("request head over {max} bytes"));
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Err(_) => {
+                return Head::Refuse(
+                    Code::RequestTimeout,
+                    format!("request head not complete within {head_timeout:?}"),
+                )
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => return Head::Gone,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// What the head says to do.
+enum Plan {
+    Connect,
+    Http,
+}
+
+/// Check a complete head: well formed, target length, and unambiguous body framing
+/// (no `Content-Length` with `Transfer-Encoding`, no repeated or malformed
+/// `Content-Length`, `chunked` last in `Transfer-Encoding`).
+fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Code, String)> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n > max_head => {
+            return Err((
+                Code::HeadTooLarge,
+                format!("request head over {max_head} bytes"),
+            ))
+        }
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => {
+            return Err((Code::BadRequest, "malformed request head".into()))
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err((
+                Code::HeadTooLarge,
+                format!("more than {MAX_HEADERS} header lines"),
+            ))
+        }
+        Err(e) => return Err((Code::BadRequest, format!("malformed request head: {e}"))),
+    }
+    if req.path.map_or(0, str::len) > max_uri {
+        return Err((
+            Code::UriTooLong,
+            format!("request target over {max_uri} bytes"),
+        ));
+    }
+    if req.method == Some("CONNECT") {
+        return Ok(Plan::Connect);
+    }
+    let mut lengths = 0;
+    let mut te: Option<&[u8]> = None;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            lengths += 1;
+            let v = h.value;
+            if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+                return Err((Code::BadRequest, "invalid Content-Length".into()));
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            if te.is_some() {
+                return Err((Code::BadRequest, "repeated Transfer-Encoding".into()));
+            }
+            te = Some(h.value);
+        }
+    }
+    if lengths > 1 {
+        return Err((Code::BadRequest, "repeated Content-Length".into()));
+    }
+    if let Some(te) = te {
+        if lengths > 0 {
+            return Err((
+                Code::BadRequest,
+                "both Content-Length and Transfer-Encoding".into(),
+            ));
+        }
+        let text = String::from_utf8_lossy(te).to_ascii_lowercase();
+        let last = text.rsplit(',').next().map(str::trim);
+        if last != Some("chunked") {
+            return Err((
+                Code::BadRequest,
+                "Transfer-Encoding must end with chunked".into(),
+            ));
+        }
+    }
+    Ok(Plan::Http)
+}
+
+/// Close gracefully after a refusal: send FIN, then read and drop what the client still sends
+/// for a moment, so that unread request bytes do not turn the close into a reset that would
+/// destroy the response before the client reads it.
+async fn linger(stream: &mut Stream) {
+    if let Err(e) = AsyncWriteExt::shutdown(stream).await {
+        tracing::trace!(error = %e, "shutdown after a refusal");
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut budget: usize = 256 * 1024;
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while budget > 0 {
+        match tokio::time::timeout_at(until, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => budget = budget.saturating_sub(n),
+            _ => break,
+        }
+    }
+}
+
+async fn refuse(mut stream: Stream, shared: &Shared, code: Code, message: &str) {
+    let raw = error::raw_response(code, message);
+    let written = async {
+        stream.write_all(&raw).await?;
+        stream.flush().await
+    }
+    .await;
+    if let Err(e) = written {
+        tracing::debug!(error = %e, "client gone before the refusal");
+    }
+    linger(&mut stream).await;
+    shared.metrics.record(
+        crate::target::WayIn::Unknown,
+        crate::metrics::OTHER_HOST,
+        Some(code),
+        0.0,
+    );
 }
 
 #[async_trait]
@@ -61,30 +228,48 @@ impl ServerApp for Front {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let first_wait = self
-            .shared
-            .generation()
-            .config
-            .server
-            .header_read_timeout
-            .get();
+        let generation = self.shared.generation();
+        let server = &generation.config.server;
+        let security = &generation.config.security;
+        let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
+        let _open = Open(&self.open);
+        if open > security.max_connections {
+            let why = format!("over {} open connections", security.max_connections);
+            refuse(stream, &self.shared, Code::TooManyConnections, &why).await;
+            return None;
+        }
+        let head_timeout = server.header_read_timeout.get();
+        let (max_head, max_uri) = (security.max_header_bytes, security.max_uri_bytes);
+        drop(generation);
         let mut stream = stream;
         let mut settings: Option<HttpPersistentSettings> = None;
-        let mut wait = first_wait;
+        let mut idle = head_timeout;
         loop {
-            match peek_kind(&mut stream, wait, shutdown).await {
-                Kind::Gone => return None,
-                Kind::Connect => {
-                    tunnel::serve(&self.shared, stream).await;
+            let buf = match read_head(&mut stream, idle, head_timeout, max_head, shutdown).await {
+                Head::Complete(buf) => buf,
+                Head::Gone => return None,
+                Head::Refuse(code, why) => {
+                    refuse(stream, &self.shared, code, &why).await;
                     return None;
                 }
-                Kind::Http => {}
+            };
+            match inspect(&buf, max_head, max_uri) {
+                Err((code, why)) => {
+                    refuse(stream, &self.shared, code, &why).await;
+                    return None;
+                }
+                Ok(Plan::Connect) => {
+                    tunnel::serve(&self.shared, stream, buf).await;
+                    return None;
+                }
+                Ok(Plan::Http) => {}
             }
             let mut session = ServerSession::new_http1(stream);
             match settings.take() {
                 Some(s) => s.apply_to_session(&mut session),
                 None => session.set_keepalive(Some(KEEPALIVE_SECS)),
             }
+            session.set_pipelined_prefix(buf);
             if *shutdown.borrow() {
                 session.set_keepalive(None);
             }
@@ -92,11 +277,55 @@ impl ServerApp for Front {
             let (next, next_settings) = reused.consume();
             stream = next;
             settings = next_settings;
-            wait = Duration::from_secs(KEEPALIVE_SECS);
+            idle = Duration::from_secs(KEEPALIVE_SECS);
         }
     }
 
     async fn cleanup(&self) {
         self.http.http_cleanup().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(head: &str) -> Option<Code> {
+        inspect(head.as_bytes(), 65536, 8192).err().map(|e| e.0)
+    }
+
+    #[test]
+    fn framing_attacks_are_refused() {
+        let ok = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n";
+        assert_eq!(code_of(ok), None);
+        for bad in [
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Folded: one\r\n two\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        ] {
+            assert_eq!(code_of(bad), Some(Code::BadRequest), "{bad:?}");
+        }
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000));
+        assert_eq!(code_of(&long), Some(Code::UriTooLong));
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(70_000));
+        assert_eq!(code_of(&big), Some(Code::HeadTooLarge));
+        assert!(matches!(
+            inspect(b"CONNECT a.test:443 HTTP/1.1\r\n\r\n", 65536, 8192),
+            Ok(Plan::Connect)
+        ));
+    }
+
+    #[test]
+    fn finds_the_end_of_a_head_across_reads() {
+        let buf = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody";
+        assert!(head_end(buf, 0));
+        assert!(head_end(buf, 24));
+        assert!(!head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", 0));
+        assert!(head_end(b"GET / HTTP/1.1\nHost: a\n\n", 0));
     }
 }

@@ -16,8 +16,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Largest CONNECT head accepted.
-pub const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 const COPY_BUF: usize = 16 * 1024;
 
@@ -62,36 +60,6 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<ConnectHead>, (Code, String)> {
     }))
 }
 
-/// Read the head, with the header timeout and size cap.
-async fn read_head(stream: &mut Stream, timeout: Duration) -> Result<ConnectHead, (Code, String)> {
-    let mut buf = Vec::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Err(_) => {
-                return Err((
-                    Code::RequestTimeout,
-                    "CONNECT head not received in time".into(),
-                ))
-            }
-            Ok(Err(e)) => return Err((Code::ClientClosed, e.to_string())),
-            Ok(Ok(0)) => return Err((Code::ClientClosed, "client closed before the head".into())),
-            Ok(Ok(n)) => n,
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(head) = parse_head(&buf)? {
-            return Ok(head);
-        }
-        if buf.len() > MAX_HEAD {
-            return Err((
-                Code::HeadTooLarge,
-                format!("CONNECT head over {MAX_HEAD} bytes"),
-            ));
-        }
-    }
-}
-
 /// Connect to the first address that answers.
 async fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, (Code, String)> {
     let mut last = (Code::ConnectFailed, "no address".to_string());
@@ -113,16 +81,19 @@ async fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, (
     Err(last)
 }
 
-/// Serve one CONNECT on `stream` from start to end.
-pub async fn serve(shared: &Arc<Shared>, mut stream: Stream) {
+/// Serve one CONNECT on `stream` from start to end; `head` holds the bytes already read (the
+/// whole CONNECT head, and anything the client sent right after it).
+pub async fn serve(shared: &Arc<Shared>, mut stream: Stream, head: bytes::BytesMut) {
     let started = Instant::now();
     let generation = shared.generation();
     let server = &generation.config.server;
     let mut host_label = crate::metrics::OTHER_HOST.to_string();
     let result = async {
-        let head = read_head(&mut stream, server.header_read_timeout.get())
-            .await
-            .map_err(|(c, m)| (c, m, None))?;
+        let head = match parse_head(&head) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Err((Code::BadRequest, "incomplete CONNECT head".into(), None)),
+            Err((c, m)) => return Err((c, m, None)),
+        };
         let mut client_cell = None;
         if generation.clients.enabled() {
             match generation

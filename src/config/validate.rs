@@ -141,7 +141,7 @@ impl Config {
                 }
             }
         }
-        if sec.connect_ports.iter().any(|p| *p == 0) {
+        if sec.connect_ports.contains(&0) {
             err("security.connect_ports".into(), "ports are 1-65535".into());
         }
         for (key, v) in [
