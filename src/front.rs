@@ -106,7 +106,7 @@ async fn read_head(
 }
 
 /// What the head says to do.
-enum Plan {
+pub enum Plan {
     Connect,
     Http,
 }
@@ -114,7 +114,7 @@ enum Plan {
 /// Check a complete head: well formed, target length, and unambiguous body framing
 /// (no `Content-Length` with `Transfer-Encoding`, no repeated or malformed
 /// `Content-Length`, `chunked` last in `Transfer-Encoding`).
-fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Code, String)> {
+pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Code, String)> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
