@@ -7,11 +7,7 @@ use std::time::{Duration, Instant};
 use support::*;
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
+    support::runtime(2)
 }
 
 /// Arrival offsets (from the first) of every request an upstream received, in order.

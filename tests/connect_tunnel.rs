@@ -16,11 +16,7 @@ fn https_through_connect_completes_tls_with_the_upstream() {
         .start();
     let sluice = Sluice::start("", "");
     let client = proxied_client(&sluice, Some(&ca));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
+    rt().block_on(async {
         for _ in 0..3 {
             let r = client
                 .get(format!("https://localhost:{}/secure", up.port()))

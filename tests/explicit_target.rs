@@ -4,13 +4,6 @@ mod support;
 
 use support::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 fn tls_sluice(ca: &TestCa, up: &FakeUpstream) -> Sluice {
     Sluice::start(
         &format!("upstream_ca_file = \"{}\"\n", ca.ca_path().display()),

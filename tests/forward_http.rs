@@ -7,13 +7,6 @@ use std::net::TcpStream;
 use std::time::Duration;
 use support::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 #[test]
 fn get_and_post_with_bodies_through_the_proxy() {
     let up = FakeUpstream::builder()

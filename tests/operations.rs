@@ -52,6 +52,18 @@ impl ClientLoop {
         self.ok.load(Ordering::SeqCst)
     }
 
+    /// Stop the loop and assert that no request failed.
+    fn finish_without_failures(self) {
+        let (ok, failures) = self.finish();
+        assert!(
+            failures.is_empty(),
+            "{} failed of {}: {:?}",
+            failures.len(),
+            ok,
+            &failures[..failures.len().min(5)]
+        );
+    }
+
     fn finish(mut self) -> (usize, Vec<String>) {
         self.stop.store(true, Ordering::SeqCst);
         let failures = self
@@ -114,14 +126,7 @@ fn reloads_under_load_drop_nothing_and_apply_the_new_pace() {
         );
         assert_eventually!(client.ok() > before + 10, "traffic flows after reload {i}");
     }
-    let (ok, failures) = client.finish();
-    assert!(
-        failures.is_empty(),
-        "{} failed of {}: {:?}",
-        failures.len(),
-        ok,
-        &failures[..failures.len().min(5)]
-    );
+    client.finish_without_failures();
     assert_eq!(
         sluice.metric("sluice_config_reloads_total{result=\"ok\"}"),
         5.0
@@ -209,14 +214,7 @@ fn an_upgrade_under_load_loses_no_request() {
         "new process serves: {}",
         new.log()
     );
-    let (ok, failures) = client.finish();
-    assert!(
-        failures.is_empty(),
-        "{} failed of {}: {:?}",
-        failures.len(),
-        ok,
-        &failures[..failures.len().min(5)]
-    );
+    client.finish_without_failures();
     let (status, _, _) = http_get(new.admin, "/healthz").expect("admin handed over");
     assert_eq!(status, 200);
 }

@@ -4,13 +4,6 @@ mod support;
 
 use support::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 #[test]
 fn routes_strip_the_prefix_and_forward_the_rest() {
     let ca = TestCa::new();

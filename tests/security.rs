@@ -229,11 +229,7 @@ fn clients_must_authenticate_and_credentials_never_reach_the_upstream() {
         .add_root_certificate(ca.reqwest_cert())
         .build()
         .expect("client");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    let status = rt.block_on(async {
+    let status = rt().block_on(async {
         client
             .get(format!("https://localhost:{}/s", tls_up.port()))
             .send()
