@@ -16,8 +16,8 @@ type Map = papaya::HashMap<Box<str>, Arc<HostCell>, foldhash::fast::RandomState>
 
 /// Nanoseconds since the admission clock started.
 pub enum Clock {
-    /// The TSC-backed clock: cheap to read on every decision.
-    Quanta(quanta::Clock, quanta::Instant),
+    /// The TSC-backed clock: cheap to read on every decision (raw reading at start).
+    Quanta(quanta::Clock, u64),
     /// Tokio's clock, which tests can pause and advance.
     Tokio(tokio::time::Instant),
 }
@@ -25,7 +25,7 @@ pub enum Clock {
 impl Clock {
     pub fn quanta() -> Clock {
         let c = quanta::Clock::new();
-        let start = c.now();
+        let start = c.raw();
         Clock::Quanta(c, start)
     }
 
@@ -36,7 +36,7 @@ impl Clock {
     #[inline]
     pub fn now(&self) -> u64 {
         match self {
-            Clock::Quanta(c, start) => c.now().duration_since(*start).as_nanos() as u64,
+            Clock::Quanta(c, start) => c.delta_as_nanos(*start, c.raw()),
             Clock::Tokio(start) => start.elapsed().as_nanos() as u64,
         }
     }
