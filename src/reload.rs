@@ -7,7 +7,7 @@ use crate::state::Shared;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Settings a running process cannot change: they need a restart (or an upgrade).
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
@@ -42,13 +42,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     changed
 }
 
-/// Serializes reloads: never two at once.
-static RELOADING: Mutex<()> = Mutex::new(());
-
 /// Reload from the configuration file. Returns the new generation number, or every reason
 /// the file was refused.
 pub fn reload(shared: &Shared) -> Result<u64, String> {
-    let _one_at_a_time = RELOADING.lock().unwrap_or_else(|p| p.into_inner());
+    let _one_at_a_time = shared.reloading.lock().unwrap_or_else(|p| p.into_inner());
     let result = try_reload(shared);
     let label = if result.is_ok() { "ok" } else { "error" };
     shared

@@ -17,6 +17,8 @@ pub struct Shared {
     pub started: Instant,
     /// The file the configuration came from; `None` for the embedded default.
     pub config_path: Option<PathBuf>,
+    /// Held while a reload runs: never two at once.
+    pub reloading: std::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -29,6 +31,7 @@ impl Shared {
             admission: Admission::new(Clock::quanta()),
             started: Instant::now(),
             config_path,
+            reloading: std::sync::Mutex::new(()),
         })
     }
 

@@ -281,6 +281,19 @@ fn limits_answer_their_status_and_sluice_keeps_serving() {
         413,
         "body_too_large",
     );
+    // The same cap holds for a chunked body, counted as it streams.
+    let chunk = "y".repeat(600);
+    let got = exchange(
+        &sluice,
+        &format!(
+            "POST http://127.0.0.1:{p}/chunked HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+        ),
+    );
+    assert_eq!(got.0, 413, "{}", got.1);
+    assert_eq!(
+        header_of(&got.1, "sluice-error").as_deref(),
+        Some("body_too_large")
+    );
     still_serves(&sluice, &up);
     // Slowloris: half a head, then silence.
     let mut slow = TcpStream::connect(sluice.proxy).expect("connect");

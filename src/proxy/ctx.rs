@@ -43,6 +43,8 @@ pub struct Ctx {
     pub client_cell: Option<Arc<HostCell>>,
     /// The client's pace place.
     pub client_permit: Option<Permit>,
+    /// Request body bytes received so far.
+    pub body_bytes: u64,
 }
 
 impl Ctx {
@@ -80,6 +82,7 @@ impl Ctx {
             client: None,
             client_cell: None,
             client_permit: None,
+            body_bytes: 0,
         }
     }
 }

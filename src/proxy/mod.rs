@@ -100,6 +100,27 @@ impl ProxyHttp for SluiceProxy {
         Ok(false)
     }
 
+    /// Bodies without a `Content-Length` (chunked) are held to the same cap as they stream.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(chunk) = body {
+            ctx.body_bytes += chunk.len() as u64;
+            let max = ctx.generation.config.security.max_body_bytes;
+            if ctx.body_bytes > max {
+                return Err(error::error(
+                    Code::BodyTooLarge,
+                    format!("request body over {max} bytes"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         pace::before_attempt(&self.shared, ctx).await?;
         let Some(origin) = ctx.origin.as_ref() else {
