@@ -162,6 +162,16 @@ fn bench(c: &mut Criterion) {
             drop(subject);
         }
     }
+    // The same decision on a cell already held (what a request does after its one lookup).
+    let adm = Admission::new(Clock::quanta());
+    adm.decide("held.example.com:443", adm.now(), 0, 1e9, 2);
+    let held = adm.get("held.example.com:443").expect("cell");
+    g.bench_function("sluice_held_cell/1t/1", |b| {
+        b.iter(|| {
+            let now = adm.now();
+            black_box(!matches!(held.reserve(now, 0), Decision::Refuse { .. }))
+        })
+    });
     g.finish();
 }
 
