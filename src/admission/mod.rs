@@ -12,6 +12,9 @@ use crate::config::Generation;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Keys of client pace cells start with this (never a valid `host:port`).
+const CLIENT_PREFIX: &str = "@client/";
+
 type Map = papaya::HashMap<Box<str>, Arc<HostCell>, foldhash::fast::RandomState>;
 
 /// Nanoseconds since the admission clock started.
@@ -150,7 +153,7 @@ impl Admission {
 
     /// The pace cell of an authenticated client (its own limits, across all hosts).
     pub fn client_cell(&self, name: &str, rps: f64, burst: u32) -> Arc<HostCell> {
-        let key = format!("@client/{name}");
+        let key = format!("{CLIENT_PREFIX}{name}");
         let map = self.cells.pin();
         if let Some(c) = map.get(key.as_str()) {
             return c.clone();
@@ -286,6 +289,10 @@ impl Admission {
     pub fn apply_generation(&self, old: &Generation, new: &Generation) {
         let map = self.cells.pin();
         for (key, cell) in map.iter() {
+            if key.starts_with(CLIENT_PREFIX) {
+                // A client's own pace, not a host's: `[hosts]` does not apply to it.
+                continue;
+            }
             let host = host_of(key);
             let (profile, configured) = new.profile_for(host, key);
             let before = old.limits(cell.profile());
@@ -433,6 +440,10 @@ mod tests {
         assert!(!a.configured(), "removed from [hosts]: evictable again");
         assert_eq!(a.rps(), 2.0);
         assert_eq!(host_of("[::1]:80"), "::1");
+        let client = adm.client_cell("billing", 5.0, 1);
+        adm.apply_generation(&gone, &new);
+        assert_eq!(client.rps(), 5.0, "a client's pace is not a host's");
+        assert!(client.configured());
     }
 
     #[tokio::test(start_paused = true)]
