@@ -37,6 +37,15 @@ pub fn build_server(
 
     let listen = config.server.listen.clone();
     let admin_listen = config.server.admin_listen.clone();
+    if !options.upgrade {
+        // Pingora retries a busy address for a while and then panics in the service thread,
+        // leaving the process up without its listener: fail at once with a clear reason.
+        for (key, addr) in [("server.listen", &listen), ("server.admin_listen", &admin_listen)] {
+            if let Err(e) = std::net::TcpListener::bind(addr.as_str()) {
+                return Err(format!("{key} {addr}: cannot listen: {e}"));
+            }
+        }
+    }
     let shared = Shared::new(config, config_path, metrics);
 
     let http = pingora_proxy::http_proxy(&proxy_conf, SluiceProxy::new(shared.clone()));

@@ -105,3 +105,27 @@ fn sluice_config_env_names_the_file() {
     assert!(!out.status.success());
     assert!(stderr_of(&out).contains("server.threads"));
 }
+
+#[test]
+fn a_busy_listen_address_is_a_clear_startup_error() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("busy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"{addr}\"\nadmin_listen = \"127.0.0.1:{}\"\n",
+            free_port()
+        ),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(err.contains("server.listen") && err.contains("cannot listen"), "{err}");
+}
