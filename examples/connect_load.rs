@@ -40,7 +40,8 @@ async fn main() {
                         }
                         got += n;
                     }
-                    buf.starts_with(b"HTTP/1.1 200").then_some(())
+                    // "HTTP/1.0 200" (tinyproxy) or "HTTP/1.1 200".
+                    (buf.starts_with(b"HTTP/1.") && buf[8..].starts_with(b" 200")).then_some(())
                 }
                 .await;
                 match ok {
