@@ -40,7 +40,10 @@ pub fn build_server(
     if !options.upgrade {
         // Pingora retries a busy address for a while and then panics in the service thread,
         // leaving the process up without its listener: fail at once with a clear reason.
-        for (key, addr) in [("server.listen", &listen), ("server.admin_listen", &admin_listen)] {
+        for (key, addr) in [
+            ("server.listen", &listen),
+            ("server.admin_listen", &admin_listen),
+        ] {
             if let Err(e) = std::net::TcpListener::bind(addr.as_str()) {
                 return Err(format!("{key} {addr}: cannot listen: {e}"));
             }

@@ -127,5 +127,8 @@ fn a_busy_listen_address_is_a_clear_startup_error() {
         .expect("run");
     assert!(!out.status.success());
     let err = stderr_of(&out);
-    assert!(err.contains("server.listen") && err.contains("cannot listen"), "{err}");
+    assert!(
+        err.contains("server.listen") && err.contains("cannot listen"),
+        "{err}"
+    );
 }
