@@ -65,22 +65,31 @@ fn head_end(buf: &[u8], from: usize) -> bool {
     tail.windows(3).any(|w| w == b"\n\r\n") || tail.windows(2).any(|w| w == b"\n\n")
 }
 
+/// Read one request head. `reused`: the connection already carried a request, so while it
+/// sits idle a shutdown closes it. A new connection is always served: its client is already
+/// sending, and closing it would lose the request (as during a graceful upgrade).
 async fn read_head(
     stream: &mut Stream,
     idle: Duration,
     head_timeout: Duration,
     max: usize,
     shutdown: &ShutdownWatch,
+    reused: bool,
 ) -> Head {
     let mut buf = BytesMut::with_capacity(4096);
     let mut shutdown = shutdown.clone();
-    // Wait for the first bytes: the keep-alive idle time, or until shutdown.
-    tokio::select! {
-        r = tokio::time::timeout(idle, stream.read_buf(&mut buf)) => match r {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return Head::Gone,
-        },
-        _ = shutdown.wait_for(|down| *down) => return Head::Gone,
+    let first = tokio::time::timeout(idle, stream.read_buf(&mut buf));
+    let got = if reused {
+        tokio::select! {
+            r = first => r,
+            _ = shutdown.wait_for(|down| *down) => return Head::Gone,
+        }
+    } else {
+        first.await
+    };
+    match got {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return Head::Gone,
     }
     let deadline = tokio::time::Instant::now() + head_timeout;
     let mut scanned = 0;
@@ -244,8 +253,10 @@ impl ServerApp for Front {
         let mut stream = stream;
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut idle = head_timeout;
+        let mut served = false;
         loop {
-            let buf = match read_head(&mut stream, idle, head_timeout, max_head, shutdown).await {
+            let head = read_head(&mut stream, idle, head_timeout, max_head, shutdown, served);
+            let buf = match head.await {
                 Head::Complete(buf) => buf,
                 Head::Gone => return None,
                 Head::Refuse(code, why) => {
@@ -278,6 +289,7 @@ impl ServerApp for Front {
             stream = next;
             settings = next_settings;
             idle = Duration::from_secs(KEEPALIVE_SECS);
+            served = true;
         }
     }
 
