@@ -121,11 +121,7 @@ impl Origin {
 
     /// `host:port`, the key used for pacing and static resolution.
     pub fn host_port(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        host_port(&self.host, self.port)
     }
 
     /// The path to send upstream: the base path joined with the request's path and query.
@@ -238,6 +234,15 @@ pub fn parse_authority(
         },
     };
     Ok((host, port))
+}
+
+/// `host:port` (IPv6 hosts in brackets): the key of a destination host.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 /// The host as an IP address, when it is a literal.

@@ -143,13 +143,7 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream, head: bytes::BytesM
             })?),
             None => None,
         };
-        let key = crate::target::Origin {
-            scheme: crate::target::Scheme::Https,
-            host: head.host.clone(),
-            port: head.port,
-            base_path: String::new(),
-        }
-        .host_port();
+        let key = crate::target::host_port(&head.host, head.port);
         let cell = shared.admission.cell(&key, &head.host, &generation);
         host_label = generation.host_label(cell.profile()).to_string();
         let max_wait = generation.limits(cell.profile()).max_queue_wait.get();
