@@ -4,10 +4,15 @@
 //! errors with their key path), then `validate()` checks every semantic rule and reports every
 //! failure at once. `Generation::build()` compiles a valid `Config` into lookup structures.
 
+mod dispatch;
 mod duration;
 mod generation;
 mod validate;
 
+pub use dispatch::{
+    default_retry_on, HealthCheckConfig, HedgeAfter, Mode, Outlier, RegionConfig, RetryBudget,
+    RetryOn,
+};
 pub use duration::HumanDuration;
 pub use generation::{Generation, Route};
 pub use validate::ConfigError;
@@ -127,6 +132,22 @@ pub struct HostLimits {
     pub max_queue_wait: HumanDuration,
     /// Ceiling for a pace learned from upstream headers; 0 = no ceiling.
     pub max_rps: f64,
+    /// How requests are sent across the host's regions.
+    pub mode: Mode,
+    /// When `hedge` sends its duplicate: a duration or a latency percentile ("p95").
+    pub hedge_after: HedgeAfter,
+    /// Most attempts (first, retries and duplicates) for one request.
+    pub max_attempts: u32,
+    /// Failures that send a request to another region.
+    pub retry_on: RetryOn,
+    /// Allow duplicates of requests that may have side effects (POST without
+    /// `Idempotency-Key`).
+    pub duplicate_unsafe: bool,
+    /// Request bodies up to this size are kept so that they can be sent again; larger ones
+    /// stream to one region.
+    pub max_buffered_body: u64,
+    pub retry_budget: RetryBudget,
+    pub outlier: Outlier,
 }
 
 impl Default for HostLimits {
@@ -137,6 +158,14 @@ impl Default for HostLimits {
             max_concurrent: 0,
             max_queue_wait: HumanDuration::from_secs(30),
             max_rps: 0.0,
+            mode: Mode::Single,
+            hedge_after: HedgeAfter::Percentile(95),
+            max_attempts: 3,
+            retry_on: default_retry_on(),
+            duplicate_unsafe: false,
+            max_buffered_body: 1024 * 1024,
+            retry_budget: RetryBudget::default(),
+            outlier: Outlier::default(),
         }
     }
 }
@@ -150,6 +179,18 @@ pub struct HostOverride {
     pub max_concurrent: Option<u32>,
     pub max_queue_wait: Option<HumanDuration>,
     pub max_rps: Option<f64>,
+    pub mode: Option<Mode>,
+    pub hedge_after: Option<HedgeAfter>,
+    pub max_attempts: Option<u32>,
+    pub retry_on: Option<RetryOn>,
+    pub duplicate_unsafe: Option<bool>,
+    pub max_buffered_body: Option<u64>,
+    pub retry_budget: Option<RetryBudget>,
+    pub outlier: Option<Outlier>,
+    /// The host's regions; without any, the host is one region: its DNS answer.
+    #[serde(default)]
+    pub regions: Vec<RegionConfig>,
+    pub health_check: Option<HealthCheckConfig>,
 }
 
 impl HostOverride {
@@ -161,6 +202,14 @@ impl HostOverride {
             max_concurrent: self.max_concurrent.unwrap_or(base.max_concurrent),
             max_queue_wait: self.max_queue_wait.unwrap_or(base.max_queue_wait),
             max_rps: self.max_rps.unwrap_or(base.max_rps),
+            mode: self.mode.unwrap_or(base.mode),
+            hedge_after: self.hedge_after.unwrap_or(base.hedge_after),
+            max_attempts: self.max_attempts.unwrap_or(base.max_attempts),
+            retry_on: self.retry_on.unwrap_or(base.retry_on),
+            duplicate_unsafe: self.duplicate_unsafe.unwrap_or(base.duplicate_unsafe),
+            max_buffered_body: self.max_buffered_body.unwrap_or(base.max_buffered_body),
+            retry_budget: self.retry_budget.unwrap_or(base.retry_budget),
+            outlier: self.outlier.unwrap_or(base.outlier),
         }
     }
 }

@@ -114,6 +114,7 @@ impl Config {
                 );
             }
             check_limits(&path, &o.apply(&self.defaults), &mut err);
+            check_regions(&path, name, o, &mut err);
         }
 
         let sec = &self.security;
@@ -257,6 +258,142 @@ fn check_limits(path: &str, l: &super::HostLimits, err: &mut impl FnMut(String, 
             format!("{path}.max_rps"),
             "must be 0 (no ceiling) or positive".into(),
         );
+    }
+    check_dispatch(path, l, err);
+}
+
+fn check_dispatch(path: &str, l: &super::HostLimits, err: &mut impl FnMut(String, String)) {
+    if !(1..=10).contains(&l.max_attempts) {
+        err(
+            format!("{path}.max_attempts"),
+            "must be from 1 to 10".into(),
+        );
+    }
+    let b = &l.retry_budget;
+    if !(b.ratio.is_finite() && (0.0..=1.0).contains(&b.ratio)) {
+        err(
+            format!("{path}.retry_budget.ratio"),
+            "must be between 0 and 1 (0.2 = extra attempts up to 20% of requests)".into(),
+        );
+    }
+    let o = &l.outlier;
+    if o.base_ejection.get().is_zero() {
+        err(
+            format!("{path}.outlier.base_ejection"),
+            "must be greater than zero".into(),
+        );
+    }
+    if o.max_ejection < o.base_ejection {
+        err(
+            format!("{path}.outlier.max_ejection"),
+            "must be at least outlier.base_ejection".into(),
+        );
+    }
+}
+
+/// A host's regions and health check: names unique, each region with exactly one of
+/// `address`, `addresses` or `via`, and only on exact host names.
+fn check_regions(
+    path: &str,
+    name: &str,
+    o: &super::HostOverride,
+    err: &mut impl FnMut(String, String),
+) {
+    if !o.regions.is_empty() && name.starts_with('*') {
+        err(
+            format!("{path}.regions"),
+            "regions belong to one host: name it exactly, not with *.suffix".into(),
+        );
+    }
+    if o.health_check.is_some() && o.regions.is_empty() {
+        err(
+            format!("{path}.health_check"),
+            "checks a host's regions: add `regions` or remove it".into(),
+        );
+    }
+    let mut names = HashSet::new();
+    for (i, r) in o.regions.iter().enumerate() {
+        let rp = format!("{path}.regions[{i}]");
+        let valid_name = !r.name.is_empty()
+            && r.name.len() <= 64
+            && r.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !valid_name {
+            err(
+                format!("{rp}.name"),
+                "must be 1 to 64 letters, digits, '-', '_' or '.'".into(),
+            );
+        } else if !names.insert(r.name.to_ascii_lowercase()) {
+            err(
+                format!("{rp}.name"),
+                format!("{:?} is listed twice", r.name),
+            );
+        }
+        let kinds = usize::from(r.address.is_some())
+            + usize::from(!r.addresses.is_empty())
+            + usize::from(r.via.is_some());
+        if kinds != 1 {
+            err(
+                rp.clone(),
+                "needs exactly one of `address`, `addresses` or `via`".into(),
+            );
+        }
+        for (key, a) in r.address.iter().map(|a| ("address".to_string(), a)).chain(
+            r.addresses
+                .iter()
+                .enumerate()
+                .map(|(j, a)| (format!("addresses[{j}]"), a)),
+        ) {
+            if a.parse::<SocketAddr>().is_err() {
+                err(
+                    format!("{rp}.{key}"),
+                    format!("{a:?} is not an ip:port socket address"),
+                );
+            }
+        }
+        if let Some(via) = &r.via {
+            match Origin::parse(via) {
+                Ok(origin) if !origin.scheme.is_tls() => {}
+                Ok(_) => err(
+                    format!("{rp}.via"),
+                    "a peer sluice is reached over plain http://host:port".into(),
+                ),
+                Err(e) => err(format!("{rp}.via"), e.0),
+            }
+            if r.tls.is_some() || r.sni.is_some() {
+                err(
+                    rp.clone(),
+                    "`tls` and `sni` belong to the peer's own region, not to `via`".into(),
+                );
+            }
+        }
+        if r.sni.is_some() && r.tls == Some(false) {
+            err(format!("{rp}.sni"), "needs tls".into());
+        }
+    }
+    if let Some(h) = &o.health_check {
+        let hp = format!("{path}.health_check");
+        if h.interval.get().is_zero() {
+            err(format!("{hp}.interval"), "must be greater than zero".into());
+        }
+        if h.timeout.get().is_zero() {
+            err(format!("{hp}.timeout"), "must be greater than zero".into());
+        }
+        if h.healthy == 0 {
+            err(format!("{hp}.healthy"), "must be at least 1".into());
+        }
+        if h.unhealthy == 0 {
+            err(format!("{hp}.unhealthy"), "must be at least 1".into());
+        }
+        if let Some(p) = &h.path {
+            if !p.starts_with('/') || http::Uri::try_from(p.as_str()).is_err() {
+                err(
+                    format!("{hp}.path"),
+                    format!("{p:?} must be an absolute path like \"/health\""),
+                );
+            }
+        }
     }
 }
 
