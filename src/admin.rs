@@ -83,6 +83,8 @@ impl Admin {
             },
             "hosts_tracked": admission.len(),
             "hosts": limits,
+            "regions": crate::regions::status_json(&self.shared.regions),
+            "instance": self.shared.instance,
         })
     }
 }
@@ -167,6 +169,7 @@ impl ServeHttp for Admin {
             "/metrics" => {
                 let m = &self.shared.metrics;
                 m.hosts_tracked.set(self.shared.admission.len() as i64);
+                m.refresh_regions(&self.shared.regions);
                 for (key, cell) in configured_cells(&self.shared) {
                     m.host_pace.with_label_values(&[&key]).set(cell.rps());
                 }

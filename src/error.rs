@@ -29,11 +29,13 @@ pub enum Code {
     UpstreamClosed,
     UpstreamProtocol,
     ClientClosed,
+    NoHealthyRegion,
+    LoopDetected,
     Internal,
 }
 
 impl Code {
-    pub const ALL: [Code; 24] = [
+    pub const ALL: [Code; 26] = [
         Code::BadRequest,
         Code::BadTarget,
         Code::RateLimited,
@@ -57,6 +59,8 @@ impl Code {
         Code::UpstreamClosed,
         Code::UpstreamProtocol,
         Code::ClientClosed,
+        Code::NoHealthyRegion,
+        Code::LoopDetected,
         Code::Internal,
     ];
 
@@ -85,6 +89,8 @@ impl Code {
             Code::UpstreamClosed => "upstream_closed",
             Code::UpstreamProtocol => "upstream_protocol",
             Code::ClientClosed => "client_closed",
+            Code::NoHealthyRegion => "no_healthy_region",
+            Code::LoopDetected => "loop_detected",
             Code::Internal => "internal",
         }
     }
@@ -109,6 +115,8 @@ impl Code {
             | Code::UpstreamProtocol => 502,
             Code::ConnectTimeout | Code::UpstreamTimeout => 504,
             Code::ClientClosed => 0,
+            Code::NoHealthyRegion => 503,
+            Code::LoopDetected => 508,
             Code::Internal => 500,
         }
     }

@@ -59,6 +59,20 @@ pub struct Metrics {
     pub hosts_tracked: IntGauge,
     /// `sluice_host_pace_rps{host}`: current pace of hosts named in `[hosts]`.
     pub host_pace: prometheus::GaugeVec,
+    /// `sluice_hedges_total{host, event="fired|won"}`.
+    pub hedges: IntCounterVec,
+    /// `sluice_races_total{host}`.
+    pub races: IntCounterVec,
+    /// `sluice_retries_total{host, reason="connect|timeout|reset|status|429"}`.
+    pub retries: IntCounterVec,
+    /// `sluice_retry_budget_exhausted_total{host}`.
+    pub budget_exhausted: IntCounterVec,
+    /// `sluice_region_ejections_total{host, region}`.
+    pub ejections: IntCounterVec,
+    /// `sluice_region_healthy{host, region}`: 1 when the region may take traffic.
+    pub region_healthy: IntGaugeVec,
+    /// `sluice_region_latency_seconds{host, region, stat="ewma|p95|p99"}`.
+    pub region_latency: prometheus::GaugeVec,
 }
 
 impl Metrics {
@@ -169,6 +183,55 @@ impl Metrics {
             ),
             &["host"],
         )?;
+        let hedges = IntCounterVec::new(
+            Opts::new(
+                "sluice_hedges_total",
+                "Hedged attempts sent (fired) and hedges whose answer was used (won), by host",
+            ),
+            &["host", "event"],
+        )?;
+        let races = IntCounterVec::new(
+            Opts::new(
+                "sluice_races_total",
+                "Requests raced across regions, by host",
+            ),
+            &["host"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "sluice_retries_total",
+                "Attempts sent again after a failure, by host and reason",
+            ),
+            &["host", "reason"],
+        )?;
+        let budget_exhausted = IntCounterVec::new(
+            Opts::new(
+                "sluice_retry_budget_exhausted_total",
+                "Retries or hedges not sent because the host's retry budget was spent",
+            ),
+            &["host"],
+        )?;
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "sluice_region_ejections_total",
+                "Regions ejected after consecutive failures, by host and region",
+            ),
+            &["host", "region"],
+        )?;
+        let region_healthy = IntGaugeVec::new(
+            Opts::new(
+                "sluice_region_healthy",
+                "1 when the region passes its checks and is not ejected, by host and region",
+            ),
+            &["host", "region"],
+        )?;
+        let region_latency = prometheus::GaugeVec::new(
+            Opts::new(
+                "sluice_region_latency_seconds",
+                "Time to response head observed per region (ewma, p95, p99)",
+            ),
+            &["host", "region", "stat"],
+        )?;
         let config_reloads = IntCounterVec::new(
             Opts::new(
                 "sluice_config_reloads_total",
@@ -186,12 +249,19 @@ impl Metrics {
             &learned,
             &hint_errors,
             &config_reloads,
+            &hedges,
+            &races,
+            &retries,
+            &budget_exhausted,
+            &ejections,
         ] {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(queue_wait.clone()))?;
         registry.register(Box::new(hosts_tracked.clone()))?;
         registry.register(Box::new(host_pace.clone()))?;
+        registry.register(Box::new(region_healthy.clone()))?;
+        registry.register(Box::new(region_latency.clone()))?;
         for r in ["pace", "paused", "concurrency"] {
             rejections.with_label_values(&[r]);
         }
@@ -240,6 +310,13 @@ impl Metrics {
             hint_errors,
             hosts_tracked,
             host_pace,
+            hedges,
+            races,
+            retries,
+            budget_exhausted,
+            ejections,
+            region_healthy,
+            region_latency,
         })
     }
 
@@ -266,6 +343,39 @@ impl Metrics {
         self.upstream_attempts
             .with_label_values(&[host, IMPLICIT_REGION, outcome])
             .inc();
+    }
+
+    /// Count one attempt sent to a configured region.
+    pub fn record_region_attempt(&self, host: &str, region: &str, outcome: &str) {
+        self.upstream_attempts
+            .with_label_values(&[host, region, outcome])
+            .inc();
+    }
+
+    /// Set the region gauges from the regions' live state (called before each scrape).
+    pub fn refresh_regions(&self, regions: &crate::regions::Regions) {
+        let now = regions.now();
+        self.region_healthy.reset();
+        self.region_latency.reset();
+        for h in regions.all() {
+            for r in &h.regions {
+                let labels = [h.host.as_str(), r.name.as_str()];
+                self.region_healthy
+                    .with_label_values(&labels)
+                    .set(i64::from(r.state.available(now)));
+                for (stat, value) in [
+                    ("ewma", r.state.ewma()),
+                    ("p95", r.state.percentile(95)),
+                    ("p99", r.state.percentile(99)),
+                ] {
+                    if let Some(d) = value {
+                        self.region_latency
+                            .with_label_values(&[labels[0], labels[1], stat])
+                            .set(d.as_secs_f64());
+                    }
+                }
+            }
+        }
     }
 
     /// Prometheus text exposition of every metric.

@@ -4,7 +4,10 @@
 use crate::admission::{Admission, Clock};
 use crate::config::{Config, Generation};
 use crate::metrics::Metrics;
+use crate::regions::Regions;
 use arc_swap::ArcSwap;
+use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::ConnectorOptions;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,13 +22,31 @@ pub struct Shared {
     pub config_path: Option<PathBuf>,
     /// Held while a reload runs: never two at once.
     pub reloading: std::sync::Mutex<()>,
+    /// Configured hosts' regions: health, ejection, latency, retry budgets.
+    pub regions: Regions,
+    /// Connections to regions (and health checks), pooled.
+    pub upstream: Connector,
+    /// This process's id in `Via`, to refuse a request that comes back (a peer loop).
+    pub instance: String,
+    /// The `Via` value this process adds.
+    pub via: String,
 }
 
 impl Shared {
-    pub fn new(config: Config, config_path: Option<PathBuf>, metrics: Metrics) -> Arc<Shared> {
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        metrics: Metrics,
+        connector: Option<ConnectorOptions>,
+    ) -> Arc<Shared> {
         let generation = Generation::build(1, config);
         metrics.config_generation.set(1);
+        let instance = instance_id();
         Arc::new(Shared {
+            regions: Regions::new(&generation),
+            upstream: Connector::new(connector),
+            via: format!("1.1 sluice-{instance}"),
+            instance,
             current: ArcSwap::from_pointee(generation),
             metrics,
             admission: Admission::new(Clock::quanta()),
@@ -41,6 +62,7 @@ impl Shared {
         let new = Arc::new(generation);
         let old = self.current.swap(new.clone());
         self.admission.apply_generation(&old, &new);
+        self.regions.apply_generation(&new);
         self.metrics.config_generation.set(number);
     }
 
@@ -48,4 +70,17 @@ impl Shared {
     pub fn generation(&self) -> Arc<Generation> {
         self.current.load_full()
     }
+}
+
+/// A short id for this process: 8 hex digits from a randomly keyed hash of the pid and time.
+fn instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("{:08x}", h.finish() as u32)
 }

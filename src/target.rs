@@ -22,6 +22,13 @@ impl Scheme {
     pub fn is_tls(self) -> bool {
         self == Scheme::Https
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
 }
 
 /// Why a target could not be parsed.

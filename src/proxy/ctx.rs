@@ -45,6 +45,8 @@ pub struct Ctx {
     pub client_permit: Option<Permit>,
     /// Request body bytes received so far.
     pub body_bytes: u64,
+    /// The configured region that answered.
+    pub region: Option<String>,
 }
 
 impl Ctx {
@@ -83,6 +85,7 @@ impl Ctx {
             client_cell: None,
             client_permit: None,
             body_bytes: 0,
+            region: None,
         }
     }
 }

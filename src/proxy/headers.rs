@@ -17,7 +17,8 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
-pub const VIA: &str = "1.1 sluice";
+/// The `Via` pseudonym prefix; each process adds `1.1 sluice-<instance>`.
+pub const VIA_PREFIX: &str = "sluice-";
 
 /// Names to drop from `headers`: the fixed hop-by-hop set, those listed in `Connection`, and,
 /// when `control` is set, every `sluice-*` header.
@@ -41,24 +42,38 @@ fn names_to_drop(headers: &HeaderMap, control: bool) -> Vec<HeaderName> {
     drop
 }
 
-/// Clean a request before it goes upstream.
-pub fn clean_request(req: &mut RequestHeader) {
+/// Clean a request before it goes upstream; `via` is this process's `Via` value.
+pub fn clean_request(req: &mut RequestHeader, via: &str) {
     for name in names_to_drop(&req.headers, true) {
         req.remove_header(&name);
     }
-    if let Err(e) = req.append_header(http::header::VIA, VIA) {
+    if let Err(e) = req.append_header(http::header::VIA, via) {
         tracing::debug!(error = %e, "could not append Via");
     }
 }
 
 /// Clean a response before it goes to the client.
-pub fn clean_response(resp: &mut ResponseHeader) {
+pub fn clean_response(resp: &mut ResponseHeader, via: &str) {
     for name in names_to_drop(&resp.headers, false) {
         resp.remove_header(&name);
     }
-    if let Err(e) = resp.append_header(http::header::VIA, VIA) {
+    if let Err(e) = resp.append_header(http::header::VIA, via) {
         tracing::debug!(error = %e, "could not append Via");
     }
+}
+
+/// Did this request already pass through this process (`Via` names its instance)?
+pub fn came_through(req: &RequestHeader, instance: &str) -> bool {
+    req.headers.get_all(http::header::VIA).iter().any(|v| {
+        v.to_str().is_ok_and(|text| {
+            text.split(',').any(|hop| {
+                hop.split_whitespace()
+                    .nth(1)
+                    .and_then(|by| by.strip_prefix(VIA_PREFIX))
+                    .is_some_and(|id| id.eq_ignore_ascii_case(instance))
+            })
+        })
+    })
 }
 
 #[cfg(test)]
@@ -82,15 +97,25 @@ mod tests {
         ] {
             req.append_header(k, v).expect("header");
         }
-        clean_request(&mut req);
+        clean_request(&mut req, "1.1 sluice-ab12");
         let names: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), 3, "{names:?}");
         assert!(req.headers.contains_key("authorization"));
         assert!(req.headers.contains_key("x-other"));
         assert_eq!(
             req.headers.get("via").map(|v| v.as_bytes()),
-            Some(&b"1.1 sluice"[..])
+            Some(&b"1.1 sluice-ab12"[..])
         );
+    }
+
+    #[test]
+    fn a_request_that_came_back_is_recognised() {
+        let mut req = RequestHeader::build("GET", b"/", None).expect("req");
+        assert!(!came_through(&req, "ab12"));
+        req.append_header("Via", "1.1 cdn, 1.1 sluice-ab12")
+            .expect("h");
+        assert!(came_through(&req, "ab12"));
+        assert!(!came_through(&req, "cd34"));
     }
 
     #[test]
@@ -99,7 +124,7 @@ mod tests {
         resp.append_header("Connection", "close").expect("h");
         resp.append_header("Via", "1.1 upstream-cdn").expect("h");
         resp.append_header("Content-Type", "text/plain").expect("h");
-        clean_response(&mut resp);
+        clean_response(&mut resp, "1.1 sluice-ab12");
         assert!(!resp.headers.contains_key("connection"));
         let via: Vec<_> = resp.headers.get_all("via").iter().collect();
         assert_eq!(via.len(), 2);

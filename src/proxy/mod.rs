@@ -7,6 +7,7 @@ pub mod pace;
 
 pub use ctx::Ctx;
 
+use crate::config::Generation;
 use crate::error::{self, Code};
 use crate::policy::auth::{AuthError, SLUICE_KEY};
 use crate::resolve::resolve;
@@ -19,9 +20,10 @@ use pingora_error::{Error, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Reads from the upstream get at least this long, even when the deadline is nearer.
-const MIN_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1);
+const MIN_READ_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// The HTTP side of sluice (forward proxy, explicit target, routes).
 pub struct SluiceProxy {
@@ -44,6 +46,15 @@ impl ProxyHttp for SluiceProxy {
 
     /// Find the destination and resolve it; refusals end here with a clear status.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if headers::came_through(session.req_header(), &self.shared.instance) {
+            return Err(error::error(
+                Code::LoopDetected,
+                format!(
+                    "this request already passed through this sluice (instance {}): a peer loop",
+                    self.shared.instance
+                ),
+            ));
+        }
         let dest = match target::destination(session.req_header(), &ctx.generation) {
             Ok(d) => d,
             Err((way, code, message)) => {
@@ -78,6 +89,23 @@ impl ProxyHttp for SluiceProxy {
         egress
             .check_host(&dest.origin.host)
             .map_err(|(code, m)| error::error(code, m))?;
+        let key = dest.origin.host_port();
+        let (profile, named) = ctx.generation.profile_for(&dest.origin.host, &key);
+        let regions = named
+            .then(|| self.shared.regions.get(ctx.generation.host_label(profile)))
+            .flatten();
+        if let Some(host) = regions {
+            // Configured regions carry their own addresses (trusted as configured): no DNS.
+            ctx.upstream_path = dest.path;
+            ctx.cell = Some(
+                self.shared
+                    .admission
+                    .cell(&key, &dest.origin.host, &ctx.generation),
+            );
+            ctx.origin = Some(dest.origin);
+            crate::dispatch::run(&self.shared, session, ctx, host).await?;
+            return Ok(true);
+        }
         let timeout = ctx.generation.config.server.dns_timeout.get();
         let addrs = resolve(
             &ctx.generation,
@@ -90,7 +118,6 @@ impl ProxyHttp for SluiceProxy {
             .filter(&dest.origin.host, addrs)
             .map_err(|(code, m)| error::error(code, m))?;
         ctx.upstream_path = dest.path;
-        let key = dest.origin.host_port();
         ctx.cell = Some(
             self.shared
                 .admission
@@ -135,15 +162,11 @@ impl ProxyHttp for SluiceProxy {
         let addr = ctx.addrs[ctx.attempts as usize % ctx.addrs.len()];
         ctx.attempts += 1;
         let mut peer = HttpPeer::new(addr, origin.scheme.is_tls(), origin.host.clone());
-        let server = &ctx.generation.config.server;
-        peer.options.connection_timeout = Some(server.connect_timeout.get());
-        peer.options.total_connection_timeout = Some(server.connect_timeout.get());
-        let read_timeout = server.read_timeout.get();
-        peer.options.read_timeout = Some(ctx.time_left().map_or(read_timeout, |left| {
+        let read_timeout = ctx.generation.config.server.read_timeout.get();
+        let read_timeout = ctx.time_left().map_or(read_timeout, |left| {
             left.min(read_timeout).max(MIN_READ_TIMEOUT)
-        }));
-        peer.options.write_timeout = Some(server.write_timeout.get());
-        peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
+        });
+        peer_options(&mut peer, &ctx.generation, read_timeout);
         Ok(Box::new(peer))
     }
 
@@ -181,7 +204,7 @@ impl ProxyHttp for SluiceProxy {
             )
         })?;
         upstream.set_uri(uri);
-        headers::clean_request(upstream);
+        headers::clean_request(upstream, &self.shared.via);
         upstream.insert_header(http::header::HOST, origin.host_header())?;
         Ok(())
     }
@@ -241,7 +264,8 @@ impl ProxyHttp for SluiceProxy {
         self.shared
             .metrics
             .record_upstream_status(ctx.way, resp.status.as_u16());
-        headers::clean_response(resp);
+        headers::clean_response(resp, &self.shared.via);
+        resp.insert_header("Sluice-Region", crate::metrics::IMPLICIT_REGION)?;
         resp.insert_header("Sluice-Attempts", ctx.attempts.to_string())?;
         resp.insert_header("Sluice-Queued-Ms", ctx.queued.as_millis().to_string())?;
         Ok(())
@@ -283,6 +307,7 @@ impl ProxyHttp for SluiceProxy {
                 target: "sluice::access",
                 way = ctx.way.as_str(),
                 host = ctx.origin.as_ref().map_or("-", |o| o.host.as_str()),
+                region = ctx.region.as_deref().unwrap_or("-"),
                 method = session.req_header().method.as_str(),
                 status,
                 attempts = ctx.attempts,
@@ -340,6 +365,16 @@ impl SluiceProxy {
             }
         }
     }
+}
+
+/// Timeouts of a connection to an upstream or region.
+pub fn peer_options(peer: &mut HttpPeer, generation: &Generation, read_timeout: Duration) {
+    let server = &generation.config.server;
+    peer.options.connection_timeout = Some(server.connect_timeout.get());
+    peer.options.total_connection_timeout = Some(server.connect_timeout.get());
+    peer.options.read_timeout = Some(read_timeout);
+    peer.options.write_timeout = Some(server.write_timeout.get());
+    peer.options.idle_timeout = Some(Duration::from_secs(60));
 }
 
 /// The request's declared body length.

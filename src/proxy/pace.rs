@@ -95,6 +95,49 @@ pub async fn before_attempt(shared: &Shared, ctx: &mut Ctx) -> pingora_error::Re
     }
 }
 
+/// Take in what a response head says about its host (pace statements, pauses); returns how
+/// long the host is paused from now.
+pub fn learn(shared: &Shared, ctx: &Ctx, cell: &HostCell, resp: &ResponseHeader) -> Duration {
+    let status = resp.status.as_u16();
+    let h = hints::parse(&resp.headers, SystemTime::now());
+    let m = &shared.metrics;
+    for name in &h.invalid {
+        m.hint_errors.with_label_values(&[name]).inc();
+    }
+    let limits = ctx.generation.limits(cell.profile());
+    let learned = shared.admission.learn(cell, status, &h, limits.max_rps);
+    if learned.rps.is_some() {
+        m.learned.with_label_values(&["rps"]).inc();
+    }
+    if learned.max_concurrent.is_some() {
+        m.learned.with_label_values(&["max_concurrent"]).inc();
+    }
+    if let Some((_, source)) = learned.paused {
+        m.pauses.with_label_values(&[source.as_str()]).inc();
+    }
+    let now = shared.admission.now();
+    Duration::from_nanos(cell.paused_until().saturating_sub(now))
+}
+
+/// Tell the client how long the host is paused, on a 429 or 503 passed to it.
+pub fn set_retry_after(
+    resp: &mut ResponseHeader,
+    pause_left: Duration,
+) -> pingora_error::Result<()> {
+    let status = resp.status.as_u16();
+    if (status == 429 || status == 503) && !pause_left.is_zero() {
+        let secs = pause_left.as_secs() + u64::from(pause_left.subsec_nanos() > 0);
+        resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
+    }
+    Ok(())
+}
+
+/// Does this response ask for a pause (429, or 503 with `Retry-After`)?
+pub fn pause_signal(resp: &ResponseHeader) -> bool {
+    let status = resp.status.as_u16();
+    status == 429 || (status == 503 && resp.headers.contains_key(http::header::RETRY_AFTER))
+}
+
 /// After the response head: learn, and send the request again after a pause when allowed.
 pub fn after_response(
     shared: &Shared,
@@ -107,28 +150,11 @@ pub fn after_response(
         return Ok(());
     };
     let status = resp.status.as_u16();
-    let h = hints::parse(&resp.headers, SystemTime::now());
-    let m = &shared.metrics;
-    for name in &h.invalid {
-        m.hint_errors.with_label_values(&[name]).inc();
-    }
-    let limits = ctx.generation.limits(cell.profile());
-    let learned = shared.admission.learn(&cell, status, &h, limits.max_rps);
-    if learned.rps.is_some() {
-        m.learned.with_label_values(&["rps"]).inc();
-    }
-    if learned.max_concurrent.is_some() {
-        m.learned.with_label_values(&["max_concurrent"]).inc();
-    }
-    if let Some((_, source)) = learned.paused {
-        m.pauses.with_label_values(&[source.as_str()]).inc();
-    }
-    let pause_signal = status == 429 || (status == 503 && h.retry_after.is_some());
-    if !pause_signal {
+    let pause_left = learn(shared, ctx, &cell, resp);
+    if !pause_signal(resp) {
         return Ok(());
     }
-    let now = shared.admission.now();
-    let pause_left = Duration::from_nanos(cell.paused_until().saturating_sub(now));
+    let m = &shared.metrics;
     // A 429 means the request was not processed, so sending it again duplicates nothing;
     // a 503 is sent again only when that is safe.
     let safe = status == 429 || idempotent;
@@ -148,11 +174,7 @@ pub fn after_response(
     if status == 429 {
         m.upstream_429.with_label_values(&["passed"]).inc();
     }
-    if !pause_left.is_zero() {
-        let secs = pause_left.as_secs() + u64::from(pause_left.subsec_nanos() > 0);
-        resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
-    }
-    Ok(())
+    set_retry_after(resp, pause_left)
 }
 
 /// Parse `Sluice-Timeout` ("5s", "150ms").

@@ -7,7 +7,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,8 @@ struct Route {
     prefix: String,
     reply: Reply,
     hits: AtomicUsize,
+    /// A status set while the upstream runs (0: the reply's own).
+    status_override: AtomicU16,
 }
 
 #[derive(Default)]
@@ -130,6 +132,7 @@ impl Builder {
                     prefix,
                     reply,
                     hits: AtomicUsize::new(0),
+                    status_override: AtomicU16::new(0),
                 })
                 .collect(),
             ..State::default()
@@ -270,10 +273,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         tokio::time::sleep(reply.latency).await;
     }
     let failing = hit < reply.fail_first;
-    let status = if failing {
-        reply.fail_status
-    } else {
-        reply.status
+    let status = match route.status_override.load(Ordering::SeqCst) {
+        0 if failing => reply.fail_status,
+        0 => reply.status,
+        s => s,
     };
     let mut b = Response::builder().status(status);
     for (k, v) in &reply.headers {
@@ -325,6 +328,21 @@ impl FakeUpstream {
 
     pub fn count(&self) -> usize {
         self.state.log.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// From now on, answer the route with this `prefix` with `status` (its body unchanged).
+    pub fn set_status(&self, prefix: &str, status: u16) {
+        for r in self.state.routes.iter().filter(|r| r.prefix == prefix) {
+            r.status_override.store(status, Ordering::SeqCst);
+        }
+    }
+
+    /// Requests received whose path starts with `prefix`.
+    pub fn count_path(&self, prefix: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.target.starts_with(prefix))
+            .count()
     }
 
     /// TCP connections accepted so far.

@@ -1,0 +1,221 @@
+//! One attempt of a request against one region: admission, connect, send the head and the
+//! buffered body, read the response head. The caller races attempts and streams the winner.
+
+use super::Job;
+use crate::admission::Permit;
+use crate::error::{self, Code};
+use crate::regions::state::InFlight;
+use crate::regions::Region;
+use bytes::Bytes;
+use http::HeaderValue;
+use pingora_core::protocols::http::client::HttpSession;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::Result;
+use pingora_http::RequestHeader;
+use std::time::{Duration, Instant};
+
+/// How an attempt takes its admission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Already admitted (the request's first attempt).
+    Held,
+    /// Wait for a slot like any request (a retry).
+    Wait,
+    /// Only if a slot is free now (a hedge or race duplicate: never queue a duplicate).
+    IfFree,
+}
+
+/// A response head from a region, with what is needed to stream its body.
+pub struct Answer {
+    pub session: HttpSession,
+    pub peer: HttpPeer,
+    pub region: usize,
+    pub started: Instant,
+    /// The host's in-flight place, held until the body is streamed.
+    pub permit: Option<Permit>,
+    pub in_flight: InFlight,
+}
+
+/// Why an attempt ended without an answer.
+pub struct Failed {
+    pub region: usize,
+    pub error: Box<pingora_error::Error>,
+    /// The attempt never reached the upstream (admission refused it, or it could not connect).
+    pub unsent: bool,
+}
+
+pub type Outcome = std::result::Result<Answer, Failed>;
+
+/// Run one attempt to `region` (index into the host's regions) after `delay` (backoff).
+pub async fn run(
+    job: &Job<'_>,
+    region: usize,
+    admit: Admit,
+    permit: Option<Permit>,
+    delay: Duration,
+) -> Outcome {
+    let fail = |error: Box<pingora_error::Error>, unsent: bool| Failed {
+        region,
+        error,
+        unsent,
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let permit = match (admit, permit) {
+        (Admit::Held, p) => p,
+        (_, Some(p)) => Some(p),
+        (how, None) => match job.cell.as_ref() {
+            None => None,
+            Some(cell) => {
+                let wait = match how {
+                    Admit::IfFree => Duration::ZERO,
+                    _ => job.max_wait(),
+                };
+                match crate::proxy::pace::admit(job.shared, cell, wait).await {
+                    Ok(p) => Some(p),
+                    Err(r) => {
+                        let secs = r.retry_after_secs();
+                        return Err(fail(
+                            error::error(
+                                Code::RateLimited,
+                                format!(
+                                    "{}: no free slot for another attempt; retry after {secs}s",
+                                    job.origin.host_port()
+                                ),
+                            ),
+                            true,
+                        ));
+                    }
+                }
+            }
+        },
+    };
+    let r = &job.host.regions[region];
+    let in_flight = r.state.enter();
+    let started = Instant::now();
+    let mut pending = Pending {
+        state: &r.state,
+        started,
+        armed: true,
+    };
+    let peer = match peer_for(job, r).await {
+        Ok(p) => p,
+        Err(e) => return Err(fail(e, true)),
+    };
+    let (mut session, _reused) = match job.shared.upstream.get_http_session(&peer).await {
+        Ok(s) => s,
+        Err(e) => return Err(fail(e, true)),
+    };
+    let read_timeout = job.read_timeout();
+    session.set_read_timeout(Some(read_timeout));
+    session.set_write_timeout(Some(job.generation().config.server.write_timeout.get()));
+    let head = match request_head(job, r) {
+        Ok(h) => h,
+        Err(e) => return Err(fail(e, true)),
+    };
+    if let Err(e) = send(&mut session, head, job.body.as_ref()).await {
+        return Err(fail(e, false));
+    }
+    let read = session.read_response_header().await;
+    pending.armed = false;
+    if let Err(e) = read {
+        return Err(fail(e, false));
+    }
+    Ok(Answer {
+        session,
+        peer,
+        region,
+        started,
+        permit,
+        in_flight,
+    })
+}
+
+/// While armed, dropping it (the attempt was cancelled) records the time waited as a lower
+/// bound of the region's latency.
+struct Pending<'a> {
+    state: &'a crate::regions::state::RegionState,
+    started: Instant,
+    armed: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.record_censored(self.started.elapsed());
+        }
+    }
+}
+
+async fn send(session: &mut HttpSession, head: RequestHeader, body: Option<&Bytes>) -> Result<()> {
+    session.write_request_header(Box::new(head)).await?;
+    if let Some(b) = body {
+        if !b.is_empty() {
+            session.write_request_body(b.clone(), true).await?;
+        }
+    }
+    session.finish_request_body().await
+}
+
+/// The peer for one attempt: the region's next address, or the peer sluice of a `via` region.
+pub async fn peer_for(job: &Job<'_>, r: &Region) -> Result<HttpPeer> {
+    let server = &job.generation().config.server;
+    let mut peer = match &r.via {
+        Some(via) => {
+            let addrs = crate::resolve::resolve(
+                job.generation(),
+                &via.host,
+                via.port,
+                server.dns_timeout.get(),
+            )
+            .await?;
+            let Some(addr) = addrs.first() else {
+                return Err(error::error(
+                    Code::Dns,
+                    format!("no address for {}", via.host_port()),
+                ));
+            };
+            HttpPeer::new(*addr, false, String::new())
+        }
+        None => {
+            let i = r.state.pick_addr();
+            let Some(addr) = r.addrs.get(i) else {
+                return Err(error::error(
+                    Code::Internal,
+                    format!("region {} has no address", r.name),
+                ));
+            };
+            let tls = r.tls.unwrap_or(job.origin.scheme.is_tls());
+            let sni = r.sni.clone().unwrap_or_else(|| job.origin.host.clone());
+            HttpPeer::new(*addr, tls, sni)
+        }
+    };
+    crate::proxy::peer_options(&mut peer, job.generation(), job.read_timeout());
+    Ok(peer)
+}
+
+/// The head sent to a region: the cleaned request, or for a `via` region the same request
+/// addressed to the peer sluice, pinned to its own copy of the region.
+fn request_head(job: &Job<'_>, r: &Region) -> Result<RequestHeader> {
+    let mut head = job.head.clone();
+    if r.via.is_some() {
+        let target = format!(
+            "{}://{}",
+            job.origin.scheme.as_str(),
+            job.origin.host_port()
+        );
+        head.insert_header("Sluice-Target", target)?;
+        head.insert_header(
+            "Sluice-Regions",
+            HeaderValue::from_str(&r.name).map_err(|_| {
+                error::error(
+                    Code::Internal,
+                    format!("region name {:?} is not a header value", r.name),
+                )
+            })?,
+        )?;
+        head.insert_header("Sluice-Mode", "single")?;
+    }
+    Ok(head)
+}

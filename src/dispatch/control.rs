@@ -1,0 +1,119 @@
+//! The per-request dispatch controls: `Sluice-Mode`, `Sluice-Regions`, `Sluice-Hedge-After`
+//! and `Sluice-Retry-On`, over the host's configured defaults.
+
+use crate::config::{HedgeAfter, HostLimits, Mode, RetryOn};
+use pingora_http::RequestHeader;
+
+pub const SLUICE_MODE: &str = "sluice-mode";
+pub const SLUICE_REGIONS: &str = "sluice-regions";
+pub const SLUICE_HEDGE_AFTER: &str = "sluice-hedge-after";
+pub const SLUICE_RETRY_ON: &str = "sluice-retry-on";
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Control {
+    pub mode: Mode,
+    /// Regions allowed for this request, in the order to try them.
+    pub regions: Option<Vec<String>>,
+    pub hedge_after: HedgeAfter,
+    pub retry_on: RetryOn,
+    pub max_attempts: u32,
+}
+
+impl Control {
+    /// The controls of a request; a malformed header is an error naming it.
+    pub fn read(req: &RequestHeader, limits: &HostLimits) -> Result<Control, String> {
+        let text = |name: &str| -> Result<Option<&str>, String> {
+            match req.headers.get(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .to_str()
+                    .map(|s| Some(s.trim()))
+                    .map_err(|_| format!("{name} is not ASCII")),
+            }
+        };
+        let mode = match text(SLUICE_MODE)? {
+            None => limits.mode,
+            Some(t) => Mode::parse(t)
+                .ok_or_else(|| format!("Sluice-Mode {t:?}: write single, hedge or race"))?,
+        };
+        let regions = match text(SLUICE_REGIONS)? {
+            None => None,
+            Some(t) => {
+                let names: Vec<String> = t
+                    .split(',')
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+                    .collect();
+                if names.is_empty() {
+                    return Err("Sluice-Regions names no region".into());
+                }
+                Some(names)
+            }
+        };
+        let hedge_after = match text(SLUICE_HEDGE_AFTER)? {
+            None => limits.hedge_after,
+            Some(t) => HedgeAfter::parse(t).map_err(|e| format!("Sluice-Hedge-After {e}"))?,
+        };
+        let retry_on = match text(SLUICE_RETRY_ON)? {
+            None => limits.retry_on,
+            Some(t) => RetryOn::parse(t.split(',')).map_err(|e| format!("Sluice-Retry-On {e}"))?,
+        };
+        Ok(Control {
+            mode,
+            regions,
+            hedge_after,
+            retry_on,
+            max_attempts: limits.max_attempts,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn req(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/", None).expect("req");
+        for (k, v) in headers {
+            r.insert_header(k.to_string(), *v).expect("header");
+        }
+        r
+    }
+
+    #[test]
+    fn headers_override_the_defaults() {
+        let l = HostLimits::default();
+        let c = Control::read(&req(&[]), &l).expect("ok");
+        assert_eq!(c.mode, Mode::Single);
+        assert_eq!(c.regions, None);
+        let c = Control::read(
+            &req(&[
+                ("Sluice-Mode", "Race"),
+                ("Sluice-Regions", "lax, iad"),
+                ("Sluice-Hedge-After", "150ms"),
+                ("Sluice-Retry-On", "429,5xx,connect"),
+            ]),
+            &l,
+        )
+        .expect("ok");
+        assert_eq!(c.mode, Mode::Race);
+        assert_eq!(c.regions, Some(vec!["lax".to_string(), "iad".to_string()]));
+        assert_eq!(c.hedge_after, HedgeAfter::Fixed(Duration::from_millis(150)));
+        assert!(c.retry_on.status(500) && c.retry_on.connect && !c.retry_on.timeout);
+    }
+
+    #[test]
+    fn bad_headers_are_named() {
+        let l = HostLimits::default();
+        for (h, v) in [
+            ("Sluice-Mode", "fastest"),
+            ("Sluice-Regions", " , "),
+            ("Sluice-Hedge-After", "soon"),
+            ("Sluice-Retry-On", "always"),
+        ] {
+            let e = Control::read(&req(&[(h, v)]), &l).expect_err("bad");
+            assert!(e.starts_with(h), "{e}");
+        }
+    }
+}

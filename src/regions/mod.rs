@@ -1,0 +1,219 @@
+//! Per-host regions: what `[hosts."name"] regions` configures, the live state of each region
+//! (health, ejection, latency) carried across reloads by host and region name, and the order
+//! in which a request tries them. Sending requests is `dispatch`'s job; probing is `health`'s.
+
+pub mod health;
+pub mod state;
+
+use crate::config::{Generation, HealthCheckConfig, RegionConfig};
+use crate::dispatch::budget::Budget;
+use crate::target::Origin;
+use arc_swap::ArcSwap;
+use state::RegionState;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// One region of a host, as configured, with its live state.
+#[derive(Debug)]
+pub struct Region {
+    pub name: String,
+    /// Direct addresses (empty for a `via` region).
+    pub addrs: Vec<SocketAddr>,
+    /// TLS toward the region; `None`: as the request's scheme.
+    pub tls: Option<bool>,
+    pub sni: Option<String>,
+    /// A sluice serving this region.
+    pub via: Option<Origin>,
+    pub state: Arc<RegionState>,
+}
+
+/// A configured host's regions, health check and retry budget.
+#[derive(Debug)]
+pub struct HostRegions {
+    /// The `[hosts]` key.
+    pub host: String,
+    pub regions: Vec<Region>,
+    pub health: Option<HealthCheckConfig>,
+    pub budget: Arc<Mutex<Budget>>,
+    /// When the next round of health checks is due (registry clock).
+    pub next_check: AtomicU64,
+    /// A round of checks is running.
+    pub checking: AtomicBool,
+}
+
+impl HostRegions {
+    /// Regions that may take traffic, best first: lowest latency estimate, then fewest in
+    /// flight, then config order (regions without a latency sample yet come first, so each
+    /// gets measured). `only` restricts and orders the choice (`Sluice-Regions`).
+    pub fn order(&self, now: u64, only: Option<&[String]>) -> Vec<usize> {
+        let mut picked: Vec<usize> = match only {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| {
+                    self.regions
+                        .iter()
+                        .position(|r| r.name.eq_ignore_ascii_case(n))
+                })
+                .filter(|&i| self.regions[i].state.available(now))
+                .collect(),
+            None => (0..self.regions.len())
+                .filter(|&i| self.regions[i].state.available(now))
+                .collect(),
+        };
+        picked.dedup();
+        if only.is_none() {
+            picked.sort_by_key(|&i| {
+                let s = &self.regions[i].state;
+                (
+                    s.ewma().map_or(0, |d| d.as_micros() as u64),
+                    s.in_flight(),
+                    i,
+                )
+            });
+        }
+        picked
+    }
+
+    pub fn region(&self, name: &str) -> Option<&Region> {
+        self.regions
+            .iter()
+            .find(|r| r.name.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Every configured host's regions, swapped as a whole on reload.
+pub struct Regions {
+    hosts: ArcSwap<HashMap<String, Arc<HostRegions>>>,
+    epoch: Instant,
+}
+
+impl Regions {
+    pub fn new(generation: &Generation) -> Regions {
+        let r = Regions {
+            hosts: ArcSwap::from_pointee(HashMap::new()),
+            epoch: Instant::now(),
+        };
+        r.apply_generation(generation);
+        r
+    }
+
+    /// Nanoseconds since the registry started: the clock of region state.
+    pub fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// The regions of a `[hosts]` key, if it has any.
+    pub fn get(&self, host: &str) -> Option<Arc<HostRegions>> {
+        self.hosts.load().get(host).cloned()
+    }
+
+    /// Every host with regions.
+    pub fn all(&self) -> Vec<Arc<HostRegions>> {
+        let mut v: Vec<_> = self.hosts.load().values().cloned().collect();
+        v.sort_by(|a, b| a.host.cmp(&b.host));
+        v
+    }
+
+    /// Build the regions of a new generation. A region keeps its health, ejection and latency
+    /// when its host, name and addresses are unchanged; a host keeps its retry budget.
+    pub fn apply_generation(&self, generation: &Generation) {
+        let old = self.hosts.load_full();
+        let mut map = HashMap::new();
+        for (name, o) in &generation.config.hosts {
+            if o.regions.is_empty() {
+                continue;
+            }
+            let key = name.to_ascii_lowercase();
+            let previous = old.get(&key);
+            let regions = o
+                .regions
+                .iter()
+                .map(|rc| build_region(rc, previous.and_then(|p| p.region(&rc.name))))
+                .collect();
+            let host = HostRegions {
+                host: key.clone(),
+                regions,
+                health: o.health_check.clone(),
+                budget: previous.map_or_else(
+                    || Arc::new(Mutex::new(Budget::default())),
+                    |p| p.budget.clone(),
+                ),
+                next_check: AtomicU64::new(0),
+                checking: AtomicBool::new(false),
+            };
+            map.insert(key, Arc::new(host));
+        }
+        self.hosts.store(Arc::new(map));
+    }
+}
+
+fn build_region(rc: &RegionConfig, previous: Option<&Region>) -> Region {
+    let addrs: Vec<SocketAddr> = rc
+        .address
+        .iter()
+        .chain(rc.addresses.iter())
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let via = rc.via.as_deref().and_then(|v| Origin::parse(v).ok());
+    let state = match previous {
+        Some(p) if p.addrs == addrs && p.via == via => p.state.clone(),
+        _ => Arc::new(RegionState::new(addrs.len())),
+    };
+    Region {
+        name: rc.name.clone(),
+        addrs,
+        tls: rc.tls,
+        sni: rc.sni.clone(),
+        via,
+        state,
+    }
+}
+
+/// Current health of a host's regions as JSON, for `/status`.
+pub fn status_json(regions: &Regions) -> serde_json::Value {
+    let now = regions.now();
+    let hosts: Vec<serde_json::Value> = regions
+        .all()
+        .iter()
+        .map(|h| {
+            let list: Vec<serde_json::Value> = h
+                .regions
+                .iter()
+                .map(|r| {
+                    let s = &r.state;
+                    let ms = |d: Option<std::time::Duration>| {
+                        d.map(|d| (d.as_secs_f64() * 1e4).round() / 10.0)
+                    };
+                    serde_json::json!({
+                        "name": r.name,
+                        "via": r.via.as_ref().map(|o| o.host_port()),
+                        "addresses": r.addrs.iter().enumerate().map(|(i, a)| serde_json::json!({
+                            "address": a.to_string(),
+                            "healthy": s.addr_healthy(i),
+                        })).collect::<Vec<_>>(),
+                        "healthy": s.healthy(),
+                        "available": s.available(now),
+                        "ejected_ms": s.ejected_for(now) / 1_000_000,
+                        "ejections": s.ejections(),
+                        "in_flight": s.in_flight(),
+                        "latency_ewma_ms": ms(s.ewma()),
+                        "latency_p95_ms": ms(s.percentile(95)),
+                        "latency_p99_ms": ms(s.percentile(99)),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "host": h.host,
+                "health_check": h.health.as_ref().map(|c| serde_json::json!({
+                    "path": c.path,
+                    "interval": c.interval.to_string(),
+                })),
+                "regions": list,
+            })
+        })
+        .collect();
+    serde_json::Value::Array(hosts)
+}
