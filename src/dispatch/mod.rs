@@ -228,11 +228,9 @@ impl Exec<'_, '_> {
         sent += 1;
         if self.mode == Mode::Race {
             m.races.with_label_values(&[self.label]).inc();
+            // The fan-out is what race means (one attempt per region, up to max_attempts):
+            // the retry budget bounds retries and hedges, not this.
             while (sent as usize) < self.order.len() && sent < self.max_attempts {
-                if !extras.take(shared, &job.limits().retry_budget) {
-                    m.budget_exhausted.with_label_values(&[self.label]).inc();
-                    break;
-                }
                 let (r, _) = next_region(&mut per_region);
                 running.push(tagged(
                     Why::Race,
