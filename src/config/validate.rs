@@ -474,4 +474,67 @@ mod tests {
         let paths = errors_of("[server]\nupstream_ca_file = \"/nonexistent/ca.pem\"\n");
         assert_eq!(paths, vec!["server.upstream_ca_file".to_string()]);
     }
+
+    #[test]
+    fn region_mistakes_are_named_by_path() {
+        let errors = errors_of(
+            r#"
+            [defaults]
+            max_attempts = 0
+            retry_budget = { ratio = 1.5 }
+            [hosts."api.test"]
+            health_check = { path = "health", interval = "0s" }
+            regions = [
+              { name = "a", address = "10.0.0.1" },
+              { name = "a", address = "10.0.0.2:443" },
+              { name = "b", address = "10.0.0.3:443", via = "http://peer:8080" },
+              { name = "c", via = "https://peer:8443" },
+              { name = "bad name" , addresses = ["10.0.0.4:443"] },
+              { name = "d" },
+            ]
+            [hosts."*.wild.test"]
+            regions = [{ name = "a", address = "10.0.0.1:443" }]
+            [hosts."lonely.test"]
+            health_check = { path = "/health" }
+            "#,
+        );
+        for want in [
+            "defaults.max_attempts",
+            "defaults.retry_budget.ratio",
+            "hosts.\"api.test\".regions[0].address",
+            "hosts.\"api.test\".regions[1].name",
+            "hosts.\"api.test\".regions[2]",
+            "hosts.\"api.test\".regions[3].via",
+            "hosts.\"api.test\".regions[4].name",
+            "hosts.\"api.test\".regions[5]",
+            "hosts.\"api.test\".health_check.interval",
+            "hosts.\"api.test\".health_check.path",
+            "hosts.\"*.wild.test\".regions",
+            "hosts.\"lonely.test\".health_check",
+        ] {
+            assert!(
+                errors.iter().any(|e| e == want),
+                "{want} missing from {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_valid_region_table_passes() {
+        let errors = errors_of(
+            r#"
+            [hosts."api.test"]
+            mode = "hedge"
+            hedge_after = "p99"
+            retry_on = ["connect", "5xx", "429"]
+            regions = [
+              { name = "iad", address = "10.0.0.1:443", tls = true, sni = "api.test" },
+              { name = "lax", addresses = ["10.0.1.1:443", "[::1]:443"] },
+              { name = "ord", via = "http://sluice-ord.internal:8080" },
+            ]
+            health_check = { path = "/health", interval = "2s" }
+            "#,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+    }
 }

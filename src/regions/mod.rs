@@ -217,3 +217,67 @@ pub fn status_json(regions: &Regions) -> serde_json::Value {
         .collect();
     serde_json::Value::Array(hosts)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Outlier};
+    use std::time::Duration;
+
+    fn regions() -> Regions {
+        let config = Config::parse(
+            r#"
+            [hosts."api.test"]
+            regions = [
+              { name = "a", address = "10.0.0.1:443" },
+              { name = "b", address = "10.0.0.2:443" },
+              { name = "c", address = "10.0.0.3:443" },
+            ]
+            "#,
+        )
+        .expect("valid");
+        Regions::new(&Generation::build(1, config))
+    }
+
+    #[test]
+    fn order_prefers_unmeasured_then_fastest_and_skips_ejected() {
+        let r = regions();
+        let h = r.get("api.test").expect("host");
+        assert_eq!(h.order(0, None), vec![0, 1, 2]);
+        h.regions[0].state.record_latency(Duration::from_millis(50));
+        h.regions[1].state.record_latency(Duration::from_millis(10));
+        assert_eq!(h.order(0, None), vec![2, 1, 0], "c has no sample yet");
+        h.regions[2].state.record_latency(Duration::from_millis(30));
+        assert_eq!(h.order(0, None), vec![1, 2, 0]);
+        let o = Outlier::default();
+        for _ in 0..o.consecutive_failures {
+            h.regions[1].state.on_failure(0, &o, false);
+        }
+        assert_eq!(h.order(0, None), vec![2, 0]);
+        let only = ["A".to_string(), "b".to_string(), "zz".to_string()];
+        assert_eq!(h.order(0, Some(&only)), vec![0], "b is ejected, zz unknown");
+    }
+
+    #[test]
+    fn state_survives_a_reload_that_keeps_the_region() {
+        let r = regions();
+        let h = r.get("api.test").expect("host");
+        h.regions[0].state.record_latency(Duration::from_millis(7));
+        let config = Config::parse(
+            r#"
+            [hosts."api.test"]
+            regions = [
+              { name = "a", address = "10.0.0.1:443" },
+              { name = "b", address = "10.0.9.9:443" },
+            ]
+            "#,
+        )
+        .expect("valid");
+        r.apply_generation(&Generation::build(2, config));
+        let h2 = r.get("api.test").expect("host");
+        assert!(Arc::ptr_eq(&h.regions[0].state, &h2.regions[0].state));
+        assert!(!Arc::ptr_eq(&h.regions[1].state, &h2.regions[1].state));
+        assert!(Arc::ptr_eq(&h.budget, &h2.budget));
+        assert_eq!(h2.regions.len(), 2);
+    }
+}
