@@ -431,3 +431,36 @@ fn peer_regions_go_through_the_other_sluice_and_loops_are_refused() {
         assert!(body.contains("loop_detected"), "{body}");
     });
 }
+
+#[test]
+fn a_body_over_the_buffer_cap_streams_to_one_region() {
+    let a = FakeUpstream::builder().start();
+    let b = FakeUpstream::builder().start();
+    let extra = "mode = \"race\"\nmax_buffered_body = 1024";
+    let sluice = Sluice::start("", &config(a.port(), b.port(), extra));
+    let big = "x".repeat(100_000);
+    rt().block_on(async {
+        let (status, region, attempts, body, _) = send(
+            &sluice,
+            "PUT",
+            "/upload",
+            &[("Sluice-Regions", "a,b")],
+            &big,
+        )
+        .await;
+        assert_eq!(
+            (status, region.as_str(), attempts.as_str()),
+            (200, "a", "1")
+        );
+        assert_eq!(body.len(), big.len(), "the echo carries the whole body");
+        // A small one is raced as configured.
+        let (status, _, attempts, body, _) = send(&sluice, "PUT", "/small", &[], "tiny").await;
+        assert_eq!(
+            (status, attempts.as_str(), body.as_str()),
+            (200, "2", "tiny")
+        );
+    });
+    assert_eq!(a.count_path("/upload") + b.count_path("/upload"), 1);
+    // The small PUT was sent to both (Sluice-Attempts: 2); whether the loser's copy was
+    // received before it was cancelled is a race, so its upstream count is not asserted.
+}

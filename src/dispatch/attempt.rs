@@ -117,7 +117,7 @@ pub async fn run(
     if let Err(e) = send(&mut session, head, job.body.as_ref()).await {
         return Err(fail(e, false));
     }
-    let read = session.read_response_header().await;
+    let read = read_final_head(&mut session).await;
     pending.armed = false;
     if let Err(e) = read {
         return Err(fail(e, false));
@@ -156,6 +156,17 @@ async fn send(session: &mut HttpSession, head: RequestHeader, body: Option<&Byte
         }
     }
     session.finish_request_body().await
+}
+
+/// Read the response head, skipping interim (1xx) responses other than 101.
+pub async fn read_final_head(session: &mut HttpSession) -> Result<()> {
+    loop {
+        session.read_response_header().await?;
+        let status = session.response_header().map_or(0, |h| h.status.as_u16());
+        if !(100..200).contains(&status) || status == 101 {
+            return Ok(());
+        }
+    }
 }
 
 /// The peer for one attempt: the region's next address, or the peer sluice of a `via` region.

@@ -116,6 +116,8 @@ pub async fn run(
     })?;
     head.set_uri(uri);
     headers::clean_request(&mut head, &shared.via);
+    // The body is read before any attempt, so no attempt waits for a 100 Continue.
+    head.remove_header(&http::header::EXPECT);
     head.insert_header(http::header::HOST, origin.host_header())?;
     let body = match body {
         Body::Whole(b) => b,
@@ -614,7 +616,7 @@ async fn stream_single(
         up.write_request_body(chunk, false).await?;
     }
     up.finish_request_body().await?;
-    if let Err(e) = up.read_response_header().await {
+    if let Err(e) = attempt::read_final_head(&mut up).await {
         shared
             .metrics
             .record_region_attempt(&label, &r.name, Code::of(&e).as_str());
