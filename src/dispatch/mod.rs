@@ -339,10 +339,9 @@ impl Exec<'_, '_> {
     fn hedge_delay(&self, region: usize) -> Duration {
         match self.hedge_after {
             HedgeAfter::Fixed(d) => d,
-            HedgeAfter::Percentile(p) => self.job.host.regions[region]
-                .state
-                .percentile(p)
-                .map_or(HEDGE_FALLBACK, |d| d.max(HEDGE_MIN)),
+            HedgeAfter::Percentile(p) => {
+                hedge_from_percentiles(&self.job.host.regions[region].state, p)
+            }
         }
     }
 
@@ -493,6 +492,23 @@ async fn tagged(
     delay: Duration,
 ) -> (Why, Outcome) {
     (why, attempt::run(job, region, admit, permit, delay).await)
+}
+
+/// The hedge delay for percentile `p` of a region's latency. When the latency has two modes
+/// (most answers fast, a few far slower) and `p` falls at the gap between them, whether the
+/// `p`th sample lands in the fast or the slow mode is sampling noise: a tail of exactly 5% puts
+/// p95 on either side from one window to the next, and on the slow side no hedge ever fires.
+/// So when the `p - 1`th percentile is less than half the `p`th, the gap is taken to start
+/// above `p` and the delay is the near edge. In a continuous distribution one percentile
+/// point never doubles the latency, and the rule does not apply.
+fn hedge_from_percentiles(state: &crate::regions::state::RegionState, p: u8) -> Duration {
+    let at = |q: u8| state.percentile(q);
+    let delay = match (at(p), at(p.saturating_sub(1))) {
+        (Some(hi), Some(lo)) if hi > lo * 2 => lo,
+        (Some(hi), _) => hi,
+        (None, _) => HEDGE_FALLBACK,
+    };
+    delay.max(HEDGE_MIN)
 }
 
 /// Backoff before the `nth` extra attempt in one region: 25 ms doubling, +-50% jitter.
@@ -717,4 +733,53 @@ async fn stream(
             .await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::regions::state::RegionState;
+
+    fn with_tail(slow_per_1000: usize) -> RegionState {
+        let s = RegionState::new(1);
+        // Spread evenly, so that the sketch's decay keeps the proportion.
+        for i in 0..1000 {
+            let ms = if (i * slow_per_1000) % 1000 < slow_per_1000 {
+                1000
+            } else {
+                10
+            };
+            s.record_latency(Duration::from_millis(ms));
+        }
+        s
+    }
+
+    #[test]
+    fn a_percentile_on_the_edge_of_a_gap_hedges_on_the_near_side() {
+        // 5.2% slow: p95 is a slow sample by chance; p94 is fast.
+        let d = hedge_from_percentiles(&with_tail(52), 95);
+        assert!(d < Duration::from_millis(20), "{d:?}");
+        // 4.8% slow: p95 is fast.
+        let d = hedge_from_percentiles(&with_tail(48), 95);
+        assert!(d < Duration::from_millis(20), "{d:?}");
+        // 8% slow: p94 and p95 are both in the slow mode, which p95 then is.
+        let d = hedge_from_percentiles(&with_tail(80), 95);
+        assert!(d >= Duration::from_secs(1), "{d:?}");
+        // Too few samples: the fallback.
+        assert_eq!(
+            hedge_from_percentiles(&RegionState::new(1), 95),
+            HEDGE_FALLBACK
+        );
+    }
+
+    #[test]
+    fn a_continuous_distribution_uses_the_percentile_itself() {
+        let s = RegionState::new(1);
+        for i in 1..=1000u64 {
+            s.record_latency(Duration::from_micros(1000 + i * 100));
+        }
+        let d = hedge_from_percentiles(&s, 95);
+        let p95 = s.percentile(95).expect("p95");
+        assert_eq!(d, p95);
+    }
 }
