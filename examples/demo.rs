@@ -1,7 +1,8 @@
 //! The regions demo: an API with two regions on loopback, `us-east-1` slow and flaky (a
 //! quarter of its answers are 503, another quarter take 2 s) and `us-west-2` steady. The same
 //! calls are made by a client-side retry loop against us-east-1, then through sluice in
-//! `single`, `hedge` and `race` modes; the comparison is printed side by side.
+//! `single`, `hedge` (after 200 ms) and `race` modes, each starting from fresh region state;
+//! the comparison is printed side by side.
 //!
 //! `cargo run --release --example demo [-- CALLS CONCURRENCY]`
 
@@ -30,12 +31,18 @@ async fn main() {
     )
     .await;
     let west = FakeRegion::start(11, Arc::new(|_| (200, Duration::from_millis(45)))).await;
-    let proxy = start_sluice(&format!(
-        "[defaults]\nrps = 0.0\n[hosts.\"{HOST}\"]\nhedge_after = \"200ms\"\nregions = [\n  \
-         {{ name = \"us-east-1\", address = \"{}\" }},\n  \
-         {{ name = \"us-west-2\", address = \"{}\" }},\n]\n",
-        east.addr, west.addr
-    ));
+    // One host per mode, each with the same two regions, so that every mode starts from
+    // fresh region state (no latency learned, nothing ejected).
+    let mut config = String::from("[defaults]\nrps = 0.0\n");
+    for mode in ["single", "hedge", "race"] {
+        config.push_str(&format!(
+            "[hosts.\"{mode}.{HOST}\"]\nmode = \"{mode}\"\nhedge_after = \"200ms\"\nregions = [\n  \
+             {{ name = \"us-east-1\", address = \"{}\" }},\n  \
+             {{ name = \"us-west-2\", address = \"{}\" }},\n]\n",
+            east.addr, west.addr
+        ));
+    }
+    let proxy = start_sluice(&config);
     println!("{n} calls, {concurrency} at a time. us-east-1: 25% 503, 25% 2 s, else 30 ms; us-west-2: 45 ms.\n");
     println!(
         "{:<28} {:>8} {:>8} {:>8} {:>8} {:>10} {:>9}",
@@ -86,8 +93,7 @@ async fn main() {
         let res = run_calls(n, concurrency, move |_| {
             let req = c
                 .get(url.clone())
-                .header("Sluice-Target", format!("http://{HOST}"))
-                .header("Sluice-Mode", mode);
+                .header("Sluice-Target", format!("http://{mode}.{HOST}"));
             let e = e.clone();
             async move {
                 match req.send().await {

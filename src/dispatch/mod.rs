@@ -281,7 +281,10 @@ impl Exec<'_, '_> {
                             if let Some(e) = error {
                                 last = Some(e);
                             }
-                            let can = sent < self.max_attempts
+                            // A retry only when nothing else is in flight: a hedge or a
+                            // raced attempt still running may yet answer.
+                            let can = running.is_empty()
+                                && sent < self.max_attempts
                                 && deadline.is_none_or(|d| Instant::now() < d);
                             if can && extras.take(shared, &job.limits().retry_budget) {
                                 let (r, nth) = next_region(&mut per_region);
