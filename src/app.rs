@@ -56,7 +56,7 @@ pub fn build_server(
             }
         }
     }
-    let shared = Shared::new(config, config_path, metrics);
+    let shared = Shared::new(config, config_path, metrics)?;
 
     let http = pingora_proxy::http_proxy(&proxy_conf, SluiceProxy::new(shared.clone()));
     let mut front = Service::new("sluice proxy".to_string(), Front::new(shared.clone(), http));
@@ -80,6 +80,10 @@ pub fn build_server(
         "sluice reload",
         crate::reload::HangupListener::new(shared.clone()),
     );
+    let fleet = pingora_core::services::background::background_service(
+        "sluice fleet",
+        crate::shared::service::FleetService::new(shared.clone()),
+    );
     let mut admin = Service::new("sluice admin".to_string(), Admin::new(shared));
     admin.add_tcp(&admin_listen);
     admin.threads = Some(1);
@@ -88,6 +92,7 @@ pub fn build_server(
     server.add_service(admin);
     server.add_service(sweeper);
     server.add_service(hangup);
+    server.add_service(fleet);
     Ok(server)
 }
 

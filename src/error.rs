@@ -29,11 +29,12 @@ pub enum Code {
     UpstreamClosed,
     UpstreamProtocol,
     ClientClosed,
+    SharedStateUnavailable,
     Internal,
 }
 
 impl Code {
-    pub const ALL: [Code; 24] = [
+    pub const ALL: [Code; 25] = [
         Code::BadRequest,
         Code::BadTarget,
         Code::RateLimited,
@@ -57,6 +58,7 @@ impl Code {
         Code::UpstreamClosed,
         Code::UpstreamProtocol,
         Code::ClientClosed,
+        Code::SharedStateUnavailable,
         Code::Internal,
     ];
 
@@ -85,6 +87,7 @@ impl Code {
             Code::UpstreamClosed => "upstream_closed",
             Code::UpstreamProtocol => "upstream_protocol",
             Code::ClientClosed => "client_closed",
+            Code::SharedStateUnavailable => "shared_state_unavailable",
             Code::Internal => "internal",
         }
     }
@@ -99,7 +102,7 @@ impl Code {
             Code::ForbiddenDestination | Code::ForbiddenHost | Code::ForbiddenPort => 403,
             Code::UriTooLong => 414,
             Code::BodyTooLarge => 413,
-            Code::TooManyConnections => 503,
+            Code::TooManyConnections | Code::SharedStateUnavailable => 503,
             Code::RequestTimeout => 408,
             Code::Dns
             | Code::ConnectRefused

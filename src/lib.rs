@@ -11,6 +11,7 @@ pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod resolve;
+pub mod shared;
 pub mod state;
 pub mod sweeper;
 pub mod target;

@@ -2,7 +2,7 @@
 //! configuration generation (swapped atomically) and the metrics.
 
 use crate::admission::{Admission, Clock};
-use crate::config::{Config, Generation};
+use crate::config::{Backend, Config, Generation};
 use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
 use std::path::PathBuf;
@@ -22,17 +22,39 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config, config_path: Option<PathBuf>, metrics: Metrics) -> Arc<Shared> {
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        metrics: Metrics,
+    ) -> Result<Arc<Shared>, String> {
+        let clock = Arc::new(Clock::quanta());
+        let fleet = match config.shared.backend {
+            Backend::Memory => None,
+            Backend::Redis => {
+                let fleet = crate::shared::Fleet::new(
+                    &config.shared,
+                    clock.clone(),
+                    crate::shared::Options::default(),
+                )
+                .map_err(|e| format!("shared metrics: {e}"))?;
+                for c in fleet.metrics.collectors() {
+                    metrics
+                        .register(c)
+                        .map_err(|e| format!("shared metrics: {e}"))?;
+                }
+                Some(fleet)
+            }
+        };
         let generation = Generation::build(1, config);
         metrics.config_generation.set(1);
-        Arc::new(Shared {
+        Ok(Arc::new(Shared {
             current: ArcSwap::from_pointee(generation),
             metrics,
-            admission: Admission::new(Clock::quanta()),
+            admission: Admission::with_fleet(clock, fleet),
             started: Instant::now(),
             config_path,
             reloading: std::sync::Mutex::new(()),
-        })
+        }))
     }
 
     /// Put a new generation in force; requests already running keep the one they hold.
