@@ -16,7 +16,7 @@ pub mod service;
 
 pub use pacer::FleetHost;
 
-use crate::admission::{Clock, HostCell, Refusal};
+use crate::admission::{Clock, Decision, HostCell, Refusal};
 use crate::config::{OnError, SharedConfig};
 use async_trait::async_trait;
 use breaker::{Breaker, State};
@@ -303,7 +303,14 @@ impl Fleet {
                     "shared store unavailable: breaker open"
                 ),
                 State::HalfOpen => tracing::info!("shared store: breaker half-open, trying again"),
-                State::Closed => tracing::info!("shared store back: breaker closed"),
+                State::Closed => {
+                    tracing::info!("shared store back: breaker closed");
+                    // Requests holding local slots go back to the shared path.
+                    let now = self.clock.now();
+                    for host in self.hosts.pin().values() {
+                        host.fallback.pause_until(now);
+                    }
+                }
             }
         }
     }
@@ -344,46 +351,52 @@ impl Fleet {
         let Some(host) = self.host(cell) else {
             return crate::admission::pace_cell(cell, &self.clock, deadline).await;
         };
-        let now = self.clock.now();
-        cell.touch(now);
-        let paused = cell.paused_until();
-        if paused > now {
-            if paused > deadline {
-                return Err(Refusal::Paused {
-                    retry_after: Duration::from_nanos(paused - now),
-                });
+        loop {
+            let now = self.clock.now();
+            cell.touch(now);
+            let paused = cell.paused_until();
+            if paused > now {
+                if paused > deadline {
+                    return Err(Refusal::Paused {
+                        retry_after: Duration::from_nanos(paused - now),
+                    });
+                }
+                tokio::time::sleep(Duration::from_nanos(paused - now)).await;
             }
-            tokio::time::sleep(Duration::from_nanos(paused - now)).await;
-        }
-        if cell.rps() == 0.0 {
-            return Ok(());
-        }
-        if self.allow(self.clock.now()) {
-            match host.take(self, cell, deadline).await {
-                Ok(()) => return Ok(()),
-                Err(pacer::Failed::Refused(r)) => return Err(r),
-                Err(pacer::Failed::Store) => {}
+            if cell.rps() == 0.0 {
+                return Ok(());
+            }
+            if self.allow(self.clock.now()) {
+                match host.take(self, cell, deadline).await {
+                    Ok(()) => return Ok(()),
+                    Err(pacer::Failed::Refused(r)) => return Err(r),
+                    Err(pacer::Failed::Store) => {}
+                }
+            }
+            if let Some(done) = self.fallback(&host, cell, deadline).await {
+                return done;
             }
         }
-        self.fallback(&host, cell, deadline).await
     }
 
-    /// The store is unavailable: pace by the `on_error` policy.
+    /// The store is unavailable: pace by the `on_error` policy. `None` when the store came
+    /// back while the request waited for its local slot: it starts over on the shared path
+    /// (slots reserved locally before are void, or they would add to the fleet's pace).
     async fn fallback(
         &self,
         host: &FleetHost,
         cell: &HostCell,
         deadline: u64,
-    ) -> Result<(), Refusal> {
+    ) -> Option<Result<(), Refusal>> {
         self.metrics
             .fallback
             .with_label_values(&[self.on_error.as_str()])
             .inc();
         match self.on_error {
-            OnError::Allow => Ok(()),
-            OnError::Throttle => Err(Refusal::Unavailable {
+            OnError::Allow => Some(Ok(())),
+            OnError::Throttle => Some(Err(Refusal::Unavailable {
                 retry_after: self.config.breaker.recovery_timeout.get(),
-            }),
+            })),
             OnError::Local => {
                 let (rps, burst) = lease::local_share(cell.rps(), cell.burst(), self.live_nodes());
                 let own = &host.fallback;
@@ -393,7 +406,17 @@ impl Fleet {
                 if own.burst() != burst {
                     own.set_burst(burst);
                 }
-                crate::admission::pace_cell(own, &self.clock, deadline).await
+                let now = self.clock.now();
+                match own.reserve(now, deadline.saturating_sub(now)) {
+                    Decision::Now => Some(Ok(())),
+                    Decision::At { at, epoch } => {
+                        tokio::time::sleep(Duration::from_nanos(at.saturating_sub(now))).await;
+                        own.still_valid(epoch).then_some(Ok(()))
+                    }
+                    Decision::Refuse { retry_after } => Some(Err(Refusal::Pace {
+                        retry_after: Duration::from_nanos(retry_after),
+                    })),
+                }
             }
         }
     }

@@ -6,13 +6,22 @@
 
 use super::{interval_us, lease, Fleet, Op};
 use crate::admission::{HostCell, Refusal};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify, Semaphore};
 
 /// Leased tokens nobody took within this long are given back.
 const LEASE_TTL_NS: u64 = 100_000_000;
+
+/// What the asking task does next.
+enum Step {
+    Again,
+    /// Nobody waits for a token.
+    Idle,
+    /// The store failed or is not to be asked (breaker open).
+    Failed,
+}
 
 /// Why a request got no fleet token.
 pub enum Failed {
@@ -27,6 +36,10 @@ pub struct FleetHost {
     pub key: Box<str>,
     /// Tokens leased and not yet taken.
     tokens: Semaphore,
+    /// Tokens put in `tokens` and not yet taken, counted before they are added and after
+    /// they are taken: unlike the semaphore's own count, it includes tokens already handed to
+    /// a waiting request that has not run yet, so the asking task never asks twice for one.
+    handed: AtomicUsize,
     /// Requests waiting for a token.
     waiting: AtomicU32,
     /// Whether the asking task runs.
@@ -64,6 +77,7 @@ impl FleetHost {
         FleetHost {
             key: key.into(),
             tokens: Semaphore::new(0),
+            handed: AtomicUsize::new(0),
             waiting: AtomicU32::new(0),
             pumping: AtomicBool::new(false),
             next_due: AtomicU64::new(0),
@@ -76,11 +90,37 @@ impl FleetHost {
 
     /// A pause: leased tokens are void and the store is not asked before `until`.
     pub fn void(&self, until: u64) {
-        let n = self.tokens.available_permits();
-        if n > 0 {
-            self.tokens.forget_permits(n);
-        }
+        self.drop_tokens(self.tokens.available_permits());
         self.next_due.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// Put `n` leased tokens at the disposal of waiting requests.
+    fn hand(&self, n: usize) {
+        self.handed.fetch_add(n, Ordering::AcqRel);
+        self.tokens.add_permits(n);
+    }
+
+    /// Take one token; true if there was one.
+    fn try_take(&self) -> bool {
+        match self.tokens.try_acquire() {
+            Ok(p) => {
+                p.forget();
+                self.handed.fetch_sub(1, Ordering::AcqRel);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Drop up to `n` tokens nobody took; returns how many were dropped.
+    fn drop_tokens(&self, n: usize) -> usize {
+        let n = if n > 0 {
+            self.tokens.forget_permits(n)
+        } else {
+            0
+        };
+        self.handed.fetch_sub(n, Ordering::AcqRel);
+        n
     }
 
     fn fail(&self) {
@@ -94,8 +134,7 @@ impl FleetHost {
         cell: &Arc<HostCell>,
         deadline: u64,
     ) -> Result<(), Failed> {
-        if let Ok(p) = self.tokens.try_acquire() {
-            p.forget();
+        if self.try_take() {
             return Ok(());
         }
         let now = fleet.now();
@@ -118,6 +157,7 @@ impl FleetHost {
             permit = self.tokens.acquire() => match permit {
                 Ok(p) => {
                     p.forget();
+                    self.handed.fetch_sub(1, Ordering::AcqRel);
                     Ok(())
                 }
                 Err(_) => Err(Failed::Store),
@@ -146,8 +186,7 @@ impl FleetHost {
         };
         let _waiting = Waiting::new(&self.waiting);
         loop {
-            if let Ok(p) = self.tokens.try_acquire() {
-                p.forget();
+            if self.try_take() {
                 return Ok(());
             }
             let unmet = self.waiting.load(Ordering::Acquire) as usize;
@@ -165,7 +204,7 @@ impl FleetHost {
                 .map_err(|_| Failed::Store)?;
             fleet.metrics.tokens_leased.inc_by(u64::from(grant.granted));
             if grant.granted > 0 {
-                self.tokens.add_permits(grant.granted as usize - 1);
+                self.hand(grant.granted as usize - 1);
                 return Ok(());
             }
             let now = fleet.now();
@@ -195,11 +234,22 @@ impl FleetHost {
     /// Ask the store for tokens while requests wait; give back what nobody took in time.
     async fn pump(&self, fleet: &Arc<Fleet>, cell: &Arc<HostCell>) {
         loop {
-            if !self.step(fleet, cell).await {
+            match self.step(fleet, cell).await {
+                Step::Again => continue,
+                Step::Failed => {
+                    // Stop first, then tell the waiting requests: one that starts waiting
+                    // after this starts a new task, which asks (or fails) for it.
+                    self.pumping.store(false, Ordering::Release);
+                    self.fail();
+                    return;
+                }
+                Step::Idle => {}
+            }
+            {
                 self.pumping.store(false, Ordering::Release);
                 // A request may have started waiting after the last look.
-                let unmet =
-                    self.waiting.load(Ordering::Acquire) as usize > self.tokens.available_permits();
+                let unmet = self.waiting.load(Ordering::Acquire) as usize
+                    > self.handed.load(Ordering::Acquire);
                 if unmet
                     && self
                         .pumping
@@ -213,14 +263,14 @@ impl FleetHost {
         }
     }
 
-    /// One step of the asking task; false when it has nothing left to do.
-    async fn step(&self, fleet: &Arc<Fleet>, cell: &Arc<HostCell>) -> bool {
+    /// One step of the asking task.
+    async fn step(&self, fleet: &Arc<Fleet>, cell: &Arc<HostCell>) -> Step {
         let now = fleet.now();
         let waiting = self.waiting.load(Ordering::Acquire) as usize;
-        let available = self.tokens.available_permits();
+        let available = self.handed.load(Ordering::Acquire);
         if waiting <= available {
             if available == 0 {
-                return false;
+                return Step::Idle;
             }
             let expires = self
                 .leased_at
@@ -228,29 +278,27 @@ impl FleetHost {
                 .saturating_add(LEASE_TTL_NS);
             if now < expires {
                 self.sleep_or_wake(expires - now).await;
-                return true;
+                return Step::Again;
             }
             self.give_back(fleet, cell, available).await;
-            return false;
+            return Step::Idle;
         }
         let due = self.next_due.load(Ordering::Acquire);
         if due > now {
             tokio::time::sleep(Duration::from_nanos(due - now)).await;
-            return true;
+            return Step::Again;
         }
         if !fleet.allow(now) {
-            self.fail();
-            return false;
+            return Step::Failed;
         }
         let Some(store) = fleet.store().cloned() else {
-            self.fail();
-            return false;
+            return Step::Failed;
         };
         let rps = cell.rps();
         if rps == 0.0 {
             // Pacing was turned off while requests waited: let them all go.
-            self.tokens.add_permits(waiting - available);
-            return true;
+            self.hand(waiting - available);
+            return Step::Again;
         }
         let want = lease::lease_size(
             waiting - available,
@@ -263,8 +311,7 @@ impl FleetHost {
         let grant = match fleet.call(Op::Acquire, call).await {
             Ok(g) => g,
             Err(_) => {
-                self.fail();
-                return false;
+                return Step::Failed;
             }
         };
         let now = fleet.now();
@@ -272,7 +319,7 @@ impl FleetHost {
         if grant.granted > 0 {
             fleet.metrics.tokens_leased.inc_by(u64::from(grant.granted));
             self.leased_at.store(now, Ordering::Release);
-            self.tokens.add_permits(grant.granted as usize);
+            self.hand(grant.granted as usize);
         }
         if grant.granted < want {
             // The retry-after cache: nobody here asks again before the next token is due.
@@ -281,7 +328,7 @@ impl FleetHost {
                 Ordering::AcqRel,
             );
         }
-        true
+        Step::Again
     }
 
     /// Apply what the store said about the host: the fleet's pace, concurrency and pause.
@@ -303,7 +350,7 @@ impl FleetHost {
     }
 
     async fn give_back(&self, fleet: &Arc<Fleet>, cell: &Arc<HostCell>, available: usize) {
-        let n = self.tokens.forget_permits(available);
+        let n = self.drop_tokens(available);
         if n == 0 {
             return;
         }

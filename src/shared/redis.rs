@@ -23,7 +23,7 @@ enum Conn {
 }
 
 enum Target {
-    Single(redis::Client),
+    Single(Box<redis::Client>),
     Cluster(Box<redis::cluster::ClusterClient>),
 }
 
@@ -66,7 +66,7 @@ impl RedisStore {
                 .map_err(store_error)?;
             Target::Cluster(Box::new(cluster))
         } else {
-            Target::Single(subscribe_to.clone())
+            Target::Single(Box::new(subscribe_to.clone()))
         };
         Ok(RedisStore {
             target,
@@ -103,7 +103,7 @@ impl RedisStore {
                                 self.timeout.max(Duration::from_millis(200)),
                             ))
                             .set_response_timeout(Some(self.timeout));
-                        ConnectionManager::new_lazy_with_config(client.clone(), config)
+                        ConnectionManager::new_lazy_with_config((**client).clone(), config)
                             .map(Conn::Single)
                             .map_err(store_error)
                     }
