@@ -245,21 +245,19 @@ impl FleetHost {
                 }
                 Step::Idle => {}
             }
+            self.pumping.store(false, Ordering::Release);
+            // A request may have started waiting after the last look.
+            let unmet =
+                self.waiting.load(Ordering::Acquire) as usize > self.handed.load(Ordering::Acquire);
+            if unmet
+                && self
+                    .pumping
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
             {
-                self.pumping.store(false, Ordering::Release);
-                // A request may have started waiting after the last look.
-                let unmet = self.waiting.load(Ordering::Acquire) as usize
-                    > self.handed.load(Ordering::Acquire);
-                if unmet
-                    && self
-                        .pumping
-                        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                {
-                    continue;
-                }
-                return;
+                continue;
             }
+            return;
         }
     }
 
