@@ -82,6 +82,10 @@ impl Admin {
                 "max_queue_wait_ms": config.defaults.max_queue_wait.get().as_millis() as u64,
             },
             "hosts_tracked": admission.len(),
+            "shared": admission.fleet().map_or_else(
+                || serde_json::json!({"backend": "memory"}),
+                |f| f.status(),
+            ),
             "hosts": limits,
             "regions": crate::regions::status_json(&self.shared.regions),
             "instance": self.shared.instance,

@@ -57,7 +57,7 @@ pub fn build_server(
         }
     }
     let connector = pingora_core::connectors::ConnectorOptions::from_server_conf(&proxy_conf);
-    let shared = Shared::new(config, config_path, metrics, Some(connector));
+    let shared = Shared::new(config, config_path, metrics, Some(connector))?;
 
     let http = pingora_proxy::http_proxy(&proxy_conf, SluiceProxy::new(shared.clone()));
     let mut front = Service::new("sluice proxy".to_string(), Front::new(shared.clone(), http));
@@ -85,6 +85,10 @@ pub fn build_server(
         "sluice health checks",
         crate::regions::health::HealthChecker::new(shared.clone()),
     );
+    let fleet = pingora_core::services::background::background_service(
+        "sluice fleet",
+        crate::shared::service::FleetService::new(shared.clone()),
+    );
     let mut admin = Service::new("sluice admin".to_string(), Admin::new(shared));
     admin.add_tcp(&admin_listen);
     admin.threads = Some(1);
@@ -94,6 +98,7 @@ pub fn build_server(
     server.add_service(sweeper);
     server.add_service(hangup);
     server.add_service(health);
+    server.add_service(fleet);
     Ok(server)
 }
 

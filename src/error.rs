@@ -31,11 +31,12 @@ pub enum Code {
     ClientClosed,
     NoHealthyRegion,
     LoopDetected,
+    SharedStateUnavailable,
     Internal,
 }
 
 impl Code {
-    pub const ALL: [Code; 26] = [
+    pub const ALL: [Code; 27] = [
         Code::BadRequest,
         Code::BadTarget,
         Code::RateLimited,
@@ -61,6 +62,7 @@ impl Code {
         Code::ClientClosed,
         Code::NoHealthyRegion,
         Code::LoopDetected,
+        Code::SharedStateUnavailable,
         Code::Internal,
     ];
 
@@ -91,6 +93,7 @@ impl Code {
             Code::ClientClosed => "client_closed",
             Code::NoHealthyRegion => "no_healthy_region",
             Code::LoopDetected => "loop_detected",
+            Code::SharedStateUnavailable => "shared_state_unavailable",
             Code::Internal => "internal",
         }
     }
@@ -105,7 +108,7 @@ impl Code {
             Code::ForbiddenDestination | Code::ForbiddenHost | Code::ForbiddenPort => 403,
             Code::UriTooLong => 414,
             Code::BodyTooLarge => 413,
-            Code::TooManyConnections => 503,
+            Code::TooManyConnections | Code::SharedStateUnavailable => 503,
             Code::RequestTimeout => 408,
             Code::Dns
             | Code::ConnectRefused

@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod regions;
 pub mod reload;
 pub mod resolve;
+pub mod shared;
 pub mod state;
 pub mod sweeper;
 pub mod target;

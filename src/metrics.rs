@@ -320,6 +320,14 @@ impl Metrics {
         })
     }
 
+    /// Register collectors kept by another module (the fleet's `sluice_shared_*`).
+    pub fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(collector)
+    }
+
     /// Count one finished request or tunnel.
     pub fn record(&self, way: WayIn, host: &str, outcome: Option<Code>, seconds: f64) {
         let outcome = outcome.map_or(OUTCOME_OK, Code::as_str);

@@ -39,6 +39,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if o.log_level != n.log_level || o.access_log != n.access_log || o.log_format != n.log_format {
         changed.push("server.log_*/access_log");
     }
+    if old.shared != new.shared {
+        changed.push("shared");
+    }
     changed
 }
 

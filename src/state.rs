@@ -2,7 +2,7 @@
 //! configuration generation (swapped atomically) and the metrics.
 
 use crate::admission::{Admission, Clock};
-use crate::config::{Config, Generation};
+use crate::config::{Backend, Config, Generation};
 use crate::metrics::Metrics;
 use crate::regions::Regions;
 use arc_swap::ArcSwap;
@@ -38,22 +38,40 @@ impl Shared {
         config_path: Option<PathBuf>,
         metrics: Metrics,
         connector: Option<ConnectorOptions>,
-    ) -> Arc<Shared> {
+    ) -> Result<Arc<Shared>, String> {
+        let clock = Arc::new(Clock::quanta());
+        let fleet = match config.shared.backend {
+            Backend::Memory => None,
+            Backend::Redis => {
+                let fleet = crate::shared::Fleet::new(
+                    &config.shared,
+                    clock.clone(),
+                    crate::shared::Options::default(),
+                )
+                .map_err(|e| format!("shared metrics: {e}"))?;
+                for c in fleet.metrics.collectors() {
+                    metrics
+                        .register(c)
+                        .map_err(|e| format!("shared metrics: {e}"))?;
+                }
+                Some(fleet)
+            }
+        };
         let generation = Generation::build(1, config);
         metrics.config_generation.set(1);
         let instance = instance_id();
-        Arc::new(Shared {
+        Ok(Arc::new(Shared {
             regions: Regions::new(&generation),
             upstream: Connector::new(connector),
             via: format!("1.1 sluice-{instance}"),
             instance,
             current: ArcSwap::from_pointee(generation),
             metrics,
-            admission: Admission::new(Clock::quanta()),
+            admission: Admission::with_fleet(clock, fleet),
             started: Instant::now(),
             config_path,
             reloading: std::sync::Mutex::new(()),
-        })
+        }))
     }
 
     /// Put a new generation in force; requests already running keep the one they hold.

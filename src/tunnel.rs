@@ -150,7 +150,7 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream, head: bytes::BytesM
         let permit = pace::admit(shared, &cell, max_wait).await.map_err(|r| {
             let secs = r.retry_after_secs();
             (
-                Code::RateLimited,
+                r.code(),
                 format!(
                     "{key}: no admission within the allowed wait ({}); retry after {secs}s",
                     r.reason()

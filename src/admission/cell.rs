@@ -112,12 +112,18 @@ impl HostCell {
         self.configured.store(configured, Ordering::Relaxed);
     }
 
-    /// Reserve a slot for one request arriving at `now`, waiting at most `max_wait` ns.
-    pub fn reserve(&self, now: u64, max_wait: u64) -> Decision {
+    /// Mark the cell used at `now` (for eviction).
+    #[inline]
+    pub fn touch(&self, now: u64) {
         let secs = (now / 1_000_000_000) as u32;
         if self.last_used.load(Ordering::Relaxed) != secs {
             self.last_used.store(secs, Ordering::Relaxed);
         }
+    }
+
+    /// Reserve a slot for one request arriving at `now`, waiting at most `max_wait` ns.
+    pub fn reserve(&self, now: u64, max_wait: u64) -> Decision {
+        self.touch(now);
         let epoch = self.epoch.load(Ordering::Acquire);
         let interval = self.interval.load(Ordering::Relaxed);
         if interval == 0 {

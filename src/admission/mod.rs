@@ -9,6 +9,7 @@ pub mod hints;
 pub use cell::{interval_of, Decision, HostCell, PauseSource};
 
 use crate::config::Generation;
+use crate::shared::Fleet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +55,8 @@ pub enum Refusal {
     Paused { retry_after: Duration },
     /// No in-flight place freed up within the allowed wait.
     Concurrency { retry_after: Duration },
+    /// The fleet's shared store is unavailable and `on_error = "throttle"`.
+    Unavailable { retry_after: Duration },
 }
 
 impl Refusal {
@@ -62,6 +65,15 @@ impl Refusal {
             Refusal::Pace { .. } => "pace",
             Refusal::Paused { .. } => "paused",
             Refusal::Concurrency { .. } => "concurrency",
+            Refusal::Unavailable { .. } => "shared_state_unavailable",
+        }
+    }
+
+    /// The `Sluice-Error` code the client receives.
+    pub fn code(self) -> crate::error::Code {
+        match self {
+            Refusal::Unavailable { .. } => crate::error::Code::SharedStateUnavailable,
+            _ => crate::error::Code::RateLimited,
         }
     }
 
@@ -69,7 +81,8 @@ impl Refusal {
         match self {
             Refusal::Pace { retry_after }
             | Refusal::Paused { retry_after }
-            | Refusal::Concurrency { retry_after } => retry_after,
+            | Refusal::Concurrency { retry_after }
+            | Refusal::Unavailable { retry_after } => retry_after,
         }
     }
 
@@ -104,11 +117,18 @@ pub struct Learned {
 
 pub struct Admission {
     cells: Map,
-    clock: Clock,
+    clock: Arc<Clock>,
+    /// The fleet this node shares pace, pauses and learned limits with (`backend = "redis"`).
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl Admission {
     pub fn new(clock: Clock) -> Admission {
+        Admission::with_fleet(Arc::new(clock), None)
+    }
+
+    /// Admission that consults `fleet` (which must run on the same `clock`).
+    pub fn with_fleet(clock: Arc<Clock>, fleet: Option<Arc<Fleet>>) -> Admission {
         Admission {
             // Blocking resizes: with incremental ones, a resize left unfinished (no writes
             // after it) makes every later read search two tables.
@@ -117,7 +137,12 @@ impl Admission {
                 .hasher(foldhash::fast::RandomState::default())
                 .build(),
             clock,
+            fleet,
         }
+    }
+
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.as_ref()
     }
 
     pub fn now(&self) -> u64 {
@@ -148,7 +173,11 @@ impl Admission {
             profile,
             configured,
         ));
-        map.get_or_insert(key.into(), fresh).clone()
+        let cell = map.get_or_insert(key.into(), fresh).clone();
+        if let Some(fleet) = &self.fleet {
+            fleet.register(&cell, key);
+        }
+        cell
     }
 
     /// The pace cell of an authenticated client (its own limits, across all hosts).
@@ -184,25 +213,9 @@ impl Admission {
     ) -> Result<Permit, Refusal> {
         let start = self.clock.now();
         let deadline = start.saturating_add(max_wait.as_nanos() as u64);
-        loop {
-            let now = self.clock.now();
-            match cell.reserve(now, deadline.saturating_sub(now)) {
-                Decision::Now => break,
-                Decision::At { at, epoch } => {
-                    tokio::time::sleep(Duration::from_nanos(at.saturating_sub(now))).await;
-                    if cell.still_valid(epoch) {
-                        break;
-                    }
-                }
-                Decision::Refuse { retry_after } => {
-                    let retry_after = Duration::from_nanos(retry_after);
-                    return Err(if cell.paused_until() > now {
-                        Refusal::Paused { retry_after }
-                    } else {
-                        Refusal::Pace { retry_after }
-                    });
-                }
-            }
+        match &self.fleet {
+            Some(fleet) => fleet.pace(cell, deadline).await?,
+            None => pace_cell(cell, &self.clock, deadline).await?,
         }
         while !cell.try_enter() {
             let gate = cell.gate();
@@ -269,7 +282,46 @@ impl Admission {
                 learned.paused = Some(p);
             }
         }
+        if let Some(fleet) = &self.fleet {
+            let pause = learned.paused.map(|(until, _)| {
+                fleet.paused(cell, until);
+                Duration::from_nanos(until.saturating_sub(now))
+            });
+            fleet.publish(cell, pause, learned.rps, learned.max_concurrent);
+        }
         learned
+    }
+
+    /// Apply what another node of the fleet told: a pause or learned limits of a host tracked
+    /// here (hosts not tracked read them from the store on first use).
+    pub fn apply_event(&self, event: crate::shared::Event) {
+        use crate::shared::Event;
+        let Some(fleet) = &self.fleet else { return };
+        match event {
+            Event::Pause { host, length } => {
+                fleet.metrics.events.with_label_values(&["pause"]).inc();
+                if let Some(cell) = self.get(&host) {
+                    let until = self.clock.now().saturating_add(length.as_nanos() as u64);
+                    cell.pause_until(until);
+                    fleet.paused(&cell, until);
+                }
+            }
+            Event::Limit {
+                host,
+                interval_us,
+                max_concurrent,
+            } => {
+                fleet.metrics.events.with_label_values(&["limit"]).inc();
+                if let Some(cell) = self.get(&host) {
+                    if let Some(i) = interval_us {
+                        cell.set_rps(1e6 / i as f64);
+                    }
+                    if let Some(n) = max_concurrent {
+                        cell.set_max_concurrent(n);
+                    }
+                }
+            }
+        }
     }
 
     /// Drop cells of hosts unused for `idle_for` that hold nothing (configured hosts stay).
@@ -279,7 +331,13 @@ impl Admission {
         let before = (now.saturating_sub(idle_for.as_nanos() as u64) / 1_000_000_000) as u32;
         let map = self.cells.pin();
         let start = map.len();
-        map.retain(|_, c| c.configured() || !c.idle(now, before));
+        map.retain(|_, c| {
+            let keep = c.configured() || !c.idle(now, before);
+            if let (false, Some(fleet)) = (keep, &self.fleet) {
+                fleet.forget(c);
+            }
+            keep
+        });
         start.saturating_sub(map.len())
     }
 
@@ -309,6 +367,34 @@ impl Admission {
     /// A snapshot of one host's cell, if tracked.
     pub fn get(&self, key: &str) -> Option<Arc<HostCell>> {
         self.cells.pin().get(key).cloned()
+    }
+}
+
+/// Wait for a slot at `cell`'s pace until `deadline` (ns on `clock`) at most.
+pub(crate) async fn pace_cell(
+    cell: &HostCell,
+    clock: &Clock,
+    deadline: u64,
+) -> Result<(), Refusal> {
+    loop {
+        let now = clock.now();
+        match cell.reserve(now, deadline.saturating_sub(now)) {
+            Decision::Now => return Ok(()),
+            Decision::At { at, epoch } => {
+                tokio::time::sleep(Duration::from_nanos(at.saturating_sub(now))).await;
+                if cell.still_valid(epoch) {
+                    return Ok(());
+                }
+            }
+            Decision::Refuse { retry_after } => {
+                let retry_after = Duration::from_nanos(retry_after);
+                return Err(if cell.paused_until() > now {
+                    Refusal::Paused { retry_after }
+                } else {
+                    Refusal::Pace { retry_after }
+                });
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 mod dispatch;
 mod duration;
 mod generation;
+mod shared;
 mod validate;
 
 pub use dispatch::{
@@ -15,6 +16,7 @@ pub use dispatch::{
 };
 pub use duration::HumanDuration;
 pub use generation::{Generation, Route};
+pub use shared::{Backend, BreakerConfig, OnError, RedisUrl, SharedConfig};
 pub use validate::ConfigError;
 
 use serde::{Deserialize, Serialize};
@@ -40,6 +42,8 @@ pub struct Config {
     pub security: Security,
     /// Clients allowed to use sluice; when any is listed, every request must authenticate.
     pub clients: Vec<ClientConfig>,
+    /// State shared by a fleet of sluice processes (Redis), and what to do when it fails.
+    pub shared: SharedConfig,
 }
 
 /// Egress policy (checked on resolved addresses) and limits on what clients send.

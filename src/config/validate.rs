@@ -204,6 +204,8 @@ impl Config {
             }
         }
 
+        self.shared.check(&mut err);
+
         let mut prefixes = HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {
             let path = format!("routes[{i}]");

@@ -78,7 +78,7 @@ pub async fn run(
                         let secs = r.retry_after_secs();
                         return Err(fail(
                             error::error(
-                                Code::RateLimited,
+                                r.code(),
                                 format!(
                                     "{}: no free slot for another attempt; retry after {secs}s",
                                     job.origin.host_port()

@@ -398,7 +398,7 @@ impl Exec<'_, '_> {
                     .metrics
                     .record_region_attempt(self.label, &r.name, code.as_str());
                 let (retry, reason) = match code {
-                    Code::RateLimited => (false, "pace"),
+                    Code::RateLimited | Code::SharedStateUnavailable => (false, "pace"),
                     Code::ConnectRefused
                     | Code::ConnectTimeout
                     | Code::ConnectFailed
@@ -408,7 +408,7 @@ impl Exec<'_, '_> {
                     _ if unsent => (self.retry_on.connect, "connect"),
                     _ => (self.retry_on.timeout, "reset"),
                 };
-                if code != Code::RateLimited {
+                if !matches!(code, Code::RateLimited | Code::SharedStateUnavailable) {
                     self.failure(region, now, &limits.outlier, checked);
                 }
                 let error = error.more_context(format!("region {}", r.name));

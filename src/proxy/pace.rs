@@ -42,9 +42,12 @@ pub fn refusal_error(ctx: &mut Ctx, host: &str, r: Refusal) -> Box<Error> {
         Refusal::Pace { .. } => "its pace has no free slot",
         Refusal::Paused { .. } => "it is paused after a rate-limit signal",
         Refusal::Concurrency { .. } => "its in-flight limit is reached",
+        Refusal::Unavailable { .. } => {
+            "the fleet's shared state is unavailable (on_error = throttle)"
+        }
     };
     error::error(
-        Code::RateLimited,
+        r.code(),
         format!("{host}: {why} within the allowed wait; retry after {secs}s"),
     )
 }

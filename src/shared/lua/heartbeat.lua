@@ -1,0 +1,10 @@
+-- A node says it is alive; returns how many nodes are.
+-- KEYS: 1 = the fleet's node set (member = node id, score = expiry in ms)
+-- ARGV: 1 = node id, 2 = ttl (ms)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return redis.call('ZCARD', KEYS[1])

@@ -1,0 +1,256 @@
+//! The Redis store: one multiplexed connection (reconnecting by itself), the Lua scripts that
+//! keep each host's bucket, pause and learned limits atomic, and the subscription that brings
+//! other nodes' pauses and limits. Keys carry the host as a hash tag (`sluice:{host:port}:tat`)
+//! so every key of one script call lands on one Redis Cluster slot.
+//!
+//! Timeouts and the breaker are the caller's business (`super::Fleet`); this module only talks.
+
+use super::{Event, Grant, Store, StoreError};
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+/// Learned limits are kept this long in Redis after the last statement (ms).
+const LEARNED_TTL_MS: u64 = 3_600_000;
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+enum Target {
+    Single(Box<redis::Client>),
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+pub struct RedisStore {
+    target: Target,
+    /// Where events are subscribed (the one URL, or the first seed of a cluster: a cluster
+    /// delivers every PUBLISH to every node).
+    subscribe_to: redis::Client,
+    conn: OnceCell<Conn>,
+    timeout: Duration,
+    prefix: String,
+    channel: String,
+    acquire: Script,
+    give_back: Script,
+    pause: Script,
+    learn: Script,
+    heartbeat: Script,
+    /// Calls sent to Redis (every script invocation and command).
+    calls: AtomicU64,
+}
+
+/// A Redis error as the store's error.
+fn store_error(e: redis::RedisError) -> StoreError {
+    StoreError::Redis(e.to_string())
+}
+
+impl RedisStore {
+    /// A store for `urls` (one URL, or a cluster's seeds); connects on first use.
+    pub fn new(urls: &[&str], prefix: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
+        let first = urls
+            .first()
+            .ok_or_else(|| StoreError::Redis("no Redis URL".into()))?;
+        let subscribe_to = redis::Client::open(*first).map_err(store_error)?;
+        let target = if urls.len() > 1 {
+            let cluster = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
+                .connection_timeout(timeout.max(Duration::from_millis(200)))
+                .response_timeout(timeout)
+                .retries(0)
+                .build()
+                .map_err(store_error)?;
+            Target::Cluster(Box::new(cluster))
+        } else {
+            Target::Single(Box::new(subscribe_to.clone()))
+        };
+        Ok(RedisStore {
+            target,
+            subscribe_to,
+            conn: OnceCell::new(),
+            timeout,
+            prefix: prefix.to_string(),
+            channel: format!("{prefix}:events"),
+            acquire: Script::new(include_str!("lua/acquire.lua")),
+            give_back: Script::new(include_str!("lua/give_back.lua")),
+            pause: Script::new(include_str!("lua/pause.lua")),
+            learn: Script::new(include_str!("lua/learn.lua")),
+            heartbeat: Script::new(include_str!("lua/heartbeat.lua")),
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    /// Calls sent to Redis so far.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                match &self.target {
+                    Target::Single(client) => {
+                        // No retries inside the manager: the breaker decides when to try again,
+                        // and a failed connection is made again on the next call.
+                        let config = ConnectionManagerConfig::new()
+                            .set_number_of_retries(0)
+                            .set_connection_timeout(Some(
+                                self.timeout.max(Duration::from_millis(200)),
+                            ))
+                            .set_response_timeout(Some(self.timeout));
+                        ConnectionManager::new_lazy_with_config((**client).clone(), config)
+                            .map(Conn::Single)
+                            .map_err(store_error)
+                    }
+                    Target::Cluster(client) => client
+                        .get_async_connection()
+                        .await
+                        .map(Conn::Cluster)
+                        .map_err(store_error),
+                }
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    fn key(&self, host: &str, what: &str) -> String {
+        format!("{}:{{{host}}}:{what}", self.prefix)
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        match self.conn().await? {
+            Conn::Single(mut c) => invocation.invoke_async(&mut c).await,
+            Conn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
+        }
+        .map_err(store_error)
+    }
+
+    /// Follow the event channel until the connection ends (then the caller subscribes again).
+    pub async fn follow(&self, on_event: &(dyn Fn(Event) + Send + Sync)) -> Result<(), StoreError> {
+        use futures_util::StreamExt;
+        let connect = self.subscribe_to.get_async_pubsub();
+        let mut pubsub = tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), connect)
+            .await
+            .map_err(|_| StoreError::Timeout)?
+            .map_err(store_error)?;
+        pubsub.subscribe(&self.channel).await.map_err(store_error)?;
+        tracing::info!(channel = self.channel.as_str(), "following fleet events");
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            let text: String = match msg.get_payload() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(error = %e, "unreadable fleet event");
+                    continue;
+                }
+            };
+            match Event::parse(&text) {
+                Some(event) => on_event(event),
+                None => tracing::debug!(event = text.as_str(), "unknown fleet event"),
+            }
+        }
+        Err(StoreError::Redis("event subscription closed".into()))
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn acquire(
+        &self,
+        host: &str,
+        want: u32,
+        interval_us: u64,
+        burst: u32,
+    ) -> Result<Grant, StoreError> {
+        let mut inv = self.acquire.prepare_invoke();
+        inv.key(self.key(host, "tat"))
+            .key(self.key(host, "pause"))
+            .key(self.key(host, "limits"))
+            .arg(interval_us)
+            .arg(burst)
+            .arg(want);
+        let (granted, due_us, interval_us, max_concurrent, paused_us): (i64, i64, i64, i64, i64) =
+            self.run(inv).await?;
+        Ok(Grant {
+            granted: u32::try_from(granted.max(0)).unwrap_or(0),
+            due: Duration::from_micros(due_us.max(0) as u64),
+            interval_us: interval_us.max(0) as u64,
+            max_concurrent: u32::try_from(max_concurrent).ok(),
+            paused_for: Duration::from_micros(paused_us.max(0) as u64),
+        })
+    }
+
+    async fn give_back(&self, host: &str, tokens: u32, interval_us: u64) -> Result<(), StoreError> {
+        let mut inv = self.give_back.prepare_invoke();
+        inv.key(self.key(host, "tat")).arg(tokens).arg(interval_us);
+        self.run::<i64>(inv).await.map(|_| ())
+    }
+
+    async fn pause(
+        &self,
+        host: &str,
+        length: Duration,
+        interval_us: u64,
+        burst: u32,
+    ) -> Result<(), StoreError> {
+        let mut inv = self.pause.prepare_invoke();
+        inv.key(self.key(host, "tat"))
+            .key(self.key(host, "pause"))
+            .arg(length.as_micros() as u64)
+            .arg(interval_us)
+            .arg(burst.max(1))
+            .arg(&self.channel)
+            .arg(host);
+        self.run::<i64>(inv).await.map(|_| ())
+    }
+
+    async fn learn(
+        &self,
+        host: &str,
+        interval_us: Option<u64>,
+        max_concurrent: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let mut inv = self.learn.prepare_invoke();
+        inv.key(self.key(host, "limits"))
+            .arg(interval_us.map_or(String::new(), |i| i.to_string()))
+            .arg(max_concurrent.map_or(String::new(), |m| m.to_string()))
+            .arg(LEARNED_TTL_MS)
+            .arg(&self.channel)
+            .arg(host);
+        self.run::<i64>(inv).await.map(|_| ())
+    }
+
+    async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError> {
+        let mut inv = self.heartbeat.prepare_invoke();
+        inv.key(format!("{}:nodes", self.prefix))
+            .arg(node)
+            .arg(ttl.as_millis() as u64);
+        let n: i64 = self.run(inv).await?;
+        Ok(u32::try_from(n.max(1)).unwrap_or(1))
+    }
+
+    async fn leave(&self, node: &str) -> Result<(), StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(format!("{}:nodes", self.prefix)).arg(node);
+        match self.conn().await? {
+            Conn::Single(mut c) => cmd.query_async::<i64>(&mut c).await,
+            Conn::Cluster(mut c) => cmd.query_async::<i64>(&mut c).await,
+        }
+        .map(|_| ())
+        .map_err(store_error)
+    }
+
+    fn calls(&self) -> u64 {
+        RedisStore::calls(self)
+    }
+}

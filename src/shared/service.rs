@@ -1,0 +1,86 @@
+//! The fleet's background work on each node: connect the store, say the node is alive (which
+//! also counts the live nodes and probes a half-open breaker when no request does), and follow
+//! other nodes' pauses and learned limits. On shutdown the node says it is leaving.
+
+use super::metrics::Op;
+use super::redis::RedisStore;
+use super::Store;
+use crate::state::Shared;
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Pause between attempts to follow the event channel again.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
+
+pub struct FleetService {
+    shared: Arc<Shared>,
+}
+
+impl FleetService {
+    pub fn new(shared: Arc<Shared>) -> FleetService {
+        FleetService { shared }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for FleetService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(fleet) = self.shared.admission.fleet().cloned() else {
+            return;
+        };
+        let config = &fleet.config;
+        let store = match RedisStore::new(
+            &config.redis_url.urls(),
+            &config.key_prefix,
+            config.timeout.get(),
+        ) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the shared store; pacing stays local");
+                return;
+            }
+        };
+        fleet.set_store(store.clone());
+        let every = config.heartbeat.get();
+        let ttl = every * 3;
+        let beats = async {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !fleet.allow(fleet.now()) {
+                    continue;
+                }
+                if let Ok(n) = fleet
+                    .call(Op::Heartbeat, store.heartbeat(&fleet.node_id, ttl))
+                    .await
+                {
+                    fleet.set_live_nodes(n);
+                }
+            }
+        };
+        let shared = self.shared.clone();
+        let on_event = move |event| shared.admission.apply_event(event);
+        let events = async {
+            loop {
+                if let Err(e) = store.follow(&on_event).await {
+                    tracing::debug!(error = %e, "fleet events: following again shortly");
+                }
+                tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+            }
+        };
+        tokio::select! {
+            _ = beats => {}
+            _ = events => {}
+            _ = shutdown.changed() => {}
+        }
+        if fleet.allow(fleet.now()) {
+            if let Err(e) = fleet.call(Op::Leave, store.leave(&fleet.node_id)).await {
+                tracing::debug!(error = %e, "could not say this node is leaving");
+            }
+        }
+    }
+}

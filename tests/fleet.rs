@@ -1,0 +1,436 @@
+//! A fleet of sluice processes sharing one Redis (started by each test on a free port): the
+//! fleet holds a host's limit together, one node's 429 pauses every node, and losing Redis
+//! falls back to each node's share of the limit without failing a request.
+//!
+//! Without `redis-server` the tests say why they are skipped and pass, unless
+//! `SLUICE_REQUIRE_REDIS=1` (set by CI), when they fail.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+/// These tests count requests over real time: one at a time, so they do not compete for the
+/// machine's cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A `redis-server` of this test on a free loopback port; stopped by its PID when dropped
+/// (also when the test panics).
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Redis {
+    /// Start one, or `None` (with the reason printed) when the binary is missing and the
+    /// environment does not require it.
+    fn start() -> Option<Redis> {
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            let required = std::env::var("SLUICE_REQUIRE_REDIS").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "redis-server is not installed and SLUICE_REQUIRE_REDIS=1"
+            );
+            eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        let mut r = Redis {
+            child: None,
+            port: free_port(),
+        };
+        r.restart();
+        Some(r)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stop the server (SIGKILL: as abrupt as a crash).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Err(e) = c.kill() {
+                eprintln!("stopping redis-server: {e}");
+            }
+            if let Err(e) = c.wait() {
+                eprintln!("waiting for redis-server: {e}");
+            }
+        }
+    }
+
+    /// Start (again) on the same port, empty, and wait until it answers.
+    fn restart(&mut self) {
+        self.kill();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.ping() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let mut buf = [0u8; 16];
+        s.set_read_timeout(Some(Duration::from_secs(1))).is_ok()
+            && s.write_all(b"PING\r\n").is_ok()
+            && s.read(&mut buf)
+                .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three sluice processes sharing `redis`, pacing the upstream's host at `rps = 10, burst = 1`.
+fn fleet(redis: &Redis, up: &FakeUpstream, shared_extra: &str) -> Vec<Sluice> {
+    let config = format!(
+        "[shared]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"250ms\"\n{shared_extra}\n\
+         [hosts.\"127.0.0.1:{}\"]\nrps = 10.0\nburst = 1\n",
+        redis.url(),
+        up.port()
+    );
+    let nodes: Vec<Sluice> = (0..3).map(|_| Sluice::start("", &config)).collect();
+    for n in &nodes {
+        assert_eventually!(
+            status(n)["shared"]["live_nodes"] == 3,
+            "every node counts three live nodes: {}",
+            status(n)
+        );
+    }
+    nodes
+}
+
+fn status(node: &Sluice) -> serde_json::Value {
+    let (_, body) = node.admin_get("/status");
+    serde_json::from_str(&body).expect("status json")
+}
+
+/// Saturating demand: `per_node` clients on each node, each sending one request after the
+/// other until `run` is over. Returns (node, status) of every answer.
+fn saturate(
+    nodes: &[Sluice],
+    up: &FakeUpstream,
+    per_node: usize,
+    run: Duration,
+) -> Vec<(usize, u16)> {
+    let clients: Vec<reqwest::Client> = nodes.iter().map(|n| proxied_client(n, None)).collect();
+    let url = format!("http://127.0.0.1:{}/work", up.port());
+    runtime(2).block_on(async {
+        let stop = Instant::now() + run;
+        let mut tasks = Vec::new();
+        for (i, client) in clients.iter().enumerate() {
+            for _ in 0..per_node {
+                let (client, url) = (client.clone(), url.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut answers = Vec::new();
+                    while Instant::now() < stop {
+                        let status = match client
+                            .get(&url)
+                            .header("x-node", i.to_string())
+                            .send()
+                            .await
+                        {
+                            Ok(r) => r.status().as_u16(),
+                            Err(_) => 0,
+                        };
+                        answers.push((i, status));
+                    }
+                    answers
+                }));
+            }
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("client task"));
+        }
+        all
+    })
+}
+
+/// Upstream arrivals as (node, offset from `start`).
+fn arrivals(up: &FakeUpstream, start: Instant) -> Vec<(usize, Duration)> {
+    let mut v: Vec<(usize, Duration)> = up
+        .requests()
+        .iter()
+        .map(|r| {
+            let node = r
+                .header("x-node")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(99);
+            (node, r.at.saturating_duration_since(start))
+        })
+        .collect();
+    v.sort_by_key(|(_, at)| *at);
+    v
+}
+
+fn count_between(arr: &[(usize, Duration)], from: Duration, to: Duration) -> usize {
+    arr.iter().filter(|(_, at)| *at >= from && *at < to).count()
+}
+
+#[test]
+fn three_nodes_hold_one_limit_together() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::builder().start();
+    let nodes = fleet(&redis, &up, "");
+    let started = Instant::now();
+    let answers = saturate(&nodes, &up, 6, Duration::from_secs(10));
+    assert!(
+        answers.iter().all(|(_, s)| *s == 200),
+        "every request answered 200"
+    );
+    let arr = arrivals(&up, started);
+    let first = arr.first().map(|a| a.1).expect("requests arrived");
+    let total = count_between(&arr, first, first + Duration::from_secs(10));
+    // 10/s for 10 s (plus the burst of 1): 100 +/- 10%, not 300.
+    assert!((90..=110).contains(&total), "{total} requests in 10 s");
+    for i in 0..3 {
+        let mine = arr.iter().filter(|(n, _)| *n == i).count();
+        assert!(
+            mine >= 15,
+            "node {i} sent only {mine}: the limit is shared, not taken by one node"
+        );
+    }
+    // The calls to Redis are bounded by the pace, not by the 18 waiting clients.
+    let calls: f64 = nodes
+        .iter()
+        .map(|n| n.metric("sluice_shared_redis_calls_total{op=\"acquire\"}"))
+        .sum();
+    assert!(
+        calls < 800.0,
+        "{calls} acquire calls for about 100 requests in 10 s"
+    );
+    for n in &nodes {
+        assert_eq!(status(n)["shared"]["breaker"], "closed");
+    }
+}
+
+#[test]
+fn a_429_at_one_node_pauses_the_whole_fleet() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::builder()
+        .route(
+            "/",
+            Reply::text(200, "ok").fail_first(1, 429).retry_after("2"),
+        )
+        .start();
+    let nodes = fleet(&redis, &up, "");
+    let started = Instant::now();
+    let answers = saturate(&nodes, &up, 4, Duration::from_secs(4));
+    assert!(
+        answers.iter().all(|(_, s)| *s == 200),
+        "the 429 was sent again after the pause"
+    );
+    let arr = arrivals(&up, started);
+    assert!(arr.len() >= 10, "{arr:?}");
+    let (_, first) = arr[0];
+    let (_, second) = arr[1];
+    assert!(
+        second - first >= Duration::from_millis(1_950),
+        "no node sent anything during the 2 s pause: {:?}",
+        &arr[..4]
+    );
+    // After the pause, the fleet resumes at its pace, not in a burst.
+    let resumed = count_between(&arr, second, second + Duration::from_secs(1));
+    assert!(
+        resumed <= 12,
+        "{resumed} requests in the second after the pause"
+    );
+    for (i, n) in nodes.iter().enumerate() {
+        assert!(
+            n.metric("sluice_shared_events_total{kind=\"pause\"}") >= 1.0,
+            "node {i} heard of the pause"
+        );
+    }
+}
+
+#[test]
+fn losing_redis_falls_back_to_each_nodes_share_and_recovers() {
+    let _serial = serial();
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let up = FakeUpstream::builder().start();
+    let nodes = fleet(
+        &redis,
+        &up,
+        "on_error = \"local\"\nbreaker = { failure_threshold = 3, recovery_timeout = \"1s\", success_threshold = 2 }\n",
+    );
+    let started = Instant::now();
+    let run = std::thread::scope(|scope| {
+        let load = scope.spawn(|| saturate(&nodes, &up, 4, Duration::from_secs(13)));
+        std::thread::sleep(Duration::from_secs(4));
+        let killed_at = started.elapsed();
+        redis.kill();
+        for (i, n) in nodes.iter().enumerate() {
+            assert_eventually!(
+                status(n)["shared"]["breaker"] != "closed",
+                "node {i}: the breaker opened"
+            );
+        }
+        assert!(nodes
+            .iter()
+            .all(
+                |n| n.metric("sluice_shared_breaker_state{state=\"open\"}") == 1.0
+                    || n.metric("sluice_shared_breaker_state{state=\"half_open\"}") == 1.0
+            ));
+        std::thread::sleep(Duration::from_secs(4));
+        let restarted_at = started.elapsed();
+        redis.restart();
+        for (i, n) in nodes.iter().enumerate() {
+            assert_eventually!(
+                status(n)["shared"]["breaker"] == "closed",
+                "node {i}: the breaker closed again: {}",
+                status(n)
+            );
+        }
+        let closed_at = started.elapsed();
+        let fallback_then: f64 = nodes
+            .iter()
+            .map(|n| n.metric("sluice_shared_fallback_total{on_error=\"local\"}"))
+            .sum();
+        let leased_then: f64 = nodes
+            .iter()
+            .map(|n| n.metric("sluice_shared_tokens_leased_total"))
+            .sum();
+        let answers = load.join().expect("load");
+        (
+            answers,
+            killed_at,
+            restarted_at,
+            closed_at,
+            fallback_then,
+            leased_then,
+        )
+    });
+    let (answers, killed_at, restarted_at, closed_at, fallback_then, leased_then) = run;
+    let failed: Vec<_> = answers.iter().filter(|(_, s)| *s != 200).collect();
+    assert!(failed.is_empty(), "no client request fails: {failed:?}");
+    let arr = arrivals(&up, started);
+    // While Redis was away (leaving the first half second to the breaker): each node at a
+    // third of the limit, the fleet near it.
+    let from = killed_at + Duration::from_millis(500);
+    let span = restarted_at - from;
+    let expected = span.as_secs_f64() * 10.0;
+    let total = count_between(&arr, from, restarted_at) as f64;
+    assert!(
+        (expected * 0.75..=expected * 1.25 + 2.0).contains(&total),
+        "{total} requests in {span:?} without Redis (expected about {expected})"
+    );
+    for i in 0..3 {
+        let mine = arr
+            .iter()
+            .filter(|(n, at)| *n == i && *at >= from && *at < restarted_at)
+            .count() as f64;
+        assert!(
+            (expected / 3.0 * 0.6..=expected / 3.0 * 1.4 + 1.0).contains(&mine),
+            "node {i} sent {mine} without Redis (its share: about {})",
+            expected / 3.0
+        );
+    }
+    // Back on Redis: shared pacing resumes (tokens leased again, no more fallback).
+    let after = count_between(&arr, closed_at, closed_at + Duration::from_secs(2)) as f64;
+    assert!(
+        (14.0..=24.0).contains(&after),
+        "{after} requests in 2 s after recovery"
+    );
+    let fallback_now: f64 = nodes
+        .iter()
+        .map(|n| n.metric("sluice_shared_fallback_total{on_error=\"local\"}"))
+        .sum();
+    let leased_now: f64 = nodes
+        .iter()
+        .map(|n| n.metric("sluice_shared_tokens_leased_total"))
+        .sum();
+    assert!(
+        fallback_then > 0.0,
+        "the fallback paced requests while Redis was away"
+    );
+    assert!(
+        fallback_now - fallback_then <= 3.0,
+        "the fallback stopped once the breaker closed: {fallback_then} -> {fallback_now}"
+    );
+    assert!(
+        leased_now - leased_then >= 10.0,
+        "tokens leased again: {leased_then} -> {leased_now}"
+    );
+}
+
+#[test]
+fn throttle_refuses_with_503_while_redis_is_away() {
+    let _serial = serial();
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let up = FakeUpstream::builder().start();
+    let host = format!("127.0.0.1:{}", up.port());
+    let node = Sluice::start(
+        "",
+        &format!(
+            "[shared]\nbackend = \"redis\"\nredis_url = \"{}\"\non_error = \"throttle\"\n\
+             breaker = {{ failure_threshold = 1, recovery_timeout = \"30s\", success_threshold = 1 }}\n\
+             [hosts.\"{host}\"]\nrps = 100.0\n",
+            redis.url()
+        ),
+    );
+    let get = |path: &str| {
+        let started = Instant::now();
+        let raw = raw_exchange(
+            node.proxy,
+            format!(
+                "GET http://{host}{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .expect("exchange");
+        (split_response(&raw), started.elapsed())
+    };
+    assert_eq!((get("/a").0).0, 200);
+    redis.kill();
+    let ((status, head, body), took) = get("/b");
+    assert_eq!(status, 503, "{head}");
+    assert_eq!(
+        header_of(&head, "sluice-error").as_deref(),
+        Some("shared_state_unavailable")
+    );
+    assert!(body.contains("shared_state_unavailable"), "{body}");
+    assert!(
+        took < Duration::from_millis(500),
+        "no wait on a dead Redis: {took:?}"
+    );
+    assert_eq!(status_of(&node)["shared"]["breaker"], "open");
+    assert!(node.metric("sluice_shared_redis_errors_total") >= 1.0);
+    assert_eq!(up.count(), 1);
+}
+
+fn status_of(node: &Sluice) -> serde_json::Value {
+    status(node)
+}
