@@ -464,3 +464,96 @@ fn a_body_over_the_buffer_cap_streams_to_one_region() {
     // The small PUT was sent to both (Sluice-Attempts: 2); whether the loser's copy was
     // received before it was cancelled is a race, so its upstream count is not asserted.
 }
+
+#[test]
+fn tls_regions_use_their_own_sni_for_requests_and_health_checks() {
+    let ca = TestCa::new();
+    let a = FakeUpstream::builder().tls(&ca).start();
+    let b = FakeUpstream::builder().tls(&ca).start();
+    // b's SNI names a host its certificate does not cover: its checks and requests fail.
+    let sluice = Sluice::start(
+        &format!("upstream_ca_file = \"{}\"\n", ca.ca_path().display()),
+        &format!(
+            "[defaults]\nrps = 0.0\n[hosts.\"{HOST}\"]\n\
+             health_check = {{ path = \"/health\", interval = \"200ms\", timeout = \"500ms\" }}\n\
+             regions = [\n  \
+             {{ name = \"a\", address = \"127.0.0.1:{}\", tls = true }},\n  \
+             {{ name = \"b\", address = \"127.0.0.1:{}\", tls = true, sni = \"other.invalid\" }},\n]\n",
+            a.port(),
+            b.port()
+        ),
+    );
+    let healthy = |r: &str| {
+        sluice.metric(&format!(
+            "sluice_region_healthy{{host=\"{HOST}\",region=\"{r}\"}}"
+        ))
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || healthy("b") == 0.0),
+        "b's checks fail on its certificate"
+    );
+    assert_eq!(healthy("a"), 1.0, "a's checks pass over TLS");
+    let client = direct_client();
+    rt().block_on(async {
+        let r = client
+            .get(format!("http://{}/v1/x", sluice.proxy))
+            .header("Sluice-Target", format!("https://{HOST}"))
+            .send()
+            .await
+            .expect("response");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["sluice-region"], "a");
+    });
+    let got = a
+        .requests()
+        .into_iter()
+        .find(|r| r.target == "/v1/x")
+        .expect("a got the request");
+    assert_eq!(got.header("host"), Some(HOST));
+    assert!(a.count_path("/health") >= 1, "a was checked");
+}
+
+#[test]
+fn a_reload_adds_a_region_and_keeps_the_others_state() {
+    let a = FakeUpstream::builder().start();
+    let b = FakeUpstream::builder().start();
+    let sluice = Sluice::start(
+        "",
+        &format!(
+            "[defaults]\nrps = 0.0\n[hosts.\"{HOST}\"]\nregions = [{{ name = \"a\", address = \"127.0.0.1:{}\" }}]\n",
+            a.port()
+        ),
+    );
+    assert_eq!(rt().block_on(get(&sluice, "/", &[])).1, "a");
+    let (_, before) = sluice.admin_get("/status");
+    let before: serde_json::Value = serde_json::from_str(&before).expect("json");
+    assert!(before["regions"][0]["regions"][0]["latency_ewma_ms"].is_number());
+
+    let text = std::fs::read_to_string(sluice.config_path()).expect("config");
+    let text = text.replace(
+        "regions = [{",
+        &format!(
+            "regions = [{{ name = \"b\", address = \"127.0.0.1:{}\" }}, {{",
+            b.port()
+        ),
+    );
+    std::fs::write(sluice.config_path(), text).expect("write config");
+    sluice.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            sluice.metric("sluice_config_reloads_total{result=\"ok\"}") >= 1.0
+        }),
+        "the reload was applied: {}",
+        sluice.log()
+    );
+    let (status, region, ..) = rt().block_on(get(&sluice, "/", &[("Sluice-Regions", "b")]));
+    assert_eq!((status, region.as_str()), (200, "b"));
+    let (_, after) = sluice.admin_get("/status");
+    let after: serde_json::Value = serde_json::from_str(&after).expect("json");
+    let list = after["regions"][0]["regions"].as_array().expect("regions");
+    let a_after = list.iter().find(|r| r["name"] == "a").expect("a");
+    assert_eq!(
+        a_after["latency_ewma_ms"], before["regions"][0]["regions"][0]["latency_ewma_ms"],
+        "a's latency estimate survived the reload"
+    );
+}
