@@ -119,12 +119,14 @@ fn race_takes_the_first_answer_and_closes_the_other() {
         assert_eq!(region, "b");
         assert_eq!(body, "from b");
         assert_eq!(attempts, "2");
+        eprintln!("race: answered by b in {elapsed:?}");
         assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
     });
     let when = closed
         .recv_timeout(Duration::from_secs(5))
         .expect("region a saw its connection end");
     let when = when.expect("region a's connection was closed before it answered");
+    eprintln!("race: region a saw its connection closed {when:?} after accepting it");
     assert!(when < Duration::from_secs(2), "closed after {when:?}");
     assert_eq!(b.count(), 1);
     assert_eq!(
@@ -157,6 +159,7 @@ fn hedge_sends_a_duplicate_after_the_delay_and_never_duplicates_a_post() {
             (200, "b", "from b")
         );
         assert_eq!(attempts, "2");
+        eprintln!("hedge: answered by b in {elapsed:?}");
         assert!(
             elapsed >= Duration::from_millis(100) && elapsed < Duration::from_millis(800),
             "{elapsed:?}"
