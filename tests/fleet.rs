@@ -109,10 +109,14 @@ impl Drop for Redis {
 
 /// Three sluice processes sharing `redis`, pacing the upstream's host at `rps = 10, burst = 1`.
 fn fleet(redis: &Redis, up: &FakeUpstream, shared_extra: &str) -> Vec<Sluice> {
+    fleet_on(&format!("\"{}\"", redis.url()), up, shared_extra)
+}
+
+/// As `fleet`, with `redis_url` given as TOML (a string, or a list of cluster seeds).
+fn fleet_on(redis_url: &str, up: &FakeUpstream, shared_extra: &str) -> Vec<Sluice> {
     let config = format!(
-        "[shared]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"250ms\"\n{shared_extra}\n\
+        "[shared]\nbackend = \"redis\"\nredis_url = {redis_url}\nheartbeat = \"250ms\"\n{shared_extra}\n\
          [hosts.\"127.0.0.1:{}\"]\nrps = 10.0\nburst = 1\n",
-        redis.url(),
         up.port()
     );
     let nodes: Vec<Sluice> = (0..3).map(|_| Sluice::start("", &config)).collect();
@@ -433,4 +437,142 @@ fn throttle_refuses_with_503_while_redis_is_away() {
 
 fn status_of(node: &Sluice) -> serde_json::Value {
     status(node)
+}
+
+/// A three-node Redis Cluster (no replicas) of this test, on free ports; stopped when dropped.
+struct Cluster {
+    nodes: Vec<Child>,
+    ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Option<Cluster> {
+        // Only when the single server is there too (same package); it says why it skips.
+        drop(Redis::start()?);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for p in &ports {
+            let child = Command::new("redis-server")
+                .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .args(["--cluster-config-file", &format!("nodes-{p}.conf")])
+                .current_dir(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server (cluster node)");
+            nodes.push(child);
+        }
+        let cluster = Cluster {
+            nodes,
+            ports,
+            _dir: dir,
+        };
+        for p in &cluster.ports {
+            let r = Redis {
+                child: None,
+                port: *p,
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !r.ping() {
+                assert!(Instant::now() < deadline, "cluster node {p} did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for p in &cluster.ports {
+            create.arg(format!("127.0.0.1:{p}"));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for p in &cluster.ports {
+            assert_eventually!(
+                Command::new("redis-cli")
+                    .args(["-p", &p.to_string(), "cluster", "info"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok")),
+                "cluster node {p} reports cluster_state:ok"
+            );
+        }
+        Some(cluster)
+    }
+
+    fn urls_toml(&self) -> String {
+        let urls: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("\"redis://127.0.0.1:{p}\""))
+            .collect();
+        format!("[{}]", urls.join(", "))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.nodes {
+            if let Err(e) = c.kill() {
+                eprintln!("stopping a cluster node: {e}");
+            }
+            if let Err(e) = c.wait() {
+                eprintln!("waiting for a cluster node: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_redis_cluster_holds_the_limit_and_carries_pauses() {
+    let _serial = serial();
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let up = FakeUpstream::builder()
+        .route(
+            "/",
+            Reply::text(200, "ok").fail_first(1, 429).retry_after("1"),
+        )
+        .start();
+    let nodes = fleet_on(&cluster.urls_toml(), &up, "");
+    let started = Instant::now();
+    let answers = saturate(&nodes, &up, 4, Duration::from_secs(6));
+    assert!(
+        answers.iter().all(|(_, s)| *s == 200),
+        "every request answered 200"
+    );
+    let arr = arrivals(&up, started);
+    let (_, first) = arr[0];
+    let (_, second) = arr[1];
+    assert!(
+        second - first >= Duration::from_millis(950),
+        "the 429's 1 s pause held across the cluster: {:?}",
+        &arr[..3]
+    );
+    // From the end of the pause: 10/s for the fleet, not 30.
+    let total = count_between(&arr, second, second + Duration::from_secs(4));
+    assert!((36..=46).contains(&total), "{total} requests in 4 s");
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(status(n)["shared"]["breaker"], "closed", "node {i}");
+        assert!(
+            n.metric("sluice_shared_events_total{kind=\"pause\"}") >= 1.0,
+            "node {i} heard of the pause through the cluster"
+        );
+    }
 }
