@@ -86,7 +86,7 @@ fn run(
         config.validate().expect("valid");
         let clock = Arc::new(Clock::quanta());
         let fleet = Fleet::new(&config.shared, clock.clone(), options).expect("fleet");
-        let store = Arc::new(RedisStore::new(&[url], prefix, Duration::from_millis(200)).expect("store"));
+        let store = Arc::new(RedisStore::new(&[url], prefix, Duration::from_millis(200), None).expect("store"));
         fleet.set_store(store.clone());
         let generation = Generation::build(1, config);
         let admission = Arc::new(Admission::with_fleet(clock, Some(fleet)));

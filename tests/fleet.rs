@@ -576,3 +576,124 @@ fn a_redis_cluster_holds_the_limit_and_carries_pauses() {
         );
     }
 }
+
+/// A `redis-server` speaking only TLS, with the test CA's certificate; stopped when dropped.
+struct TlsRedis {
+    child: Child,
+    port: u16,
+}
+
+impl TlsRedis {
+    fn start(ca: &TestCa) -> Option<TlsRedis> {
+        drop(Redis::start()?);
+        let dir = ca.dir.path();
+        std::fs::write(dir.join("redis.crt"), &ca.cert_pem).expect("write cert");
+        std::fs::write(dir.join("redis.key"), &ca.key_pem).expect("write key");
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--tls-cert-file",
+                &dir.join("redis.crt").display().to_string(),
+            ])
+            .args([
+                "--tls-key-file",
+                &dir.join("redis.key").display().to_string(),
+            ])
+            .args(["--tls-ca-cert-file", &ca.ca_path().display().to_string()])
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (TLS)");
+        let r = TlsRedis { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "TLS redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(r)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        if let Err(e) = self.child.kill() {
+            eprintln!("stopping redis-server (TLS): {e}");
+        }
+        if let Err(e) = self.child.wait() {
+            eprintln!("waiting for redis-server (TLS): {e}");
+        }
+    }
+}
+
+#[test]
+fn rediss_is_verified_against_the_configured_ca() {
+    let _serial = serial();
+    let ca = TestCa::new();
+    let Some(redis) = TlsRedis::start(&ca) else {
+        return;
+    };
+    let up = FakeUpstream::builder().start();
+    let node_with = |ca_line: &str| {
+        Sluice::start(
+            "",
+            &format!(
+                "[shared]\nbackend = \"redis\"\nredis_url = \"rediss://localhost:{}\"\n\
+                 on_error = \"local\"\ntimeout = \"500ms\"\n{ca_line}\n\
+                 breaker = {{ failure_threshold = 1, recovery_timeout = \"30s\", success_threshold = 1 }}\n\
+                 [hosts.\"127.0.0.1:{}\"]\nrps = 50.0\nburst = 5\n",
+                redis.port,
+                up.port()
+            ),
+        )
+    };
+    let get = |node: &Sluice| {
+        let raw = raw_exchange(
+            node.proxy,
+            format!(
+                "GET http://127.0.0.1:{p}/x HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nConnection: close\r\n\r\n",
+                p = up.port()
+            )
+            .as_bytes(),
+        )
+        .expect("exchange");
+        split_response(&raw).0
+    };
+
+    // Trusting the test CA: shared pacing over TLS.
+    let trusted = node_with(&format!("tls_ca_file = \"{}\"", ca.ca_path().display()));
+    for _ in 0..3 {
+        assert_eq!(get(&trusted), 200);
+    }
+    assert!(trusted.metric("sluice_shared_redis_calls_total") >= 1.0);
+    assert_eq!(trusted.metric("sluice_shared_redis_errors_total"), 0.0);
+    assert_eq!(status(&trusted)["shared"]["breaker"], "closed");
+
+    // With only the system roots, the server's certificate is refused: the breaker opens and
+    // requests are still served (on_error = local).
+    let untrusted = node_with("");
+    for _ in 0..3 {
+        assert_eq!(get(&untrusted), 200);
+    }
+    assert_eventually!(
+        status(&untrusted)["shared"]["breaker"] == "open",
+        "an unverified Redis is not used: {}",
+        status(&untrusted)
+    );
+    assert!(untrusted.metric("sluice_shared_redis_errors_total") >= 1.0);
+}

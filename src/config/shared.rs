@@ -22,6 +22,8 @@ pub struct SharedConfig {
     pub key_prefix: String,
     /// How often a node says it is alive; a node silent for three periods is not counted.
     pub heartbeat: HumanDuration,
+    /// PEM file of the CAs trusted for `rediss://`, instead of the system roots.
+    pub tls_ca_file: Option<String>,
 }
 
 impl Default for SharedConfig {
@@ -34,6 +36,7 @@ impl Default for SharedConfig {
             timeout: HumanDuration::from_millis(50),
             key_prefix: "sluice".into(),
             heartbeat: HumanDuration::from_secs(1),
+            tls_ca_file: None,
         }
     }
 }
@@ -124,6 +127,11 @@ impl SharedConfig {
                 );
             } else if let Err(e) = redis::Client::open(*url) {
                 err(path, format!("{url:?}: {e}"));
+            }
+        }
+        if let Some(path) = &self.tls_ca_file {
+            if let Err(m) = super::validate::check_ca_file(path) {
+                err("shared.tls_ca_file".into(), m);
             }
         }
         let timeout = self.timeout.get();

@@ -404,7 +404,7 @@ fn parse_listen(text: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{text:?} is not an ip:port socket address"))
 }
 
-fn check_ca_file(path: &str) -> Result<(), String> {
+pub(super) fn check_ca_file(path: &str) -> Result<(), String> {
     let text = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
     let mut reader = std::io::BufReader::new(text.as_slice());
     let mut count = 0;

@@ -52,18 +52,34 @@ fn store_error(e: redis::RedisError) -> StoreError {
 
 impl RedisStore {
     /// A store for `urls` (one URL, or a cluster's seeds); connects on first use.
-    pub fn new(urls: &[&str], prefix: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
+    /// `ca_pem`: the CAs trusted for `rediss://` instead of the system roots.
+    pub fn new(
+        urls: &[&str],
+        prefix: &str,
+        timeout: Duration,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Result<RedisStore, StoreError> {
         let first = urls
             .first()
             .ok_or_else(|| StoreError::Redis("no Redis URL".into()))?;
-        let subscribe_to = redis::Client::open(*first).map_err(store_error)?;
+        let certs = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: ca_pem.clone(),
+        };
+        let subscribe_to = match &ca_pem {
+            Some(_) => redis::Client::build_with_tls(*first, certs()),
+            None => redis::Client::open(*first),
+        }
+        .map_err(store_error)?;
         let target = if urls.len() > 1 {
-            let cluster = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
+            let mut builder = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
                 .connection_timeout(timeout.max(Duration::from_millis(200)))
                 .response_timeout(timeout)
-                .retries(0)
-                .build()
-                .map_err(store_error)?;
+                .retries(0);
+            if ca_pem.is_some() {
+                builder = builder.certs(certs());
+            }
+            let cluster = builder.build().map_err(store_error)?;
             Target::Cluster(Box::new(cluster))
         } else {
             Target::Single(Box::new(subscribe_to.clone()))

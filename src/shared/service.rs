@@ -32,10 +32,21 @@ impl BackgroundService for FleetService {
             return;
         };
         let config = &fleet.config;
+        let ca_pem = match &config.tls_ca_file {
+            None => None,
+            Some(path) => match std::fs::read(path) {
+                Ok(pem) => Some(pem),
+                Err(e) => {
+                    tracing::error!(path, error = %e, "cannot read shared.tls_ca_file; pacing stays local");
+                    return;
+                }
+            },
+        };
         let store = match RedisStore::new(
             &config.redis_url.urls(),
             &config.key_prefix,
             config.timeout.get(),
+            ca_pem,
         ) {
             Ok(s) => Arc::new(s),
             Err(e) => {
