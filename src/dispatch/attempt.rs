@@ -96,6 +96,7 @@ pub async fn run(
     let started = Instant::now();
     let mut pending = Pending {
         state: &r.state,
+        regions: &job.shared.regions,
         started,
         armed: true,
     };
@@ -136,6 +137,7 @@ pub async fn run(
 /// bound of the region's latency.
 struct Pending<'a> {
     state: &'a crate::regions::state::RegionState,
+    regions: &'a crate::regions::Regions,
     started: Instant,
     armed: bool,
 }
@@ -143,7 +145,8 @@ struct Pending<'a> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.state.record_censored(self.started.elapsed());
+            self.state
+                .record_censored(self.started.elapsed(), self.regions.now());
         }
     }
 }

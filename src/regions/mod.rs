@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+/// A latency estimate not refreshed for this long (ns) no longer ranks its region.
+const STALE_AFTER: u64 = 30_000_000_000;
+
 /// One region of a host, as configured, with its live state.
 #[derive(Debug)]
 pub struct Region {
@@ -67,11 +70,7 @@ impl HostRegions {
         if only.is_none() {
             picked.sort_by_key(|&i| {
                 let s = &self.regions[i].state;
-                (
-                    s.ewma().map_or(0, |d| d.as_micros() as u64),
-                    s.in_flight(),
-                    i,
-                )
+                (s.rank_latency(now, STALE_AFTER), s.in_flight(), i)
             });
         }
         picked
@@ -244,18 +243,28 @@ mod tests {
         let r = regions();
         let h = r.get("api.test").expect("host");
         assert_eq!(h.order(0, None), vec![0, 1, 2]);
-        h.regions[0].state.record_latency(Duration::from_millis(50));
-        h.regions[1].state.record_latency(Duration::from_millis(10));
-        assert_eq!(h.order(0, None), vec![2, 1, 0], "c has no sample yet");
-        h.regions[2].state.record_latency(Duration::from_millis(30));
-        assert_eq!(h.order(0, None), vec![1, 2, 0]);
+        let seen = |i: usize, ms: u64, at: u64| {
+            h.regions[i].state.record_latency(Duration::from_millis(ms));
+            h.regions[i].state.on_success(at);
+        };
+        seen(0, 50, 1);
+        seen(1, 10, 1);
+        assert_eq!(h.order(1, None), vec![2, 1, 0], "c has no sample yet");
+        seen(2, 30, 1);
+        assert_eq!(h.order(1, None), vec![1, 2, 0]);
+        // 31 s on, only b and c were heard from again: a's old estimate is stale, so a
+        // is tried first, to be measured again.
+        let later = 31_000_000_000;
+        seen(1, 10, later);
+        seen(2, 30, later);
+        assert_eq!(h.order(later, None), vec![0, 1, 2]);
         let o = Outlier::default();
         for _ in 0..o.consecutive_failures {
             h.regions[1].state.on_failure(0, &o, false);
         }
-        assert_eq!(h.order(0, None), vec![2, 0]);
+        assert_eq!(h.order(1, None), vec![2, 0]);
         let only = ["A".to_string(), "b".to_string(), "zz".to_string()];
-        assert_eq!(h.order(0, Some(&only)), vec![0], "b is ejected, zz unknown");
+        assert_eq!(h.order(1, Some(&only)), vec![0], "b is ejected, zz unknown");
     }
 
     #[test]

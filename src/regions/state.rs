@@ -38,6 +38,9 @@ pub struct RegionState {
     ewma_micros: AtomicU64,
     sketch: [AtomicU32; BUCKETS],
     samples: AtomicU32,
+    /// When the region last told us anything about its latency (an answer, or an attempt
+    /// cancelled while waiting); 0 = never.
+    observed_at: AtomicU64,
 }
 
 impl RegionState {
@@ -59,6 +62,7 @@ impl RegionState {
             ewma_micros: AtomicU64::new(0),
             sketch: std::array::from_fn(|_| AtomicU32::new(0)),
             samples: AtomicU32::new(0),
+            observed_at: AtomicU64::new(0),
         }
     }
 
@@ -116,6 +120,7 @@ impl RegionState {
     /// An answer that is not a failure: the failure streak ends, and after an ejection has
     /// run out, each success shortens the next one by a step.
     pub fn on_success(&self, now: u64) {
+        self.observed_at.store(now.max(1), Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         if self.ejections.load(Ordering::Relaxed) > 0
             && now >= self.ejected_until.load(Ordering::Relaxed)
@@ -207,7 +212,8 @@ impl RegionState {
     /// An attempt cancelled after `d` without an answer: its latency is at least `d`. Raises
     /// the EWMA (never lowers it), so a region that lost a hedge or race is not preferred for
     /// lack of samples; the percentile sketch takes only real answers.
-    pub fn record_censored(&self, d: Duration) {
+    pub fn record_censored(&self, d: Duration, now: u64) {
+        self.observed_at.store(now.max(1), Ordering::Relaxed);
         let micros = d.as_secs_f64() * 1e6;
         let _ = self
             .ewma_micros
@@ -223,6 +229,18 @@ impl RegionState {
                 };
                 Some(new.to_bits())
             });
+    }
+
+    /// The latency that ranks this region (microseconds): its EWMA, or 0 (unknown, so tried
+    /// first) when it has never been observed or not for `stale_after` ns. A region passed
+    /// over because it once looked slow is thus measured again now and then, instead of
+    /// keeping that estimate for ever.
+    pub fn rank_latency(&self, now: u64, stale_after: u64) -> u64 {
+        let at = self.observed_at.load(Ordering::Relaxed);
+        if at == 0 || now.saturating_sub(at) > stale_after {
+            return 0;
+        }
+        self.ewma().map_or(0, |d| d.as_micros() as u64)
     }
 
     /// The latency estimate (EWMA); `None` before the first sample.
@@ -349,6 +367,18 @@ mod tests {
         s.check_result(1, false, &hc);
         s.check_result(1, false, &hc);
         assert!(!s.healthy());
+    }
+
+    #[test]
+    fn an_estimate_nobody_refreshed_goes_stale() {
+        let s = RegionState::new(1);
+        assert_eq!(s.rank_latency(0, 30_000 * MS), 0);
+        s.record_latency(Duration::from_millis(40));
+        s.on_success(1000 * MS);
+        assert_eq!(s.rank_latency(2000 * MS, 30_000 * MS), 40_000);
+        assert_eq!(s.rank_latency(31_001 * MS, 30_000 * MS), 0, "stale");
+        s.record_censored(Duration::from_millis(100), 31_001 * MS);
+        assert!(s.rank_latency(31_002 * MS, 30_000 * MS) > 40_000);
     }
 
     #[test]
