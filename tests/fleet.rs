@@ -214,6 +214,10 @@ fn three_nodes_hold_one_limit_together() {
     let first = arr.first().map(|a| a.1).expect("requests arrived");
     let total = count_between(&arr, first, first + Duration::from_secs(10));
     // 10/s for 10 s (plus the burst of 1): 100 +/- 10%, not 300.
+    let per_node: Vec<usize> = (0..3)
+        .map(|i| arr.iter().filter(|(n, _)| *n == i).count())
+        .collect();
+    eprintln!("fleet: {total} requests in 10 s at the upstream, by node {per_node:?}");
     assert!((90..=110).contains(&total), "{total} requests in 10 s");
     for i in 0..3 {
         let mine = arr.iter().filter(|(n, _)| *n == i).count();
@@ -257,6 +261,10 @@ fn a_429_at_one_node_pauses_the_whole_fleet() {
     assert!(arr.len() >= 10, "{arr:?}");
     let (_, first) = arr[0];
     let (_, second) = arr[1];
+    eprintln!(
+        "fleet: nothing reached the upstream for {:?} after the 429",
+        second - first
+    );
     assert!(
         second - first >= Duration::from_millis(1_950),
         "no node sent anything during the 2 s pause: {:?}",
@@ -345,6 +353,16 @@ fn losing_redis_falls_back_to_each_nodes_share_and_recovers() {
     let span = restarted_at - from;
     let expected = span.as_secs_f64() * 10.0;
     let total = count_between(&arr, from, restarted_at) as f64;
+    let shares: Vec<usize> = (0..3)
+        .map(|i| {
+            arr.iter()
+                .filter(|(n, at)| *n == i && *at >= from && *at < restarted_at)
+                .count()
+        })
+        .collect();
+    eprintln!(
+        "fleet: {total} requests in {span:?} without Redis (expected about {expected:.0}), by node {shares:?}"
+    );
     assert!(
         (expected * 0.75..=expected * 1.25 + 2.0).contains(&total),
         "{total} requests in {span:?} without Redis (expected about {expected})"
@@ -362,6 +380,7 @@ fn losing_redis_falls_back_to_each_nodes_share_and_recovers() {
     }
     // Back on Redis: shared pacing resumes (tokens leased again, no more fallback).
     let after = count_between(&arr, closed_at, closed_at + Duration::from_secs(2)) as f64;
+    eprintln!("fleet: {after} requests in the 2 s after the breakers closed");
     assert!(
         (14.0..=24.0).contains(&after),
         "{after} requests in 2 s after recovery"
@@ -560,6 +579,10 @@ fn a_redis_cluster_holds_the_limit_and_carries_pauses() {
     let arr = arrivals(&up, started);
     let (_, first) = arr[0];
     let (_, second) = arr[1];
+    eprintln!(
+        "cluster: nothing reached the upstream for {:?} after the 429",
+        second - first
+    );
     assert!(
         second - first >= Duration::from_millis(950),
         "the 429's 1 s pause held across the cluster: {:?}",
@@ -567,6 +590,7 @@ fn a_redis_cluster_holds_the_limit_and_carries_pauses() {
     );
     // From the end of the pause: 10/s for the fleet, not 30.
     let total = count_between(&arr, second, second + Duration::from_secs(4));
+    eprintln!("cluster: {total} requests in the 4 s after the pause");
     assert!((36..=46).contains(&total), "{total} requests in 4 s");
     for (i, n) in nodes.iter().enumerate() {
         assert_eq!(status(n)["shared"]["breaker"], "closed", "node {i}");
