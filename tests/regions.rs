@@ -560,3 +560,38 @@ fn a_reload_adds_a_region_and_keeps_the_others_state() {
         "a's latency estimate survived the reload"
     );
 }
+
+#[test]
+fn a_duplicate_never_queues_for_the_pace() {
+    let a = FakeUpstream::builder()
+        .route(
+            "/",
+            Reply::text(200, "from a").latency(Duration::from_millis(300)),
+        )
+        .start();
+    let b = FakeUpstream::builder().start();
+    // One request per second: the hedge at 50 ms finds no free slot and is not sent.
+    let text = config(
+        a.port(),
+        b.port(),
+        "mode = \"hedge\"\nhedge_after = \"50ms\"",
+    )
+    .replace("rps = 0.0", "rps = 1.0\nburst = 1");
+    let sluice = Sluice::start("", &text);
+    rt().block_on(async {
+        let (status, region, attempts, _, elapsed) =
+            get(&sluice, "/", &[("Sluice-Regions", "a,b")]).await;
+        assert_eq!(
+            (status, region.as_str(), attempts.as_str()),
+            (200, "a", "1")
+        );
+        assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
+    });
+    assert_eq!(b.count(), 0);
+    assert_eq!(
+        sluice.metric(&format!(
+            "sluice_upstream_attempts_total{{host=\"{HOST}\",region=\"b\"}}"
+        )),
+        0.0
+    );
+}

@@ -297,6 +297,10 @@ impl Exec<'_, '_> {
                             }
                         }
                         Judged::Lost(e) => last = Some(e),
+                        Judged::Refused(e) => {
+                            sent -= 1;
+                            last = Some(e);
+                        }
                     }
                     if running.is_empty() {
                         break;
@@ -393,12 +397,15 @@ impl Exec<'_, '_> {
                 unsent,
             }) => {
                 let code = Code::of(&error);
+                if unsent && matches!(code, Code::RateLimited | Code::SharedStateUnavailable) {
+                    // Admission refused it: nothing was sent, so it is no attempt.
+                    return Judged::Refused(error);
+                }
                 let r = &job.host.regions[region];
                 shared
                     .metrics
                     .record_region_attempt(self.label, &r.name, code.as_str());
                 let (retry, reason) = match code {
-                    Code::RateLimited | Code::SharedStateUnavailable => (false, "pace"),
                     Code::ConnectRefused
                     | Code::ConnectTimeout
                     | Code::ConnectFailed
@@ -408,9 +415,7 @@ impl Exec<'_, '_> {
                     _ if unsent => (self.retry_on.connect, "connect"),
                     _ => (self.retry_on.timeout, "reset"),
                 };
-                if !matches!(code, Code::RateLimited | Code::SharedStateUnavailable) {
-                    self.failure(region, now, &limits.outlier, checked);
-                }
+                self.failure(region, now, &limits.outlier, checked);
                 let error = error.more_context(format!("region {}", r.name));
                 if retry {
                     Judged::Retry {
@@ -452,6 +457,8 @@ enum Judged {
         error: Option<Box<pingora_error::Error>>,
     },
     Lost(Box<pingora_error::Error>),
+    /// Admission gave no slot for this attempt (a duplicate, or a retry past its wait).
+    Refused(Box<pingora_error::Error>),
 }
 
 /// Extra attempts taken from the host's budget by this request, given back when it ends.
