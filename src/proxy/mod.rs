@@ -94,29 +94,21 @@ impl ProxyHttp for SluiceProxy {
         let regions = named
             .then(|| self.shared.regions.get(ctx.generation.host_label(profile)))
             .flatten();
-        if let Some(host) = regions {
-            // Configured regions carry their own addresses (trusted as configured): no DNS.
-            ctx.upstream_path = dest.path;
-            ctx.cell = Some(
-                self.shared
-                    .admission
-                    .cell(&key, &dest.origin.host, &ctx.generation),
-            );
-            ctx.origin = Some(dest.origin);
-            crate::dispatch::run(&self.shared, session, ctx, host).await?;
-            return Ok(true);
+        if regions.is_none() {
+            // Configured regions carry their own addresses (trusted as configured): DNS is
+            // only for hosts without them.
+            let timeout = ctx.generation.config.server.dns_timeout.get();
+            let addrs = resolve(
+                &ctx.generation,
+                &dest.origin.host,
+                dest.origin.port,
+                timeout,
+            )
+            .await?;
+            ctx.addrs = egress
+                .filter(&dest.origin.host, addrs)
+                .map_err(|(code, m)| error::error(code, m))?;
         }
-        let timeout = ctx.generation.config.server.dns_timeout.get();
-        let addrs = resolve(
-            &ctx.generation,
-            &dest.origin.host,
-            dest.origin.port,
-            timeout,
-        )
-        .await?;
-        ctx.addrs = egress
-            .filter(&dest.origin.host, addrs)
-            .map_err(|(code, m)| error::error(code, m))?;
         ctx.upstream_path = dest.path;
         ctx.cell = Some(
             self.shared
@@ -124,6 +116,10 @@ impl ProxyHttp for SluiceProxy {
                 .cell(&key, &dest.origin.host, &ctx.generation),
         );
         ctx.origin = Some(dest.origin);
+        if let Some(host) = regions {
+            crate::dispatch::run(&self.shared, session, ctx, host).await?;
+            return Ok(true);
+        }
         Ok(false)
     }
 
