@@ -226,8 +226,9 @@ fn a_failing_region_is_ejected_until_its_checks_pass() {
     let b = FakeUpstream::builder()
         .route("/", Reply::text(200, "from b"))
         .start();
-    let extra =
-        "health_check = { path = \"/health\", interval = \"200ms\", timeout = \"150ms\" }\n\
+    // Checks every second: the first requests meet a while it still counts as healthy, so it
+    // is their failures that eject it (its failing checks would take it out a second later).
+    let extra = "health_check = { path = \"/health\", interval = \"1s\", timeout = \"500ms\" }\n\
                  outlier = { consecutive_failures = 3, base_ejection = \"1s\" }";
     let sluice = Sluice::start("", &config(a.port(), b.port(), extra));
     let order = [("Sluice-Regions", "a,b")];
@@ -260,7 +261,7 @@ fn a_failing_region_is_ejected_until_its_checks_pass() {
 
     // a recovers: its checks pass, and it takes traffic again.
     a.set_status("/", 200);
-    let back = eventually(Duration::from_secs(5), || {
+    let back = eventually(Duration::from_secs(8), || {
         rt().block_on(get(&sluice, "/api", &order)).1 == "a"
     });
     assert!(back, "a never came back");
