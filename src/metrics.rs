@@ -348,9 +348,7 @@ impl Metrics {
 
     /// Count one attempt sent to an upstream: its status class, or the error that ended it.
     pub fn record_attempt(&self, host: &str, outcome: &str) {
-        self.upstream_attempts
-            .with_label_values(&[host, IMPLICIT_REGION, outcome])
-            .inc();
+        self.record_region_attempt(host, IMPLICIT_REGION, outcome);
     }
 
     /// Count one attempt sent to a configured region.

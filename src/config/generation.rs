@@ -30,6 +30,8 @@ pub struct Generation {
     pub egress: crate::policy::Egress,
     /// The clients of `[[clients]]` (authentication is on when any is listed).
     pub clients: crate::policy::auth::Clients,
+    /// Some `[hosts]` entry lists regions.
+    pub has_regions: bool,
     /// `[hosts]` names (`host` or `host:port`) to their profile.
     exact_hosts: HashMap<String, u16>,
     /// `[hosts."*.suffix"]` entries as (".suffix", profile), longest suffix first.
@@ -78,8 +80,10 @@ impl Generation {
         wildcard_hosts.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         let egress = crate::policy::Egress::new(&config.security);
         let clients = crate::policy::auth::Clients::new(&config.clients);
+        let has_regions = config.hosts.values().any(|o| !o.regions.is_empty());
         Generation {
             number,
+            has_regions,
             egress,
             clients,
             config,

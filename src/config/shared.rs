@@ -180,15 +180,8 @@ impl SharedConfig {
 
 #[cfg(test)]
 mod tests {
+    use crate::config::validate::tests::errors_of;
     use crate::config::Config;
-
-    fn errors_of(text: &str) -> Vec<String> {
-        let config = Config::parse(text).expect("parses");
-        match config.validate() {
-            Ok(()) => vec![],
-            Err(e) => e.errors.into_iter().map(|(p, _)| p).collect(),
-        }
-    }
 
     #[test]
     fn parses_the_documented_form() {

@@ -419,10 +419,11 @@ pub(super) fn check_ca_file(path: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use crate::config::Config;
 
-    fn errors_of(text: &str) -> Vec<String> {
+    /// The key paths of every error `validate()` reports for `text`.
+    pub(in crate::config) fn errors_of(text: &str) -> Vec<String> {
         let config = Config::parse(text).expect("parses");
         match config.validate() {
             Ok(()) => vec![],

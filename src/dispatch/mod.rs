@@ -11,7 +11,7 @@ mod control;
 use crate::admission::HostCell;
 use crate::config::{Generation, HedgeAfter, HostLimits, Mode};
 use crate::error::{self, Code};
-use crate::proxy::{headers, pace, Ctx};
+use crate::proxy::{pace, Ctx};
 use crate::regions::HostRegions;
 use crate::state::Shared;
 use crate::target::Origin;
@@ -103,22 +103,15 @@ pub async fn run(
         ));
     }
     let req = session.req_header();
-    let safe = req.method.is_idempotent()
+    // May this request be sent more than once?
+    let duplicable = req.method.is_idempotent()
         || req.headers.contains_key("idempotency-key")
         || limits.duplicate_unsafe;
     let body = read_body(session, ctx, limits.max_buffered_body).await?;
     let mut head = session.req_header().clone();
-    let uri = http::Uri::try_from(ctx.upstream_path.as_str()).map_err(|e| {
-        error::error(
-            Code::BadTarget,
-            format!("invalid upstream path {:?}: {e}", ctx.upstream_path),
-        )
-    })?;
-    head.set_uri(uri);
-    headers::clean_request(&mut head, &shared.via);
+    crate::proxy::upstream_head(&mut head, ctx, &shared.via)?;
     // The body is read before any attempt, so no attempt waits for a 100 Continue.
     head.remove_header(&http::header::EXPECT);
-    head.insert_header(http::header::HOST, origin.host_header())?;
     let body = match body {
         Body::Whole(b) => b,
         Body::Partial(prefix) => {
@@ -127,7 +120,6 @@ pub async fn run(
             return stream_single(shared, session, ctx, &host, &order, head, prefix).await;
         }
     };
-    let duplicable = safe;
     let mode = if duplicable {
         control.mode
     } else {
@@ -150,7 +142,7 @@ pub async fn run(
         head,
         body: Some(body),
     };
-    let label = ctx.host_label().to_string();
+    let label = ctx.host_label();
     let exec = Exec {
         job: &job,
         mode,
@@ -158,7 +150,13 @@ pub async fn run(
         retry_on,
         max_attempts: control.max_attempts,
         hedge_after: control.hedge_after,
-        label: &label,
+        label,
+        record: Recorder {
+            shared,
+            host: &host,
+            label,
+            outlier: limits.outlier,
+        },
     };
     let result = exec.go(first_permit).await;
     drop(job);
@@ -182,6 +180,7 @@ struct Exec<'a, 'j> {
     max_attempts: u32,
     hedge_after: HedgeAfter,
     label: &'a str,
+    record: Recorder<'a>,
 }
 
 /// Why an attempt was sent.
@@ -352,34 +351,14 @@ impl Exec<'_, '_> {
         }
     }
 
-    /// Record an attempt's end in its region's state and the metrics, and decide what it means.
+    /// Record an attempt's end and decide what it means.
     fn judge(&self, outcome: Outcome) -> Judged {
         let job = self.job;
-        let shared = job.shared;
-        let now = shared.regions.now();
-        let limits = job.limits();
-        let checked = job.host.health.is_some();
         match outcome {
             Ok(answer) => {
-                let r = &job.host.regions[answer.region];
-                let status = answer
-                    .session
-                    .response_header()
-                    .map_or(0, |h| h.status.as_u16());
-                shared.metrics.record_region_attempt(
-                    self.label,
-                    &r.name,
-                    crate::metrics::status_class(status),
-                );
-                if let (Some(cell), Some(h)) = (&job.cell, answer.session.response_header()) {
-                    pace::learn(shared, job.ctx, cell, h);
-                }
-                if (500..600).contains(&status) {
-                    self.failure(answer.region, now, &limits.outlier, checked);
-                } else {
-                    r.state.record_latency(answer.started.elapsed());
-                    r.state.on_success(now);
-                }
+                let status =
+                    self.record
+                        .answered(job.ctx, answer.region, &answer.session, answer.started);
                 if self.retry_on.status(status) {
                     let reason = if status == 429 { "429" } else { "status" };
                     Judged::Retry {
@@ -401,10 +380,7 @@ impl Exec<'_, '_> {
                     // Admission refused it: nothing was sent, so it is no attempt.
                     return Judged::Refused(error);
                 }
-                let r = &job.host.regions[region];
-                shared
-                    .metrics
-                    .record_region_attempt(self.label, &r.name, code.as_str());
+                self.record.failed(region, code);
                 let (retry, reason) = match code {
                     Code::ConnectRefused
                     | Code::ConnectTimeout
@@ -415,8 +391,8 @@ impl Exec<'_, '_> {
                     _ if unsent => (self.retry_on.connect, "connect"),
                     _ => (self.retry_on.timeout, "reset"),
                 };
-                self.failure(region, now, &limits.outlier, checked);
-                let error = error.more_context(format!("region {}", r.name));
+                let name = &job.host.regions[region].name;
+                let error = error.more_context(format!("region {name}"));
                 if retry {
                     Judged::Retry {
                         reason,
@@ -429,18 +405,69 @@ impl Exec<'_, '_> {
             }
         }
     }
+}
 
-    fn failure(&self, region: usize, now: u64, outlier: &crate::config::Outlier, checked: bool) {
-        let r = &self.job.host.regions[region];
-        if let Some(t) = r.state.on_failure(now, outlier, checked) {
-            self.job
-                .shared
+/// Where an attempt's end is written down: its region's state (latency, failures, ejection),
+/// the metrics, and what the host's answer teaches admission. One place for both dispatch
+/// paths (buffered and streamed bodies).
+struct Recorder<'a> {
+    shared: &'a Shared,
+    host: &'a HostRegions,
+    label: &'a str,
+    outlier: crate::config::Outlier,
+}
+
+impl Recorder<'_> {
+    /// A response head from `region`, `started` when the attempt began; returns its status.
+    fn answered(
+        &self,
+        ctx: &Ctx,
+        region: usize,
+        session: &pingora_core::protocols::http::client::HttpSession,
+        started: Instant,
+    ) -> u16 {
+        let r = &self.host.regions[region];
+        let head = session.response_header();
+        let status = head.map_or(0, |h| h.status.as_u16());
+        self.shared.metrics.record_region_attempt(
+            self.label,
+            &r.name,
+            crate::metrics::status_class(status),
+        );
+        if let (Some(cell), Some(h)) = (&ctx.cell, head) {
+            pace::learn(self.shared, ctx, cell, h);
+        }
+        if (500..600).contains(&status) {
+            self.failed_in(region);
+        } else {
+            r.state.record_latency(started.elapsed());
+            r.state.on_success(self.shared.regions.now());
+        }
+        status
+    }
+
+    /// An attempt to `region` that ended in an error (`code`).
+    fn failed(&self, region: usize, code: Code) {
+        let r = &self.host.regions[region];
+        self.shared
+            .metrics
+            .record_region_attempt(self.label, &r.name, code.as_str());
+        self.failed_in(region);
+    }
+
+    /// Count a failure against the region; eject it after enough in a row.
+    fn failed_in(&self, region: usize) {
+        let r = &self.host.regions[region];
+        let now = self.shared.regions.now();
+        let checked = self.host.health.is_some();
+        if let Some(t) = r.state.on_failure(now, &self.outlier, checked) {
+            self.shared
                 .metrics
                 .ejections
                 .with_label_values(&[self.label, &r.name])
                 .inc();
             tracing::warn!(
-                host = %self.job.host.host,
+                host = %self.host.host,
                 region = %r.name,
                 ejected_for = ?t,
                 "region ejected after consecutive failures"
@@ -595,40 +622,50 @@ async fn stream_single(
     let limits = ctx
         .generation
         .limits(ctx.cell.as_ref().map_or(0, |c| c.profile()));
-    let (outlier, attempts_max) = (limits.outlier, limits.max_attempts as usize);
-    let checked = host.health.is_some();
+    let attempts_max = limits.max_attempts as usize;
+    let record = Recorder {
+        shared,
+        host,
+        label: &label,
+        outlier: limits.outlier,
+    };
     let permit = ctx.permit.take();
     let mut last = None;
     let mut connected = None;
-    for (k, &region) in order.iter().enumerate().take(attempts_max) {
+    let mut tried = 0;
+    let job = Job {
+        shared,
+        ctx,
+        host,
+        origin: &origin,
+        cell: ctx.cell.clone(),
+        head,
+        body: None,
+    };
+    for &region in order.iter().take(attempts_max) {
         let r = &host.regions[region];
-        ctx.attempts = k as u32 + 1;
-        let job = Job {
-            shared,
-            ctx,
-            host,
-            origin: &origin,
-            cell: ctx.cell.clone(),
-            head: head.clone(),
-            body: None,
-        };
+        tried += 1;
         let started = Instant::now();
-        let peer = attempt::peer_for(&job, r).await?;
+        let peer = match attempt::peer_for(&job, r).await {
+            Ok(p) => p,
+            Err(e) => {
+                last = Some(e);
+                break;
+            }
+        };
         match shared.upstream.get_http_session(&peer).await {
             Ok((s, _)) => {
                 connected = Some((s, peer, region, started, job.read_timeout()));
                 break;
             }
             Err(e) => {
-                let code = Code::of(&e);
-                shared
-                    .metrics
-                    .record_region_attempt(&label, &r.name, code.as_str());
-                r.state.on_failure(shared.regions.now(), &outlier, checked);
+                record.failed(region, Code::of(&e));
                 last = Some(e.more_context(format!("region {}", r.name)));
             }
         }
     }
+    let head = job.head;
+    ctx.attempts = tried;
     let Some((mut up, peer, region, started, read_timeout)) = connected else {
         return Err(last.unwrap_or_else(|| error::error(Code::Internal, "no attempt was made")));
     };
@@ -643,25 +680,10 @@ async fn stream_single(
     }
     up.finish_request_body().await?;
     if let Err(e) = attempt::read_final_head(&mut up).await {
-        shared
-            .metrics
-            .record_region_attempt(&label, &r.name, Code::of(&e).as_str());
-        r.state.on_failure(shared.regions.now(), &outlier, checked);
+        record.failed(region, Code::of(&e));
         return Err(e);
     }
-    let status = up.response_header().map_or(0, |h| h.status.as_u16());
-    shared
-        .metrics
-        .record_region_attempt(&label, &r.name, crate::metrics::status_class(status));
-    if (500..600).contains(&status) {
-        r.state.on_failure(shared.regions.now(), &outlier, checked);
-    } else {
-        r.state.record_latency(started.elapsed());
-        r.state.on_success(shared.regions.now());
-    }
-    if let (Some(cell), Some(h)) = (ctx.cell.clone(), up.response_header()) {
-        pace::learn(shared, ctx, &cell, h);
-    }
+    record.answered(ctx, region, &up, started);
     let answer = Answer {
         session: up,
         peer,
@@ -696,33 +718,20 @@ async fn stream(
         ));
     };
     let mut resp: ResponseHeader = up_head.clone();
-    if let Some(cell) = ctx.cell.clone() {
-        let pause_left =
-            Duration::from_nanos(cell.paused_until().saturating_sub(shared.admission.now()));
+    if let Some(cell) = &ctx.cell {
         if pace::pause_signal(&resp) {
-            let outcome = if resp.status.as_u16() == 429 {
-                "passed"
-            } else {
-                ""
-            };
-            if !outcome.is_empty() {
+            if resp.status.as_u16() == 429 {
                 shared
                     .metrics
                     .upstream_429
-                    .with_label_values(&[outcome])
+                    .with_label_values(&["passed"])
                     .inc();
             }
-            pace::set_retry_after(&mut resp, pause_left)?;
+            pace::set_retry_after(&mut resp, pace::pause_left(shared, cell))?;
         }
     }
-    shared
-        .metrics
-        .record_upstream_status(ctx.way, resp.status.as_u16());
-    headers::clean_response(&mut resp, &shared.via);
     let name = &host.regions[region].name;
-    resp.insert_header("Sluice-Region", name.as_str())?;
-    resp.insert_header("Sluice-Attempts", ctx.attempts.to_string())?;
-    resp.insert_header("Sluice-Queued-Ms", ctx.queued.as_millis().to_string())?;
+    crate::proxy::client_head(shared, &mut resp, ctx, name)?;
     ctx.region = Some(name.clone());
     session.write_response_header(Box::new(resp), false).await?;
     loop {

@@ -90,10 +90,14 @@ impl ProxyHttp for SluiceProxy {
             .check_host(&dest.origin.host)
             .map_err(|(code, m)| error::error(code, m))?;
         let key = dest.origin.host_port();
-        let (profile, named) = ctx.generation.profile_for(&dest.origin.host, &key);
-        let regions = named
-            .then(|| self.shared.regions.get(ctx.generation.host_label(profile)))
-            .flatten();
+        let regions = if ctx.generation.has_regions {
+            let (profile, named) = ctx.generation.profile_for(&dest.origin.host, &key);
+            named
+                .then(|| self.shared.regions.get(ctx.generation.host_label(profile)))
+                .flatten()
+        } else {
+            None
+        };
         if regions.is_none() {
             // Configured regions carry their own addresses (trusted as configured): DNS is
             // only for hosts without them.
@@ -190,19 +194,7 @@ impl ProxyHttp for SluiceProxy {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let Some(origin) = ctx.origin.as_ref() else {
-            return Err(error::error(Code::Internal, "no destination chosen"));
-        };
-        let uri = http::Uri::try_from(ctx.upstream_path.as_str()).map_err(|e| {
-            error::error(
-                Code::BadTarget,
-                format!("invalid upstream path {:?}: {e}", ctx.upstream_path),
-            )
-        })?;
-        upstream.set_uri(uri);
-        headers::clean_request(upstream, &self.shared.via);
-        upstream.insert_header(http::header::HOST, origin.host_header())?;
-        Ok(())
+        upstream_head(upstream, ctx, &self.shared.via)
     }
 
     async fn upstream_response_filter(
@@ -257,14 +249,7 @@ impl ProxyHttp for SluiceProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        self.shared
-            .metrics
-            .record_upstream_status(ctx.way, resp.status.as_u16());
-        headers::clean_response(resp, &self.shared.via);
-        resp.insert_header("Sluice-Region", crate::metrics::IMPLICIT_REGION)?;
-        resp.insert_header("Sluice-Attempts", ctx.attempts.to_string())?;
-        resp.insert_header("Sluice-Queued-Ms", ctx.queued.as_millis().to_string())?;
-        Ok(())
+        client_head(&self.shared, resp, ctx, crate::metrics::IMPLICIT_REGION)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -361,6 +346,43 @@ impl SluiceProxy {
             }
         }
     }
+}
+
+/// Turn the client's request head into the one sent upstream: the upstream path, no
+/// hop-by-hop or control headers, this hop in `Via`, and the destination's `Host`.
+pub fn upstream_head(upstream: &mut RequestHeader, ctx: &Ctx, via: &str) -> Result<()> {
+    let Some(origin) = ctx.origin.as_ref() else {
+        return Err(error::error(Code::Internal, "no destination chosen"));
+    };
+    let uri = http::Uri::try_from(ctx.upstream_path.as_str()).map_err(|e| {
+        error::error(
+            Code::BadTarget,
+            format!("invalid upstream path {:?}: {e}", ctx.upstream_path),
+        )
+    })?;
+    upstream.set_uri(uri);
+    headers::clean_request(upstream, via);
+    upstream.insert_header(http::header::HOST, origin.host_header())?;
+    Ok(())
+}
+
+/// Turn an upstream response head into the one the client gets: counted, no hop-by-hop
+/// headers, this hop in `Via`, and which region answered after how many attempts and how
+/// long a wait.
+pub fn client_head(
+    shared: &Shared,
+    resp: &mut ResponseHeader,
+    ctx: &Ctx,
+    region: &str,
+) -> Result<()> {
+    shared
+        .metrics
+        .record_upstream_status(ctx.way, resp.status.as_u16());
+    headers::clean_response(resp, &shared.via);
+    resp.insert_header("Sluice-Region", region)?;
+    resp.insert_header("Sluice-Attempts", ctx.attempts.to_string())?;
+    resp.insert_header("Sluice-Queued-Ms", ctx.queued.as_millis().to_string())?;
+    Ok(())
 }
 
 /// Timeouts of a connection to an upstream or region.

@@ -118,8 +118,12 @@ pub fn learn(shared: &Shared, ctx: &Ctx, cell: &HostCell, resp: &ResponseHeader)
     if let Some((_, source)) = learned.paused {
         m.pauses.with_label_values(&[source.as_str()]).inc();
     }
-    let now = shared.admission.now();
-    Duration::from_nanos(cell.paused_until().saturating_sub(now))
+    pause_left(shared, cell)
+}
+
+/// How long the host is paused from now.
+pub fn pause_left(shared: &Shared, cell: &HostCell) -> Duration {
+    Duration::from_nanos(cell.paused_until().saturating_sub(shared.admission.now()))
 }
 
 /// Tell the client how long the host is paused, on a 429 or 503 passed to it.
