@@ -7,6 +7,7 @@
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use governor::{Quota, RateLimiter};
 use sluice::admission::{Admission, Clock, Decision};
+use sluice::config::{Config, Generation};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -45,6 +46,12 @@ impl MutexMap {
     }
 }
 
+/// Defaults that never refuse: 10^9 requests/s, burst 2 (the pace the others are given).
+fn generation() -> Generation {
+    let config = Config::parse("[defaults]\nrps = 1000000000.0\nburst = 2\n").expect("valid");
+    Generation::build(1, config)
+}
+
 enum Subject {
     Sluice(Admission),
     Governor(Governor),
@@ -57,7 +64,7 @@ impl Subject {
         match self {
             Subject::Sluice(a) => {
                 let now = a.now();
-                !matches!(a.decide(key, now, 0, 1e9, 2), Decision::Refuse { .. })
+                !matches!(a.decide(key, now, 0), Decision::Refuse { .. })
             }
             Subject::Governor(g) => g.check_key(owned).is_ok(),
             Subject::Mutex(m) => m.check(key),
@@ -67,7 +74,11 @@ impl Subject {
 
 fn make(name: &str) -> Subject {
     match name {
-        "sluice" => Subject::Sluice(Admission::new(Clock::quanta())),
+        "sluice" => {
+            let a = Admission::new(Clock::quanta());
+            a.configure(&generation());
+            Subject::Sluice(a)
+        }
         "governor" => Subject::Governor(RateLimiter::dashmap_with_hasher(
             Quota::per_second(NonZeroU32::MAX),
             foldhash::fast::RandomState::default(),
@@ -164,8 +175,7 @@ fn bench(c: &mut Criterion) {
     }
     // The same decision on a cell already held (what a request does after its one lookup).
     let adm = Admission::new(Clock::quanta());
-    adm.decide("held.example.com:443", adm.now(), 0, 1e9, 2);
-    let held = adm.get("held.example.com:443").expect("cell");
+    let held = adm.cell("held.example.com:443", "held.example.com", &generation());
     g.bench_function("sluice_held_cell/1t/1", |b| {
         b.iter(|| {
             let now = adm.now();

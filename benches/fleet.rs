@@ -90,7 +90,7 @@ fn run(
         fleet.set_store(store.clone());
         let generation = Generation::build(1, config);
         let admission = Arc::new(Admission::with_fleet(clock, Some(fleet)));
-        let cell = admission.cell("api.bench:443", "api.bench", &generation);
+        let cell = Arc::new(sluice::admission::Host::Cell(admission.cell("api.bench:443", "api.bench", &generation)));
         let decisions = Arc::new(AtomicU64::new(0));
         let admitted = Arc::new(AtomicU64::new(0));
         let calls_before = store.calls();

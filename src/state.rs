@@ -59,6 +59,8 @@ impl Shared {
         };
         let generation = Generation::build(1, config);
         metrics.config_generation.set(1);
+        let admission = Admission::with_fleet(clock, fleet);
+        admission.configure(&generation);
         let instance = instance_id();
         Ok(Arc::new(Shared {
             regions: Regions::new(&generation),
@@ -67,7 +69,7 @@ impl Shared {
             instance,
             current: ArcSwap::from_pointee(generation),
             metrics,
-            admission: Admission::with_fleet(clock, fleet),
+            admission,
             started: Instant::now(),
             config_path,
             reloading: std::sync::Mutex::new(()),

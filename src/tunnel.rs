@@ -102,10 +102,9 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream, head: bytes::BytesM
             {
                 Ok(client) => {
                     if let Some(l) = &client.limits {
-                        client_cell = Some((
-                            shared.admission.client_cell(&client.name, l.rps, l.burst),
-                            l.max_queue_wait.get(),
-                        ));
+                        let cell = shared.admission.client_cell(&client.name, l.rps, l.burst);
+                        client_cell =
+                            Some((crate::admission::Host::Cell(cell), l.max_queue_wait.get()));
                     }
                 }
                 Err(AuthError::Required) => {
@@ -144,7 +143,7 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream, head: bytes::BytesM
             None => None,
         };
         let key = crate::target::host_port(&head.host, head.port);
-        let cell = shared.admission.cell(&key, &head.host, &generation);
+        let cell = shared.admission.host(key, &head.host, &generation);
         host_label = generation.host_label(cell.profile()).to_string();
         let max_wait = generation.limits(cell.profile()).max_queue_wait.get();
         let permit = pace::admit(shared, &cell, max_wait).await.map_err(|r| {
@@ -152,7 +151,8 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream, head: bytes::BytesM
             (
                 r.code(),
                 format!(
-                    "{key}: no admission within the allowed wait ({}); retry after {secs}s",
+                    "{}: no admission within the allowed wait ({}); retry after {secs}s",
+                    crate::target::host_port(&head.host, head.port),
                     r.reason()
                 ),
                 Some(secs),

@@ -126,6 +126,17 @@ fn default_pace_spreads_one_host_and_never_delays_another() {
 
 #[test]
 fn one_429_slows_the_whole_storm() {
+    storm(true);
+}
+
+/// The same storm to a host at the defaults (its pace starts in the compact table and moves
+/// to a full cell with the 429).
+#[test]
+fn one_429_slows_the_whole_storm_to_a_host_at_the_defaults() {
+    storm(false);
+}
+
+fn storm(named: bool) {
     let _serial = serial();
     let up = FakeUpstream::builder()
         .route(
@@ -133,13 +144,13 @@ fn one_429_slows_the_whole_storm() {
             Reply::text(200, "ok").fail_first(1, 429).retry_after("2"),
         )
         .start();
-    let sluice = Sluice::start(
-        "",
-        &format!(
-            "[hosts.\"127.0.0.1:{}\"]\nrps = 20.0\nburst = 1\n",
-            up.port()
-        ),
-    );
+    let host = format!("127.0.0.1:{}", up.port());
+    let section = if named {
+        format!("[hosts.\"{host}\"]")
+    } else {
+        "[defaults]".to_string()
+    };
+    let sluice = Sluice::start("", &format!("{section}\nrps = 20.0\nburst = 1\n"));
     let client = proxied_client(&sluice, None);
     let results = rt().block_on(burst(
         &client,
@@ -165,15 +176,15 @@ fn one_429_slows_the_whole_storm() {
         sluice.metric("sluice_upstream_429_total{action=\"retried\"}"),
         1.0
     );
-    let host = format!("127.0.0.1:{}", up.port());
-    let series = format!("sluice_requests_total{{host=\"{host}\",outcome=\"ok\"}}");
+    let label = if named { host.as_str() } else { "other" };
+    let series = format!("sluice_requests_total{{host=\"{label}\",outcome=\"ok\"}}");
     assert_eventually!(
         sluice.metric(&series) == 50.0,
-        "labelled with the [hosts] name"
+        "labelled with the [hosts] name, or other"
     );
     assert_eq!(
         sluice.metric(&format!(
-            "sluice_upstream_attempts_total{{host=\"{host}\",outcome=\"4xx\"}}"
+            "sluice_upstream_attempts_total{{host=\"{label}\",outcome=\"4xx\"}}"
         )),
         1.0
     );

@@ -159,6 +159,12 @@ impl HostCell {
         }
     }
 
+    /// Take over a pace position (a host moving here from the compact table): the arrival
+    /// time only moves forward.
+    pub fn raise_tat(&self, tat: u64) {
+        self.tat.fetch_max(tat, Ordering::AcqRel);
+    }
+
     /// Whether a reservation made in `epoch` still stands.
     pub fn still_valid(&self, epoch: u32) -> bool {
         self.epoch.load(Ordering::Acquire) == epoch

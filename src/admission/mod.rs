@@ -1,15 +1,22 @@
-//! Per-host admission: every destination host (`host:port`) has a lock-free cell that paces
-//! requests (GCRA with reservations, so waiting is FIFO per host and no host waits behind
-//! another), caps concurrency, and holds pauses learned from 429s, `Retry-After` and rate-limit
-//! headers. Cells live in a concurrent map with lock-free reads; idle ones are evicted.
+//! Per-host admission: every destination host (`host:port`) is paced (GCRA with reservations,
+//! so waiting is FIFO per host and no host waits behind another), and where needed has a
+//! concurrency cap and pauses learned from 429s, `Retry-After` and rate-limit headers.
+//!
+//! A host that only follows the default pace lives in a compact table (16 bytes, no
+//! allocation: see `light`); one that needs more (a `[hosts]` entry, a pause, a learned
+//! limit, a concurrency cap, the fleet) has a full [`HostCell`] in a concurrent map with
+//! lock-free reads. Idle hosts are forgotten.
 
 mod cell;
 pub mod hints;
+mod light;
 
 pub use cell::{interval_of, Decision, HostCell, PauseSource};
 
 use crate::config::Generation;
 use crate::shared::Fleet;
+use light::Light;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,17 +100,49 @@ impl Refusal {
     }
 }
 
+/// A destination host's admission state, as one request holds it.
+#[derive(Clone)]
+pub enum Host {
+    /// A full cell.
+    Cell(Arc<HostCell>),
+    /// A host at the default pace in the compact table (`key` finds its full cell once it is
+    /// promoted).
+    Light { fp: u64, key: String },
+}
+
+impl Host {
+    /// Index of the limits profile in force for the host.
+    pub fn profile(&self) -> u16 {
+        match self {
+            Host::Cell(c) => c.profile(),
+            Host::Light { .. } => 0,
+        }
+    }
+}
+
 /// An admitted request's in-flight place; given back when dropped.
 pub struct Permit {
-    cell: Arc<HostCell>,
+    /// `None` for a host without a full cell (no in-flight count to keep).
+    cell: Option<Arc<HostCell>>,
     /// Time spent waiting for the slot and the in-flight place.
     pub queued: Duration,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.cell.leave();
+        if let Some(cell) = &self.cell {
+            cell.leave();
+        }
     }
+}
+
+/// Whether a response teaches anything a compact host cannot hold (then it gets a full cell).
+fn teaches(status: u16, hints: &hints::Hints) -> bool {
+    status == 429
+        || (status == 503 && hints.retry_after.is_some())
+        || hints.rps.is_some()
+        || hints.max_concurrent.is_some()
+        || hints.exhausted_for.is_some()
 }
 
 /// What a response taught sluice about its host.
@@ -117,6 +156,11 @@ pub struct Learned {
 
 pub struct Admission {
     cells: Map,
+    /// Hosts at the default pace.
+    light: Light,
+    /// Whether new hosts at the defaults go to `light` (not with a fleet or a default
+    /// concurrency cap, which need full cells).
+    light_on: AtomicBool,
     clock: Arc<Clock>,
     /// The fleet this node shares pace, pauses and learned limits with (`backend = "redis"`).
     fleet: Option<Arc<Fleet>>,
@@ -136,9 +180,22 @@ impl Admission {
                 .resize_mode(papaya::ResizeMode::Blocking)
                 .hasher(foldhash::fast::RandomState::default())
                 .build(),
+            light: Light::new(),
+            light_on: AtomicBool::new(false),
             clock,
             fleet,
         }
+    }
+
+    /// Take the generation's defaults for hosts without a `[hosts]` entry (at start and on
+    /// every reload).
+    pub fn configure(&self, generation: &Generation) {
+        let limits = generation.limits(0);
+        self.light.set_pace(interval_of(limits.rps), limits.burst);
+        self.light_on.store(
+            self.fleet.is_none() && limits.max_concurrent == 0,
+            Ordering::Relaxed,
+        );
     }
 
     pub fn fleet(&self) -> Option<&Arc<Fleet>> {
@@ -151,20 +208,48 @@ impl Admission {
 
     /// Hosts tracked now.
     pub fn len(&self) -> usize {
-        self.cells.len()
+        self.cells.len() + self.light.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cells.is_empty()
+        self.len() == 0
     }
 
-    /// The cell of `key` (`host:port`), made from the generation's limits on first use.
+    /// The admission state of `key` (`host:port`) for one request: compact for a host at the
+    /// defaults, else its full cell (made from the generation's limits on first use).
+    pub fn host(&self, key: String, host: &str, generation: &Generation) -> Host {
+        let (profile, configured) = generation.profile_for(host, &key);
+        if profile != 0 || configured || !self.light_on.load(Ordering::Relaxed) {
+            return Host::Cell(self.cell(&key, host, generation));
+        }
+        let fp = self.light.fingerprint(&key);
+        if self.light.promoted(fp) {
+            if let Some(c) = self.cells.pin().get(key.as_str()) {
+                return Host::Cell(c.clone());
+            }
+            // Its full cell was forgotten: back to the compact table.
+            self.light.demote(fp);
+        }
+        Host::Light { fp, key }
+    }
+
+    /// The full cell of `key` (`host:port`), made from the generation's limits on first use.
     pub fn cell(&self, key: &str, host: &str, generation: &Generation) -> Arc<HostCell> {
-        let map = self.cells.pin();
-        if let Some(c) = map.get(key) {
+        if let Some(c) = self.cells.pin().get(key) {
             return c.clone();
         }
         let (profile, configured) = generation.profile_for(host, key);
+        self.make_cell(key, profile, configured, generation)
+    }
+
+    /// A full cell for `key`; a host that was in the compact table keeps its pace position.
+    fn make_cell(
+        &self,
+        key: &str,
+        profile: u16,
+        configured: bool,
+        generation: &Generation,
+    ) -> Arc<HostCell> {
         let limits = generation.limits(profile);
         let fresh = Arc::new(HostCell::new(
             limits.rps,
@@ -173,11 +258,37 @@ impl Admission {
             profile,
             configured,
         ));
-        let cell = map.get_or_insert(key.into(), fresh).clone();
+        let cell = self.cells.pin().get_or_insert(key.into(), fresh).clone();
+        // Inserted before the compact slot says "promoted", so whoever reads that finds it.
+        if let Some(tat) = self.light.promote(self.light.fingerprint(key)) {
+            cell.raise_tat(tat);
+        }
         if let Some(fleet) = &self.fleet {
             fleet.register(&cell, key);
         }
         cell
+    }
+
+    /// The full cell of a host, if it has one.
+    fn full(&self, host: &Host) -> Option<Arc<HostCell>> {
+        match host {
+            Host::Cell(c) => Some(c.clone()),
+            Host::Light { fp, key } => {
+                if self.light.holds(*fp) {
+                    None
+                } else {
+                    self.cells.pin().get(key.as_str()).cloned()
+                }
+            }
+        }
+    }
+
+    /// Until when the host is paused (ns on the admission clock; 0 or past: not paused).
+    pub fn paused_until(&self, host: &Host) -> u64 {
+        match host {
+            Host::Cell(c) => c.paused_until(),
+            Host::Light { .. } => self.full(host).map_or(0, |c| c.paused_until()),
+        }
     }
 
     /// The pace cell of an authenticated client (its own limits, across all hosts).
@@ -191,28 +302,75 @@ impl Admission {
             .clone()
     }
 
-    /// The pacing decision alone, for a host with default limits (the hot path measured by
-    /// the benchmarks: one map read and one compare-and-swap for a known host).
-    pub fn decide(&self, key: &str, now: u64, max_wait: u64, rps: f64, burst: u32) -> Decision {
-        let map = self.cells.pin();
-        match map.get(key) {
-            Some(c) => c.reserve(now, max_wait),
-            None => map
-                .get_or_insert_with(key.into(), || {
-                    Arc::new(HostCell::new(rps, burst, 0, 0, false))
-                })
-                .reserve(now, max_wait),
+    /// The pacing decision alone, for a host at the defaults of the last [`Self::configure`]
+    /// (the hot path measured by the benchmarks: a probe of the compact table and one
+    /// compare-and-swap for a known host).
+    pub fn decide(&self, key: &str, now: u64, max_wait: u64) -> Decision {
+        let fp = self.light.fingerprint(key);
+        match self.light.reserve(fp, now, max_wait) {
+            Some(d) => d,
+            None => match self.cells.pin().get(key) {
+                Some(c) => c.reserve(now, max_wait),
+                None => {
+                    self.light.demote(fp);
+                    self.decide(key, now, max_wait)
+                }
+            },
         }
     }
 
     /// Wait for a slot at the host's pace and an in-flight place, at most `max_wait`.
-    pub async fn acquire(
-        &self,
-        cell: &Arc<HostCell>,
-        max_wait: Duration,
-    ) -> Result<Permit, Refusal> {
+    pub async fn acquire(&self, host: &Host, max_wait: Duration) -> Result<Permit, Refusal> {
         let start = self.clock.now();
         let deadline = start.saturating_add(max_wait.as_nanos() as u64);
+        let (fp, key) = match host {
+            Host::Cell(cell) => return self.acquire_cell(cell, start, deadline).await,
+            Host::Light { fp, key } => (*fp, key.as_str()),
+        };
+        loop {
+            let now = self.clock.now();
+            let permit = || Permit {
+                cell: None,
+                queued: Duration::from_nanos(self.clock.now().saturating_sub(start)),
+            };
+            match self.light.reserve(fp, now, deadline.saturating_sub(now)) {
+                Some(Decision::Now) => return Ok(permit()),
+                Some(Decision::At { at, .. }) => {
+                    tokio::time::sleep(Duration::from_nanos(at.saturating_sub(now))).await;
+                    // A host promoted while this request waited may have been paused since:
+                    // then its slot is void and it waits for the full cell's.
+                    let paused = !self.light.holds(fp)
+                        && self
+                            .cells
+                            .pin()
+                            .get(key)
+                            .is_some_and(|c| c.paused_until() > self.clock.now());
+                    if !paused {
+                        return Ok(permit());
+                    }
+                }
+                Some(Decision::Refuse { retry_after }) => {
+                    return Err(Refusal::Pace {
+                        retry_after: Duration::from_nanos(retry_after),
+                    })
+                }
+                None => {
+                    let cell = self.cells.pin().get(key).cloned();
+                    match cell {
+                        Some(cell) => return self.acquire_cell(&cell, start, deadline).await,
+                        None => self.light.demote(fp),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn acquire_cell(
+        &self,
+        cell: &Arc<HostCell>,
+        start: u64,
+        deadline: u64,
+    ) -> Result<Permit, Refusal> {
         match &self.fleet {
             Some(fleet) => fleet.pace(cell, deadline).await?,
             None => pace_cell(cell, &self.clock, deadline).await?,
@@ -236,19 +394,33 @@ impl Admission {
             }
         }
         Ok(Permit {
-            cell: cell.clone(),
+            cell: Some(cell.clone()),
             queued: Duration::from_nanos(self.clock.now().saturating_sub(start)),
         })
     }
 
     /// Take in what a response said: pace statements, exhausted windows, 429 and 503 pauses.
+    /// A compact host that is taught anything gets a full cell.
     pub fn learn(
         &self,
-        cell: &HostCell,
+        host: &Host,
+        generation: &Generation,
         status: u16,
         hints: &hints::Hints,
-        ceiling_rps: f64,
     ) -> Learned {
+        let promoted;
+        let cell = match host {
+            Host::Cell(c) => c,
+            Host::Light { .. } if !teaches(status, hints) => return Learned::default(),
+            Host::Light { key, .. } => {
+                promoted = match self.cells.pin().get(key.as_str()) {
+                    Some(c) => c.clone(),
+                    None => self.make_cell(key, 0, false, generation),
+                };
+                &promoted
+            }
+        };
+        let ceiling_rps = generation.limits(cell.profile()).max_rps;
         let now = self.clock.now();
         let mut learned = Learned::default();
         if let Some(rps) = hints.rps {
@@ -331,20 +503,29 @@ impl Admission {
         let before = (now.saturating_sub(idle_for.as_nanos() as u64) / 1_000_000_000) as u32;
         let map = self.cells.pin();
         let start = map.len();
-        map.retain(|_, c| {
+        map.retain(|key, c| {
             let keep = c.configured() || !c.idle(now, before);
-            if let (false, Some(fleet)) = (keep, &self.fleet) {
-                fleet.forget(c);
+            if !keep {
+                if let Some(fleet) = &self.fleet {
+                    fleet.forget(c);
+                }
+                // A promoted host's compact slot is forgotten with it.
+                self.light.forget_promoted(self.light.fingerprint(key));
             }
             keep
         });
-        start.saturating_sub(map.len())
+        let cells = start.saturating_sub(map.len());
+        cells
+            + self
+                .light
+                .forget_idle(now.saturating_sub(idle_for.as_nanos() as u64))
     }
 
     /// A new configuration is in force: point every tracked host at its new profile, and where
     /// the configured limits changed, apply them (replacing what was learned). Pace position,
     /// pauses and in-flight counts carry over.
     pub fn apply_generation(&self, old: &Generation, new: &Generation) {
+        self.configure(new);
         let map = self.cells.pin();
         for (key, cell) in map.iter() {
             if key.starts_with(CLIENT_PREFIX) {
@@ -415,18 +596,29 @@ mod tests {
         Generation::build(1, c)
     }
 
+    fn admission(clock: Clock, g: &Generation) -> Arc<Admission> {
+        let adm = Arc::new(Admission::new(clock));
+        adm.configure(g);
+        adm
+    }
+
+    fn host(adm: &Admission, key: &str, g: &Generation) -> Host {
+        adm.host(key.to_string(), host_of(key), g)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn waits_in_order_and_refuses_beyond_the_wait() {
         let g = generation("[defaults]\nrps = 10.0\nburst = 1\n");
-        let adm = Arc::new(Admission::new(Clock::tokio()));
-        let cell = adm.cell("a.test:443", "a.test", &g);
+        let adm = admission(Clock::tokio(), &g);
+        let a = host(&adm, "a.test:443", &g);
+        assert!(matches!(a, Host::Light { .. }), "at the defaults: compact");
         let mut tasks = Vec::new();
         for i in 0..5u64 {
             let adm = adm.clone();
-            let cell = cell.clone();
+            let a = a.clone();
             tasks.push(tokio::spawn(async move {
                 let p = adm
-                    .acquire(&cell, Duration::from_secs(1))
+                    .acquire(&a, Duration::from_secs(1))
                     .await
                     .expect("admitted");
                 (i, p.queued)
@@ -439,34 +631,42 @@ mod tests {
         }
         // The next slot is 100 ms away: with 50 ms allowed, refused at once without waiting.
         let before = tokio::time::Instant::now();
-        let r = adm.acquire(&cell, Duration::from_millis(50)).await;
+        let r = adm.acquire(&a, Duration::from_millis(50)).await;
         assert!(matches!(r, Err(Refusal::Pace { .. })));
         assert_eq!(before.elapsed(), Duration::ZERO);
+        assert_eq!(adm.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_waiting_requests_and_other_hosts_do_not_wait() {
         let g = generation("[defaults]\nrps = 20.0\nburst = 1\n");
-        let adm = Arc::new(Admission::new(Clock::tokio()));
-        let a = adm.cell("a.test:443", "a.test", &g);
-        let b = adm.cell("b.test:443", "b.test", &g);
+        let adm = admission(Clock::tokio(), &g);
+        let a = host(&adm, "a.test:443", &g);
+        let b = host(&adm, "b.test:443", &g);
         let first = adm
             .acquire(&a, Duration::from_secs(30))
             .await
             .expect("first");
         drop(first);
+        // Reserved in the compact table, 50 ms ahead.
         let waiting = {
             let (adm, a) = (adm.clone(), a.clone());
             tokio::spawn(async move { adm.acquire(&a, Duration::from_secs(30)).await })
         };
         tokio::task::yield_now().await;
-        // The first response was a 429 with Retry-After: 2.
+        // The first response was a 429 with Retry-After: 2: the host gets a full cell.
         let hints = hints::Hints {
             retry_after: Some(Duration::from_secs(2)),
             ..hints::Hints::default()
         };
-        let learned = adm.learn(&a, 429, &hints, 0.0);
+        let learned = adm.learn(&a, &g, 429, &hints);
         assert!(matches!(learned.paused, Some((_, PauseSource::RetryAfter))));
+        assert!(matches!(host(&adm, "a.test:443", &g), Host::Cell(_)));
+        assert_eq!(adm.len(), 1, "a promoted host is counted once (b from its first use)");
+        assert!(
+            adm.paused_until(&a) > adm.now(),
+            "seen through the old handle"
+        );
         let pb = adm
             .acquire(&b, Duration::from_secs(30))
             .await
@@ -481,22 +681,61 @@ mod tests {
             .expect("task")
             .expect("admitted after the pause");
         assert_eq!(pa.queued, Duration::from_secs(2));
+        // After the pause, the pace (not a burst): the next slot is 50 ms later.
+        let next = adm
+            .acquire(&a, Duration::from_secs(30))
+            .await
+            .expect("next");
+        assert_eq!(next.queued, Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_learned_pace_moves_the_host_with_its_position() {
+        let g = generation("[defaults]\nrps = 1.0\nburst = 1\n");
+        let adm = admission(Clock::tokio(), &g);
+        let a = host(&adm, "a.test:443", &g);
+        drop(
+            adm.acquire(&a, Duration::from_secs(5))
+                .await
+                .expect("first"),
+        );
+        // Nothing to learn from a plain 200: still compact.
+        adm.learn(&a, &g, 200, &hints::Hints::default());
+        assert!(matches!(host(&adm, "a.test:443", &g), Host::Light { .. }));
+        let hints = hints::Hints {
+            rps: Some(4.0),
+            ..hints::Hints::default()
+        };
+        assert_eq!(adm.learn(&a, &g, 200, &hints).rps, Some(4.0));
+        let Host::Cell(cell) = host(&adm, "a.test:443", &g) else {
+            panic!("promoted");
+        };
+        assert_eq!(cell.rps(), 4.0);
+        // The slot taken in the compact table still counts: the first request's interval (at
+        // the 1 s pace it went at) ends at 1 s; a fresh cell would have let this one go now.
+        let p = adm.acquire(&a, Duration::from_secs(5)).await.expect("next");
+        assert_eq!(p.queued, Duration::from_secs(1));
+        let p = adm.acquire(&a, Duration::from_secs(5)).await.expect("next");
+        assert_eq!(p.queued, Duration::from_millis(250), "then the learned pace");
     }
 
     #[tokio::test(start_paused = true)]
     async fn concurrency_cap_queues_and_times_out() {
         let g = generation("[defaults]\nrps = 0.0\nmax_concurrent = 1\n");
-        let adm = Arc::new(Admission::new(Clock::tokio()));
-        let cell = adm.cell("a.test:443", "a.test", &g);
+        let adm = admission(Clock::tokio(), &g);
+        let a = host(&adm, "a.test:443", &g);
+        let Host::Cell(cell) = a.clone() else {
+            panic!("a default concurrency cap needs full cells");
+        };
         let held = adm
-            .acquire(&cell, Duration::from_secs(1))
+            .acquire(&a, Duration::from_secs(1))
             .await
             .expect("first");
-        let refused = adm.acquire(&cell, Duration::from_millis(200)).await;
+        let refused = adm.acquire(&a, Duration::from_millis(200)).await;
         assert!(matches!(refused, Err(Refusal::Concurrency { .. })));
         let waiter = {
-            let (adm, cell) = (adm.clone(), cell.clone());
-            tokio::spawn(async move { adm.acquire(&cell, Duration::from_secs(5)).await })
+            let (adm, a) = (adm.clone(), a.clone());
+            tokio::spawn(async move { adm.acquire(&a, Duration::from_secs(5)).await })
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(held);
@@ -513,6 +752,7 @@ mod tests {
         let old = generation("[hosts.\"a.test\"]\nrps = 5.0\n[hosts.\"b.test\"]\nrps = 7.0\n");
         let new = generation("[hosts.\"a.test\"]\nrps = 9.0\n[hosts.\"b.test\"]\nrps = 7.0\n");
         let adm = Admission::new(Clock::quanta());
+        adm.configure(&old);
         let a = adm.cell("a.test:443", "a.test", &old);
         let b = adm.cell("b.test:443", "b.test", &old);
         let c = adm.cell("[::1]:80", "::1", &old);
@@ -532,25 +772,52 @@ mod tests {
         assert!(client.configured());
     }
 
+    #[test]
+    fn a_host_named_by_a_reload_leaves_the_compact_table_with_its_position() {
+        let before = generation("[defaults]\nrps = 1.0\nburst = 1\n");
+        let after =
+            generation("[defaults]\nrps = 1.0\nburst = 1\n[hosts.\"*.a.test\"]\nrps = 0.5\n");
+        let adm = admission(Clock::quanta(), &before);
+        let now = adm.now();
+        assert_eq!(adm.decide("x.a.test:443", now, 0), Decision::Now);
+        adm.apply_generation(&before, &after);
+        let Host::Cell(cell) = host(&adm, "x.a.test:443", &after) else {
+            panic!("a wildcard entry: full cell");
+        };
+        assert!(cell.configured());
+        assert_eq!(cell.rps(), 0.5);
+        assert!(
+            matches!(cell.reserve(now, 0), Decision::Refuse { .. }),
+            "slot kept"
+        );
+        assert_eq!(adm.len(), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn learned_pace_ceiling_and_eviction() {
-        let g = generation("[hosts.\"kept.test\"]\nrps = 1.0\n");
-        let adm = Admission::new(Clock::tokio());
-        let cell = adm.cell("a.test:443", "a.test", &g);
+        let g = generation("[defaults]\nmax_rps = 10.0\n[hosts.\"kept.test\"]\nrps = 1.0\n");
+        let adm = admission(Clock::tokio(), &g);
+        let a = host(&adm, "a.test:443", &g);
         let hints = hints::Hints {
             rps: Some(50.0),
             ..hints::Hints::default()
         };
-        assert_eq!(adm.learn(&cell, 200, &hints, 10.0).rps, Some(10.0));
+        assert_eq!(adm.learn(&a, &g, 200, &hints).rps, Some(10.0));
+        let cell = adm.get("a.test:443").expect("promoted");
         assert_eq!(cell.rps(), 10.0);
         drop(cell);
         let kept = adm.cell("kept.test:443", "kept.test", &g);
         assert!(kept.configured());
         drop(kept);
-        assert_eq!(adm.len(), 2);
+        let now = adm.now();
+        adm.decide("compact.test:443", now, 0);
+        assert_eq!(adm.len(), 3);
         tokio::time::sleep(Duration::from_secs(700)).await;
-        assert_eq!(adm.evict_idle(Duration::from_secs(600)), 1);
+        assert_eq!(adm.evict_idle(Duration::from_secs(600)), 2);
         assert!(adm.get("kept.test:443").is_some());
         assert!(adm.get("a.test:443").is_none());
+        assert_eq!(adm.len(), 1);
+        // The forgotten promoted host starts afresh in the compact table.
+        assert!(matches!(host(&adm, "a.test:443", &g), Host::Light { .. }));
     }
 }

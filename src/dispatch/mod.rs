@@ -8,7 +8,7 @@ mod attempt;
 pub mod budget;
 mod control;
 
-use crate::admission::HostCell;
+use crate::admission::Host;
 use crate::config::{Generation, HedgeAfter, HostLimits, Mode};
 use crate::error::{self, Code};
 use crate::proxy::{pace, Ctx};
@@ -39,7 +39,7 @@ pub struct Job<'a> {
     pub ctx: &'a Ctx,
     pub host: &'a HostRegions,
     pub origin: &'a Origin,
-    pub cell: Option<Arc<HostCell>>,
+    pub cell: Option<Host>,
     /// The cleaned request head sent to every region.
     pub head: RequestHeader,
     /// The request body, when it is kept whole (every attempt sends it).
@@ -434,8 +434,8 @@ impl Recorder<'_> {
             &r.name,
             crate::metrics::status_class(status),
         );
-        if let (Some(cell), Some(h)) = (&ctx.cell, head) {
-            pace::learn(self.shared, ctx, cell, h);
+        if let Some(h) = head {
+            pace::learn(self.shared, ctx, h);
         }
         if (500..600).contains(&status) {
             self.failed_in(region);

@@ -1,6 +1,6 @@
 //! Per-request state, created when the request head arrives and dropped after logging.
 
-use crate::admission::{HostCell, Permit};
+use crate::admission::{Host, Permit};
 use crate::config::Generation;
 use crate::error::Code;
 use crate::target::{Origin, WayIn};
@@ -25,8 +25,8 @@ pub struct Ctx {
     pub error: Option<Code>,
     /// End-to-end deadline from `Sluice-Timeout`, queueing included.
     pub deadline: Option<Instant>,
-    /// The destination host's admission cell.
-    pub cell: Option<Arc<HostCell>>,
+    /// The destination host's admission state.
+    pub cell: Option<Host>,
     /// The in-flight place of the current attempt.
     pub permit: Option<Permit>,
     /// Total time spent waiting for admission, over all attempts.
@@ -40,7 +40,7 @@ pub struct Ctx {
     /// The authenticated client's name.
     pub client: Option<String>,
     /// The client's own pace cell, until its admission is taken (first attempt).
-    pub client_cell: Option<Arc<HostCell>>,
+    pub client_cell: Option<Host>,
     /// The client's pace place.
     pub client_permit: Option<Permit>,
     /// Request body bytes received so far.

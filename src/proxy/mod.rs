@@ -117,7 +117,7 @@ impl ProxyHttp for SluiceProxy {
         ctx.cell = Some(
             self.shared
                 .admission
-                .cell(&key, &dest.origin.host, &ctx.generation),
+                .host(key, &dest.origin.host, &ctx.generation),
         );
         ctx.origin = Some(dest.origin);
         if let Some(host) = regions {
@@ -321,11 +321,11 @@ impl SluiceProxy {
         match result {
             Ok(client) => {
                 if let Some(l) = &client.limits {
-                    ctx.client_cell = Some(self.shared.admission.client_cell(
-                        &client.name,
-                        l.rps,
-                        l.burst,
-                    ));
+                    let cell = self
+                        .shared
+                        .admission
+                        .client_cell(&client.name, l.rps, l.burst);
+                    ctx.client_cell = Some(crate::admission::Host::Cell(cell));
                 }
                 ctx.client = Some(client.name.clone());
                 Ok(())

@@ -3,12 +3,11 @@
 //! again after the pause or passed to the client.
 
 use super::Ctx;
-use crate::admission::{hints, HostCell, Permit, Refusal};
+use crate::admission::{hints, Host, Permit, Refusal};
 use crate::error::{self, Code};
 use crate::state::Shared;
 use pingora_error::{Error, ErrorType};
 use pingora_http::ResponseHeader;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// Header a client uses to bound the whole request, queueing included.
@@ -17,11 +16,7 @@ pub const SLUICE_TIMEOUT: &str = "sluice-timeout";
 const MAX_RESENDS: u32 = 5;
 
 /// Wait for a slot and an in-flight place, at most `max_wait`; count the outcome.
-pub async fn admit(
-    shared: &Shared,
-    cell: &Arc<HostCell>,
-    max_wait: Duration,
-) -> Result<Permit, Refusal> {
+pub async fn admit(shared: &Shared, cell: &Host, max_wait: Duration) -> Result<Permit, Refusal> {
     let result = shared.admission.acquire(cell, max_wait).await;
     match &result {
         Ok(p) => shared.metrics.queue_wait.observe(p.queued.as_secs_f64()),
@@ -53,7 +48,7 @@ pub fn refusal_error(ctx: &mut Ctx, host: &str, r: Refusal) -> Box<Error> {
 }
 
 /// How long this request may wait for admission now.
-pub fn max_wait(ctx: &Ctx, cell: &HostCell) -> Duration {
+pub fn max_wait(ctx: &Ctx, cell: &Host) -> Duration {
     let limit = ctx.generation.limits(cell.profile()).max_queue_wait.get();
     ctx.time_left().map_or(limit, |left| left.min(limit))
 }
@@ -82,10 +77,12 @@ pub async fn before_attempt(shared: &Shared, ctx: &mut Ctx) -> pingora_error::Re
         return Ok(());
     }
     ctx.permit = None;
-    let Some(cell) = ctx.cell.clone() else {
+    let Some(cell) = ctx.cell.take() else {
         return Ok(());
     };
-    match admit(shared, &cell, max_wait(ctx, &cell)).await {
+    let admitted = admit(shared, &cell, max_wait(ctx, &cell)).await;
+    ctx.cell = Some(cell);
+    match admitted {
         Ok(p) => {
             ctx.queued += p.queued;
             ctx.permit = Some(p);
@@ -100,15 +97,17 @@ pub async fn before_attempt(shared: &Shared, ctx: &mut Ctx) -> pingora_error::Re
 
 /// Take in what a response head says about its host (pace statements, pauses); returns how
 /// long the host is paused from now.
-pub fn learn(shared: &Shared, ctx: &Ctx, cell: &HostCell, resp: &ResponseHeader) -> Duration {
+pub fn learn(shared: &Shared, ctx: &Ctx, resp: &ResponseHeader) -> Duration {
+    let Some(cell) = &ctx.cell else {
+        return Duration::ZERO;
+    };
     let status = resp.status.as_u16();
     let h = hints::parse(&resp.headers, SystemTime::now());
     let m = &shared.metrics;
     for name in &h.invalid {
         m.hint_errors.with_label_values(&[name]).inc();
     }
-    let limits = ctx.generation.limits(cell.profile());
-    let learned = shared.admission.learn(cell, status, &h, limits.max_rps);
+    let learned = shared.admission.learn(cell, &ctx.generation, status, &h);
     if learned.rps.is_some() {
         m.learned.with_label_values(&["rps"]).inc();
     }
@@ -122,8 +121,9 @@ pub fn learn(shared: &Shared, ctx: &Ctx, cell: &HostCell, resp: &ResponseHeader)
 }
 
 /// How long the host is paused from now.
-pub fn pause_left(shared: &Shared, cell: &HostCell) -> Duration {
-    Duration::from_nanos(cell.paused_until().saturating_sub(shared.admission.now()))
+pub fn pause_left(shared: &Shared, cell: &Host) -> Duration {
+    let until = shared.admission.paused_until(cell);
+    Duration::from_nanos(until.saturating_sub(shared.admission.now()))
 }
 
 /// Tell the client how long the host is paused, on a 429 or 503 passed to it.
@@ -153,11 +153,11 @@ pub fn after_response(
     idempotent: bool,
     body_replayable: bool,
 ) -> pingora_error::Result<()> {
-    let Some(cell) = ctx.cell.clone() else {
+    let Some(cell) = &ctx.cell else {
         return Ok(());
     };
     let status = resp.status.as_u16();
-    let pause_left = learn(shared, ctx, &cell, resp);
+    let pause_left = learn(shared, ctx, resp);
     if !pause_signal(resp) {
         return Ok(());
     }
@@ -165,7 +165,7 @@ pub fn after_response(
     // A 429 means the request was not processed, so sending it again duplicates nothing;
     // a 503 is sent again only when that is safe.
     let safe = status == 429 || idempotent;
-    let fits = pause_left <= max_wait(ctx, &cell);
+    let fits = pause_left <= max_wait(ctx, cell);
     if safe && fits && body_replayable && ctx.resent < MAX_RESENDS {
         ctx.resent += 1;
         if status == 429 {

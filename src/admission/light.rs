@@ -1,0 +1,562 @@
+//! Compact pace state for hosts that need nothing but the default pace: 16 bytes a slot (a
+//! 64-bit fingerprint of `host:port` and the GCRA's theoretical arrival time) in one
+//! open-addressed table, no allocation per host. Most destinations of a forward proxy are such
+//! hosts, and millions of them must stay cheap.
+//!
+//! A host leaves this table for a full [`super::HostCell`] (it is *promoted*) as soon as it
+//! needs more: a pause, a learned limit, a concurrency cap, a `[hosts]` entry, the fleet. Its
+//! slot then says so, and its pace position moves with it.
+//!
+//! Every operation is a probe and a compare-and-swap; growing copies the table under a lock
+//! while operations on slots already frozen for the copy wait for the new table (as a blocking
+//! resize does in any concurrent map), which happens a logarithmic number of times.
+//!
+//! Two hosts with the same 64-bit fingerprint would share a pace (with a random seed, about
+//! one chance in 10^7 among a million hosts).
+
+use super::cell::Decision;
+use arc_swap::ArcSwap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Key of a slot never used.
+const EMPTY: u64 = 0;
+/// Key of a slot whose host was forgotten (probes go on past it).
+const GONE: u64 = 1;
+/// Key of an unused slot frozen while the table is copied.
+const FROZEN: u64 = 2;
+/// Smallest fingerprint (the ones below are the markers above).
+const FIRST_FP: u64 = 3;
+
+/// Word of a host promoted to a full cell.
+const PROMOTED: u64 = u64::MAX;
+/// Word of a slot frozen while the table is copied.
+const MOVED: u64 = u64::MAX - 1;
+/// Word of a forgotten host.
+const DEAD: u64 = u64::MAX - 2;
+/// Largest arrival time (the words above are markers).
+const MAX_TAT: u64 = u64::MAX - 16;
+
+const MIN_CAPACITY: usize = 64;
+
+struct Slot {
+    key: AtomicU64,
+    word: AtomicU64,
+}
+
+struct Table {
+    slots: Box<[Slot]>,
+    mask: usize,
+}
+
+impl Table {
+    fn new(capacity: usize) -> Table {
+        let capacity = capacity.next_power_of_two().max(MIN_CAPACITY);
+        Table {
+            slots: (0..capacity)
+                .map(|_| Slot {
+                    key: AtomicU64::new(EMPTY),
+                    word: AtomicU64::new(0),
+                })
+                .collect(),
+            mask: capacity - 1,
+        }
+    }
+}
+
+/// Where a host stands in the table.
+enum Found<'a> {
+    /// Its live slot.
+    Slot(&'a Slot),
+    /// Promoted: its state is a full cell.
+    Promoted(&'a Slot),
+    /// Not in the table.
+    Absent,
+    /// The table is being copied: try again on the new one.
+    Moving,
+}
+
+pub struct Light {
+    table: ArcSwap<Table>,
+    /// Held while the table is copied or swept.
+    grow: Mutex<()>,
+    hasher: foldhash::fast::RandomState,
+    /// Live and promoted slots, and slots of forgotten hosts (which still lengthen probes).
+    used: AtomicUsize,
+    live: AtomicUsize,
+    /// The default pace: nanoseconds between requests (0 = no pacing) and burst.
+    interval: AtomicU64,
+    burst: AtomicU32,
+}
+
+impl Light {
+    pub fn new() -> Light {
+        Light {
+            table: ArcSwap::from_pointee(Table::new(MIN_CAPACITY)),
+            grow: Mutex::new(()),
+            hasher: foldhash::fast::RandomState::default(),
+            used: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+            interval: AtomicU64::new(0),
+            burst: AtomicU32::new(1),
+        }
+    }
+
+    /// The pace every host here follows (the defaults; set again on reload).
+    pub fn set_pace(&self, interval: u64, burst: u32) {
+        self.interval.store(interval, Ordering::Relaxed);
+        self.burst.store(burst.max(1), Ordering::Relaxed);
+    }
+
+    pub fn fingerprint(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key).max(FIRST_FP)
+    }
+
+    /// Hosts with live pace state here (promoted ones are counted with the full cells).
+    pub fn len(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    fn find<'t>(table: &'t Table, fp: u64) -> Found<'t> {
+        let mut i = fp as usize & table.mask;
+        for _ in 0..=table.mask {
+            let slot = &table.slots[i];
+            match slot.key.load(Ordering::Acquire) {
+                EMPTY => return Found::Absent,
+                FROZEN => return Found::Moving,
+                k if k == fp => match slot.word.load(Ordering::Acquire) {
+                    DEAD => {}
+                    MOVED => return Found::Moving,
+                    PROMOTED => return Found::Promoted(slot),
+                    _ => return Found::Slot(slot),
+                },
+                _ => {}
+            }
+            i = (i + 1) & table.mask;
+        }
+        Found::Absent
+    }
+
+    /// Claim the first unused slot on `fp`'s probe path (or find it there, inserted by a
+    /// racing request). `None`: the table is full or being copied. An unused slot's word is
+    /// always 0 (a fresh arrival time): only claimed slots' words ever change.
+    fn claim<'t>(&self, table: &'t Table, fp: u64) -> Option<&'t Slot> {
+        let mut i = fp as usize & table.mask;
+        for _ in 0..=table.mask {
+            let slot = &table.slots[i];
+            let key = match slot.key.load(Ordering::Acquire) {
+                EMPTY => {
+                    match slot
+                        .key
+                        .compare_exchange(EMPTY, fp, Ordering::AcqRel, Ordering::Acquire)
+                    {
+                        Ok(_) => {
+                            self.used.fetch_add(1, Ordering::Relaxed);
+                            self.live.fetch_add(1, Ordering::Relaxed);
+                            return Some(slot);
+                        }
+                        Err(k) => k,
+                    }
+                }
+                k => k,
+            };
+            match key {
+                FROZEN => return None,
+                k if k == fp => match slot.word.load(Ordering::Acquire) {
+                    DEAD => {}
+                    MOVED => return None,
+                    _ => return Some(slot),
+                },
+                _ => {}
+            }
+            i = (i + 1) & table.mask;
+        }
+        None
+    }
+
+    /// The host's slot, made on first use; `None` when it was promoted to a full cell.
+    fn with_slot<R>(
+        &self,
+        fp: u64,
+        insert: bool,
+        mut f: impl FnMut(&Slot) -> Step<R>,
+    ) -> Lookup<R> {
+        loop {
+            let table = self.table.load();
+            let slot = match Self::find(&table, fp) {
+                Found::Slot(s) => s,
+                Found::Promoted(_) => return Lookup::Promoted,
+                Found::Absent if !insert => return Lookup::Absent,
+                Found::Absent => match self.claim(&table, fp) {
+                    Some(s) => {
+                        self.maybe_grow(&table);
+                        s
+                    }
+                    None => {
+                        self.wait_or_grow(&table);
+                        continue;
+                    }
+                },
+                Found::Moving => {
+                    self.wait_or_grow(&table);
+                    continue;
+                }
+            };
+            match f(slot) {
+                Step::Done(r) => return Lookup::Done(r),
+                Step::Again => continue,
+            }
+        }
+    }
+
+    /// Reserve a slot at the default pace for `fp` at `now`, waiting at most `max_wait` ns
+    /// (`None`: the host was promoted; use its full cell).
+    pub fn reserve(&self, fp: u64, now: u64, max_wait: u64) -> Option<Decision> {
+        let interval = self.interval.load(Ordering::Relaxed);
+        let burst = u64::from(self.burst.load(Ordering::Relaxed));
+        let window = interval.saturating_mul(burst);
+        let found = self.with_slot(fp, true, |slot| {
+            let mut tat = slot.word.load(Ordering::Acquire);
+            loop {
+                if tat > MAX_TAT {
+                    // Promoted, forgotten or frozen meanwhile: look again.
+                    return Step::Again;
+                }
+                if interval == 0 {
+                    // No pacing: the word only records the last use (for forgetting idle
+                    // hosts), written at most once a second.
+                    if now.saturating_sub(tat) < 1_000_000_000 {
+                        return Step::Done(Decision::Now);
+                    }
+                    match slot.word.compare_exchange_weak(
+                        tat,
+                        now,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => return Step::Done(Decision::Now),
+                        Err(t) => {
+                            tat = t;
+                            continue;
+                        }
+                    }
+                }
+                let new_tat = tat.max(now).saturating_add(interval).min(MAX_TAT);
+                let at = new_tat.saturating_sub(window);
+                if at > now && at - now > max_wait {
+                    return Step::Done(Decision::Refuse {
+                        retry_after: at - now,
+                    });
+                }
+                match slot.word.compare_exchange_weak(
+                    tat,
+                    new_tat,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) if at <= now => return Step::Done(Decision::Now),
+                    Ok(_) => return Step::Done(Decision::At { at, epoch: 0 }),
+                    Err(t) => tat = t,
+                }
+            }
+        });
+        match found {
+            Lookup::Done(d) => Some(d),
+            Lookup::Promoted | Lookup::Absent => None,
+        }
+    }
+
+    /// Whether `fp` was promoted to a full cell.
+    pub fn promoted(&self, fp: u64) -> bool {
+        matches!(
+            self.with_slot(fp, false, |_| Step::Done(())),
+            Lookup::Promoted
+        )
+    }
+
+    /// Whether `fp` still has its pace here (not promoted, not forgotten).
+    pub fn holds(&self, fp: u64) -> bool {
+        matches!(
+            self.with_slot(fp, false, |_| Step::Done(())),
+            Lookup::Done(())
+        )
+    }
+
+    /// Promote `fp`: its slot says so from now on; returns its arrival time, if it had one.
+    pub fn promote(&self, fp: u64) -> Option<u64> {
+        let found = self.with_slot(fp, false, |slot| {
+            let tat = slot.word.load(Ordering::Acquire);
+            if tat > MAX_TAT {
+                return Step::Again;
+            }
+            match slot
+                .word
+                .compare_exchange(tat, PROMOTED, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => Step::Done(tat),
+                Err(_) => Step::Again,
+            }
+        });
+        match found {
+            Lookup::Done(tat) => {
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                Some(tat)
+            }
+            Lookup::Promoted | Lookup::Absent => None,
+        }
+    }
+
+    /// A promoted host whose full cell was forgotten gets a fresh slot here again.
+    pub fn demote(&self, fp: u64) {
+        loop {
+            let table = self.table.load();
+            match Self::find(&table, fp) {
+                Found::Promoted(slot) => {
+                    if slot
+                        .word
+                        .compare_exchange(PROMOTED, 0, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        self.live.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
+                Found::Moving => self.wait_or_grow(&table),
+                Found::Slot(_) | Found::Absent => return,
+            }
+        }
+    }
+
+    /// Forget a promoted host's slot (its full cell was forgotten).
+    pub fn forget_promoted(&self, fp: u64) {
+        let table = self.table.load();
+        if let Found::Promoted(slot) = Self::find(&table, fp) {
+            if slot
+                .word
+                .compare_exchange(PROMOTED, DEAD, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                slot.key.store(GONE, Ordering::Release);
+            }
+        }
+    }
+
+    /// Forget hosts whose arrival time is before `before` (ns): nothing reserved ahead, unused
+    /// since. Returns how many were forgotten.
+    pub fn forget_idle(&self, before: u64) -> usize {
+        let _held = self.grow.lock().unwrap_or_else(|p| p.into_inner());
+        let table = self.table.load();
+        let mut forgotten = 0;
+        for slot in table.slots.iter() {
+            let key = slot.key.load(Ordering::Acquire);
+            if key < FIRST_FP {
+                continue;
+            }
+            let tat = slot.word.load(Ordering::Acquire);
+            if tat < before
+                && slot
+                    .word
+                    .compare_exchange(tat, DEAD, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                slot.key.store(GONE, Ordering::Release);
+                forgotten += 1;
+            }
+        }
+        self.live.fetch_sub(forgotten, Ordering::Relaxed);
+        // Forgotten slots still lengthen probes until the table is copied: copy it when they
+        // are a quarter of it.
+        let gone = table
+            .slots
+            .iter()
+            .filter(|s| s.key.load(Ordering::Relaxed) == GONE)
+            .count();
+        if gone * 4 > table.slots.len() {
+            self.copy(&table);
+        }
+        forgotten
+    }
+
+    fn maybe_grow(&self, table: &Arc<Table>) {
+        if self.used.load(Ordering::Relaxed) * 4 > table.slots.len() * 3 {
+            if let Ok(_held) = self.grow.try_lock() {
+                if Arc::ptr_eq(&self.table.load(), table) {
+                    self.copy(table);
+                }
+            }
+        }
+    }
+
+    /// The table is full or being copied: wait for the copy, or make one.
+    fn wait_or_grow(&self, table: &Arc<Table>) {
+        let _held = self.grow.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&self.table.load(), table) {
+            self.copy(table);
+        }
+    }
+
+    /// Copy live and promoted slots into a table sized for them (lock held): every old slot is
+    /// frozen first, so no reservation made meanwhile is lost.
+    fn copy(&self, old: &Table) {
+        let mut kept = Vec::with_capacity(self.used.load(Ordering::Relaxed));
+        for slot in old.slots.iter() {
+            let mut key = slot.key.load(Ordering::Acquire);
+            if key == EMPTY {
+                match slot
+                    .key
+                    .compare_exchange(EMPTY, FROZEN, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => continue,
+                    Err(k) => key = k,
+                }
+            }
+            if key < FIRST_FP {
+                continue;
+            }
+            let word = slot.word.swap(MOVED, Ordering::AcqRel);
+            if word != DEAD && word != MOVED {
+                kept.push((key, word));
+            }
+        }
+        let fresh = Table::new((kept.len() * 2).max(MIN_CAPACITY));
+        for &(key, word) in &kept {
+            let mut i = key as usize & fresh.mask;
+            while fresh.slots[i].key.load(Ordering::Relaxed) != EMPTY {
+                i = (i + 1) & fresh.mask;
+            }
+            fresh.slots[i].word.store(word, Ordering::Relaxed);
+            fresh.slots[i].key.store(key, Ordering::Relaxed);
+        }
+        self.used.store(kept.len(), Ordering::Relaxed);
+        self.table.store(Arc::new(fresh));
+    }
+}
+
+impl Default for Light {
+    fn default() -> Self {
+        Light::new()
+    }
+}
+
+enum Step<R> {
+    Done(R),
+    Again,
+}
+
+enum Lookup<R> {
+    Done(R),
+    Promoted,
+    Absent,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn paces_at_the_default_and_refuses_beyond_the_wait() {
+        let l = Light::new();
+        l.set_pace(S / 2, 2);
+        let fp = l.fingerprint("a.test:443");
+        let now = 10 * S;
+        assert_eq!(l.reserve(fp, now, 0), Some(Decision::Now));
+        assert_eq!(l.reserve(fp, now, 0), Some(Decision::Now));
+        assert_eq!(
+            l.reserve(fp, now, 0),
+            Some(Decision::Refuse { retry_after: S / 2 })
+        );
+        assert_eq!(
+            l.reserve(fp, now, S),
+            Some(Decision::At {
+                at: now + S / 2,
+                epoch: 0
+            })
+        );
+        // Another host is not behind this one.
+        assert_eq!(
+            l.reserve(l.fingerprint("b.test:443"), now, 0),
+            Some(Decision::Now)
+        );
+        assert_eq!(l.len(), 2);
+    }
+
+    #[test]
+    fn promotion_hands_over_the_pace_position_and_demotion_starts_afresh() {
+        let l = Light::new();
+        l.set_pace(S, 1);
+        let fp = l.fingerprint("a.test:443");
+        assert_eq!(l.reserve(fp, 5 * S, 0), Some(Decision::Now));
+        assert_eq!(l.promote(fp), Some(6 * S));
+        assert_eq!(
+            l.reserve(fp, 5 * S, 0),
+            None,
+            "promoted: the full cell decides"
+        );
+        assert!(!l.holds(fp));
+        assert_eq!(l.promote(fp), None);
+        assert_eq!(l.len(), 0);
+        l.demote(fp);
+        assert!(l.holds(fp));
+        assert_eq!(l.reserve(fp, 5 * S, 0), Some(Decision::Now));
+    }
+
+    #[test]
+    fn grows_keeps_every_host_and_forgets_idle_ones() {
+        let l = Light::new();
+        l.set_pace(S, 1);
+        let n = 10_000u64;
+        for i in 0..n {
+            let fp = l.fingerprint(&format!("h{i}.test:443"));
+            // Host i was last used at i seconds.
+            assert_eq!(l.reserve(fp, i * S, 0), Some(Decision::Now), "host {i}");
+        }
+        assert_eq!(l.len(), n as usize);
+        let table = l.table.load();
+        assert!(table.slots.len() >= n as usize * 4 / 3);
+        assert!(table.slots.len() <= n as usize * 4);
+        for i in 0..n {
+            let fp = l.fingerprint(&format!("h{i}.test:443"));
+            // Every host still has its pace: its next slot is a second after its last.
+            assert_eq!(
+                l.reserve(fp, i * S, 0),
+                Some(Decision::Refuse { retry_after: S }),
+                "host {i}"
+            );
+        }
+        // Hosts whose next slot was before 5000 s are idle.
+        assert_eq!(l.forget_idle(5_000 * S), 4_999);
+        assert_eq!(l.len(), n as usize - 4_999);
+        assert!(!l.holds(l.fingerprint("h10.test:443")));
+        assert!(l.holds(l.fingerprint("h9000.test:443")));
+        // A forgotten host comes back fresh.
+        let fp = l.fingerprint("h10.test:443");
+        assert_eq!(l.reserve(fp, 10 * S, 0), Some(Decision::Now));
+    }
+
+    #[test]
+    fn racing_threads_lose_no_reservation_while_the_table_grows() {
+        let l = Arc::new(Light::new());
+        // One slot every nanosecond, no burst: every reservation moves the arrival time by
+        // exactly one, so the total tells whether any was lost.
+        l.set_pace(1, 1);
+        let hot = l.fingerprint("hot.test:443");
+        let per_thread = 20_000u64;
+        std::thread::scope(|s| {
+            for t in 0..2u64 {
+                let l = l.clone();
+                s.spawn(move || {
+                    for i in 0..per_thread {
+                        // New hosts force copies of the table while the hot one is used.
+                        l.reserve(l.fingerprint(&format!("t{t}-{i}.test:443")), 0, u64::MAX);
+                        l.reserve(hot, 0, u64::MAX);
+                    }
+                });
+            }
+        });
+        assert_eq!(l.len(), 2 * per_thread as usize + 1);
+        assert_eq!(l.promote(hot), Some(2 * per_thread));
+    }
+}
