@@ -16,6 +16,7 @@
 
 use super::cell::Decision;
 use arc_swap::ArcSwap;
+use std::cell::RefCell;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,10 +49,22 @@ struct Slot {
 struct Table {
     slots: Box<[Slot]>,
     mask: usize,
+    /// Which table of its `Light` this is (each copy is the next).
+    version: u64,
+}
+
+/// Distinguishes `Light`s in the per-thread handle below.
+static LIGHT_IDS: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's handle on the current table of the `Light` it used last: checking it is
+    /// current is a plain load of the version, with no write to memory other threads read
+    /// (taking a shared handle for each decision would cost two atomic writes).
+    static CURRENT: RefCell<Option<(u64, Arc<Table>)>> = const { RefCell::new(None) };
 }
 
 impl Table {
-    fn new(capacity: usize) -> Table {
+    fn new(capacity: usize, version: u64) -> Table {
         let capacity = capacity.next_power_of_two().max(MIN_CAPACITY);
         Table {
             slots: (0..capacity)
@@ -61,6 +74,7 @@ impl Table {
                 })
                 .collect(),
             mask: capacity - 1,
+            version,
         }
     }
 }
@@ -78,7 +92,10 @@ enum Found<'a> {
 }
 
 pub struct Light {
+    id: u64,
     table: ArcSwap<Table>,
+    /// The current table's version (stored after the table).
+    version: AtomicU64,
     /// Held while the table is copied or swept.
     grow: Mutex<()>,
     hasher: foldhash::fast::RandomState,
@@ -93,7 +110,9 @@ pub struct Light {
 impl Light {
     pub fn new() -> Light {
         Light {
-            table: ArcSwap::from_pointee(Table::new(MIN_CAPACITY)),
+            id: LIGHT_IDS.fetch_add(1, Ordering::Relaxed),
+            table: ArcSwap::from_pointee(Table::new(MIN_CAPACITY, 0)),
+            version: AtomicU64::new(0),
             grow: Mutex::new(()),
             hasher: foldhash::fast::RandomState::default(),
             used: AtomicUsize::new(0),
@@ -109,6 +128,7 @@ impl Light {
         self.burst.store(burst.max(1), Ordering::Relaxed);
     }
 
+    #[inline]
     pub fn fingerprint(&self, key: &str) -> u64 {
         self.hasher.hash_one(key).max(FIRST_FP)
     }
@@ -118,6 +138,7 @@ impl Light {
         self.live.load(Ordering::Relaxed)
     }
 
+    #[inline]
     fn find<'t>(table: &'t Table, fp: u64) -> Found<'t> {
         let mut i = fp as usize & table.mask;
         for _ in 0..=table.mask {
@@ -175,6 +196,25 @@ impl Light {
         None
     }
 
+    /// Run `f` on the current table (or one just replaced: operations on it find its slots
+    /// frozen and come back).
+    #[inline]
+    fn with_table<R>(&self, mut f: impl FnMut(&Arc<Table>) -> R) -> R {
+        let version = self.version.load(Ordering::Acquire);
+        let cached = CURRENT.try_with(|current| {
+            let mut current = current.try_borrow_mut().ok()?;
+            if !matches!(&*current, Some((id, t)) if *id == self.id && t.version == version) {
+                *current = Some((self.id, self.table.load_full()));
+            }
+            current.as_ref().map(|(_, table)| f(table))
+        });
+        match cached {
+            Ok(Some(r)) => r,
+            // No thread-local handle (the thread is ending): a shared one.
+            _ => f(&self.table.load_full()),
+        }
+    }
+
     /// The host's slot, made on first use; `None` when it was promoted to a full cell.
     fn with_slot<R>(
         &self,
@@ -183,83 +223,73 @@ impl Light {
         mut f: impl FnMut(&Slot) -> Step<R>,
     ) -> Lookup<R> {
         loop {
-            let table = self.table.load();
-            let slot = match Self::find(&table, fp) {
-                Found::Slot(s) => s,
-                Found::Promoted(_) => return Lookup::Promoted,
-                Found::Absent if !insert => return Lookup::Absent,
-                Found::Absent => match self.claim(&table, fp) {
-                    Some(s) => {
-                        self.maybe_grow(&table);
-                        s
+            let outcome = self.with_table(|table| {
+                let (slot, claimed) = match Self::find(table, fp) {
+                    Found::Slot(s) => (s, false),
+                    Found::Promoted(_) => return Outcome::Promoted,
+                    Found::Absent if !insert => return Outcome::Absent,
+                    Found::Absent => match self.claim(table, fp) {
+                        Some(s) => (s, true),
+                        None => return Outcome::Wait(table.clone()),
+                    },
+                    Found::Moving => return Outcome::Wait(table.clone()),
+                };
+                match f(slot) {
+                    Step::Done(r) if claimed && self.crowded(table) => {
+                        Outcome::Grow(r, table.clone())
                     }
-                    None => {
-                        self.wait_or_grow(&table);
-                        continue;
-                    }
-                },
-                Found::Moving => {
-                    self.wait_or_grow(&table);
-                    continue;
+                    Step::Done(r) => Outcome::Done(r),
+                    Step::Again => Outcome::Again,
                 }
-            };
-            match f(slot) {
-                Step::Done(r) => return Lookup::Done(r),
-                Step::Again => continue,
+            });
+            match outcome {
+                Outcome::Done(r) => return Lookup::Done(r),
+                Outcome::Grow(r, table) => {
+                    if let Ok(_held) = self.grow.try_lock() {
+                        if Arc::ptr_eq(&self.table.load(), &table) {
+                            self.copy(&table);
+                        }
+                    }
+                    return Lookup::Done(r);
+                }
+                Outcome::Promoted => return Lookup::Promoted,
+                Outcome::Absent => return Lookup::Absent,
+                Outcome::Wait(table) => self.wait_or_grow(&table),
+                Outcome::Again => {}
             }
         }
     }
 
     /// Reserve a slot at the default pace for `fp` at `now`, waiting at most `max_wait` ns
     /// (`None`: the host was promoted; use its full cell).
+    #[inline]
     pub fn reserve(&self, fp: u64, now: u64, max_wait: u64) -> Option<Decision> {
         let interval = self.interval.load(Ordering::Relaxed);
         let burst = u64::from(self.burst.load(Ordering::Relaxed));
-        let window = interval.saturating_mul(burst);
-        let found = self.with_slot(fp, true, |slot| {
-            let mut tat = slot.word.load(Ordering::Acquire);
-            loop {
-                if tat > MAX_TAT {
-                    // Promoted, forgotten or frozen meanwhile: look again.
-                    return Step::Again;
-                }
-                if interval == 0 {
-                    // No pacing: the word only records the last use (for forgetting idle
-                    // hosts), written at most once a second.
-                    if now.saturating_sub(tat) < 1_000_000_000 {
-                        return Step::Done(Decision::Now);
-                    }
-                    match slot.word.compare_exchange_weak(
-                        tat,
-                        now,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    ) {
-                        Ok(_) => return Step::Done(Decision::Now),
-                        Err(t) => {
-                            tat = t;
-                            continue;
-                        }
-                    }
-                }
-                let new_tat = tat.max(now).saturating_add(interval).min(MAX_TAT);
-                let at = new_tat.saturating_sub(window);
-                if at > now && at - now > max_wait {
-                    return Step::Done(Decision::Refuse {
-                        retry_after: at - now,
-                    });
-                }
-                match slot.word.compare_exchange_weak(
-                    tat,
-                    new_tat,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) if at <= now => return Step::Done(Decision::Now),
-                    Ok(_) => return Step::Done(Decision::At { at, epoch: 0 }),
-                    Err(t) => tat = t,
-                }
-            }
+        let pace = Pace {
+            now,
+            max_wait,
+            interval,
+            window: interval.saturating_mul(burst),
+        };
+        // The common case, kept small enough to inline: a known host in the current table.
+        let known = self.with_table(|table| match Self::find(table, fp) {
+            Found::Slot(slot) => pace.take(slot),
+            _ => None,
+        });
+        if known.is_some() {
+            return known;
+        }
+        self.reserve_slow(fp, pace)
+    }
+
+    /// A host new to the table, promoted, or met while the table is copied.
+    #[inline(never)]
+    fn reserve_slow(&self, fp: u64, pace: Pace) -> Option<Decision> {
+        let found = self.with_slot(fp, true, |slot| match pace.take(slot) {
+            Some(d) => Step::Done(d),
+            // Promoted, forgotten or frozen meanwhile: look again.
+            None => Step::Again,
         });
         match found {
             Lookup::Done(d) => Some(d),
@@ -378,14 +408,9 @@ impl Light {
         forgotten
     }
 
-    fn maybe_grow(&self, table: &Arc<Table>) {
-        if self.used.load(Ordering::Relaxed) * 4 > table.slots.len() * 3 {
-            if let Ok(_held) = self.grow.try_lock() {
-                if Arc::ptr_eq(&self.table.load(), table) {
-                    self.copy(table);
-                }
-            }
-        }
+    /// Three quarters of the table's slots are used: time to copy it into a larger one.
+    fn crowded(&self, table: &Table) -> bool {
+        self.used.load(Ordering::Relaxed) * 4 > table.slots.len() * 3
     }
 
     /// The table is full or being copied: wait for the copy, or make one.
@@ -419,7 +444,7 @@ impl Light {
                 kept.push((key, word));
             }
         }
-        let fresh = Table::new((kept.len() * 2).max(MIN_CAPACITY));
+        let fresh = Table::new((kept.len() * 2).max(MIN_CAPACITY), old.version + 1);
         for &(key, word) in &kept {
             let mut i = key as usize & fresh.mask;
             while fresh.slots[i].key.load(Ordering::Relaxed) != EMPTY {
@@ -429,7 +454,9 @@ impl Light {
             fresh.slots[i].key.store(key, Ordering::Relaxed);
         }
         self.used.store(kept.len(), Ordering::Relaxed);
+        let version = fresh.version;
         self.table.store(Arc::new(fresh));
+        self.version.store(version, Ordering::Release);
     }
 }
 
@@ -439,8 +466,79 @@ impl Default for Light {
     }
 }
 
+/// One reservation's terms at the default pace.
+#[derive(Clone, Copy)]
+struct Pace {
+    now: u64,
+    max_wait: u64,
+    interval: u64,
+    window: u64,
+}
+
+impl Pace {
+    /// The GCRA on a slot's word; `None` when the word is a marker (promoted, forgotten,
+    /// frozen), not an arrival time.
+    #[inline]
+    fn take(self, slot: &Slot) -> Option<Decision> {
+        let Pace {
+            now,
+            max_wait,
+            interval,
+            window,
+        } = self;
+        let mut tat = slot.word.load(Ordering::Acquire);
+        loop {
+            if tat > MAX_TAT {
+                return None;
+            }
+            if interval == 0 {
+                // No pacing: the word only records the last use (for forgetting idle hosts),
+                // written at most once a second.
+                if now.saturating_sub(tat) < 1_000_000_000 {
+                    return Some(Decision::Now);
+                }
+                match slot
+                    .word
+                    .compare_exchange_weak(tat, now, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => return Some(Decision::Now),
+                    Err(t) => {
+                        tat = t;
+                        continue;
+                    }
+                }
+            }
+            let new_tat = tat.max(now).saturating_add(interval).min(MAX_TAT);
+            let at = new_tat.saturating_sub(window);
+            if at > now && at - now > max_wait {
+                return Some(Decision::Refuse {
+                    retry_after: at - now,
+                });
+            }
+            match slot
+                .word
+                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) if at <= now => return Some(Decision::Now),
+                Ok(_) => return Some(Decision::At { at, epoch: 0 }),
+                Err(t) => tat = t,
+            }
+        }
+    }
+}
+
 enum Step<R> {
     Done(R),
+    Again,
+}
+
+enum Outcome<R> {
+    Done(R),
+    /// Done, and the table needs copying into a larger one.
+    Grow(R, Arc<Table>),
+    Promoted,
+    Absent,
+    Wait(Arc<Table>),
     Again,
 }
 

@@ -662,7 +662,11 @@ mod tests {
         let learned = adm.learn(&a, &g, 429, &hints);
         assert!(matches!(learned.paused, Some((_, PauseSource::RetryAfter))));
         assert!(matches!(host(&adm, "a.test:443", &g), Host::Cell(_)));
-        assert_eq!(adm.len(), 1, "a promoted host is counted once (b from its first use)");
+        assert_eq!(
+            adm.len(),
+            1,
+            "a promoted host is counted once (b from its first use)"
+        );
         assert!(
             adm.paused_until(&a) > adm.now(),
             "seen through the old handle"
@@ -716,7 +720,11 @@ mod tests {
         let p = adm.acquire(&a, Duration::from_secs(5)).await.expect("next");
         assert_eq!(p.queued, Duration::from_secs(1));
         let p = adm.acquire(&a, Duration::from_secs(5)).await.expect("next");
-        assert_eq!(p.queued, Duration::from_millis(250), "then the learned pace");
+        assert_eq!(
+            p.queued,
+            Duration::from_millis(250),
+            "then the learned pace"
+        );
     }
 
     #[tokio::test(start_paused = true)]
