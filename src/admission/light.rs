@@ -635,6 +635,27 @@ mod tests {
     }
 
     #[test]
+    fn two_tables_used_by_one_thread_keep_apart() {
+        let (a, b) = (Light::new(), Light::new());
+        a.set_pace(S, 1);
+        b.set_pace(S, 1);
+        for i in 0..200u64 {
+            // Alternating, and growing both, so each thread handle is replaced every time.
+            let key = format!("h{i}.test:443");
+            assert_eq!(a.reserve(a.fingerprint(&key), 0, 0), Some(Decision::Now));
+            assert_eq!(b.reserve(b.fingerprint(&key), 0, 0), Some(Decision::Now));
+        }
+        let fp = a.fingerprint("h7.test:443");
+        assert_eq!(
+            a.reserve(fp, 0, 0),
+            Some(Decision::Refuse { retry_after: S })
+        );
+        assert_eq!(a.promote(fp), Some(S), "a refusal takes no slot");
+        assert!(b.holds(b.fingerprint("h7.test:443")));
+        assert_eq!((a.len(), b.len()), (199, 200));
+    }
+
+    #[test]
     fn racing_threads_lose_no_reservation_while_the_table_grows() {
         let l = Arc::new(Light::new());
         // One slot every nanosecond, no burst: every reservation moves the arrival time by
