@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # Load benchmark on loopback: sluice (forward proxy and explicit target) against the same
 # origin reached directly, through nginx and haproxy (reverse proxies) and through squid and
-# tinyproxy (forward proxies); then CONNECT tunnel setup against squid and tinyproxy.
+# tinyproxy (forward proxies), and through `pingora_floor` (examples/pingora_floor.rs: Pingora
+# alone, the framework's own cost); then CONNECT tunnel setup against squid and tinyproxy.
 # The proxy under test runs on core 0; the load generator and the origin on core 1.
 # Prints one table: requests/s, p50, p99, throughput ratio to direct, and proxy CPU time per
 # request (utime+stime of the proxy's processes over the run / requests served).
 #
 #   sudo benches/load.sh                 # ROUNDS=3 DURATION=5 CONNS=64 by default
 #   ROUNDS=6 DURATION=10 benches/load.sh
+#   VARIANTS="sluice_forward nginx_reverse" benches/load.sh   # only these HTTP variants, no CONNECT
+#   SLUICE_BUILDS="a=/path/to/sluice b=/other/sluice" benches/load.sh   # adds sluice_a, sluice_b
+#                                                       # (forward proxy): A/B of builds, interleaved
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 CONNS=${CONNS:-64}
 TUNNEL_WORKERS=${TUNNEL_WORKERS:-16}
+VARIANTS=${VARIANTS:-}
+SLUICE_BUILDS=${SLUICE_BUILDS:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
+target_dir=${CARGO_TARGET_DIR:-$root/target}
 
 need=()
 for c in nginx squid tinyproxy haproxy wrk taskset python3; do
@@ -29,9 +36,10 @@ fi
 export PATH="$PATH:/usr/sbin:/sbin"
 
 echo "building sluice (release)..." >&2
-(cd "$root" && cargo build --release --quiet --bin sluice --example connect_load)
-SLUICE="$root/target/release/sluice"
-CONNECT_LOAD="$root/target/release/examples/connect_load"
+(cd "$root" && cargo build --release --quiet --bin sluice --example connect_load --example pingora_floor)
+SLUICE="$target_dir/release/sluice"
+CONNECT_LOAD="$target_dir/release/examples/connect_load"
+PINGORA_FLOOR="$target_dir/release/examples/pingora_floor"
 
 work=$(mktemp -d /tmp/sluice-load.XXXXXX)
 chmod 0777 "$work"
@@ -56,7 +64,7 @@ wait_port() {
 }
 
 ORIGIN=$(free_port); RP=$(free_port); HA=$(free_port); SQ=$(free_port); TP=$(free_port)
-SL=$(free_port); SL_ADMIN=$(free_port)
+SL=$(free_port); SL_ADMIN=$(free_port); PF=$(free_port)
 SMALL=$(python3 -c 'print("x"*100, end="")')
 head -c 10240 /dev/zero | tr '\0' 'y' > "$work/big"
 chmod 0644 "$work/big"
@@ -163,7 +171,19 @@ start haproxy 0 haproxy -f "$work/haproxy.cfg" -db
 start squid 0 squid -N -f "$work/squid.conf"
 start tinyproxy 0 tinyproxy -d -c "$work/tinyproxy.conf"
 start sluice 0 "$SLUICE" --config "$work/sluice.toml"
-for p in $ORIGIN $RP $HA $SQ $TP $SL; do wait_port "$p"; done
+start pingora_floor 0 "$PINGORA_FLOOR" "127.0.0.1:$PF" "127.0.0.1:$ORIGIN"
+ports="$ORIGIN $RP $HA $SQ $TP $SL $PF"
+builds=()
+for b in $SLUICE_BUILDS; do # name=binary: the same configuration on its own ports
+  name=${b%%=*}; port=$(free_port); admin=$(free_port)
+  sed -e "s/127.0.0.1:$SL\"/127.0.0.1:$port\"/" -e "s/127.0.0.1:$SL_ADMIN\"/127.0.0.1:$admin\"/" \
+    -e "s/sluice\.pid/sluice_$name.pid/" -e "s/sluice\.sock/sluice_$name.sock/" \
+    "$work/sluice.toml" > "$work/sluice_$name.toml"
+  start "sluice_$name" 0 "${b#*=}" --config "$work/sluice_$name.toml"
+  builds+=("$name:$port")
+  ports="$ports $port"
+done
+for p in $ports; do wait_port "$p"; done
 sleep 1
 
 # CPU ticks (utime+stime) of a process and all its descendants.
@@ -193,6 +213,7 @@ results="$work/results.tsv"
 run_http() { # variant size port pid path host [target]
   local variant=$1 size=$2 port=$3 pid=$4 path=$5 host=$6 target=${7:-}
   local script out before after
+  if [ -n "$VARIANTS" ] && [[ " $VARIANTS " != *" $variant "* ]]; then return 0; fi
   script=$(lua "${variant}_$size" "$path" "$host" "$target")
   before=$(cpu_ticks "$pid")
   out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$script" "http://127.0.0.1:$port" 2>&1)
@@ -235,14 +256,21 @@ for round in $(seq 1 "$ROUNDS"); do
     run_http direct "$size" "$ORIGIN" "$PID_origin" "/$size" "$O"
     run_http sluice_forward "$size" "$SL" "$PID_sluice" "http://$O/$size" "$O"
     run_http sluice_target "$size" "$SL" "$PID_sluice" "/$size" "sluice" "http://$O"
+    for b in "${builds[@]}"; do
+      pid_var="PID_sluice_${b%%:*}"
+      run_http "sluice_${b%%:*}" "$size" "${b#*:}" "${!pid_var}" "http://$O/$size" "$O"
+    done
+    run_http pingora_floor "$size" "$PF" "$PID_pingora_floor" "/$size" "$O"
     run_http nginx_reverse "$size" "$RP" "$PID_nginx_rp" "/$size" "$O"
     run_http haproxy_reverse "$size" "$HA" "$PID_haproxy" "/$size" "$O"
     run_http squid_forward "$size" "$SQ" "$PID_squid" "http://$O/$size" "$O"
     run_http tinyproxy_forward "$size" "$TP" "$PID_tinyproxy" "http://$O/$size" "$O"
   done
-  run_connect sluice "$SL" "$PID_sluice"
-  run_connect squid "$SQ" "$PID_squid"
-  run_connect tinyproxy "$TP" "$PID_tinyproxy"
+  if [ -z "$VARIANTS" ]; then
+    run_connect sluice "$SL" "$PID_sluice"
+    run_connect squid "$SQ" "$PID_squid"
+    run_connect tinyproxy "$TP" "$PID_tinyproxy"
+  fi
 done
 
 idle_rss=$(awk '/VmRSS/ {print $2}' "/proc/$PID_sluice/status")

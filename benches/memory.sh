@@ -4,12 +4,16 @@
 # Needs nginx and wrk (benches/load.sh installs them); traffic stays on 127.0.0.0/8.
 #
 #   benches/memory.sh            # CONNS=10000 HOSTS=1000000
+#   SLUICE=/tmp/sluice-other benches/memory.sh   # measure that binary instead of building
 set -euo pipefail
 CONNS=${CONNS:-10000}
 HOSTS=${HOSTS:-1000000}
 root=$(cd "$(dirname "$0")/.." && pwd)
 export PATH="$PATH:/usr/sbin:/sbin"
-(cd "$root" && cargo build --release --quiet --bin sluice)
+if [ -z "${SLUICE:-}" ]; then
+  (cd "$root" && cargo build --release --quiet --bin sluice)
+  SLUICE="${CARGO_TARGET_DIR:-$root/target}/release/sluice"
+fi
 work=$(mktemp -d /tmp/sluice-mem.XXXXXX); chmod 0777 "$work"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -44,7 +48,7 @@ nginx -c "$work/origin.conf" -p "$work" >/dev/null 2>&1 & pids+=($!)
 # Each phase runs on a fresh sluice, so that memory freed by one phase (and kept by the
 # allocator) does not hide what the next one uses.
 start_sluice() {
-  "$root/target/release/sluice" --config "$work/sluice.toml" >"$work/sluice.out" 2>&1 &
+  "$SLUICE" --config "$work/sluice.toml" >"$work/sluice.out" 2>&1 &
   SPID=$!; pids+=($SPID)
   sleep 1.5
 }

@@ -106,6 +106,9 @@ fn server_conf(config: &Config) -> Result<ServerConf, String> {
     let s = &config.server;
     let mut conf = ServerConf {
         threads: config.worker_threads(),
+        // One worker has nobody to steal from: a plain single-threaded runtime for it skips
+        // the multi-threaded scheduler's bookkeeping on every wake-up.
+        work_stealing: config.worker_threads() > 1,
         grace_period_seconds: Some(ceil_secs(s.grace_period.get())),
         graceful_shutdown_timeout_seconds: Some(ceil_secs(s.graceful_shutdown_timeout.get())),
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,

@@ -59,10 +59,16 @@ enum Head {
     Refuse(Code, String),
 }
 
+/// Does `buf` hold the end of a head (`\n\r\n` or `\n\n`) at or after `from` (minus the
+/// three bytes a terminator split across reads can reach back)? One pass over the new bytes.
 fn head_end(buf: &[u8], from: usize) -> bool {
     let start = from.saturating_sub(3);
-    let tail = &buf[start..];
-    tail.windows(3).any(|w| w == b"\n\r\n") || tail.windows(2).any(|w| w == b"\n\n")
+    buf[start..].iter().enumerate().any(|(i, &b)| {
+        b == b'\n' && {
+            let rest = &buf[start + i + 1..];
+            rest.first() == Some(&b'\n') || rest.starts_with(b"\r\n")
+        }
+    })
 }
 
 /// Read one request head. `reused`: the connection already carried a request, so while it
@@ -77,9 +83,9 @@ async fn read_head(
     reused: bool,
 ) -> Head {
     let mut buf = BytesMut::with_capacity(4096);
-    let mut shutdown = shutdown.clone();
     let first = tokio::time::timeout(idle, stream.read_buf(&mut buf));
     let got = if reused {
+        let mut shutdown = shutdown.clone();
         tokio::select! {
             r = first => r,
             _ = shutdown.wait_for(|down| *down) => return Head::Gone,
@@ -124,9 +130,10 @@ pub enum Plan {
 /// (no `Content-Length` with `Transfer-Encoding`, no repeated or malformed
 /// `Content-Length`, `chunked` last in `Transfer-Encoding`).
 pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Code, String)> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
+    // Uninitialised slots: httparse fills only as many as the head has.
+    let mut headers = [std::mem::MaybeUninit::uninit(); MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) if n > max_head => {
             return Err((
                 Code::HeadTooLarge,
