@@ -87,8 +87,18 @@ fn chunked_request_body_is_forwarded() {
 
 #[test]
 fn keep_alive_on_both_sides() {
+    keep_alive("");
+}
+
+/// One worker thread runs on a single-threaded runtime (no work stealing).
+#[test]
+fn keep_alive_on_both_sides_with_one_worker_thread() {
+    keep_alive("threads = 1");
+}
+
+fn keep_alive(server: &str) {
     let up = FakeUpstream::builder().start();
-    let sluice = Sluice::start("", "");
+    let sluice = Sluice::start(server, "");
     let mut conn = TcpStream::connect(sluice.proxy).expect("connect");
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");

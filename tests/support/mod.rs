@@ -137,8 +137,14 @@ impl Sluice {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
             .map_err(|_| "addr")?;
+        // Two worker threads unless the test names its own number.
+        let threads = if server_extra.contains("threads") {
+            ""
+        } else {
+            "threads = 2\n"
+        };
         let config = format!(
-            "[server]\nlisten = \"{proxy}\"\nadmin_listen = \"{admin}\"\nthreads = 2\n\
+            "[server]\nlisten = \"{proxy}\"\nadmin_listen = \"{admin}\"\n{threads}\
              pid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\n{server_extra}\n{extra}\n",
             pid = dir.path().join("sluice.pid").display(),
             sock = dir.path().join("upgrade.sock").display(),
