@@ -51,6 +51,36 @@ impl PauseSource {
 pub const BACKOFF_BASE_NS: u64 = 1_000_000_000;
 pub const BACKOFF_CAP_NS: u64 = 60_000_000_000;
 
+/// One GCRA reservation on an arrival-time word (full cells and the compact table share it):
+/// `Ok(slot time)`, at or before `now` to go at once, or `Err(retry_after)` when the slot lies
+/// more than `max_wait` ahead (nothing is taken then). `None` when the word holds a value above
+/// `max_tat`: not a time but a marker of the compact table.
+#[inline(always)]
+pub(super) fn take_slot(
+    word: &AtomicU64,
+    now: u64,
+    max_wait: u64,
+    interval: u64,
+    window: u64,
+    max_tat: u64,
+) -> Option<Result<u64, u64>> {
+    let mut tat = word.load(Ordering::Acquire);
+    loop {
+        if tat > max_tat {
+            return None;
+        }
+        let new_tat = tat.max(now).saturating_add(interval).min(max_tat);
+        let at = new_tat.saturating_sub(window);
+        if at > now && at - now > max_wait {
+            return Some(Err(at - now));
+        }
+        match word.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Some(Ok(at)),
+            Err(current) => tat = current,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct HostCell {
     /// Theoretical arrival time of the next request (ns).
@@ -139,23 +169,11 @@ impl HostCell {
             };
         }
         let window = interval.saturating_mul(u64::from(self.burst.load(Ordering::Relaxed)));
-        let mut tat = self.tat.load(Ordering::Acquire);
-        loop {
-            let new_tat = tat.max(now).saturating_add(interval);
-            let at = new_tat.saturating_sub(window);
-            if at > now && at - now > max_wait {
-                return Decision::Refuse {
-                    retry_after: at - now,
-                };
-            }
-            match self
-                .tat
-                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) if at <= now => return Decision::Now,
-                Ok(_) => return Decision::At { at, epoch },
-                Err(current) => tat = current,
-            }
+        // No arrival time exceeds `u64::MAX`, so the slot is always `Some`.
+        match take_slot(&self.tat, now, max_wait, interval, window, u64::MAX) {
+            Some(Ok(at)) if at > now => Decision::At { at, epoch },
+            Some(Err(retry_after)) => Decision::Refuse { retry_after },
+            _ => Decision::Now,
         }
     }
 

@@ -14,7 +14,7 @@
 //! Two hosts with the same 64-bit fingerprint would share a pace (with a random seed, about
 //! one chance in 10^7 among a million hosts).
 
-use super::cell::Decision;
+use super::cell::{take_slot, Decision};
 use arc_swap::ArcSwap;
 use std::cell::RefCell;
 use std::hash::BuildHasher;
@@ -497,44 +497,33 @@ impl Pace {
             interval,
             window,
         } = self;
-        let mut tat = slot.word.load(Ordering::Acquire);
-        loop {
-            if tat > MAX_TAT {
-                return None;
-            }
-            if interval == 0 {
-                // No pacing: the word only records the last use (for forgetting idle hosts),
-                // written at most once a second.
-                if now.saturating_sub(tat) < 1_000_000_000 {
+        if interval == 0 {
+            // No pacing: the word only records the last use (for forgetting idle hosts),
+            // written at most once a second.
+            let mut last = slot.word.load(Ordering::Acquire);
+            loop {
+                if last > MAX_TAT {
+                    return None;
+                }
+                if now.saturating_sub(last) < 1_000_000_000 {
                     return Some(Decision::Now);
                 }
-                match slot
-                    .word
-                    .compare_exchange_weak(tat, now, Ordering::AcqRel, Ordering::Acquire)
-                {
+                match slot.word.compare_exchange_weak(
+                    last,
+                    now,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
                     Ok(_) => return Some(Decision::Now),
-                    Err(t) => {
-                        tat = t;
-                        continue;
-                    }
+                    Err(t) => last = t,
                 }
             }
-            let new_tat = tat.max(now).saturating_add(interval).min(MAX_TAT);
-            let at = new_tat.saturating_sub(window);
-            if at > now && at - now > max_wait {
-                return Some(Decision::Refuse {
-                    retry_after: at - now,
-                });
-            }
-            match slot
-                .word
-                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) if at <= now => return Some(Decision::Now),
-                Ok(_) => return Some(Decision::At { at, epoch: 0 }),
-                Err(t) => tat = t,
-            }
         }
+        take_slot(&slot.word, now, max_wait, interval, window, MAX_TAT).map(|slot| match slot {
+            Ok(at) if at > now => Decision::At { at, epoch: 0 },
+            Ok(_) => Decision::Now,
+            Err(retry_after) => Decision::Refuse { retry_after },
+        })
     }
 }
 
