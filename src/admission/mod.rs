@@ -337,15 +337,14 @@ impl Admission {
                 Some(Decision::Now) => return Ok(permit()),
                 Some(Decision::At { at, .. }) => {
                     tokio::time::sleep(Duration::from_nanos(at.saturating_sub(now))).await;
-                    // A host promoted while this request waited may have been paused since:
-                    // then its slot is void and it waits for the full cell's.
-                    let paused = !self.light.holds(fp)
-                        && self
-                            .cells
-                            .pin()
-                            .get(key)
-                            .is_some_and(|c| c.paused_until() > self.clock.now());
-                    if !paused {
+                    // A host promoted while this request waited may have been paused since
+                    // (even a pause already over: it restarted the pace after its end). A
+                    // full cell made by promotion starts at epoch 0 and every pause bumps
+                    // it, so a reservation made here stands while the epoch is 0; otherwise
+                    // it is void and the request takes a slot of the full cell.
+                    let stands = self.light.holds(fp)
+                        || self.cells.pin().get(key).is_none_or(|c| c.still_valid(0));
+                    if stands {
                         return Ok(permit());
                     }
                 }
@@ -691,6 +690,45 @@ mod tests {
             .await
             .expect("next");
         assert_eq!(next.queued, Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_taken_before_a_pause_are_void_even_past_its_end() {
+        let g = generation("[defaults]\nrps = 2.0\nburst = 1\n");
+        let adm = admission(Clock::tokio(), &g);
+        let a = host(&adm, "a.test:443", &g);
+        drop(
+            adm.acquire(&a, Duration::from_secs(9))
+                .await
+                .expect("first"),
+        );
+        // Four waiters hold compact slots at 0.5, 1, 1.5 and 2 s.
+        let mut waiters = Vec::new();
+        for _ in 0..4 {
+            let (adm, a) = (adm.clone(), a.clone());
+            waiters.push(tokio::spawn(async move {
+                adm.acquire(&a, Duration::from_secs(9)).await
+            }));
+            tokio::task::yield_now().await;
+        }
+        // A 429 pauses the host for 1 s: the slots at 1.5 and 2 s lie past the pause, but the
+        // pace restarts at its end, so they are void too; all four go at the pace after it.
+        let hints = hints::Hints {
+            retry_after: Some(Duration::from_secs(1)),
+            ..hints::Hints::default()
+        };
+        adm.learn(&a, &g, 429, &hints);
+        let mut queued = Vec::new();
+        for w in waiters {
+            queued.push(w.await.expect("task").expect("admitted").queued);
+        }
+        queued.sort();
+        let ms = |v: &[u64]| {
+            v.iter()
+                .map(|m| Duration::from_millis(*m))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(queued, ms(&[1_000, 1_500, 2_000, 2_500]));
     }
 
     #[tokio::test(start_paused = true)]
