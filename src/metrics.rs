@@ -50,7 +50,8 @@ pub struct Metrics {
     pub rejections: IntCounterVec,
     /// `sluice_pauses_total{source="retry_after|backoff|ratelimit_headers"}`.
     pub pauses: IntCounterVec,
-    /// `sluice_upstream_429_total{action="retried|passed"}`.
+    /// `sluice_upstream_429_total{action="passed"}`: 429s handed to the client (a resend is a
+    /// retry: `sluice_retries_total{reason="429"}`).
     pub upstream_429: IntCounterVec,
     /// `sluice_learned_limits_total{kind="rps|max_concurrent"}`.
     pub learned: IntCounterVec,
@@ -154,7 +155,7 @@ impl Metrics {
         let upstream_429 = IntCounterVec::new(
             Opts::new(
                 "sluice_upstream_429_total",
-                "429s from upstreams: retried after the pause, or passed to the client",
+                "429s from upstreams passed to the client (resends count in sluice_retries_total)",
             ),
             &["action"],
         )?;
@@ -268,9 +269,7 @@ impl Metrics {
         for src in crate::admission::PauseSource::ALL {
             pauses.with_label_values(&[src.as_str()]);
         }
-        for a in ["retried", "passed"] {
-            upstream_429.with_label_values(&[a]);
-        }
+        upstream_429.with_label_values(&["passed"]);
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(upstream_attempts.clone()))?;
         registry.register(Box::new(upstream_responses.clone()))?;

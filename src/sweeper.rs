@@ -31,7 +31,8 @@ impl BackgroundService for Sweeper {
                 _ = shutdown.changed() => return,
             }
             let ttl = self.shared.generation().config.server.idle_host_ttl.get();
-            let dropped = self.shared.admission.evict_idle(ttl);
+            let dropped =
+                self.shared.admission.evict_idle(ttl) + self.shared.regions.evict_idle(ttl);
             self.shared
                 .metrics
                 .hosts_tracked

@@ -2,9 +2,8 @@
 //! connect, answer `200` (and flush), then carry bytes both ways until both sides close or the
 //! tunnel sits idle too long. Failures are answered with a status and `Sluice-Error`.
 
+use crate::dispatch::pace;
 use crate::error::{self, Code};
-use crate::policy::auth::AuthError;
-use crate::proxy::pace;
 use crate::resolve::resolve;
 use crate::state::Shared;
 use crate::target::{parse_authority, WayIn};
@@ -26,6 +25,8 @@ pub struct ConnectHead {
     pub port: u16,
     /// The `Proxy-Authorization` value, if sent.
     pub authorization: Option<Vec<u8>>,
+    /// The `Via` values, to refuse a CONNECT that already came through this sluice.
+    pub via: Vec<Vec<u8>>,
     pub leftover: Vec<u8>,
 }
 
@@ -52,10 +53,17 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<ConnectHead>, (Code, String)> {
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("proxy-authorization"))
         .map(|h| h.value.to_vec());
+    let via = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("via"))
+        .map(|h| h.value.to_vec())
+        .collect();
     Ok(Some(ConnectHead {
         host,
         port,
         authorization,
+        via,
         leftover: buf[len..].to_vec(),
     }))
 }
@@ -94,33 +102,26 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream, head: bytes::BytesM
             Ok(None) => return Err((Code::BadRequest, "incomplete CONNECT head".into(), None)),
             Err((c, m)) => return Err((c, m, None)),
         };
+        if crate::dispatch::headers::via_names(head.via.iter().map(Vec::as_slice), &shared.instance)
+        {
+            let why = format!(
+                "this CONNECT already passed through this sluice (instance {}): a peer loop",
+                shared.instance
+            );
+            return Err((Code::LoopDetected, why, None));
+        }
         let mut client_cell = None;
         if generation.clients.enabled() {
-            match generation
-                .clients
-                .proxy_authorization(head.authorization.as_deref())
-            {
-                Ok(client) => {
-                    if let Some(l) = &client.limits {
-                        let cell = shared.admission.client_cell(&client.name, l.rps, l.burst);
-                        client_cell =
-                            Some((crate::admission::Host::Cell(cell), l.max_queue_wait.get()));
-                    }
-                }
-                Err(AuthError::Required) => {
-                    return Err((
-                        Code::AuthRequired,
-                        "authenticate with Proxy-Authorization (Basic or Bearer)".to_string(),
-                        None,
-                    ))
-                }
-                Err(AuthError::Failed) => {
-                    return Err((
-                        Code::AuthFailed,
-                        "credentials not accepted".to_string(),
-                        None,
-                    ))
-                }
+            let client = crate::policy::auth::authenticate(
+                &generation.clients,
+                true,
+                head.authorization.as_deref(),
+                None,
+            )
+            .map_err(|(code, _, m)| (code, m.to_string(), None))?;
+            if let Some(l) = &client.limits {
+                let cell = shared.admission.client_cell(&client.name, l.rps, l.burst);
+                client_cell = Some((crate::admission::Host::Cell(cell), l.max_queue_wait.get()));
             }
         }
         let egress = &generation.egress;

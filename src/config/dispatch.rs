@@ -37,6 +37,18 @@ impl Mode {
     }
 }
 
+/// Whose quota a rate-limit signal from one region speaks for.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Quota {
+    /// The account's quota, shared by every region (most APIs): the host is paused for
+    /// everyone and the request waits the pause; no other region is tried for it.
+    Host,
+    /// Each region counts its own quota: that region is held out for the pause and the
+    /// request moves on to another region at once.
+    Region,
+}
+
 /// When a hedge is sent: after a fixed delay, or after a percentile of the chosen region's
 /// observed latency.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -11,8 +11,8 @@ mod shared;
 mod validate;
 
 pub use dispatch::{
-    default_retry_on, HealthCheckConfig, HedgeAfter, Mode, Outlier, RegionConfig, RetryBudget,
-    RetryOn,
+    default_retry_on, HealthCheckConfig, HedgeAfter, Mode, Outlier, Quota, RegionConfig,
+    RetryBudget, RetryOn,
 };
 pub use duration::HumanDuration;
 pub use generation::{Generation, Route};
@@ -152,6 +152,9 @@ pub struct HostLimits {
     pub max_buffered_body: u64,
     pub retry_budget: RetryBudget,
     pub outlier: Outlier,
+    /// Whose quota a 429 (or a 503 with `Retry-After`, or exhausted rate-limit headers) from
+    /// one region speaks for: the host's (pause every region) or that region's only.
+    pub quota: Quota,
 }
 
 impl Default for HostLimits {
@@ -170,6 +173,7 @@ impl Default for HostLimits {
             max_buffered_body: 1024 * 1024,
             retry_budget: RetryBudget::default(),
             outlier: Outlier::default(),
+            quota: Quota::Host,
         }
     }
 }
@@ -191,6 +195,7 @@ pub struct HostOverride {
     pub max_buffered_body: Option<u64>,
     pub retry_budget: Option<RetryBudget>,
     pub outlier: Option<Outlier>,
+    pub quota: Option<Quota>,
     /// The host's regions; without any, the host is one region: its DNS answer.
     #[serde(default)]
     pub regions: Vec<RegionConfig>,
@@ -214,6 +219,7 @@ impl HostOverride {
             max_buffered_body: self.max_buffered_body.unwrap_or(base.max_buffered_body),
             retry_budget: self.retry_budget.unwrap_or(base.retry_budget),
             outlier: self.outlier.unwrap_or(base.outlier),
+            quota: self.quota.unwrap_or(base.quota),
         }
     }
 }

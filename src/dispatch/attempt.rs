@@ -1,12 +1,13 @@
-//! One attempt of a request against one region: admission, connect, send the head and the
-//! buffered body, read the response head. The caller races attempts and streams the winner.
+//! One attempt of a request against one endpoint (a region, or one DNS answer of a host
+//! without regions): admission, connect, send the head and the body (streamed or replayed),
+//! read the response head. The caller races attempts and streams the winner.
 
+use super::body::Source;
 use super::Job;
 use crate::admission::Permit;
 use crate::error::{self, Code};
 use crate::regions::state::InFlight;
 use crate::regions::Region;
-use bytes::Bytes;
 use http::HeaderValue;
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -53,6 +54,7 @@ pub async fn run(
     admit: Admit,
     permit: Option<Permit>,
     delay: Duration,
+    body: Source,
 ) -> Outcome {
     let fail = |error: Box<pingora_error::Error>, unsent: bool| Failed {
         region,
@@ -72,7 +74,7 @@ pub async fn run(
                     Admit::IfFree => Duration::ZERO,
                     _ => job.max_wait(),
                 };
-                match crate::proxy::pace::admit(job.shared, cell, wait).await {
+                match super::pace::admit(job.shared, cell, wait).await {
                     Ok(p) => Some(p),
                     Err(r) => {
                         let secs = r.retry_after_secs();
@@ -106,7 +108,7 @@ pub async fn run(
     };
     let (mut session, _reused) = match job.shared.upstream.get_http_session(&peer).await {
         Ok(s) => s,
-        Err(e) => return Err(fail(e, true)),
+        Err(e) => return Err(fail(e.into_up(), true)),
     };
     let read_timeout = job.read_timeout();
     session.set_read_timeout(Some(read_timeout));
@@ -115,13 +117,13 @@ pub async fn run(
         Ok(h) => h,
         Err(e) => return Err(fail(e, true)),
     };
-    if let Err(e) = send(&mut session, head, job.body.as_ref()).await {
-        return Err(fail(e, false));
+    if let Err(e) = send(&mut session, head, body).await {
+        return Err(fail(e.into_up(), false));
     }
     let read = read_final_head(&mut session).await;
     pending.armed = false;
     if let Err(e) = read {
-        return Err(fail(e, false));
+        return Err(fail(e.into_up(), false));
     }
     Ok(Answer {
         session,
@@ -151,11 +153,18 @@ impl Drop for Pending<'_> {
     }
 }
 
-async fn send(session: &mut HttpSession, head: RequestHeader, body: Option<&Bytes>) -> Result<()> {
+async fn send(session: &mut HttpSession, head: RequestHeader, body: Source) -> Result<()> {
     session.write_request_header(Box::new(head)).await?;
-    if let Some(b) = body {
-        if !b.is_empty() {
-            session.write_request_body(b.clone(), true).await?;
+    match body {
+        Source::Whole(b) => {
+            if !b.is_empty() {
+                session.write_request_body(b, true).await?;
+            }
+        }
+        Source::Stream(mut rx) => {
+            while let Some(chunk) = rx.recv().await {
+                session.write_request_body(chunk, false).await?;
+            }
         }
     }
     session.finish_request_body().await
@@ -205,7 +214,7 @@ pub async fn peer_for(job: &Job<'_>, r: &Region) -> Result<HttpPeer> {
             HttpPeer::new(*addr, tls, sni)
         }
     };
-    crate::proxy::peer_options(&mut peer, job.generation(), job.read_timeout());
+    super::peer_options(&mut peer, job.generation(), job.read_timeout());
     Ok(peer)
 }
 

@@ -54,6 +54,38 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// Authenticate a request against `clients`: `Proxy-Authorization` on the ways in where
+/// sluice is the client's proxy (forward and CONNECT), `Sluice-Key` on the others. A refusal
+/// says its code, its status (407 as a proxy, 401 otherwise) and why. One function for HTTP
+/// and CONNECT alike.
+pub fn authenticate<'a>(
+    clients: &'a Clients,
+    proxy_way: bool,
+    proxy_authorization: Option<&[u8]>,
+    sluice_key: Option<&[u8]>,
+) -> Result<&'a Client, (crate::error::Code, u16, &'static str)> {
+    use crate::error::Code;
+    let result = if proxy_way {
+        clients.proxy_authorization(proxy_authorization)
+    } else {
+        clients.sluice_key(sluice_key)
+    };
+    let status = if proxy_way { 407 } else { 401 };
+    result.map_err(|e| match e {
+        AuthError::Required if proxy_way => (
+            Code::AuthRequired,
+            status,
+            "authenticate with Proxy-Authorization (Basic or Bearer)",
+        ),
+        AuthError::Required => (
+            Code::AuthRequired,
+            status,
+            "authenticate with a Sluice-Key header",
+        ),
+        AuthError::Failed => (Code::AuthFailed, status, "credentials not accepted"),
+    })
+}
+
 /// The configured clients; empty means authentication is off.
 #[derive(Debug, Clone, Default)]
 pub struct Clients {

@@ -1,14 +1,20 @@
-//! Per-host regions: what `[hosts."name"] regions` configures, the live state of each region
-//! (health, ejection, latency) carried across reloads by host and region name, and the order
-//! in which a request tries them. Sending requests is `dispatch`'s job; probing is `health`'s.
+//! A host's route: the regions `[hosts."name"] regions` configures, or, for any other host,
+//! one implicit region made of its DNS answers (`implicit`). Each region has live state
+//! (health, ejection, latency) carried across reloads by host and region name, and the route
+//! says in which order a request tries them. Sending requests is `dispatch`'s job; probing is
+//! `health`'s.
 
+pub mod budget;
 pub mod health;
+mod implicit;
 pub mod state;
 
+pub use implicit::Route;
+
 use crate::config::{Generation, HealthCheckConfig, RegionConfig};
-use crate::dispatch::budget::Budget;
 use crate::target::Origin;
 use arc_swap::ArcSwap;
+use budget::Budget;
 use state::RegionState;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,6 +51,12 @@ pub struct HostRegions {
     pub next_check: AtomicU64,
     /// A round of checks is running.
     pub checking: AtomicBool,
+    /// The implicit route of a host without configured regions: each "region" is one of
+    /// its DNS answers, all named `default`, and the quota is always the host's.
+    pub implicit: bool,
+    /// When a request last used this route (registry clock): idle implicit routes are
+    /// forgotten.
+    pub used: AtomicU64,
 }
 
 impl HostRegions {
@@ -86,6 +98,8 @@ impl HostRegions {
 /// Every configured host's regions, swapped as a whole on reload.
 pub struct Regions {
     hosts: ArcSwap<HashMap<String, Arc<HostRegions>>>,
+    /// Kept implicit routes, by `host:port`.
+    implicit: implicit::Kept,
     epoch: Instant,
 }
 
@@ -93,6 +107,7 @@ impl Regions {
     pub fn new(generation: &Generation) -> Regions {
         let r = Regions {
             hosts: ArcSwap::from_pointee(HashMap::new()),
+            implicit: implicit::Kept::default(),
             epoch: Instant::now(),
         };
         r.apply_generation(generation);
@@ -142,6 +157,8 @@ impl Regions {
                 ),
                 next_check: AtomicU64::new(0),
                 checking: AtomicBool::new(false),
+                implicit: false,
+                used: AtomicU64::new(0),
             };
             map.insert(key, Arc::new(host));
         }

@@ -163,6 +163,13 @@ impl RegionState {
         Some(time)
     }
 
+    /// Keep the region out of rotation until `d` from `now` (a rate-limit signal that speaks
+    /// for this region only), without counting an ejection; an existing longer hold stays.
+    pub fn hold(&self, now: u64, d: Duration) {
+        let until = now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.ejected_until.fetch_max(until, Ordering::Relaxed);
+    }
+
     /// Apply one health check of address `i`; returns the address's new health when it
     /// changed.
     pub fn check_result(&self, i: usize, passed: bool, cfg: &HealthCheckConfig) -> Option<bool> {

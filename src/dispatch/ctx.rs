@@ -4,7 +4,6 @@ use crate::admission::{Host, Permit};
 use crate::config::Generation;
 use crate::error::Code;
 use crate::target::{Origin, WayIn};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,9 +16,7 @@ pub struct Ctx {
     pub origin: Option<Origin>,
     /// The path and query to send upstream.
     pub upstream_path: String,
-    /// Addresses of the origin, in the order to try them.
-    pub addrs: Vec<SocketAddr>,
-    /// Connection attempts made so far (each one picks the next address).
+    /// Attempts made (first, retries, duplicates), for `Sluice-Attempts` and the log.
     pub attempts: u32,
     /// The refusal or failure code, when sluice answered instead of the upstream.
     pub error: Option<Code>,
@@ -33,10 +30,6 @@ pub struct Ctx {
     pub queued: Duration,
     /// `Retry-After` (seconds) to send with a 429 from sluice.
     pub retry_after: Option<u64>,
-    /// The last attempt failed to connect (the host never saw it: no new slot needed).
-    pub connect_failed: bool,
-    /// Times the request was sent again after a 429 or 503 with `Retry-After`.
-    pub resent: u32,
     /// The authenticated client's name.
     pub client: Option<String>,
     /// The client's own pace cell, until its admission is taken (first attempt).
@@ -71,7 +64,6 @@ impl Ctx {
             way: WayIn::Unknown,
             origin: None,
             upstream_path: String::new(),
-            addrs: Vec::new(),
             attempts: 0,
             error: None,
             deadline: None,
@@ -79,8 +71,6 @@ impl Ctx {
             permit: None,
             queued: Duration::ZERO,
             retry_after: None,
-            connect_failed: false,
-            resent: 0,
             client: None,
             client_cell: None,
             client_permit: None,

@@ -52,9 +52,10 @@ pub fn clean_request(req: &mut RequestHeader, via: &str) {
     }
 }
 
-/// Clean a response before it goes to the client.
+/// Clean a response before it goes to the client. `Sluice-*` headers from upstream are
+/// dropped too: only this sluice speaks with them (an upstream could forge `Sluice-Error`).
 pub fn clean_response(resp: &mut ResponseHeader, via: &str) {
-    for name in names_to_drop(&resp.headers, false) {
+    for name in names_to_drop(&resp.headers, true) {
         resp.remove_header(&name);
     }
     if let Err(e) = resp.append_header(http::header::VIA, via) {
@@ -64,8 +65,19 @@ pub fn clean_response(resp: &mut ResponseHeader, via: &str) {
 
 /// Did this request already pass through this process (`Via` names its instance)?
 pub fn came_through(req: &RequestHeader, instance: &str) -> bool {
-    req.headers.get_all(http::header::VIA).iter().any(|v| {
-        v.to_str().is_ok_and(|text| {
+    via_names(
+        req.headers
+            .get_all(http::header::VIA)
+            .iter()
+            .map(|v| v.as_bytes()),
+        instance,
+    )
+}
+
+/// Does any of these `Via` values name this instance? Shared by HTTP and CONNECT heads.
+pub fn via_names<'a>(values: impl IntoIterator<Item = &'a [u8]>, instance: &str) -> bool {
+    values.into_iter().any(|v| {
+        std::str::from_utf8(v).is_ok_and(|text| {
             text.split(',').any(|hop| {
                 hop.split_whitespace()
                     .nth(1)

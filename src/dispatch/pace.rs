@@ -1,19 +1,23 @@
-//! The request side of admission: wait for the destination host's slot before each attempt,
-//! learn from each response, and decide whether a 429 (or 503 with `Retry-After`) is sent
-//! again after the pause or passed to the client.
+//! The request side of admission: wait for the destination host's slot (and the client's)
+//! before an attempt, and learn from each response head what it says about the host's pace
+//! and pauses. Whether to send again is `exec`'s decision.
 
 use super::Ctx;
 use crate::admission::{hints, Host, Permit, Refusal};
-use crate::error::{self, Code};
+use crate::error;
 use crate::state::Shared;
-use pingora_error::{Error, ErrorType};
+use pingora_error::Error;
 use pingora_http::ResponseHeader;
 use std::time::{Duration, SystemTime};
 
 /// Header a client uses to bound the whole request, queueing included.
 pub const SLUICE_TIMEOUT: &str = "sluice-timeout";
-/// Most times one request is sent again after a pause.
-const MAX_RESENDS: u32 = 5;
+/// Longest `Sluice-Timeout` a client may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A region paused by its own signal that names no time is held out this long.
+const REGION_PAUSE_DEFAULT: Duration = Duration::from_secs(1);
+/// Longest a region is held out by its own signal.
+const REGION_PAUSE_MAX: Duration = Duration::from_secs(3600);
 
 /// Wait for a slot and an in-flight place, at most `max_wait`; count the outcome.
 pub async fn admit(shared: &Shared, cell: &Host, max_wait: Duration) -> Result<Permit, Refusal> {
@@ -53,8 +57,7 @@ pub fn max_wait(ctx: &Ctx, cell: &Host) -> Duration {
     ctx.time_left().map_or(limit, |left| left.min(limit))
 }
 
-/// Before an attempt: take the host's admission (again, unless the last attempt never
-/// reached the host).
+/// Before a request's first attempt: take the client's admission, then the host's.
 pub async fn before_attempt(shared: &Shared, ctx: &mut Ctx) -> pingora_error::Result<()> {
     if let Some(cell) = ctx.client_cell.take() {
         let name = ctx.client.clone().unwrap_or_default();
@@ -71,10 +74,6 @@ pub async fn before_attempt(shared: &Shared, ctx: &mut Ctx) -> pingora_error::Re
             }
             Err(r) => return Err(refusal_error(ctx, &format!("client {name}"), r)),
         }
-    }
-    if ctx.connect_failed && ctx.permit.is_some() {
-        ctx.connect_failed = false;
-        return Ok(());
     }
     ctx.permit = None;
     let Some(cell) = ctx.cell.take() else {
@@ -95,17 +94,41 @@ pub async fn before_attempt(shared: &Shared, ctx: &mut Ctx) -> pingora_error::Re
     }
 }
 
-/// Take in what a response head says about its host (pace statements, pauses); returns how
-/// long the host is paused from now.
-pub fn learn(shared: &Shared, ctx: &Ctx, resp: &ResponseHeader) -> Duration {
+/// What a response head did to the host's or the region's pause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Learned {
+    Nothing,
+    /// The host is paused (for every region and every caller).
+    HostPaused,
+    /// Only the answering region is to be held out this long (`quota = "region"`).
+    RegionPaused(Duration),
+}
+
+/// Take in what a response head says about its host (pace statements, pauses). With
+/// `host_quota` off, a pause signal speaks for the answering region only: the host's pace is
+/// still learned, its pause is not.
+pub fn learn(shared: &Shared, ctx: &Ctx, resp: &ResponseHeader, host_quota: bool) -> Learned {
     let Some(cell) = &ctx.cell else {
-        return Duration::ZERO;
+        return Learned::Nothing;
     };
-    let status = resp.status.as_u16();
-    let h = hints::parse(&resp.headers, SystemTime::now());
+    let mut status = resp.status.as_u16();
+    let mut h = hints::parse(&resp.headers, SystemTime::now());
     let m = &shared.metrics;
     for name in &h.invalid {
         m.hint_errors.with_label_values(&[name]).inc();
+    }
+    let mut region_pause = None;
+    if !host_quota && (pause_signal(resp) || h.exhausted_for.is_some()) {
+        let d = h
+            .retry_after
+            .or(h.exhausted_for)
+            .unwrap_or(REGION_PAUSE_DEFAULT)
+            .clamp(Duration::from_millis(1), REGION_PAUSE_MAX);
+        region_pause = Some(d);
+        h.retry_after = None;
+        h.exhausted_for = None;
+        // Neither a success nor the host's 429.
+        status = 0;
     }
     let learned = shared.admission.learn(cell, &ctx.generation, status, &h);
     if learned.rps.is_some() {
@@ -117,7 +140,11 @@ pub fn learn(shared: &Shared, ctx: &Ctx, resp: &ResponseHeader) -> Duration {
     if let Some((_, source)) = learned.paused {
         m.pauses.with_label_values(&[source.as_str()]).inc();
     }
-    pause_left(shared, cell)
+    match region_pause {
+        Some(d) => Learned::RegionPaused(d),
+        None if !pause_left(shared, cell).is_zero() => Learned::HostPaused,
+        None => Learned::Nothing,
+    }
 }
 
 /// How long the host is paused from now.
@@ -145,51 +172,16 @@ pub fn pause_signal(resp: &ResponseHeader) -> bool {
     status == 429 || (status == 503 && resp.headers.contains_key(http::header::RETRY_AFTER))
 }
 
-/// After the response head: learn, and send the request again after a pause when allowed.
-pub fn after_response(
-    shared: &Shared,
-    resp: &mut ResponseHeader,
-    ctx: &mut Ctx,
-    idempotent: bool,
-    body_replayable: bool,
-) -> pingora_error::Result<()> {
-    let Some(cell) = &ctx.cell else {
-        return Ok(());
-    };
-    let status = resp.status.as_u16();
-    let pause_left = learn(shared, ctx, resp);
-    if !pause_signal(resp) {
-        return Ok(());
-    }
-    let m = &shared.metrics;
-    // A 429 means the request was not processed, so sending it again duplicates nothing;
-    // a 503 is sent again only when that is safe.
-    let safe = status == 429 || idempotent;
-    let fits = pause_left <= max_wait(ctx, cell);
-    if safe && fits && body_replayable && ctx.resent < MAX_RESENDS {
-        ctx.resent += 1;
-        if status == 429 {
-            m.upstream_429.with_label_values(&["retried"]).inc();
-        }
-        let mut e = Error::explain(
-            ErrorType::CustomCode(Code::RateLimited.as_str(), 429),
-            format!("upstream answered {status}; sending again after the pause"),
-        );
-        e.set_retry(true);
-        return Err(e);
-    }
-    if status == 429 {
-        m.upstream_429.with_label_values(&["passed"]).inc();
-    }
-    set_retry_after(resp, pause_left)
-}
-
 /// Parse `Sluice-Timeout` ("5s", "150ms").
 pub fn parse_timeout(value: &http::HeaderValue) -> Result<Duration, String> {
     let text = value
         .to_str()
         .map_err(|_| "Sluice-Timeout is not ASCII".to_string())?;
     match humantime::parse_duration(text.trim()) {
+        Ok(d) if d > MAX_TIMEOUT => Err(format!(
+            "Sluice-Timeout {text:?} is over the longest allowed, {}",
+            humantime::format_duration(MAX_TIMEOUT)
+        )),
         Ok(d) if !d.is_zero() => Ok(d),
         Ok(_) => Err("Sluice-Timeout must be greater than zero".into()),
         Err(e) => Err(format!(

@@ -1,0 +1,126 @@
+//! The request body on its way up: read from the client only after admission, streamed to the
+//! first attempt through a small channel (so a slow upstream slows the client, and memory stays
+//! bounded), while a bounded replay buffer keeps what a retry or a duplicate must send again.
+//! A body that outgrows the buffer keeps streaming to its one attempt and is never replayed.
+
+use crate::error::{self, Code};
+use bytes::{Bytes, BytesMut};
+use pingora_error::Result;
+use pingora_proxy::Session;
+use tokio::sync::mpsc;
+
+/// Chunks in flight between the client and the first attempt.
+const CHANNEL_CHUNKS: usize = 2;
+
+/// What one attempt sends as its body.
+pub enum Source {
+    /// The chunks as they arrive from the client (the first attempt).
+    Stream(mpsc::Receiver<Bytes>),
+    /// The whole body, kept (every later attempt, or a body already complete).
+    Whole(Bytes),
+}
+
+/// The state of the client's body for one request.
+pub struct Upload {
+    /// Kept for replay; `None` once the body outgrew `cap`.
+    replay: Option<BytesMut>,
+    /// The kept body once complete.
+    whole: Option<Bytes>,
+    cap: u64,
+    /// `max_body_bytes`.
+    max: u64,
+    /// Bytes read so far.
+    pub read: u64,
+    /// The client sent the whole body.
+    pub done: bool,
+    /// Toward the streamed attempt, while it listens.
+    tx: Option<mpsc::Sender<Bytes>>,
+}
+
+impl Upload {
+    /// The body of `session`'s request, with a replay buffer of `cap` bytes. Returns the source
+    /// of the first attempt.
+    pub fn start(session: &mut Session, cap: u64, max: u64) -> (Upload, Source) {
+        if session.as_downstream_mut().is_body_empty() {
+            let upload = Upload {
+                replay: Some(BytesMut::new()),
+                whole: Some(Bytes::new()),
+                cap,
+                max,
+                read: 0,
+                done: true,
+                tx: None,
+            };
+            return (upload, Source::Whole(Bytes::new()));
+        }
+        let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+        let upload = Upload {
+            replay: Some(BytesMut::new()),
+            whole: None,
+            cap,
+            max,
+            read: 0,
+            done: false,
+            tx: Some(tx),
+        };
+        (upload, Source::Stream(rx))
+    }
+
+    /// The whole body for another attempt, when it is complete and was kept.
+    pub fn replay(&self) -> Option<Bytes> {
+        self.whole.clone()
+    }
+
+    /// Can another attempt ever get the whole body?
+    pub fn replayable(&self) -> bool {
+        self.replay.is_some() || self.whole.is_some()
+    }
+
+    /// Wait for room toward the streamed attempt (if it still listens), then read the next
+    /// chunk from the client. Cancel-safe at both awaits.
+    pub async fn next(
+        &self,
+        session: &mut Session,
+    ) -> (Option<mpsc::OwnedPermit<Bytes>>, Result<Option<Bytes>>) {
+        let permit = match self.tx.clone() {
+            Some(tx) => tx.reserve_owned().await.ok(),
+            None => None,
+        };
+        (permit, session.read_request_body().await)
+    }
+
+    /// Take in a chunk `next` read: count it against `max_body_bytes`, keep it for replay
+    /// while it fits, pass it on. `None` ends the body.
+    pub fn take(
+        &mut self,
+        permit: Option<mpsc::OwnedPermit<Bytes>>,
+        chunk: Option<Bytes>,
+    ) -> Result<()> {
+        let Some(chunk) = chunk else {
+            self.done = true;
+            self.tx = None;
+            self.whole = self.replay.take().map(BytesMut::freeze);
+            return Ok(());
+        };
+        self.read = self.read.saturating_add(chunk.len() as u64);
+        if self.read > self.max {
+            return Err(error::error(
+                Code::BodyTooLarge,
+                format!("request body over {} bytes", self.max),
+            ));
+        }
+        if self.read > self.cap {
+            self.replay = None;
+        } else if let Some(b) = &mut self.replay {
+            b.extend_from_slice(&chunk);
+        }
+        match permit {
+            Some(p) => {
+                p.send(chunk);
+            }
+            // The streamed attempt is gone; nothing more is sent to it.
+            None => self.tx = None,
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,746 @@
+//! The attempts of one request over its route, under one policy and one deadline: `single`
+//! (the best endpoint; another after a retryable outcome), `hedge` (a duplicate to the next
+//! endpoint when no answer came in time) and `race` (every endpoint at once). The first good
+//! answer is streamed to the client and the others are cancelled. Whether to send again is
+//! decided here, from each attempt's outcome: `retry_on`, `max_attempts` (a 429 resend is an
+//! attempt), the host's retry budget, backoff with jitter, and the idempotency rule.
+
+use super::attempt::{self, Admit, Answer, Failed, Outcome};
+use super::body::{Source, Upload};
+use super::prepare::Plan;
+use super::{pace, respond, Ctx, Job};
+use crate::config::{HedgeAfter, Mode, Quota, RetryOn};
+use crate::error::{self, Code};
+use crate::regions::budget::Budget;
+use crate::regions::HostRegions;
+use crate::state::Shared;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use pingora_error::{Error, Result};
+use pingora_proxy::Session;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Hedge delay when the endpoint has too few latency samples for a percentile.
+const HEDGE_FALLBACK: Duration = Duration::from_millis(500);
+/// Shortest hedge delay taken from a percentile.
+const HEDGE_MIN: Duration = Duration::from_millis(1);
+/// First backoff before a retry to an endpoint already tried; doubles, with jitter.
+const BACKOFF_BASE: Duration = Duration::from_millis(25);
+
+/// Send the request over its route and stream the winning answer to the client.
+pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Plan) -> Result<()> {
+    let Plan {
+        origin,
+        limits,
+        control,
+        route,
+    } = plan;
+    let host = route.host;
+    let now = shared.regions.now();
+    let only = if host.implicit {
+        None
+    } else {
+        control.regions.as_deref()
+    };
+    let mut order = host.order(now, only);
+    if order.is_empty() && host.implicit {
+        // Every DNS answer is ejected: try them in DNS order rather than refuse, as a client
+        // with no proxy would.
+        order = (0..host.regions.len()).collect();
+    }
+    if order.is_empty() {
+        let which = match &control.regions {
+            Some(names) => format!("of {}", names.join(",")),
+            None => "at all".to_string(),
+        };
+        return Err(error::error(
+            Code::NoHealthyRegion,
+            format!("{}: no healthy region {which}", origin.host_port()),
+        ));
+    }
+    let req = session.req_header();
+    // May this request be sent more than once?
+    let duplicable = req.method.is_idempotent()
+        || req.headers.contains_key("idempotency-key")
+        || limits.duplicate_unsafe;
+    let expect_continue = req
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let mut head = req.clone();
+    respond::upstream_head(&mut head, ctx, &shared.via)?;
+    // sluice answers the client's `Expect` itself, once the request is admitted.
+    head.remove_header(&http::header::EXPECT);
+    let mode = if duplicable {
+        control.mode
+    } else {
+        Mode::Single
+    };
+    let mut retry_on = control.retry_on;
+    if !duplicable {
+        // Nothing may be sent twice: only a connection that was never made is retried
+        // (and a 429, which the upstream refused without processing).
+        retry_on = retry_on.unsafe_subset();
+    }
+    if mode != Mode::Single {
+        // Duplicates draw on the route's budget and rank by its latency: remember it.
+        shared.regions.keep(&host);
+    }
+    pace::before_attempt(shared, ctx).await?;
+    let (mut upload, first_body) = Upload::start(
+        session,
+        limits.max_buffered_body,
+        ctx.generation.config.security.max_body_bytes,
+    );
+    if expect_continue && !upload.done {
+        session.write_continue_response().await?;
+    }
+    let first_permit = ctx.permit.take();
+    let quota = if host.implicit {
+        Quota::Host
+    } else {
+        limits.quota
+    };
+    let result = {
+        let job = Job {
+            shared,
+            ctx,
+            host: &host,
+            origin: &origin,
+            cell: ctx.cell.clone(),
+            limits: &limits,
+            head,
+        };
+        let label = ctx.host_label();
+        let exec = Exec {
+            job: &job,
+            mode,
+            retry_on,
+            max_attempts: control.max_attempts,
+            hedge_after: control.hedge_after,
+            label,
+            record: Recorder {
+                shared,
+                host: &host,
+                label,
+                outlier: limits.outlier,
+                quota,
+            },
+        };
+        exec.go(session, &mut upload, order, first_body, first_permit)
+            .await
+    };
+    ctx.body_bytes = upload.read;
+    match result {
+        Ok((answer, attempts)) => {
+            ctx.attempts = attempts;
+            respond::stream(shared, session, ctx, &host, answer).await
+        }
+        Err((failed, attempts)) => {
+            ctx.attempts = attempts;
+            Err(failed)
+        }
+    }
+}
+
+struct Exec<'a, 'j> {
+    job: &'a Job<'j>,
+    mode: Mode,
+    retry_on: RetryOn,
+    max_attempts: u32,
+    hedge_after: HedgeAfter,
+    label: &'a str,
+    record: Recorder<'a>,
+}
+
+/// Why an attempt was sent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Why {
+    First,
+    Retry,
+    Hedge,
+    Race,
+}
+
+/// An extra attempt waiting for the whole body (duplicates and retries replay it).
+struct Deferred {
+    why: Why,
+    region: usize,
+    admit: Admit,
+    delay: Duration,
+}
+
+/// Which endpoint goes next: the route's order, round and round, skipping endpoints taken
+/// out of rotation since the request began (unless the order is already a last resort).
+struct Picker {
+    order: Vec<usize>,
+    used: usize,
+    per_region: Vec<u32>,
+}
+
+impl Picker {
+    fn new(order: Vec<usize>, regions: usize) -> Picker {
+        Picker {
+            order,
+            used: 0,
+            per_region: vec![0; regions],
+        }
+    }
+
+    /// The next endpoint and how many attempts it had before; `None` when none may take one.
+    fn next(&mut self, host: &HostRegions, now: u64) -> Option<(usize, u32)> {
+        let n = self.order.len();
+        let any_up = self
+            .order
+            .iter()
+            .any(|&r| host.regions[r].state.available(now));
+        for _ in 0..n {
+            let r = self.order[self.used % n];
+            self.used += 1;
+            if !any_up || host.regions[r].state.available(now) || self.used == 1 {
+                return Some((r, self.again(r)));
+            }
+        }
+        None
+    }
+
+    /// Another attempt to `r`; how many it had before.
+    fn again(&mut self, r: usize) -> u32 {
+        self.per_region[r] += 1;
+        self.per_region[r] - 1
+    }
+}
+
+type Failure = (Box<Error>, u32);
+
+impl Exec<'_, '_> {
+    /// Run the attempts while the body streams in; the first good answer, or the last
+    /// failure as an error (with the number of attempts either way).
+    async fn go(
+        &self,
+        session: &mut Session,
+        upload: &mut Upload,
+        order: Vec<usize>,
+        first_body: Source,
+        first_permit: Option<crate::admission::Permit>,
+    ) -> std::result::Result<(Answer, u32), Failure> {
+        let job = self.job;
+        let shared = job.shared;
+        let m = &shared.metrics;
+        let host = job.host;
+        if let Ok(mut b) = host.budget.lock() {
+            b.request(shared.regions.now());
+        }
+        let mut running = FuturesUnordered::new();
+        let mut extras = Extras::new(&host.budget);
+        let mut deferred: Vec<Deferred> = Vec::new();
+        let mut picker = Picker::new(order, host.regions.len());
+        let mut sent = 1u32;
+        let first = picker.next(host, 0).map_or(0, |(r, _)| r);
+        running.push(tagged(
+            Why::First,
+            job,
+            first,
+            Admit::Held,
+            first_permit,
+            Duration::ZERO,
+            first_body,
+        ));
+        if self.mode == Mode::Race {
+            m.races.with_label_values(&[self.label]).inc();
+            // The fan-out is what race means (one attempt per endpoint, up to max_attempts):
+            // the retry budget bounds retries and hedges, not this.
+            let planned = |deferred: &Vec<Deferred>| sent + deferred.len() as u32;
+            while (planned(&deferred) as usize) < picker.order.len()
+                && planned(&deferred) < self.max_attempts
+            {
+                let Some((r, _)) = picker.next(host, shared.regions.now()) else {
+                    break;
+                };
+                deferred.push(Deferred {
+                    why: Why::Race,
+                    region: r,
+                    admit: Admit::IfFree,
+                    delay: Duration::ZERO,
+                });
+            }
+        }
+        let hedge_delay = self.hedge_delay(first);
+        let mut hedge_at = (self.mode == Mode::Hedge).then(|| Instant::now() + hedge_delay);
+        let deadline = job.ctx.deadline;
+        let mut last: Option<Box<Error>> = None;
+        let mut fallback: Option<Answer> = None;
+        loop {
+            if upload.done {
+                // A body that outgrew the replay buffer went to its one attempt only.
+                let body = upload.replay();
+                for d in deferred.drain(..) {
+                    let Some(body) = body.clone() else { break };
+                    let body = Source::Whole(body);
+                    running.push(tagged(d.why, job, d.region, d.admit, None, d.delay, body));
+                    sent += 1;
+                }
+            }
+            if running.is_empty() && (deferred.is_empty() || !upload.replayable()) {
+                break;
+            }
+            let hedge_sleep = async {
+                match hedge_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let deadline_sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                done = running.next(), if !running.is_empty() => {
+                    let Some((why, outcome)) = done else { continue };
+                    match self.judge(outcome) {
+                        Judged::Win(answer) => {
+                            if why == Why::Hedge {
+                                m.hedges.with_label_values(&[self.label, "won"]).inc();
+                            }
+                            return Ok((answer, sent));
+                        }
+                        Judged::Retry { reason, answer, error, same } => {
+                            if let Some(a) = answer {
+                                fallback = Some(a);
+                            }
+                            if let Some(e) = error {
+                                last = Some(e);
+                            }
+                            // A retry only when nothing else is in flight: a hedge or a
+                            // raced attempt still running may yet answer.
+                            let can = running.is_empty()
+                                && deferred.is_empty()
+                                && sent < self.max_attempts
+                                && upload.replayable()
+                                && deadline.is_none_or(|d| Instant::now() < d)
+                                && !self.paused_past_wait();
+                            let pick = match same {
+                                Some(r) => Some((r, picker.again(r))),
+                                None => picker.next(host, shared.regions.now()),
+                            };
+                            match pick {
+                                Some((r, nth)) if can => {
+                                    if extras.take(shared, &job.limits.retry_budget) {
+                                        shared.regions.keep(host);
+                                        m.retries.with_label_values(&[self.label, reason]).inc();
+                                        deferred.push(Deferred {
+                                            why: Why::Retry,
+                                            region: r,
+                                            admit: Admit::Wait,
+                                            delay: backoff(nth),
+                                        });
+                                    } else {
+                                        m.budget_exhausted.with_label_values(&[self.label]).inc();
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
+                        Judged::Lost(e) => last = Some(e),
+                        Judged::Refused(e) => {
+                            sent -= 1;
+                            last = Some(e);
+                        }
+                    }
+                }
+                (permit, chunk) = upload.next(session), if !upload.done => {
+                    let taken = chunk.and_then(|c| upload.take(permit, c));
+                    if let Err(e) = taken {
+                        return Err((e, sent));
+                    }
+                }
+                _ = hedge_sleep, if hedge_at.is_some() => {
+                    hedge_at = None;
+                    let planned = sent + deferred.len() as u32;
+                    if planned < self.max_attempts && upload.replayable() {
+                        if extras.take(shared, &job.limits.retry_budget) {
+                            if let Some((r, _)) = picker.next(host, shared.regions.now()) {
+                                m.hedges.with_label_values(&[self.label, "fired"]).inc();
+                                deferred.push(Deferred {
+                                    why: Why::Hedge,
+                                    region: r,
+                                    admit: Admit::IfFree,
+                                    delay: Duration::ZERO,
+                                });
+                                if planned + 1 < self.max_attempts {
+                                    hedge_at = Some(Instant::now() + hedge_delay);
+                                }
+                            }
+                        } else {
+                            m.budget_exhausted.with_label_values(&[self.label]).inc();
+                        }
+                    }
+                }
+                _ = deadline_sleep, if deadline.is_some() => {
+                    return Err((
+                        error::error(Code::UpstreamTimeout, format!(
+                            "{}: no answer within Sluice-Timeout",
+                            job.origin.host_port()
+                        )),
+                        sent,
+                    ));
+                }
+            }
+        }
+        match fallback {
+            Some(a) => Ok((a, sent)),
+            None => Err((
+                last.unwrap_or_else(|| error::error(Code::Internal, "no attempt was made")),
+                sent,
+            )),
+        }
+    }
+
+    /// Is the host paused for longer than this request may still wait? Then no retry is
+    /// sent: the answer in hand (a 429 with the pause left) goes back at once.
+    fn paused_past_wait(&self) -> bool {
+        self.job
+            .cell
+            .as_ref()
+            .is_some_and(|c| pace::pause_left(self.job.shared, c) > self.job.max_wait())
+    }
+
+    /// The hedge delay for a first attempt to `region`.
+    fn hedge_delay(&self, region: usize) -> Duration {
+        match self.hedge_after {
+            HedgeAfter::Fixed(d) => d,
+            HedgeAfter::Percentile(p) => {
+                hedge_from_percentiles(&self.job.host.regions[region].state, p)
+            }
+        }
+    }
+
+    /// Record an attempt's end and decide what it means.
+    fn judge(&self, outcome: Outcome) -> Judged {
+        let job = self.job;
+        match outcome {
+            Ok(answer) => {
+                let (status, paused) =
+                    self.record
+                        .answered(job.ctx, answer.region, &answer.session, answer.started);
+                if self.retry_on.status(status) {
+                    let reason = if status == 429 { "429" } else { "status" };
+                    // The host's quota: the same endpoint after the pause (another region
+                    // would answer the same). A region's own quota: on to another one now.
+                    let same =
+                        (paused && self.record.quota == Quota::Host).then_some(answer.region);
+                    Judged::Retry {
+                        reason,
+                        answer: Some(answer),
+                        error: None,
+                        same,
+                    }
+                } else {
+                    Judged::Win(answer)
+                }
+            }
+            Err(Failed {
+                region,
+                error,
+                unsent,
+            }) => {
+                let code = Code::of(&error);
+                if unsent && matches!(code, Code::RateLimited | Code::SharedStateUnavailable) {
+                    // Admission refused it: nothing was sent, so it is no attempt.
+                    return Judged::Refused(error);
+                }
+                self.record.failed(region, code);
+                let (retry, reason) = match code {
+                    Code::ConnectRefused
+                    | Code::ConnectTimeout
+                    | Code::ConnectFailed
+                    | Code::UpstreamTls
+                    | Code::Dns => (self.retry_on.connect, "connect"),
+                    Code::UpstreamTimeout => (self.retry_on.timeout, "timeout"),
+                    _ if unsent => (self.retry_on.connect, "connect"),
+                    _ => (self.retry_on.timeout, "reset"),
+                };
+                let r = &job.host.regions[region];
+                let error = if job.host.implicit {
+                    error.more_context(format!("address {}", r.addrs[0]))
+                } else {
+                    error.more_context(format!("region {}", r.name))
+                };
+                if retry {
+                    Judged::Retry {
+                        reason,
+                        answer: None,
+                        error: Some(error),
+                        same: None,
+                    }
+                } else {
+                    Judged::Lost(error)
+                }
+            }
+        }
+    }
+}
+
+/// Where an attempt's end is written down: its endpoint's state (latency, failures,
+/// ejection), the metrics, and what the host's answer teaches admission.
+struct Recorder<'a> {
+    shared: &'a Shared,
+    host: &'a Arc<HostRegions>,
+    label: &'a str,
+    outlier: crate::config::Outlier,
+    quota: Quota,
+}
+
+impl Recorder<'_> {
+    /// A response head from `region`, `started` when the attempt began; returns its status
+    /// and whether it paused the host.
+    fn answered(
+        &self,
+        ctx: &Ctx,
+        region: usize,
+        session: &pingora_core::protocols::http::client::HttpSession,
+        started: Instant,
+    ) -> (u16, bool) {
+        let r = &self.host.regions[region];
+        let head = session.response_header();
+        let status = head.map_or(0, |h| h.status.as_u16());
+        self.shared.metrics.record_region_attempt(
+            self.label,
+            &r.name,
+            crate::metrics::status_class(status),
+        );
+        let mut paused = false;
+        if let Some(h) = head {
+            let host_quota = self.quota == Quota::Host;
+            match pace::learn(self.shared, ctx, h, host_quota) {
+                pace::Learned::HostPaused => paused = pace::pause_signal(h),
+                pace::Learned::RegionPaused(d) => {
+                    r.state.hold(self.shared.regions.now(), d);
+                    tracing::info!(host = %self.host.host, region = %r.name, held_for = ?d,
+                        "region paused by its own rate-limit signal (quota = \"region\")");
+                }
+                pace::Learned::Nothing => {}
+            }
+        }
+        if (500..600).contains(&status) {
+            self.failed_in(region, false);
+        } else {
+            r.state.record_latency(started.elapsed());
+            r.state.on_success(self.shared.regions.now());
+        }
+        (status, paused)
+    }
+
+    /// An attempt to `region` that ended in an error (`code`).
+    fn failed(&self, region: usize, code: Code) {
+        let r = &self.host.regions[region];
+        self.shared
+            .metrics
+            .record_region_attempt(self.label, &r.name, code.as_str());
+        let connect = matches!(
+            code,
+            Code::ConnectRefused | Code::ConnectTimeout | Code::ConnectFailed
+        );
+        self.failed_in(region, connect);
+    }
+
+    /// Count a failure against the endpoint; eject it after enough in a row. One DNS answer
+    /// that refuses connections is out at once: the next request goes to another address
+    /// instead of waiting for its connect to fail again.
+    fn failed_in(&self, region: usize, connect: bool) {
+        self.shared.regions.keep(self.host);
+        let r = &self.host.regions[region];
+        let now = self.shared.regions.now();
+        let checked = self.host.health.is_some();
+        let mut outlier = self.outlier;
+        if connect && self.host.implicit && self.host.regions.len() > 1 {
+            outlier.consecutive_failures = outlier.consecutive_failures.min(1);
+        }
+        if let Some(t) = r.state.on_failure(now, &outlier, checked) {
+            self.shared
+                .metrics
+                .ejections
+                .with_label_values(&[self.label, &r.name])
+                .inc();
+            tracing::warn!(
+                host = %self.host.host,
+                region = %r.name,
+                address = ?self.host.implicit.then(|| r.addrs[0]),
+                ejected_for = ?t,
+                "endpoint ejected after consecutive failures"
+            );
+        }
+    }
+}
+
+enum Judged {
+    Win(Answer),
+    Retry {
+        reason: &'static str,
+        answer: Option<Answer>,
+        error: Option<Box<Error>>,
+        /// Send again to this endpoint (after a pause of the host's quota).
+        same: Option<usize>,
+    },
+    Lost(Box<Error>),
+    /// Admission gave no slot for this attempt (a duplicate, or a retry past its wait).
+    Refused(Box<Error>),
+}
+
+/// Extra attempts taken from the host's budget by this request, given back when it ends.
+struct Extras<'a> {
+    budget: &'a Mutex<Budget>,
+    held: u32,
+}
+
+impl<'a> Extras<'a> {
+    fn new(budget: &'a Mutex<Budget>) -> Self {
+        Extras { budget, held: 0 }
+    }
+
+    fn take(&mut self, shared: &Shared, cfg: &crate::config::RetryBudget) -> bool {
+        let now = shared.regions.now();
+        let ok = self.budget.lock().is_ok_and(|mut b| b.try_extra(now, cfg));
+        if ok {
+            self.held += 1;
+        }
+        ok
+    }
+}
+
+impl Drop for Extras<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.budget.lock() {
+            for _ in 0..self.held {
+                b.done();
+            }
+        }
+    }
+}
+
+/// An attempt that says why it was sent (one future type for every kind).
+async fn tagged(
+    why: Why,
+    job: &Job<'_>,
+    region: usize,
+    admit: Admit,
+    permit: Option<crate::admission::Permit>,
+    delay: Duration,
+    body: Source,
+) -> (Why, Outcome) {
+    (
+        why,
+        attempt::run(job, region, admit, permit, delay, body).await,
+    )
+}
+
+/// The hedge delay for percentile `p` of an endpoint's latency. When the latency has two
+/// modes (most answers fast, a few far slower) and `p` falls at the gap between them, whether
+/// the `p`th sample lands in the fast or the slow mode is sampling noise: a tail of exactly 5%
+/// puts p95 on either side from one window to the next, and on the slow side no hedge ever
+/// fires. So when the `p - 1`th percentile is less than half the `p`th, the gap is taken to
+/// start above `p` and the delay is the near edge. In a continuous distribution one
+/// percentile point never doubles the latency, and the rule does not apply.
+fn hedge_from_percentiles(state: &crate::regions::state::RegionState, p: u8) -> Duration {
+    let at = |q: u8| state.percentile(q);
+    let delay = match (at(p), at(p.saturating_sub(1))) {
+        (Some(hi), Some(lo)) if hi > lo * 2 => lo,
+        (Some(hi), _) => hi,
+        (None, _) => HEDGE_FALLBACK,
+    };
+    delay.max(HEDGE_MIN)
+}
+
+/// Backoff before the `nth` extra attempt to one endpoint: 25 ms doubling, +-50% jitter.
+fn backoff(nth: u32) -> Duration {
+    if nth == 0 {
+        return Duration::ZERO;
+    }
+    let base = BACKOFF_BASE.saturating_mul(1 << (nth - 1).min(6));
+    base.mul_f64(0.5 + jitter_fraction())
+}
+
+/// A fraction in [0, 1) from the clock's low bits: enough to spread retries apart.
+fn jitter_fraction() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mixed = u64::from(nanos).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
+    mixed as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::regions::state::RegionState;
+
+    fn with_tail(slow_per_1000: usize) -> RegionState {
+        let s = RegionState::new(1);
+        // Spread evenly, so that the sketch's decay keeps the proportion.
+        for i in 0..1000 {
+            let ms = if (i * slow_per_1000) % 1000 < slow_per_1000 {
+                1000
+            } else {
+                10
+            };
+            s.record_latency(Duration::from_millis(ms));
+        }
+        s
+    }
+
+    #[test]
+    fn a_percentile_on_the_edge_of_a_gap_hedges_on_the_near_side() {
+        // 5.2% slow: p95 is a slow sample by chance; p94 is fast.
+        let d = hedge_from_percentiles(&with_tail(52), 95);
+        assert!(d < Duration::from_millis(20), "{d:?}");
+        // 4.8% slow: p95 is fast.
+        let d = hedge_from_percentiles(&with_tail(48), 95);
+        assert!(d < Duration::from_millis(20), "{d:?}");
+        // 8% slow: p94 and p95 are both in the slow mode, which p95 then is.
+        let d = hedge_from_percentiles(&with_tail(80), 95);
+        assert!(d >= Duration::from_secs(1), "{d:?}");
+        // Too few samples: the fallback.
+        assert_eq!(
+            hedge_from_percentiles(&RegionState::new(1), 95),
+            HEDGE_FALLBACK
+        );
+    }
+
+    #[test]
+    fn a_continuous_distribution_uses_the_percentile_itself() {
+        let s = RegionState::new(1);
+        for i in 1..=1000u64 {
+            s.record_latency(Duration::from_micros(1000 + i * 100));
+        }
+        let d = hedge_from_percentiles(&s, 95);
+        let p95 = s.percentile(95).expect("p95");
+        assert_eq!(d, p95);
+    }
+
+    #[test]
+    fn the_picker_skips_endpoints_out_of_rotation_unless_all_are() {
+        let config = crate::config::Config::default();
+        let regions = crate::regions::Regions::new(&crate::config::Generation::build(1, config));
+        let addrs: Vec<std::net::SocketAddr> = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+            .iter()
+            .map(|a| a.parse().expect("addr"))
+            .collect();
+        let host = regions.implicit("a.test:80", &addrs).host;
+        let mut p = Picker::new(vec![0, 1, 2], 3);
+        assert_eq!(p.next(&host, 0), Some((0, 0)));
+        host.regions[1].state.hold(0, Duration::from_secs(5));
+        assert_eq!(p.next(&host, 1), Some((2, 0)), "1 is held out");
+        assert_eq!(p.next(&host, 1), Some((0, 1)));
+        assert_eq!(p.again(0), 2);
+        for r in [0, 2] {
+            host.regions[r].state.hold(0, Duration::from_secs(5));
+        }
+        assert!(
+            p.next(&host, 1).is_some(),
+            "all out: the order is a last resort"
+        );
+    }
+}

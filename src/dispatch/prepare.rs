@@ -1,0 +1,127 @@
+//! From a request head to a plan: which destination, may this client go there, under which
+//! limits and controls, and over which route (configured regions, or the DNS answers that
+//! pass the egress policy). Every refusal here is answered before any wait or upstream byte.
+
+use super::{headers, pace, Control, Ctx};
+use crate::config::HostLimits;
+use crate::error::{self, Code};
+use crate::policy::auth::{self, SLUICE_KEY};
+use crate::regions::Route;
+use crate::resolve::resolve;
+use crate::state::Shared;
+use crate::target::{self, Origin, WayIn};
+use pingora_error::Result;
+use pingora_proxy::Session;
+
+/// A request ready for its attempts.
+pub struct Plan {
+    pub origin: Origin,
+    pub limits: HostLimits,
+    pub control: Control,
+    pub route: Route,
+}
+
+pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<Plan> {
+    let req = session.req_header();
+    if headers::came_through(req, &shared.instance) {
+        return Err(error::error(
+            Code::LoopDetected,
+            format!(
+                "this request already passed through this sluice (instance {}): a peer loop",
+                shared.instance
+            ),
+        ));
+    }
+    let dest = match target::destination(req, &ctx.generation) {
+        Ok(d) => d,
+        Err((way, code, message)) => {
+            ctx.way = way;
+            return Err(error::error(code, message));
+        }
+    };
+    ctx.way = dest.way;
+    ctx.origin = Some(dest.origin.clone());
+    if ctx.generation.clients.enabled() {
+        authenticate(shared, session, ctx)?;
+    }
+    if let Some(v) = req.headers.get(pace::SLUICE_TIMEOUT) {
+        let t = pace::parse_timeout(v).map_err(|m| error::error(Code::BadRequest, m))?;
+        ctx.deadline = ctx.started.checked_add(t);
+    }
+    let security = &ctx.generation.config.security;
+    if req.raw_path().len() > security.max_uri_bytes {
+        return Err(error::error(
+            Code::UriTooLong,
+            format!("request target over {} bytes", security.max_uri_bytes),
+        ));
+    }
+    if let Some(len) = content_length(req) {
+        if len > security.max_body_bytes {
+            return Err(error::error(
+                Code::BodyTooLarge,
+                format!("request body over {} bytes", security.max_body_bytes),
+            ));
+        }
+    }
+    let generation = ctx.generation.clone();
+    let egress = &generation.egress;
+    let origin = dest.origin;
+    egress
+        .check_host(&origin.host)
+        .map_err(|(code, m)| error::error(code, m))?;
+    let key = origin.host_port();
+    let (profile, named) = generation.profile_for(&origin.host, &key);
+    let limits = generation.limits(profile).clone();
+    let control = Control::read(req, &limits).map_err(|m| error::error(Code::BadRequest, m))?;
+    let configured = (named && generation.has_regions)
+        .then(|| shared.regions.get(generation.host_label(profile)))
+        .flatten();
+    let route = match configured {
+        // Configured regions carry their own addresses (trusted as configured).
+        Some(host) => Route { host },
+        None => {
+            let timeout = generation.config.server.dns_timeout.get();
+            let addrs = resolve(&generation, &origin.host, origin.port, timeout).await?;
+            let addrs = egress
+                .filter(&origin.host, addrs)
+                .map_err(|(code, m)| error::error(code, m))?;
+            shared.regions.implicit(&key, &addrs)
+        }
+    };
+    ctx.upstream_path = dest.path;
+    ctx.cell = Some(shared.admission.host(key, &origin.host, &generation));
+    Ok(Plan {
+        origin,
+        limits,
+        control,
+        route,
+    })
+}
+
+/// Authenticate the client (see `policy::auth::authenticate`) and take its pace cell.
+fn authenticate(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<()> {
+    let h = &session.req_header().headers;
+    let proxy_way = matches!(ctx.way, WayIn::Forward | WayIn::Connect);
+    let client = auth::authenticate(
+        &ctx.generation.clients,
+        proxy_way,
+        h.get(http::header::PROXY_AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+        h.get(SLUICE_KEY).map(|v| v.as_bytes()),
+    )
+    .map_err(|(code, status, m)| error::error_with_status(code, status, m))?;
+    if let Some(l) = &client.limits {
+        let cell = shared.admission.client_cell(&client.name, l.rps, l.burst);
+        ctx.client_cell = Some(crate::admission::Host::Cell(cell));
+    }
+    ctx.client = Some(client.name.clone());
+    Ok(())
+}
+
+/// The request's declared body length.
+fn content_length(req: &pingora_http::RequestHeader) -> Option<u64> {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}

@@ -1,0 +1,124 @@
+//! Both heads of an exchange and the answer's way back: the head sent upstream (upstream
+//! path, header hygiene, `Via`, the destination's `Host`), the head the client gets (the same
+//! `Sluice-Region`, `Sluice-Attempts` and `Sluice-Queued-Ms` on every answer, the host's pause
+//! in `Retry-After`), and the winning answer's body streamed to the client.
+
+use super::attempt::Answer;
+use super::{headers, pace, Ctx};
+use crate::config::Generation;
+use crate::error::{self, Code};
+use crate::regions::HostRegions;
+use crate::state::Shared;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::Result;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+use std::time::Duration;
+
+/// Idle time of a pooled upstream connection.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+
+/// Turn the client's request head into the one sent upstream: the upstream path, no
+/// hop-by-hop or control headers, this hop in `Via`, and the destination's `Host`.
+pub fn upstream_head(upstream: &mut RequestHeader, ctx: &Ctx, via: &str) -> Result<()> {
+    let Some(origin) = ctx.origin.as_ref() else {
+        return Err(error::error(Code::Internal, "no destination chosen"));
+    };
+    let uri = http::Uri::try_from(ctx.upstream_path.as_str()).map_err(|e| {
+        error::error(
+            Code::BadTarget,
+            format!("invalid upstream path {:?}: {e}", ctx.upstream_path),
+        )
+    })?;
+    upstream.set_uri(uri);
+    headers::clean_request(upstream, via);
+    upstream.insert_header(http::header::HOST, origin.host_header())?;
+    Ok(())
+}
+
+/// Turn an upstream response head into the one the client gets: counted, no hop-by-hop or
+/// `Sluice-*` headers from upstream, this hop in `Via`, and which region answered after how
+/// many attempts and how long a wait.
+pub fn client_head(
+    shared: &Shared,
+    resp: &mut ResponseHeader,
+    ctx: &Ctx,
+    region: &str,
+) -> Result<()> {
+    shared
+        .metrics
+        .record_upstream_status(ctx.way, resp.status.as_u16());
+    headers::clean_response(resp, &shared.via);
+    resp.insert_header("Sluice-Region", region)?;
+    resp.insert_header("Sluice-Attempts", ctx.attempts.to_string())?;
+    resp.insert_header("Sluice-Queued-Ms", ctx.queued.as_millis().to_string())?;
+    Ok(())
+}
+
+/// Timeouts of a connection to an upstream endpoint.
+pub fn peer_options(peer: &mut HttpPeer, generation: &Generation, read_timeout: Duration) {
+    let server = &generation.config.server;
+    peer.options.connection_timeout = Some(server.connect_timeout.get());
+    peer.options.total_connection_timeout = Some(server.connect_timeout.get());
+    peer.options.read_timeout = Some(read_timeout);
+    peer.options.write_timeout = Some(server.write_timeout.get());
+    peer.options.idle_timeout = Some(UPSTREAM_IDLE);
+}
+
+/// Stream the winning answer to the client, then pool its connection.
+pub async fn stream(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    host: &HostRegions,
+    answer: Answer,
+) -> Result<()> {
+    let Answer {
+        session: mut upstream,
+        peer,
+        region,
+        started: _,
+        permit,
+        in_flight,
+    } = answer;
+    let Some(up_head) = upstream.response_header() else {
+        return Err(error::error(
+            Code::Internal,
+            "answer without a response head",
+        ));
+    };
+    let mut resp: ResponseHeader = up_head.clone();
+    if let Some(cell) = &ctx.cell {
+        if pace::pause_signal(&resp) {
+            if resp.status.as_u16() == 429 {
+                shared
+                    .metrics
+                    .upstream_429
+                    .with_label_values(&["passed"])
+                    .inc();
+            }
+            pace::set_retry_after(&mut resp, pace::pause_left(shared, cell))?;
+        }
+    }
+    let name = &host.regions[region].name;
+    client_head(shared, &mut resp, ctx, name)?;
+    ctx.region = Some(name.clone());
+    session.write_response_header(Box::new(resp), false).await?;
+    while let Some(chunk) = upstream
+        .read_response_body()
+        .await
+        .map_err(|e| e.into_up())?
+    {
+        session.write_response_body(Some(chunk), false).await?;
+    }
+    session.write_response_body(None, true).await?;
+    drop(in_flight);
+    drop(permit);
+    if upstream.response_done() {
+        shared
+            .upstream
+            .release_http_session(upstream, &peer, Some(UPSTREAM_IDLE))
+            .await;
+    }
+    Ok(())
+}
