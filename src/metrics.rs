@@ -12,8 +12,6 @@ use prometheus::{
 pub const OUTCOME_OK: &str = "ok";
 /// Host label for destinations not named in `[hosts]`.
 pub const OTHER_HOST: &str = "other";
-/// The one region of a host without configured regions: its own DNS answer.
-pub const IMPLICIT_REGION: &str = "default";
 
 /// `1xx` .. `5xx`.
 pub fn status_class(status: u16) -> &'static str {
@@ -345,12 +343,8 @@ impl Metrics {
             .inc();
     }
 
-    /// Count one attempt sent to an upstream: its status class, or the error that ended it.
-    pub fn record_attempt(&self, host: &str, outcome: &str) {
-        self.record_region_attempt(host, IMPLICIT_REGION, outcome);
-    }
-
-    /// Count one attempt sent to a configured region.
+    /// Count one attempt sent to an endpoint of `region` (`default` for a host without
+    /// regions): its status class, or the error that ended it.
     pub fn record_region_attempt(&self, host: &str, region: &str, outcome: &str) {
         self.upstream_attempts
             .with_label_values(&[host, region, outcome])

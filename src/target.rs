@@ -268,11 +268,27 @@ pub struct Destination {
     pub path: String,
 }
 
+/// A route compiled from `[[routes]]`.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub prefix: String,
+    pub origin: Origin,
+}
+
+/// The route whose prefix matches `path` at a segment boundary, if any (`routes` longest
+/// prefix first).
+pub fn route_for<'a>(routes: &'a [Route], path: &str) -> Option<&'a Route> {
+    routes.iter().find(|r| {
+        path.strip_prefix(r.prefix.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?']))
+    })
+}
+
 /// Find the destination of an HTTP request: absolute URI first, then `Sluice-Target`, then
-/// the routes of `generation`.
+/// `routes` (longest prefix first).
 pub fn destination(
     req: &pingora_http::RequestHeader,
-    generation: &crate::config::Generation,
+    routes: &[Route],
 ) -> Result<Destination, (WayIn, crate::error::Code, String)> {
     use crate::error::Code;
     let raw = req.raw_path();
@@ -308,7 +324,7 @@ pub fn destination(
         let path = origin.join_path(path_and_query);
         return Ok(Destination { way, origin, path });
     }
-    if let Some(route) = generation.route_for(path_and_query) {
+    if let Some(route) = route_for(routes, path_and_query) {
         let rest = &path_and_query[route.prefix.len()..];
         let origin = route.origin.clone();
         let path = origin.join_path(rest);

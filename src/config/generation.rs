@@ -2,15 +2,9 @@
 
 use super::{Config, HostLimits};
 use crate::target::Origin;
+pub use crate::target::Route;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-
-/// A route compiled from `[[routes]]`.
-#[derive(Clone, Debug)]
-pub struct Route {
-    pub prefix: String,
-    pub origin: Origin,
-}
 
 /// One validated configuration with its lookup tables. Requests hold an `Arc` of the
 /// generation they started on, so a reload never changes a request in flight.
@@ -132,10 +126,7 @@ impl Generation {
 
     /// The route whose prefix matches `path` at a segment boundary, if any.
     pub fn route_for(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| {
-            path.strip_prefix(r.prefix.as_str())
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?']))
-        })
+        crate::target::route_for(&self.routes, path)
     }
 }
 

@@ -123,7 +123,7 @@ impl Config {
             ("deny_cidrs", &sec.deny_cidrs),
         ] {
             for (i, c) in list.iter().enumerate() {
-                if let Err(m) = crate::policy::Cidr::parse(c) {
+                if let Err(m) = crate::policy::cidr::Cidr::parse(c) {
                     err(format!("security.{key}[{i}]"), m);
                 }
             }

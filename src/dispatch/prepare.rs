@@ -32,7 +32,7 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
             ),
         ));
     }
-    let dest = match target::destination(req, &ctx.generation) {
+    let dest = match target::destination(req, &ctx.generation.routes) {
         Ok(d) => d,
         Err((way, code, message)) => {
             ctx.way = way;

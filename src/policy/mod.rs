@@ -3,7 +3,7 @@
 //! host allow/deny lists, CONNECT ports; and client authentication (`auth.rs`).
 
 pub mod auth;
-mod cidr;
+pub mod cidr;
 
 pub use cidr::{embedded_v4, Cidr};
 

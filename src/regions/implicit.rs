@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The region name of every endpoint of an implicit route (`Sluice-Region`, metric labels).
+pub const IMPLICIT_REGION: &str = "default";
+
 /// Most implicit routes kept at once; past it, a host behaves as one with nothing to remember
 /// (DNS order, a fresh budget per request).
 pub const MAX_KEPT: usize = 4096;
@@ -98,7 +101,7 @@ fn build(key: &str, addrs: &[SocketAddr], previous: Option<&HostRegions>, now: u
                 .and_then(|p| p.regions.iter().find(|r| r.addrs.first() == Some(a)))
                 .map_or_else(|| Arc::new(RegionState::new(1)), |r| r.state.clone());
             Region {
-                name: crate::metrics::IMPLICIT_REGION.to_string(),
+                name: IMPLICIT_REGION.to_string(),
                 addrs: vec![*a],
                 tls: None,
                 sni: None,

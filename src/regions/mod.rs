@@ -9,7 +9,7 @@ pub mod health;
 mod implicit;
 pub mod state;
 
-pub use implicit::Route;
+pub use implicit::{Route, IMPLICIT_REGION};
 
 use crate::config::{Generation, HealthCheckConfig, RegionConfig};
 use crate::target::Origin;
