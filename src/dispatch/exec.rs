@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 
 /// Hedge delay when the endpoint has too few latency samples for a percentile.
 const HEDGE_FALLBACK: Duration = Duration::from_millis(500);
+/// A slow mode holding up to this many percentile points more than the hedge percentile's
+/// own tail still counts as a tail to hedge around (see `hedge_from_percentiles`).
+const MAX_SLOW_MODE: u8 = 15;
 /// Shortest hedge delay taken from a percentile.
 const HEDGE_MIN: Duration = Duration::from_millis(1);
 /// First backoff before a retry to an endpoint already tried; doubles, with jitter.
@@ -638,19 +641,23 @@ async fn tagged(
 }
 
 /// The hedge delay for percentile `p` of an endpoint's latency. When the latency has two
-/// modes (most answers fast, a few far slower) and `p` falls at the gap between them, whether
-/// the `p`th sample lands in the fast or the slow mode is sampling noise: a tail of exactly 5%
-/// puts p95 on either side from one window to the next, and on the slow side no hedge ever
-/// fires. So when the `p - 1`th percentile is less than half the `p`th, the gap is taken to
-/// start above `p` and the delay is the near edge. In a continuous distribution one
-/// percentile point never doubles the latency, and the rule does not apply.
+/// modes (most answers fast, a few far slower) and `p` falls in or at the edge of the slow
+/// one, the `p`th percentile is the slow mode's latency and a hedge at it never helps; worse,
+/// it locks in, since a hedge that never fires lets every slow answer into the sketch. So the
+/// percentiles below `p` (down to `MAX_SLOW_MODE` points under it) are searched for the gap:
+/// the first that is under half the `p`th is the near edge of the fast mode, and the delay.
+/// In a continuous distribution no such drop exists over a few points, and `p` stands.
 fn hedge_from_percentiles(state: &crate::regions::state::RegionState, p: u8) -> Duration {
-    let at = |q: u8| state.percentile(q);
-    let delay = match (at(p), at(p.saturating_sub(1))) {
-        (Some(hi), Some(lo)) if hi > lo * 2 => lo,
-        (Some(hi), _) => hi,
-        (None, _) => HEDGE_FALLBACK,
+    let Some(sketch) = state.sketch() else {
+        return HEDGE_FALLBACK;
     };
+    let hi = sketch.at(p);
+    let floor = p.saturating_sub(MAX_SLOW_MODE).max(50);
+    let delay = (floor..p)
+        .rev()
+        .map(|q| sketch.at(q))
+        .find(|&lo| lo * 2 < hi)
+        .unwrap_or(hi);
     delay.max(HEDGE_MIN)
 }
 
@@ -699,8 +706,14 @@ mod tests {
         // 4.8% slow: p95 is fast.
         let d = hedge_from_percentiles(&with_tail(48), 95);
         assert!(d < Duration::from_millis(20), "{d:?}");
-        // 8% slow: p94 and p95 are both in the slow mode, which p95 then is.
-        let d = hedge_from_percentiles(&with_tail(80), 95);
+        // 8% or 15% slow (a tail grown by chance or by a hedge that stopped firing): p95
+        // sits inside the slow mode; the fast mode's edge below it is the delay.
+        for slow in [80, 150] {
+            let d = hedge_from_percentiles(&with_tail(slow), 95);
+            assert!(d < Duration::from_millis(20), "{slow}: {d:?}");
+        }
+        // 30% slow is not a tail: the slow mode is the distribution, and p95 is in it.
+        let d = hedge_from_percentiles(&with_tail(300), 95);
         assert!(d >= Duration::from_secs(1), "{d:?}");
         // Too few samples: the fallback.
         assert_eq!(

@@ -259,24 +259,39 @@ impl RegionState {
     /// The `p`th percentile of recent latency (upper bound of its bucket); `None` with fewer
     /// than `MIN_SAMPLES` samples.
     pub fn percentile(&self, p: u8) -> Option<Duration> {
-        let counts: Vec<u64> = self
-            .sketch
-            .iter()
-            .map(|b| u64::from(b.load(Ordering::Relaxed)))
-            .collect();
-        let total: u64 = counts.iter().sum();
-        if total < u64::from(MIN_SAMPLES) {
-            return None;
+        self.sketch().map(|s| s.at(p))
+    }
+
+    /// A copy of the latency sketch, to read several percentiles of one moment; `None` with
+    /// fewer than `MIN_SAMPLES` samples.
+    pub fn sketch(&self) -> Option<Sketch> {
+        let mut counts = [0u64; BUCKETS];
+        for (c, b) in counts.iter_mut().zip(self.sketch.iter()) {
+            *c = u64::from(b.load(Ordering::Relaxed));
         }
-        let rank = (total * u64::from(p)).div_ceil(100).max(1);
+        let total: u64 = counts.iter().sum();
+        (total >= u64::from(MIN_SAMPLES)).then_some(Sketch { counts, total })
+    }
+}
+
+/// A snapshot of a region's latency sketch.
+pub struct Sketch {
+    counts: [u64; BUCKETS],
+    total: u64,
+}
+
+impl Sketch {
+    /// The `p`th percentile (upper bound of its bucket).
+    pub fn at(&self, p: u8) -> Duration {
+        let rank = (self.total * u64::from(p)).div_ceil(100).max(1);
         let mut seen = 0;
-        for (i, c) in counts.iter().enumerate() {
+        for (i, c) in self.counts.iter().enumerate() {
             seen += c;
             if seen >= rank {
-                return Some(bucket_upper(i));
+                return bucket_upper(i);
             }
         }
-        Some(bucket_upper(BUCKETS - 1))
+        bucket_upper(BUCKETS - 1)
     }
 }
 
