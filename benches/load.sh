@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Load benchmark on loopback: sluice (forward proxy and explicit target) against the same
-# origin reached directly, through nginx and haproxy (reverse proxies) and through squid and
-# tinyproxy (forward proxies), and through `pingora_floor` (examples/pingora_floor.rs: Pingora
-# alone, the framework's own cost); then CONNECT tunnel setup against squid and tinyproxy.
+# Load benchmark on loopback: sluice (forward proxy, explicit target, and a host with one
+# configured region) against the same origin reached directly, through nginx and haproxy
+# (reverse proxies), through Apache Traffic Server, squid and tinyproxy (forward proxies), and
+# through `pingora_floor` (examples/pingora_floor.rs: Pingora alone, the framework's own cost);
+# then CONNECT tunnel setup against squid and tinyproxy.
 # The proxy under test runs on core 0; the load generator and the origin on core 1.
 # Prints one table: requests/s, p50, p99, throughput ratio to direct, and proxy CPU time per
 # request (utime+stime of the proxy's processes over the run / requests served).
@@ -24,14 +25,14 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 target_dir=${CARGO_TARGET_DIR:-$root/target}
 
 need=()
-for c in nginx squid tinyproxy haproxy wrk taskset python3; do
+for c in nginx squid tinyproxy haproxy wrk traffic_server taskset python3; do
   command -v "$c" >/dev/null 2>&1 || [ -x "/usr/sbin/$c" ] || need+=("$c")
 done
 if [ ${#need[@]} -gt 0 ]; then
-  echo "installing: nginx squid tinyproxy haproxy wrk" >&2
+  echo "installing: nginx squid tinyproxy haproxy wrk trafficserver" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx squid tinyproxy haproxy wrk util-linux >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx squid tinyproxy haproxy wrk trafficserver util-linux >/dev/null
 fi
 export PATH="$PATH:/usr/sbin:/sbin"
 
@@ -64,7 +65,7 @@ wait_port() {
 }
 
 ORIGIN=$(free_port); RP=$(free_port); HA=$(free_port); SQ=$(free_port); TP=$(free_port)
-SL=$(free_port); SL_ADMIN=$(free_port); PF=$(free_port)
+SL=$(free_port); SL_ADMIN=$(free_port); PF=$(free_port); ATS=$(free_port)
 SMALL=$(python3 -c 'print("x"*100, end="")')
 head -c 10240 /dev/zero | tr '\0' 'y' > "$work/big"
 chmod 0644 "$work/big"
@@ -153,11 +154,49 @@ upgrade_sock = "$work/sluice.sock"
 [defaults]
 rps = 1000000.0
 burst = 100000
+[hosts."origin.region"]
+regions = [{ name = "o", address = "127.0.0.1:$ORIGIN" }]
 [security]
 allow_cidrs = ["127.0.0.0/8"]
 connect_any_port = true
 max_connections = 100000
 SLUICE
+# Apache Traffic Server as a forward proxy: one exec thread, no cache, no remap required.
+mkdir -p "$work/ats/run" "$work/ats/log" "$work/ats/cache"
+cp -r /etc/trafficserver "$work/ats/conf"
+python3 - "$work/ats" "$ATS" "$(id -u)" <<'PY'
+import re, sys
+d, port, uid = sys.argv[1], sys.argv[2], sys.argv[3]
+path = f"{d}/conf/records.config"
+text = open(path).read()
+# traffic_server refuses to run as root; as root it switches to its own user.
+user = "trafficserver" if uid == "0" else "#-1"
+for name, typ, value in [
+    ("proxy.config.http.server_ports", "STRING", port),
+    ("proxy.config.exec_thread.autoconfig", "INT", "0"),
+    ("proxy.config.exec_thread.limit", "INT", "1"),
+    ("proxy.config.exec_thread.affinity", "INT", "0"),
+    ("proxy.config.accept_threads", "INT", "0"),
+    ("proxy.config.task_threads", "INT", "1"),
+    ("proxy.config.http.cache.http", "INT", "0"),
+    ("proxy.config.cache.ram_cache.size", "INT", "0"),
+    ("proxy.config.url_remap.remap_required", "INT", "0"),
+    ("proxy.config.admin.user_id", "STRING", user),
+    ("proxy.config.local_state_dir", "STRING", f"{d}/run"),
+    ("proxy.config.log.logfile_dir", "STRING", f"{d}/log"),
+    ("proxy.config.log.logging_enabled", "INT", "0"),
+    ("proxy.config.http.keep_alive_no_activity_timeout_in", "INT", "300"),
+    ("proxy.config.http.insert_request_via_str", "INT", "0"),
+    ("proxy.config.http.insert_response_via_str", "INT", "0"),
+    ("proxy.config.body_factory.template_sets_dir", "STRING", "/etc/trafficserver/body_factory"),
+]:
+    line = f"CONFIG {name} {typ} {value}"
+    pat = re.compile(r"^CONFIG " + re.escape(name) + r" \S+ .*$", re.M)
+    text = pat.sub(line, text) if pat.search(text) else text + "\n" + line
+open(path, "w").write(text)
+open(f"{d}/conf/storage.config", "w").write(f"{d}/cache 64M\n")
+PY
+[ "$(id -u)" = 0 ] && chown -R trafficserver "$work/ats/run" "$work/ats/log" "$work/ats/cache"
 
 start() { # name core cmd...
   local name=$1 core=$2; shift 2
@@ -172,7 +211,8 @@ start squid 0 squid -N -f "$work/squid.conf"
 start tinyproxy 0 tinyproxy -d -c "$work/tinyproxy.conf"
 start sluice 0 "$SLUICE" --config "$work/sluice.toml"
 start pingora_floor 0 "$PINGORA_FLOOR" "127.0.0.1:$PF" "127.0.0.1:$ORIGIN"
-ports="$ORIGIN $RP $HA $SQ $TP $SL $PF"
+start ats 0 env PROXY_CONFIG_CONFIG_DIR="$work/ats/conf" traffic_server
+ports="$ORIGIN $RP $HA $SQ $TP $SL $PF $ATS"
 builds=()
 for b in $SLUICE_BUILDS; do # name=binary: the same configuration on its own ports
   name=${b%%=*}; port=$(free_port); admin=$(free_port)
@@ -256,15 +296,18 @@ for round in $(seq 1 "$ROUNDS"); do
     run_http direct "$size" "$ORIGIN" "$PID_origin" "/$size" "$O"
     run_http sluice_forward "$size" "$SL" "$PID_sluice" "http://$O/$size" "$O"
     run_http sluice_target "$size" "$SL" "$PID_sluice" "/$size" "sluice" "http://$O"
+    run_http sluice_region "$size" "$SL" "$PID_sluice" "/$size" "sluice" "http://origin.region"
     for b in "${builds[@]}"; do
       pid_var="PID_sluice_${b%%:*}"
       run_http "sluice_${b%%:*}" "$size" "${b#*:}" "${!pid_var}" "http://$O/$size" "$O"
+      run_http "sluice_${b%%:*}_region" "$size" "${b#*:}" "${!pid_var}" "/$size" "sluice" "http://origin.region"
     done
     run_http pingora_floor "$size" "$PF" "$PID_pingora_floor" "/$size" "$O"
     run_http nginx_reverse "$size" "$RP" "$PID_nginx_rp" "/$size" "$O"
     run_http haproxy_reverse "$size" "$HA" "$PID_haproxy" "/$size" "$O"
     run_http squid_forward "$size" "$SQ" "$PID_squid" "http://$O/$size" "$O"
     run_http tinyproxy_forward "$size" "$TP" "$PID_tinyproxy" "http://$O/$size" "$O"
+    run_http ats_forward "$size" "$ATS" "$PID_ats" "http://$O/$size" "$O"
   done
   if [ -z "$VARIANTS" ]; then
     run_connect sluice "$SL" "$PID_sluice"

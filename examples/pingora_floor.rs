@@ -12,6 +12,10 @@ use pingora_error::Result;
 use pingora_proxy::{ProxyHttp, Session};
 use std::net::SocketAddr;
 
+/// The same global allocator as sluice, so that sluice / floor compares like with like.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Forwards everything to one fixed upstream.
 struct Floor {
     upstream: SocketAddr,

@@ -23,6 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Idle time allowed between requests on a kept-alive client connection.
 const KEEPALIVE_SECS: u64 = 60;
 const MAX_HEADERS: usize = 128;
+/// First allocation for a request head (it grows up to the configured maximum).
+const HEAD_BUFFER: usize = 4096;
 
 pub struct Front {
     shared: Arc<Shared>,
@@ -82,21 +84,26 @@ async fn read_head(
     shutdown: &ShutdownWatch,
     reused: bool,
 ) -> Head {
-    let mut buf = BytesMut::with_capacity(4096);
-    let first = tokio::time::timeout(idle, stream.read_buf(&mut buf));
+    // Wait for the first byte without a head buffer: an idle kept-alive connection holds
+    // none. The stream's own read buffer takes what the client sent, so reading one byte
+    // first costs no extra system call.
+    let mut first = [0u8; 1];
+    let wait = tokio::time::timeout(idle, stream.read(&mut first));
     let got = if reused {
         let mut shutdown = shutdown.clone();
         tokio::select! {
-            r = first => r,
+            r = wait => r,
             _ = shutdown.wait_for(|down| *down) => return Head::Gone,
         }
     } else {
-        first.await
+        wait.await
     };
     match got {
         Ok(Ok(n)) if n > 0 => {}
         _ => return Head::Gone,
     }
+    let mut buf = BytesMut::with_capacity(HEAD_BUFFER);
+    buf.extend_from_slice(&first);
     let deadline = tokio::time::Instant::now() + head_timeout;
     let mut scanned = 0;
     loop {
@@ -277,7 +284,9 @@ impl ServerApp for Front {
                     return None;
                 }
                 Ok(Plan::Connect) => {
-                    tunnel::serve(&self.shared, stream, buf).await;
+                    // Boxed, like the HTTP session below, so that the state of an idle
+                    // connection's task is only what waiting for its next head needs.
+                    Box::pin(tunnel::serve(&self.shared, stream, buf)).await;
                     return None;
                 }
                 Ok(Plan::Http) => {}
@@ -291,7 +300,7 @@ impl ServerApp for Front {
             if *shutdown.borrow() {
                 session.set_keepalive(None);
             }
-            let reused = self.http.process_new_http(session, shutdown).await?;
+            let reused = Box::pin(self.http.process_new_http(session, shutdown)).await?;
             let (next, next_settings) = reused.consume();
             stream = next;
             settings = next_settings;
