@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Memory of a running sluice (release, one worker thread): resident set at idle, with 10,000
-# kept-alive client connections, and with 1,000,000 destination hosts tracked by admission.
+# kept-alive client connections (beside an nginx reverse proxy measured the same way), and
+# with 1,000,000 destination hosts tracked by admission (HOSTS=0 skips that phase).
 # Needs nginx and wrk (benches/load.sh installs them); traffic stays on 127.0.0.0/8.
 #
 #   benches/memory.sh            # CONNS=10000 HOSTS=1000000
@@ -55,26 +56,49 @@ start_sluice() {
 start_sluice
 rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$SPID/status"; }
 tracked() { curl -s "127.0.0.1:$ADMIN/metrics" | awk '/^sluice_hosts_tracked/ {print $2}'; }
-echo "idle: $(rss) MiB"
-
-python3 - "$SL" "$ORIGIN" "$CONNS" "$SPID" <<'PY'
+# Open CONNS kept-alive client connections to a proxy, one request on each, and report the
+# proxy's resident set before and after, and per connection.
+kept_alive() { # name port pid
+  python3 - "$1" "$2" "$ORIGIN" "$CONNS" "$3" <<'PY'
 import socket, sys, time
-sl, origin, n, pid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+name, port, origin, n, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+def rss():
+    return int([l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0].split()[1])
 req = f"GET http://127.0.0.1:{origin}/ HTTP/1.1\r\nHost: 127.0.0.1:{origin}\r\n\r\n".encode()
+before = rss()
 socks = []
 for i in range(n):
-    s = socket.create_connection(("127.0.0.1", sl))
+    s = socket.create_connection(("127.0.0.1", port))
     s.sendall(req)
     data = b""
     while b"ok" not in data:
         data += s.recv(4096)
     socks.append(s)
 time.sleep(1)
-rss = [l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0].split()[1]
-print(f"with {n} kept-alive client connections: {int(rss)/1024:.1f} MiB")
+after = rss()
+print(f"{name}: idle {before/1024:.1f} MiB, with {n} kept-alive client connections "
+      f"{after/1024:.1f} MiB: {(after - before) / n:.2f} KiB per connection")
 for s in socks:
     s.close()
 PY
+}
+echo "idle: $(rss) MiB"
+kept_alive sluice "$SL" "$SPID"
+# nginx as a reverse proxy (one worker), measured the same way (its worker's resident set).
+RP=$(free_port)
+cat > "$work/rp.conf" <<NGINX
+worker_processes 1; daemon off; error_log $work/rp.err; pid $work/rp.pid;
+events { worker_connections $((CONNS + 1000)); }
+http { access_log off; keepalive_timeout 300s; keepalive_requests 1000000;
+  client_body_temp_path $work/rb; proxy_temp_path $work/rp; fastcgi_temp_path $work/rf;
+  uwsgi_temp_path $work/ru; scgi_temp_path $work/rs;
+  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 16; }
+  server { listen 127.0.0.1:$RP; location / { proxy_pass http://origin;
+    proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+NGINX
+nginx -c "$work/rp.conf" -p "$work" >/dev/null 2>&1 & RPID=$!; pids+=($RPID)
+sleep 1
+kept_alive nginx_reverse "$RP" "$(pgrep -P "$RPID" | head -n 1)"
 
 cat > "$work/hosts.lua" <<LUA
 counter = tonumber(os.getenv("START") or "0")

@@ -1,0 +1,159 @@
+//! sluice's two set-up commands, so that a fresh machine with only the Rust toolchain can
+//! run the proxy and the tests:
+//!
+//! - `cargo xtask run [ARGS]`: install what building and running need (cmake for Pingora's
+//!   zlib-ng, a C compiler, CA roots), then `cargo run --release -- ARGS`.
+//! - `cargo xtask test [ARGS]`: install what the tests need as well (curl, redis-server), then
+//!   `cargo test ARGS` with Redis required (`SLUICE_REQUIRE_REDIS=1`).
+//!
+//! Packages come from the system's package manager (apt on Debian and Ubuntu), through `sudo`
+//! only when not root; each one is named before it is installed. On other systems it says
+//! what to install and stops.
+
+use std::path::Path;
+use std::process::{Command, ExitCode};
+
+/// A system package, and how to tell it is already there.
+struct Need {
+    package: &'static str,
+    /// A command on `PATH`, or an absolute path, that the package provides.
+    provides: &'static str,
+    why: &'static str,
+}
+
+const BUILD: &[Need] = &[
+    Need {
+        package: "cmake",
+        provides: "cmake",
+        why: "Pingora builds zlib-ng",
+    },
+    Need {
+        package: "build-essential",
+        provides: "cc",
+        why: "C code in dependencies (zlib-ng, ring, mimalloc)",
+    },
+    Need {
+        package: "pkg-config",
+        provides: "pkg-config",
+        why: "native library lookup at build time",
+    },
+    Need {
+        package: "ca-certificates",
+        provides: "/etc/ssl/certs/ca-certificates.crt",
+        why: "TLS to public APIs",
+    },
+];
+
+const TEST: &[Need] = &[
+    Need {
+        package: "curl",
+        provides: "curl",
+        why: "used by tests",
+    },
+    Need {
+        package: "redis-server",
+        provides: "redis-server",
+        why: "the fleet tests start their own Redis",
+    },
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((what, rest)) = args.split_first() else {
+        return usage();
+    };
+    let (needs, cargo_args, env): (Vec<&Need>, Vec<&str>, Vec<(&str, &str)>) = match what.as_str()
+    {
+        "run" => (
+            BUILD.iter().collect(),
+            vec!["run", "--release", "--"],
+            vec![],
+        ),
+        "test" => (
+            BUILD.iter().chain(TEST).collect(),
+            vec!["test"],
+            vec![("SLUICE_REQUIRE_REDIS", "1")],
+        ),
+        _ => return usage(),
+    };
+    if let Err(e) = install(&needs) {
+        eprintln!("xtask: {e}");
+        return ExitCode::FAILURE;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(&root).args(&cargo_args).args(rest);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    match cmd.status() {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(s) => ExitCode::from(u8::try_from(s.code().unwrap_or(1)).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("xtask: cannot run cargo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage() -> ExitCode {
+    eprintln!("usage: cargo xtask run [sluice args]  |  cargo xtask test [cargo test args]");
+    ExitCode::from(2)
+}
+
+/// Is what `need` provides already on this machine?
+fn present(need: &Need) -> bool {
+    if need.provides.starts_with('/') {
+        return Path::new(need.provides).exists();
+    }
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| dir.join(need.provides).is_file())
+    })
+}
+
+/// Install the missing packages of `needs` with apt, naming each.
+fn install(needs: &[&Need]) -> Result<(), String> {
+    let missing: Vec<&&Need> = needs.iter().filter(|n| !present(n)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for n in &missing {
+        eprintln!("xtask: installing {} ({})", n.package, n.why);
+    }
+    let names: Vec<&str> = missing.iter().map(|n| n.package).collect();
+    let apt = ["/usr/bin/apt-get", "/bin/apt-get"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or_else(|| {
+            format!(
+                "no apt-get on this machine: install {} with its package manager",
+                names.join(" ")
+            )
+        })?;
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let run = |args: &[&str]| -> Result<(), String> {
+        let mut cmd = if root {
+            Command::new(apt)
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg(apt);
+            c
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        let status = cmd
+            .status()
+            .map_err(|e| format!("cannot run apt-get: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("apt-get {} failed ({status})", args.join(" ")))
+        }
+    };
+    run(&["update", "-qq"])?;
+    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    install.extend(&names);
+    run(&install)
+}
