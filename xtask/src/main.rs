@@ -62,8 +62,7 @@ fn main() -> ExitCode {
     let Some((what, rest)) = args.split_first() else {
         return usage();
     };
-    let (needs, cargo_args, env): (Vec<&Need>, Vec<&str>, Vec<(&str, &str)>) = match what.as_str()
-    {
+    let (needs, cargo_args, env): (Vec<&Need>, Vec<&str>, Vec<(&str, &str)>) = match what.as_str() {
         "run" => (
             BUILD.iter().collect(),
             vec!["run", "--release", "--"],
