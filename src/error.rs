@@ -124,22 +124,21 @@ impl Code {
         }
     }
 
-    fn from_name(name: &str) -> Option<Code> {
-        Code::ALL.into_iter().find(|c| c.as_str() == name)
-    }
-
-    /// Classify any error raised while proxying.
+    /// Classify any error raised while proxying: sluice's own failures by the typed code
+    /// they carry, Pingora's by their type and source.
     pub fn of(e: &Error) -> Code {
         use ErrorType::*;
+        if let Some(Failure(code)) = e.root_cause().downcast_ref::<Failure>() {
+            return *code;
+        }
         let upstream = e.esource() == &ErrorSource::Upstream;
         match e.etype() {
-            CustomCode(name, _) => Code::from_name(name).unwrap_or(Code::Internal),
+            CustomCode(..) => Code::Internal,
             // Pingora's body framing errors.
             Custom("InvalidChunk" | "InvalidTrailerEnd") if upstream => Code::UpstreamProtocol,
             Custom("InvalidChunk" | "InvalidTrailerEnd") => Code::BadRequest,
             Custom("PrematureBodyEnd") if upstream => Code::UpstreamClosed,
             Custom("PrematureBodyEnd") => Code::ClientClosed,
-            Custom(name) => Code::from_name(name).unwrap_or(Code::Internal),
             ConnectTimedout => Code::ConnectTimeout,
             ConnectRefused => Code::ConnectRefused,
             ConnectNoRoute | ConnectError | SocketError | BindError | ConnectProxyFailure => {
@@ -162,6 +161,19 @@ impl Code {
     }
 }
 
+/// The code of a failure sluice decided itself, carried as the cause of its Pingora error so
+/// that the edge reads it back by type (no code is ever recovered from a name).
+#[derive(Debug)]
+struct Failure(Code);
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+impl std::error::Error for Failure {}
+
 /// A Pingora error carrying one of our codes and a human reason.
 pub fn error(code: Code, message: impl Into<String>) -> Box<Error> {
     error_with_status(code, code.status(), message)
@@ -169,7 +181,12 @@ pub fn error(code: Code, message: impl Into<String>) -> Box<Error> {
 
 /// As `error`, with a status other than the code's usual one (401 instead of 407).
 pub fn error_with_status(code: Code, status: u16, message: impl Into<String>) -> Box<Error> {
-    Error::explain(ErrorType::CustomCode(code.as_str(), status), message.into())
+    Error::create(
+        ErrorType::CustomCode(code.as_str(), status),
+        ErrorSource::Unset,
+        Some(message.into().into()),
+        Some(Box::new(Failure(code))),
+    )
 }
 
 /// The status to answer an error with.
@@ -237,6 +254,19 @@ mod tests {
         for code in Code::ALL {
             assert_eq!(Code::of(&error(code, "x")), code);
         }
+    }
+
+    #[test]
+    fn a_code_survives_more_context_and_wrapping_but_not_a_lookalike_name() {
+        let e = error(Code::RateLimited, "x")
+            .more_context("region a")
+            .into_up();
+        assert_eq!(Code::of(&e), Code::RateLimited);
+        let wrapped = Error::because(ErrorType::InternalError, "while sending", e);
+        assert_eq!(Code::of(&wrapped), Code::RateLimited);
+        // A name alone is no code: only sluice's own errors carry one.
+        let forged = Error::explain(ErrorType::CustomCode("rate_limited", 429), "x");
+        assert_eq!(Code::of(&forged), Code::Internal);
     }
 
     #[test]
