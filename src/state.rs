@@ -63,7 +63,7 @@ impl Shared {
         admission.configure(&generation);
         let instance = instance_id();
         Ok(Arc::new(Shared {
-            regions: Regions::new(&generation),
+            regions: Regions::with_connector(&generation, connector.clone()),
             upstream: Connector::new(connector),
             via: format!("1.1 sluice-{instance}"),
             instance,

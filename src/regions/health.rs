@@ -1,24 +1,166 @@
-//! Active health checks: one background service probes every address of every region of the
-//! hosts that configure `health_check`, on each host's interval, whatever set of hosts the
-//! current generation holds (a reload adds or drops hosts without a restart). A probe is an
-//! HTTP GET with the region's SNI and the host's `Host` (2xx or 3xx passes), or a TCP connect
-//! when no path is set. `via` regions are checked passively only.
+//! Active health checks through `pingora-load-balancing`: each direct region of a host that
+//! configures `health_check` is one `Backends` view (its addresses) on a `HealthRegistry` of
+//! its own, probed by the crate's `HttpHealthCheck` (with the region's SNI and the host's
+//! `Host`; 2xx or 3xx passes) or `TcpHealthCheck` (no path). The crate owns the probe and the
+//! consecutive-result thresholds; a registry is kept across reloads while its host, region
+//! and check settings stay, so health survives a reload. One background service drives the
+//! checks of whatever hosts the current generation holds and mirrors each address's health
+//! into the region state that requests read. `via` regions are checked passively only.
 
 use super::{HostRegions, Region};
 use crate::config::HealthCheckConfig;
 use crate::state::Shared;
 use async_trait::async_trait;
+use pingora_core::connectors::http::Connector as HttpConnector;
+use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorType};
 use pingora_http::RequestHeader;
+use pingora_load_balancing::discovery::Static;
+use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
+use pingora_load_balancing::{Backend, Backends, HealthRegistry};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// How often the manager looks for checks that are due.
 const TICK: Duration = Duration::from_millis(50);
+
+/// The checks of one region: its addresses as one view on its own registry.
+pub struct RegionChecks {
+    registry: Arc<HealthRegistry>,
+    view: Backends,
+    /// The region's addresses in config order, as the crate's backends.
+    backends: Vec<Backend>,
+    /// What the registry was built for (a reload with other settings builds a new one).
+    built_for: (HealthCheckConfig, Option<bool>, Option<String>),
+    /// The view's membership has been published (once, by the checker).
+    published: AtomicBool,
+}
+
+impl std::fmt::Debug for RegionChecks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionChecks")
+            .field("backends", &self.backends.len())
+            .finish()
+    }
+}
+
+impl RegionChecks {
+    /// The checks of a region of `host` (its `[hosts]` key) over `addrs`; `previous` keeps its
+    /// registry (and so its health) when built for the same settings.
+    pub fn build(
+        host: &str,
+        addrs: &[SocketAddr],
+        tls: Option<bool>,
+        sni: Option<&String>,
+        cfg: &HealthCheckConfig,
+        options: Option<&ConnectorOptions>,
+        previous: Option<&RegionChecks>,
+    ) -> RegionChecks {
+        let built_for = (cfg.clone(), tls, sni.cloned());
+        let registry = match previous {
+            Some(p) if p.built_for == built_for => p.registry.clone(),
+            _ => {
+                let r = Arc::new(HealthRegistry::new());
+                r.set_health_check(check_for(host, addrs, tls, sni, cfg, options));
+                r
+            }
+        };
+        let backends: Vec<Backend> = addrs
+            .iter()
+            .map(|a| Backend {
+                addr: pingora_core::protocols::l4::socket::SocketAddr::Inet(*a),
+                weight: 1,
+                ext: Default::default(),
+            })
+            .collect();
+        let set: BTreeSet<Backend> = backends.iter().cloned().collect();
+        let view = Backends::new_with_health_registry(Static::new(set), registry.clone());
+        RegionChecks {
+            registry,
+            view,
+            backends,
+            built_for,
+            published: AtomicBool::new(false),
+        }
+    }
+
+    /// One round of checks; the health of each address, in config order.
+    async fn run(&self) -> Vec<bool> {
+        if !self.published.load(Ordering::Acquire) {
+            match self.view.update(|_| {}).await {
+                Ok(()) => self.published.store(true, Ordering::Release),
+                Err(e) => tracing::warn!(error = %e, "health check membership not published"),
+            }
+        }
+        self.view.run_health_check(true).await;
+        self.backends.iter().map(|b| self.view.ready(b)).collect()
+    }
+}
+
+/// The crate's check for one region: HTTP(S) GET of `cfg.path` with the host's `Host` and
+/// the region's SNI, or a TCP (and TLS) connect when no path is set.
+fn check_for(
+    host: &str,
+    addrs: &[SocketAddr],
+    tls: Option<bool>,
+    sni: Option<&String>,
+    cfg: &HealthCheckConfig,
+    options: Option<&ConnectorOptions>,
+) -> Box<dyn HealthCheck + Send + Sync> {
+    let name = host_name(host);
+    let tls = tls.unwrap_or_else(|| addrs.first().is_some_and(|a| a.port() == 443));
+    let sni = sni.cloned().unwrap_or_else(|| name.to_string());
+    let timeout = Some(cfg.timeout.get());
+    let (success, failure) = (cfg.healthy.max(1) as usize, cfg.unhealthy.max(1) as usize);
+    let Some(path) = &cfg.path else {
+        let mut check = TcpHealthCheck::new();
+        check.consecutive_success = success;
+        check.consecutive_failure = failure;
+        check.peer_template.options.connection_timeout = timeout;
+        check.peer_template.options.total_connection_timeout = timeout;
+        check.set_connector(TransportConnector::new(options.cloned()));
+        return check;
+    };
+    let mut check = HttpHealthCheck::new(name, tls);
+    check.consecutive_success = success;
+    check.consecutive_failure = failure;
+    check.peer_template.sni = if tls { sni } else { String::new() };
+    let o = &mut check.peer_template.options;
+    o.connection_timeout = timeout;
+    o.total_connection_timeout = timeout;
+    o.read_timeout = timeout;
+    o.write_timeout = timeout;
+    check.set_connector(HttpConnector::new(options.cloned()));
+    match probe_request(name, path) {
+        Ok(req) => check.req = req,
+        Err(e) => tracing::warn!(host, error = %e, "health check request; probing / instead"),
+    }
+    check.validator = Some(Box::new(|resp: &pingora_http::ResponseHeader| {
+        let status = resp.status.as_u16();
+        if (200..400).contains(&status) {
+            Ok(())
+        } else {
+            Error::e_explain(
+                ErrorType::CustomCode("health check status", status),
+                format!("health check answered {status}"),
+            )
+        }
+    }));
+    Box::new(check)
+}
+
+fn probe_request(host: &str, path: &str) -> pingora_error::Result<RequestHeader> {
+    let mut req = RequestHeader::build("GET", path.as_bytes(), None)?;
+    req.insert_header(http::header::HOST, host)?;
+    req.insert_header(http::header::USER_AGENT, "sluice-health-check")?;
+    req.insert_header(http::header::CONNECTION, "close")?;
+    Ok(req)
+}
 
 pub struct HealthChecker {
     shared: Arc<Shared>,
@@ -54,9 +196,8 @@ impl BackgroundService for HealthChecker {
                     now + cfg.interval.get().as_nanos() as u64,
                     Ordering::Relaxed,
                 );
-                let shared = self.shared.clone();
                 tokio::spawn(async move {
-                    check_host(&shared, &host, &cfg).await;
+                    check_host(&host).await;
                     host.checking.store(false, Ordering::Release);
                 });
             }
@@ -64,90 +205,33 @@ impl BackgroundService for HealthChecker {
     }
 }
 
-/// Probe every address of every direct region of `host` at once and apply the results.
-async fn check_host(shared: &Shared, host: &HostRegions, cfg: &HealthCheckConfig) {
-    let mut probes = Vec::new();
-    for region in host.regions.iter().filter(|r| r.via.is_none()) {
-        for (i, addr) in region.addrs.iter().enumerate() {
-            probes.push(async move {
-                let passed = probe(shared, host, region, *addr, cfg).await;
-                (region, i, *addr, passed)
-            });
-        }
-    }
-    for (region, i, addr, result) in futures_util::future::join_all(probes).await {
-        let passed = result.is_ok();
-        if let Some(healthy) = region.state.check_result(i, passed, cfg) {
-            let why = result.err().unwrap_or_default();
-            if healthy {
-                tracing::info!(host = %host.host, region = %region.name, %addr, "address passes its health checks again");
-            } else {
-                tracing::warn!(host = %host.host, region = %region.name, %addr, why, "address failed its health checks");
-            }
-        }
+/// One round of checks of every direct region of `host`, at once; mirror the results into
+/// the regions' state.
+async fn check_host(host: &HostRegions) {
+    let rounds = host
+        .regions
+        .iter()
+        .filter_map(|r| r.checks.as_ref().map(|c| (r, c)))
+        .map(|(region, checks)| async move { (region, checks.run().await) });
+    for (region, health) in futures_util::future::join_all(rounds).await {
+        apply(host, region, &health);
     }
 }
 
-/// One probe; `Err` says why it failed.
-async fn probe(
-    shared: &Shared,
-    host: &HostRegions,
-    region: &Region,
-    addr: SocketAddr,
-    cfg: &HealthCheckConfig,
-) -> Result<(), String> {
-    let timeout = cfg.timeout.get();
-    let Some(path) = &cfg.path else {
-        return match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("connect: {e}")),
-            Err(_) => Err(format!("connect: no answer within {timeout:?}")),
-        };
-    };
-    let name = host_name(&host.host);
-    let tls = region.tls.unwrap_or(addr.port() == 443);
-    let sni = region.sni.clone().unwrap_or_else(|| name.to_string());
-    let mut peer = HttpPeer::new(addr, tls, sni);
-    peer.options.connection_timeout = Some(timeout);
-    peer.options.total_connection_timeout = Some(timeout);
-    peer.options.read_timeout = Some(timeout);
-    peer.options.write_timeout = Some(timeout);
-    let exchange = async {
-        let (mut session, _) = shared
-            .upstream
-            .get_http_session(&peer)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let mut req =
-            RequestHeader::build("GET", path.as_bytes(), None).map_err(|e| e.to_string())?;
-        req.insert_header(http::header::HOST, host.host.as_str())
-            .map_err(|e| e.to_string())?;
-        req.insert_header(http::header::USER_AGENT, "sluice-health-check")
-            .map_err(|e| e.to_string())?;
-        req.insert_header(http::header::CONNECTION, "close")
-            .map_err(|e| e.to_string())?;
-        session
-            .write_request_header(Box::new(req))
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        session
-            .finish_request_body()
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        session
-            .read_response_header()
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        let status = session.response_header().map_or(0, |h| h.status.as_u16());
-        if (200..400).contains(&status) {
-            Ok(())
-        } else {
-            Err(format!("status {status}"))
+fn apply(host: &HostRegions, region: &Region, health: &[bool]) {
+    for (i, &healthy) in health.iter().enumerate() {
+        if region.state.set_addr_health(i, healthy) {
+            let addr = region
+                .addrs
+                .get(i)
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            if healthy {
+                tracing::info!(host = %host.host, region = %region.name, addr, "address passes its health checks again");
+            } else {
+                tracing::warn!(host = %host.host, region = %region.name, addr, "address failed its health checks");
+            }
         }
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {timeout:?}")),
     }
 }
 

@@ -107,6 +107,7 @@ fn build(key: &str, addrs: &[SocketAddr], previous: Option<&HostRegions>, now: u
                 sni: None,
                 via: None,
                 state,
+                checks: None,
             }
         })
         .collect();

@@ -37,6 +37,8 @@ pub struct Region {
     /// A sluice serving this region.
     pub via: Option<Origin>,
     pub state: Arc<RegionState>,
+    /// Active health checks of its addresses (a host with `health_check`, direct regions).
+    pub checks: Option<Arc<health::RegionChecks>>,
 }
 
 /// A configured host's regions, health check and retry budget.
@@ -98,6 +100,8 @@ impl HostRegions {
 /// Every configured host's regions, swapped as a whole on reload.
 pub struct Regions {
     hosts: ArcSwap<HashMap<String, Arc<HostRegions>>>,
+    /// How health checks connect (extra upstream CAs).
+    options: Option<pingora_core::connectors::ConnectorOptions>,
     /// Kept implicit routes, by `host:port`.
     implicit: implicit::Kept,
     epoch: Instant,
@@ -105,8 +109,17 @@ pub struct Regions {
 
 impl Regions {
     pub fn new(generation: &Generation) -> Regions {
+        Regions::with_connector(generation, None)
+    }
+
+    /// As `new`, with health checks connecting with `options` (the upstream connector's).
+    pub fn with_connector(
+        generation: &Generation,
+        options: Option<pingora_core::connectors::ConnectorOptions>,
+    ) -> Regions {
         let r = Regions {
             hosts: ArcSwap::from_pointee(HashMap::new()),
+            options,
             implicit: implicit::Kept::default(),
             epoch: Instant::now(),
         };
@@ -145,7 +158,10 @@ impl Regions {
             let regions = o
                 .regions
                 .iter()
-                .map(|rc| build_region(rc, previous.and_then(|p| p.region(&rc.name))))
+                .map(|rc| {
+                    let region = build_region(rc, previous.and_then(|p| p.region(&rc.name)));
+                    self.with_checks(&key, region, o.health_check.as_ref(), previous)
+                })
                 .collect();
             let host = HostRegions {
                 host: key.clone(),
@@ -163,6 +179,35 @@ impl Regions {
             map.insert(key, Arc::new(host));
         }
         self.hosts.store(Arc::new(map));
+    }
+}
+
+impl Regions {
+    /// Give a direct region of a host with `health_check` its checks, keeping the health of
+    /// the previous generation's region of that name when its check settings are the same.
+    fn with_checks(
+        &self,
+        host: &str,
+        mut region: Region,
+        cfg: Option<&HealthCheckConfig>,
+        previous: Option<&Arc<HostRegions>>,
+    ) -> Region {
+        let Some(cfg) = cfg.filter(|_| region.via.is_none() && !region.addrs.is_empty()) else {
+            return region;
+        };
+        let before = previous
+            .and_then(|p| p.region(&region.name))
+            .and_then(|r| r.checks.as_deref());
+        region.checks = Some(Arc::new(health::RegionChecks::build(
+            host,
+            &region.addrs,
+            region.tls,
+            region.sni.as_ref(),
+            cfg,
+            self.options.as_ref(),
+            before,
+        )));
+        region
     }
 }
 
@@ -185,6 +230,7 @@ fn build_region(rc: &RegionConfig, previous: Option<&Region>) -> Region {
         sni: rc.sni.clone(),
         via,
         state,
+        checks: None,
     }
 }
 

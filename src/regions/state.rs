@@ -3,7 +3,7 @@
 //! percentiles). Lock-free; every method that depends on time takes `now` (nanoseconds on the
 //! registry's clock), so the rules are tested without sleeps.
 
-use crate::config::{HealthCheckConfig, Outlier};
+use crate::config::Outlier;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -22,8 +22,6 @@ const EWMA_WEIGHT: f64 = 0.2;
 #[derive(Debug)]
 struct AddrHealth {
     healthy: AtomicBool,
-    passes: AtomicU32,
-    fails: AtomicU32,
 }
 
 #[derive(Debug)]
@@ -50,8 +48,6 @@ impl RegionState {
             addrs: (0..addresses.max(1))
                 .map(|_| AddrHealth {
                     healthy: AtomicBool::new(true),
-                    passes: AtomicU32::new(0),
-                    fails: AtomicU32::new(0),
                 })
                 .collect(),
             consecutive_failures: AtomicU32::new(0),
@@ -157,7 +153,6 @@ impl RegionState {
         if checked {
             for a in self.addrs.iter() {
                 a.healthy.store(false, Ordering::Relaxed);
-                a.passes.store(0, Ordering::Relaxed);
             }
         }
         Some(time)
@@ -170,27 +165,11 @@ impl RegionState {
         self.ejected_until.fetch_max(until, Ordering::Relaxed);
     }
 
-    /// Apply one health check of address `i`; returns the address's new health when it
-    /// changed.
-    pub fn check_result(&self, i: usize, passed: bool, cfg: &HealthCheckConfig) -> Option<bool> {
-        let a = self.addrs.get(i)?;
-        let healthy = a.healthy.load(Ordering::Relaxed);
-        if passed {
-            a.fails.store(0, Ordering::Relaxed);
-            let passes = a.passes.fetch_add(1, Ordering::Relaxed) + 1;
-            if !healthy && passes >= cfg.healthy {
-                a.healthy.store(true, Ordering::Relaxed);
-                return Some(true);
-            }
-        } else {
-            a.passes.store(0, Ordering::Relaxed);
-            let fails = a.fails.fetch_add(1, Ordering::Relaxed) + 1;
-            if healthy && fails >= cfg.unhealthy {
-                a.healthy.store(false, Ordering::Relaxed);
-                return Some(false);
-            }
-        }
-        None
+    /// Set the health of address `i` from its active checks; whether it changed.
+    pub fn set_addr_health(&self, i: usize, healthy: bool) -> bool {
+        self.addrs
+            .get(i)
+            .is_some_and(|a| a.healthy.swap(healthy, Ordering::Relaxed) != healthy)
     }
 
     /// Record the time to a response head.
@@ -364,31 +343,27 @@ mod tests {
     fn an_ejection_with_checks_waits_for_passing_checks() {
         let s = RegionState::new(2);
         let o = outlier();
-        let hc = HealthCheckConfig::default();
         for _ in 0..3 {
             s.on_failure(0, &o, true);
         }
         assert!(!s.available(5000 * MS), "needs checks to pass");
-        assert_eq!(s.check_result(0, true, &hc), None);
-        assert_eq!(s.check_result(0, true, &hc), Some(true));
+        // The next round of checks (thresholds are the health check crate's) passes.
+        assert!(s.set_addr_health(0, true));
         assert!(s.available(5000 * MS));
         assert!(!s.available(500 * MS), "still ejected");
     }
 
     #[test]
-    fn checks_need_consecutive_results_both_ways() {
+    fn unhealthy_addresses_are_passed_over_and_the_region_is_down_when_all_are() {
         let s = RegionState::new(2);
-        let hc = HealthCheckConfig::default();
-        assert_eq!(s.check_result(0, false, &hc), None);
-        assert_eq!(s.check_result(0, true, &hc), None);
-        assert_eq!(s.check_result(0, false, &hc), None);
-        assert_eq!(s.check_result(0, false, &hc), Some(false));
+        assert!(!s.set_addr_health(0, true), "no change");
+        assert!(s.set_addr_health(0, false));
         assert!(s.healthy(), "address 1 is still healthy");
         assert_eq!(s.pick_addr(), 1);
         assert_eq!(s.pick_addr(), 1);
-        s.check_result(1, false, &hc);
-        s.check_result(1, false, &hc);
+        s.set_addr_health(1, false);
         assert!(!s.healthy());
+        assert!(!s.available(0));
     }
 
     #[test]
