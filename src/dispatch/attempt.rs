@@ -54,6 +54,7 @@ pub async fn run(
     admit: Admit,
     permit: Option<Permit>,
     delay: Duration,
+    head: RequestHeader,
     body: Source,
 ) -> Outcome {
     let fail = |error: Box<pingora_error::Error>, unsent: bool| Failed {
@@ -113,7 +114,7 @@ pub async fn run(
     let read_timeout = job.read_timeout();
     session.set_read_timeout(Some(read_timeout));
     session.set_write_timeout(Some(job.generation().config.server.write_timeout.get()));
-    let head = match request_head(job, r) {
+    let head = match request_head(job, r, head) {
         Ok(h) => h,
         Err(e) => return Err(fail(e, true)),
     };
@@ -220,8 +221,7 @@ pub async fn peer_for(job: &Job<'_>, r: &Region) -> Result<HttpPeer> {
 
 /// The head sent to a region: the cleaned request, or for a `via` region the same request
 /// addressed to the peer sluice, pinned to its own copy of the region.
-fn request_head(job: &Job<'_>, r: &Region) -> Result<RequestHeader> {
-    let mut head = job.head.clone();
+fn request_head(job: &Job<'_>, r: &Region, mut head: RequestHeader) -> Result<RequestHeader> {
     if r.via.is_some() {
         let target = format!(
             "{}://{}",

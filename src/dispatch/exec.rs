@@ -70,10 +70,6 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
         .headers
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let mut head = req.clone();
-    respond::upstream_head(&mut head, ctx, &shared.via)?;
-    // sluice answers the client's `Expect` itself, once the request is admitted.
-    head.remove_header(&http::header::EXPECT);
     let mode = if duplicable {
         control.mode
     } else {
@@ -112,7 +108,6 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
             origin: &origin,
             cell: ctx.cell.clone(),
             limits: &limits,
-            head,
         };
         let label = ctx.host_label();
         let exec = Exec {
@@ -240,6 +235,9 @@ impl Exec<'_, '_> {
         let mut picker = Picker::new(order, host.regions.len());
         let mut sent = 1u32;
         let first = picker.next(host, 0).map_or(0, |(r, _)| r);
+        let head = job
+            .upstream_head(session.req_header())
+            .map_err(|e| (e, 0))?;
         running.push(tagged(
             Why::First,
             job,
@@ -247,7 +245,7 @@ impl Exec<'_, '_> {
             Admit::Held,
             first_permit,
             Duration::ZERO,
-            first_body,
+            (head, first_body),
         ));
         if self.mode == Mode::Race {
             m.races.with_label_values(&[self.label]).inc();
@@ -279,8 +277,11 @@ impl Exec<'_, '_> {
                 let body = upload.replay();
                 for d in deferred.drain(..) {
                     let Some(body) = body.clone() else { break };
-                    let body = Source::Whole(body);
-                    running.push(tagged(d.why, job, d.region, d.admit, None, d.delay, body));
+                    let head = job
+                        .upstream_head(session.req_header())
+                        .map_err(|e| (e, sent))?;
+                    let send = (head, Source::Whole(body));
+                    running.push(tagged(d.why, job, d.region, d.admit, None, d.delay, send));
                     sent += 1;
                 }
             }
@@ -632,11 +633,11 @@ async fn tagged(
     admit: Admit,
     permit: Option<crate::admission::Permit>,
     delay: Duration,
-    body: Source,
+    (head, body): (pingora_http::RequestHeader, Source),
 ) -> (Why, Outcome) {
     (
         why,
-        attempt::run(job, region, admit, permit, delay, body).await,
+        attempt::run(job, region, admit, permit, delay, head, body).await,
     )
 }
 

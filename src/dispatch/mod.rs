@@ -47,8 +47,6 @@ pub struct Job<'a> {
     pub origin: &'a Origin,
     pub cell: Option<Host>,
     pub limits: &'a HostLimits,
-    /// The cleaned request head sent to every endpoint.
-    pub head: RequestHeader,
 }
 
 impl Job<'_> {
@@ -60,6 +58,16 @@ impl Job<'_> {
     pub fn max_wait(&self) -> Duration {
         let limit = self.limits.max_queue_wait.get();
         self.ctx.time_left().map_or(limit, |left| left.min(limit))
+    }
+
+    /// The head an attempt sends: the client's, made ready for upstream. Each attempt gets
+    /// its own, built when it starts (the first one takes the request's without a copy).
+    pub fn upstream_head(&self, req: &RequestHeader) -> Result<RequestHeader> {
+        let mut head = req.clone();
+        respond::upstream_head(&mut head, self.ctx, &self.shared.via)?;
+        // sluice answers the client's `Expect` itself, once the request is admitted.
+        head.remove_header(&http::header::EXPECT);
+        Ok(head)
     }
 
     /// Read timeout of an attempt: the configured one within the deadline.
