@@ -284,6 +284,22 @@ pub fn route_for<'a>(routes: &'a [Route], path: &str) -> Option<&'a Route> {
     })
 }
 
+/// The scheme of an absolute-form request target that is neither http nor https
+/// (`ftp://x/`, `ws://x/`): such a target is refused, never taken for a path.
+fn other_scheme(raw: &[u8]) -> Option<String> {
+    if raw.first() == Some(&b'/') || raw == b"*" {
+        return None;
+    }
+    let colon = raw.iter().position(|&b| b == b':')?;
+    let scheme = &raw[..colon];
+    let is_scheme = !scheme.is_empty()
+        && scheme[0].is_ascii_alphabetic()
+        && scheme
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    is_scheme.then(|| String::from_utf8_lossy(scheme).into_owned())
+}
+
 /// Find the destination of an HTTP request: absolute URI first, then `Sluice-Target`, then
 /// `routes` (longest prefix first).
 pub fn destination(
@@ -308,6 +324,13 @@ pub fn destination(
             split_absolute(text).map_err(|e| (way, Code::BadTarget, e.to_string()))?;
         let path = origin.join_path(rest);
         return Ok(Destination { way, origin, path });
+    }
+    if let Some(scheme) = other_scheme(raw) {
+        return Err((
+            WayIn::Forward,
+            Code::BadTarget,
+            format!("absolute request target with scheme {scheme:?}: sluice forwards http and https only"),
+        ));
     }
     let path_and_query = req.uri.path_and_query().map_or("/", |p| p.as_str());
     if let Some(value) = req.headers.get(SLUICE_TARGET) {

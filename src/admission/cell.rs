@@ -242,11 +242,16 @@ impl HostCell {
         self.interval.store(interval_of(rps), Ordering::Relaxed);
     }
 
-    /// The pace in requests/s, rounded to a thousandth (the interval is whole nanoseconds).
+    /// The pace in requests/s, to six significant digits (the interval is whole
+    /// nanoseconds, so 2 rps reads 2, and the slowest learned pace, one an hour, 0.000277778).
     pub fn rps(&self) -> f64 {
         match self.interval.load(Ordering::Relaxed) {
             0 => 0.0,
-            i => (1e12 / i as f64).round() / 1000.0,
+            i => {
+                let rps = 1e9 / i as f64;
+                let scale = 10f64.powi(5 - rps.log10().floor() as i32);
+                (rps * scale).round() / scale
+            }
         }
     }
 

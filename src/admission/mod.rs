@@ -23,6 +23,30 @@ use std::time::Duration;
 /// Keys of client pace cells start with this (never a valid `host:port`).
 const CLIENT_PREFIX: &str = "@client/";
 
+/// Slowest pace an upstream can set: one request per `hints::MAX_PAUSE`, so that one
+/// interval never outlasts the longest pause.
+pub const LEARNED_RPS_MIN: f64 = 1.0 / 3600.0;
+/// Fastest pace an upstream can set when the host names no `max_rps`.
+pub const LEARNED_RPS_MAX: f64 = 1000.0;
+/// Shortest pause after a 429, whatever its `Retry-After` says.
+pub const MIN_429_PAUSE: Duration = Duration::from_secs(1);
+
+/// A pace learned from upstream headers, held to [`LEARNED_RPS_MIN`, the host's `max_rps` or
+/// `LEARNED_RPS_MAX`].
+pub fn clamp_learned_rps(rps: f64, max_rps: f64) -> f64 {
+    let hi = if max_rps > 0.0 {
+        max_rps
+    } else {
+        LEARNED_RPS_MAX
+    }
+    .max(LEARNED_RPS_MIN);
+    if rps.is_finite() {
+        rps.clamp(LEARNED_RPS_MIN, hi)
+    } else {
+        hi
+    }
+}
+
 type Map = papaya::HashMap<Box<str>, Arc<HostCell>, foldhash::fast::RandomState>;
 
 /// Nanoseconds since the admission clock started.
@@ -423,11 +447,7 @@ impl Admission {
         let now = self.clock.now();
         let mut learned = Learned::default();
         if let Some(rps) = hints.rps {
-            let rps = if ceiling_rps > 0.0 {
-                rps.min(ceiling_rps)
-            } else {
-                rps
-            };
+            let rps = clamp_learned_rps(rps, ceiling_rps);
             cell.set_rps(rps);
             learned.rps = Some(rps);
         }
@@ -440,7 +460,10 @@ impl Admission {
             (!d.is_zero() && cell.pause_until(until)).then_some((until, source))
         };
         match (status, hints.retry_after) {
-            (429 | 503, Some(d)) => learned.paused = pause(d, PauseSource::RetryAfter),
+            // A 429 asks to slow down even when it says "now" (`Retry-After: 0` or a date
+            // in the past): it pauses for at least MIN_429_PAUSE.
+            (429, Some(d)) => learned.paused = pause(d.max(MIN_429_PAUSE), PauseSource::RetryAfter),
+            (503, Some(d)) => learned.paused = pause(d, PauseSource::RetryAfter),
             (429, None) => {
                 let ns = cell.backoff(now);
                 learned.paused = Some((now.saturating_add(ns), PauseSource::Backoff));
@@ -791,6 +814,20 @@ mod tests {
             .expect("admitted when the first left");
         assert_eq!(p.queued, Duration::from_millis(300));
         assert_eq!(cell.in_flight(), 1);
+    }
+
+    #[test]
+    fn a_learned_pace_is_held_between_one_an_hour_and_the_ceiling() {
+        assert_eq!(clamp_learned_rps(1e-300, 0.0), LEARNED_RPS_MIN);
+        assert_eq!(clamp_learned_rps(1e-10, 5.0), LEARNED_RPS_MIN);
+        assert_eq!(clamp_learned_rps(1e6, 0.0), LEARNED_RPS_MAX);
+        assert_eq!(clamp_learned_rps(1e6, 5.0), 5.0);
+        assert_eq!(clamp_learned_rps(f64::INFINITY, 5.0), 5.0);
+        assert_eq!(clamp_learned_rps(10.0, 0.0), 10.0);
+        // The slowest pace is one interval of an hour, and reads as such.
+        let cell = HostCell::new(LEARNED_RPS_MIN, 1, 0, 0, false);
+        assert_eq!(cell.rps(), 0.000277778);
+        assert_eq!(HostCell::new(2.0, 1, 0, 0, false).rps(), 2.0);
     }
 
     #[test]

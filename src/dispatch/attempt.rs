@@ -171,15 +171,29 @@ async fn send(session: &mut HttpSession, head: RequestHeader, body: Source) -> R
     session.finish_request_body().await
 }
 
-/// Read the response head, skipping interim (1xx) responses other than 101.
+/// Most interim (1xx) responses read before the final one.
+const MAX_INTERIM: usize = 16;
+
+/// Read the final response head, skipping interim (1xx) responses (at most `MAX_INTERIM`).
+/// sluice never forwards `Upgrade`, so a `101` is one the client did not ask for: refused.
 pub async fn read_final_head(session: &mut HttpSession) -> Result<()> {
-    loop {
+    for _ in 0..=MAX_INTERIM {
         session.read_response_header().await?;
         let status = session.response_header().map_or(0, |h| h.status.as_u16());
-        if !(100..200).contains(&status) || status == 101 {
+        if status == 101 {
+            return Err(error::error(
+                Code::UpstreamProtocol,
+                "the upstream switched protocols (101) although no upgrade was asked for",
+            ));
+        }
+        if !(100..200).contains(&status) {
             return Ok(());
         }
     }
+    Err(error::error(
+        Code::UpstreamProtocol,
+        format!("the upstream sent more than {MAX_INTERIM} interim (1xx) responses"),
+    ))
 }
 
 /// The peer for one attempt: the region's next address, or the peer sluice of a `via` region.

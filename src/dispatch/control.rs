@@ -8,6 +8,8 @@ pub const SLUICE_MODE: &str = "sluice-mode";
 pub const SLUICE_REGIONS: &str = "sluice-regions";
 pub const SLUICE_HEDGE_AFTER: &str = "sluice-hedge-after";
 pub const SLUICE_RETRY_ON: &str = "sluice-retry-on";
+/// Longest `Sluice-Hedge-After` a client may ask for (a duration that must meet a clock).
+pub const MAX_HEDGE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Control {
@@ -52,7 +54,15 @@ impl Control {
         };
         let hedge_after = match text(SLUICE_HEDGE_AFTER)? {
             None => limits.hedge_after,
-            Some(t) => HedgeAfter::parse(t).map_err(|e| format!("Sluice-Hedge-After {e}"))?,
+            Some(t) => match HedgeAfter::parse(t).map_err(|e| format!("Sluice-Hedge-After {e}"))? {
+                HedgeAfter::Fixed(d) if d > MAX_HEDGE_AFTER => {
+                    return Err(format!(
+                        "Sluice-Hedge-After {t:?} is over the longest allowed, {}",
+                        humantime::format_duration(MAX_HEDGE_AFTER)
+                    ))
+                }
+                h => h,
+            },
         };
         let retry_on = match text(SLUICE_RETRY_ON)? {
             None => limits.retry_on,
@@ -111,6 +121,8 @@ mod tests {
             ("Sluice-Regions", " , "),
             ("Sluice-Hedge-After", "soon"),
             ("Sluice-Retry-On", "always"),
+            ("Sluice-Hedge-After", "18446744073709551615s"),
+            ("Sluice-Hedge-After", "2h"),
         ] {
             let e = Control::read(&req(&[(h, v)]), &l).expect_err("bad");
             assert!(e.starts_with(h), "{e}");

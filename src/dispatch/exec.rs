@@ -267,7 +267,9 @@ impl Exec<'_, '_> {
             }
         }
         let hedge_delay = self.hedge_delay(first);
-        let mut hedge_at = (self.mode == Mode::Hedge).then(|| Instant::now() + hedge_delay);
+        let mut hedge_at = (self.mode == Mode::Hedge)
+            .then(|| Instant::now().checked_add(hedge_delay))
+            .flatten();
         let deadline = job.ctx.deadline;
         let mut last: Option<Box<Error>> = None;
         let mut fallback: Option<Answer> = None;
@@ -375,7 +377,7 @@ impl Exec<'_, '_> {
                                     delay: Duration::ZERO,
                                 });
                                 if planned + 1 < self.max_attempts {
-                                    hedge_at = Some(Instant::now() + hedge_delay);
+                                    hedge_at = Instant::now().checked_add(hedge_delay);
                                 }
                             }
                         } else {

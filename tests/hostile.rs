@@ -1,0 +1,256 @@
+//! Hostile input, round 2: what a bad upstream and a bad client could still do, each with a
+//! test that failed before its fix — learned pace out of bounds, `Retry-After: 0`, forged
+//! `Sluice-*` response headers, an unsolicited `101`, a flood of `1xx`, client durations that
+//! overflow a clock, and absolute targets with schemes sluice does not serve.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+use support::*;
+
+const HOST: &str = "api.hostile.test";
+
+fn rt() -> tokio::runtime::Runtime {
+    support::runtime(2)
+}
+
+/// `HOST` pinned to the port, as a `[hosts]` entry (so `/status` lists its pace).
+fn pinned(port: u16, host_keys: &str) -> String {
+    format!("[hosts.\"{HOST}\"]\n{host_keys}\n[resolve]\n\"{HOST}\" = [\"127.0.0.1:{port}\"]\n")
+}
+
+async fn get(sluice: &Sluice, path: &str, headers: &[(&str, &str)]) -> (u16, String, Duration) {
+    let started = Instant::now();
+    let mut req = direct_client()
+        .get(format!("http://{}{path}", sluice.proxy))
+        .header("Sluice-Target", format!("http://{HOST}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.expect("response");
+    let status = r.status().as_u16();
+    let code = r
+        .headers()
+        .get("sluice-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    (status, code, started.elapsed())
+}
+
+fn pace_of(sluice: &Sluice) -> f64 {
+    let (_, status) = sluice.admin_get("/status");
+    let s: serde_json::Value = serde_json::from_str(&status).expect("json");
+    s["hosts"]
+        .as_array()
+        .and_then(|l| {
+            l.iter()
+                .find(|h| h["host"].as_str().is_some_and(|k| k.starts_with(HOST)))
+        })
+        .and_then(|h| h["pace_rps"].as_f64())
+        .unwrap_or_else(|| panic!("no pace for {HOST}: {status}"))
+}
+
+#[test]
+fn a_learned_pace_stays_between_one_an_hour_and_the_ceiling() {
+    let up = FakeUpstream::builder()
+        .route(
+            "/crawl",
+            Reply::text(200, "ok").header("X-EZTHROTTLE-RPS", "0.0000000001"),
+        )
+        .route(
+            "/flood",
+            Reply::text(200, "ok").header("X-EZTHROTTLE-RPS", "1000000"),
+        )
+        .start();
+    let sluice = Sluice::start("", &pinned(up.port(), "rps = 2.0\nburst = 1"));
+    rt().block_on(async {
+        let (status, _, _) = get(&sluice, "/crawl", &[]).await;
+        assert_eq!(status, 200);
+        let pace = pace_of(&sluice);
+        assert!(
+            (pace - 1.0 / 3600.0).abs() < 1e-6,
+            "the floor, one an hour: {pace}"
+        );
+        // Pacing is not off. The slot already reserved at the old pace (0.5 s on) goes; the
+        // one after it is an hour away, past any wait.
+        let (status, _, _) = get(&sluice, "/crawl", &[("Sluice-Timeout", "2s")]).await;
+        assert_eq!(status, 200);
+        let (status, code, elapsed) = get(&sluice, "/crawl", &[("Sluice-Timeout", "1s")]).await;
+        assert_eq!((status, code.as_str()), (429, "rate_limited"));
+        assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+    });
+    assert_eq!(up.count(), 2);
+
+    // The ceiling: with no max_rps, an upstream cannot raise the pace past 1,000 rps.
+    let sluice = Sluice::start("", &pinned(up.port(), "rps = 2.0"));
+    rt().block_on(async {
+        assert_eq!(get(&sluice, "/flood", &[]).await.0, 200);
+    });
+    assert_eq!(pace_of(&sluice), 1000.0);
+    let sluice = Sluice::start("", &pinned(up.port(), "rps = 2.0\nmax_rps = 5.0"));
+    rt().block_on(async {
+        assert_eq!(get(&sluice, "/flood", &[]).await.0, 200);
+    });
+    assert_eq!(pace_of(&sluice), 5.0);
+}
+
+#[test]
+fn retry_after_zero_still_pauses_and_resends_stop_at_max_attempts() {
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(429, "now!").retry_after("0"))
+        .start();
+    let sluice = Sluice::start("", &pinned(up.port(), "rps = 0.0\nmax_attempts = 2"));
+    rt().block_on(async {
+        let (status, _, elapsed) = get(&sluice, "/x", &[]).await;
+        eprintln!("429 + Retry-After: 0 twice, answered after {elapsed:?}");
+        assert_eq!(status, 429);
+        assert!(
+            elapsed >= Duration::from_millis(950),
+            "the resend waited the 1 s floor: {elapsed:?}"
+        );
+    });
+    assert_eq!(up.count(), 2);
+}
+
+#[test]
+fn sluice_headers_from_upstream_are_dropped() {
+    let up = FakeUpstream::builder()
+        .route(
+            "/",
+            Reply::text(200, "ok")
+                .header("Sluice-Error", "forged")
+                .header("Sluice-Region", "evil")
+                .header("Sluice-Anything", "x"),
+        )
+        .start();
+    let sluice = Sluice::start("", &pinned(up.port(), "rps = 0.0"));
+    let raw = raw_exchange(
+        sluice.proxy,
+        format!(
+            "GET /x HTTP/1.1\r\nHost: {HOST}\r\nSluice-Target: http://{HOST}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .expect("exchange");
+    let (status, head, _) = split_response(&raw);
+    assert_eq!(status, 200);
+    assert_eq!(header_of(&head, "sluice-error"), None, "{head}");
+    assert_eq!(header_of(&head, "sluice-anything"), None, "{head}");
+    assert_eq!(
+        header_of(&head, "sluice-region").as_deref(),
+        Some("default")
+    );
+}
+
+/// A raw upstream that answers every connection's first request with `reply`.
+fn raw_upstream(reply: Vec<u8>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(4) {
+            let Ok(mut s) = stream else { return };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            s.write_all(&reply).ok();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    port
+}
+
+#[test]
+fn an_unsolicited_101_and_a_flood_of_1xx_are_refused() {
+    let switch = raw_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: raw\r\nConnection: upgrade\r\n\r\nRAW BYTES"
+            .to_vec(),
+    );
+    let mut flood = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n".repeat(2000);
+    flood.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    let hints = raw_upstream(flood);
+    for (port, what) in [(switch, "101"), (hints, "1xx flood")] {
+        let sluice = Sluice::start("", &pinned(port, "rps = 0.0\nretry_on = []"));
+        let raw = raw_exchange(
+            sluice.proxy,
+            format!(
+                "GET /x HTTP/1.1\r\nHost: {HOST}\r\nSluice-Target: http://{HOST}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .expect("exchange");
+        let (status, head, body) = split_response(&raw);
+        assert_eq!(status, 502, "{what}: {head}\n{body}");
+        assert_eq!(
+            header_of(&head, "sluice-error").as_deref(),
+            Some("upstream_protocol"),
+            "{what}"
+        );
+        assert_eq!(
+            raw.windows(6).filter(|w| w == b" 103 E").count(),
+            0,
+            "{what}: no interim response reached the client"
+        );
+    }
+}
+
+#[test]
+fn client_durations_that_would_overflow_a_clock_are_refused() {
+    let up = FakeUpstream::builder().start();
+    let sluice = Sluice::start("", &pinned(up.port(), "rps = 0.0"));
+    rt().block_on(async {
+        for (name, value) in [
+            ("Sluice-Timeout", "18446744073709551615s"),
+            ("Sluice-Timeout", "2h"),
+            ("Sluice-Hedge-After", "18446744073709551615s"),
+            ("Sluice-Hedge-After", "5000h"),
+        ] {
+            for _ in 0..20 {
+                let (status, code, _) = get(&sluice, "/x", &[(name, value)]).await;
+                assert_eq!(
+                    (status, code.as_str()),
+                    (400, "bad_request"),
+                    "{name}: {value}"
+                );
+            }
+        }
+        // Still serving, and nothing panicked.
+        assert_eq!(get(&sluice, "/x", &[("Sluice-Timeout", "1h")]).await.0, 200);
+    });
+    assert!(!sluice.log().contains("panicked"), "{}", sluice.log());
+}
+
+#[test]
+fn absolute_targets_with_other_schemes_are_refused_not_routed() {
+    let routed = FakeUpstream::builder().start();
+    let sluice = Sluice::start(
+        "",
+        &format!(
+            "[[routes]]\nprefix = \"/plain\"\ntarget = \"http://127.0.0.1:{}\"\n",
+            routed.port()
+        ),
+    );
+    for target in ["ftp://x/plain/get", "ws://x/plain/get", "wss://x/plain/get"] {
+        let raw = raw_exchange(
+            sluice.proxy,
+            format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .expect("exchange");
+        let (status, head, body) = split_response(&raw);
+        assert_eq!(status, 400, "{target}: {head}");
+        assert_eq!(
+            header_of(&head, "sluice-error").as_deref(),
+            Some("bad_target"),
+            "{target}"
+        );
+        assert!(body.contains("http and https"), "{body}");
+    }
+    assert_eq!(routed.count(), 0, "nothing was served by the /plain route");
+}
