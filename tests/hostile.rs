@@ -40,6 +40,14 @@ async fn get(sluice: &Sluice, path: &str, headers: &[(&str, &str)]) -> (u16, Str
     (status, code, started.elapsed())
 }
 
+/// One `GET /x` to `HOST` through sluice on a raw connection; the raw answer.
+fn raw_get(sluice: &Sluice) -> Vec<u8> {
+    let head = format!(
+        "GET /x HTTP/1.1\r\nHost: {HOST}\r\nSluice-Target: http://{HOST}\r\nConnection: close\r\n\r\n"
+    );
+    raw_exchange(sluice.proxy, head.as_bytes()).expect("exchange")
+}
+
 fn pace_of(sluice: &Sluice) -> f64 {
     let (_, status) = sluice.admin_get("/status");
     let s: serde_json::Value = serde_json::from_str(&status).expect("json");
@@ -127,14 +135,7 @@ fn sluice_headers_from_upstream_are_dropped() {
         )
         .start();
     let sluice = Sluice::start("", &pinned(up.port(), "rps = 0.0"));
-    let raw = raw_exchange(
-        sluice.proxy,
-        format!(
-            "GET /x HTTP/1.1\r\nHost: {HOST}\r\nSluice-Target: http://{HOST}\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .expect("exchange");
+    let raw = raw_get(&sluice);
     let (status, head, _) = split_response(&raw);
     assert_eq!(status, 200);
     assert_eq!(header_of(&head, "sluice-error"), None, "{head}");
@@ -178,14 +179,7 @@ fn an_unsolicited_101_and_a_flood_of_1xx_are_refused() {
     let hints = raw_upstream(flood);
     for (port, what) in [(switch, "101"), (hints, "1xx flood")] {
         let sluice = Sluice::start("", &pinned(port, "rps = 0.0\nretry_on = []"));
-        let raw = raw_exchange(
-            sluice.proxy,
-            format!(
-                "GET /x HTTP/1.1\r\nHost: {HOST}\r\nSluice-Target: http://{HOST}\r\nConnection: close\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .expect("exchange");
+        let raw = raw_get(&sluice);
         let (status, head, body) = split_response(&raw);
         assert_eq!(status, 502, "{what}: {head}\n{body}");
         assert_eq!(

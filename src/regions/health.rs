@@ -21,7 +21,6 @@ use pingora_load_balancing::discovery::Static;
 use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
 use pingora_load_balancing::{Backend, Backends, HealthRegistry};
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,27 +49,26 @@ impl std::fmt::Debug for RegionChecks {
 }
 
 impl RegionChecks {
-    /// The checks of a region of `host` (its `[hosts]` key) over `addrs`; `previous` keeps its
-    /// registry (and so its health) when built for the same settings.
+    /// The checks of `region` of `host` (its `[hosts]` key); `previous` keeps its registry
+    /// (and so its health) when built for the same settings.
     pub fn build(
         host: &str,
-        addrs: &[SocketAddr],
-        tls: Option<bool>,
-        sni: Option<&String>,
+        region: &Region,
         cfg: &HealthCheckConfig,
         options: Option<&ConnectorOptions>,
         previous: Option<&RegionChecks>,
     ) -> RegionChecks {
-        let built_for = (cfg.clone(), tls, sni.cloned());
+        let built_for = (cfg.clone(), region.tls, region.sni.clone());
         let registry = match previous {
             Some(p) if p.built_for == built_for => p.registry.clone(),
             _ => {
                 let r = Arc::new(HealthRegistry::new());
-                r.set_health_check(check_for(host, addrs, tls, sni, cfg, options));
+                r.set_health_check(check_for(host, region, cfg, options));
                 r
             }
         };
-        let backends: Vec<Backend> = addrs
+        let backends: Vec<Backend> = region
+            .addrs
             .iter()
             .map(|a| Backend {
                 addr: pingora_core::protocols::l4::socket::SocketAddr::Inet(*a),
@@ -106,15 +104,15 @@ impl RegionChecks {
 /// the region's SNI, or a TCP (and TLS) connect when no path is set.
 fn check_for(
     host: &str,
-    addrs: &[SocketAddr],
-    tls: Option<bool>,
-    sni: Option<&String>,
+    region: &Region,
     cfg: &HealthCheckConfig,
     options: Option<&ConnectorOptions>,
 ) -> Box<dyn HealthCheck + Send + Sync> {
     let name = host_name(host);
-    let tls = tls.unwrap_or_else(|| addrs.first().is_some_and(|a| a.port() == 443));
-    let sni = sni.cloned().unwrap_or_else(|| name.to_string());
+    let tls = region
+        .tls
+        .unwrap_or_else(|| region.addrs.first().is_some_and(|a| a.port() == 443));
+    let sni = region.sni.clone().unwrap_or_else(|| name.to_string());
     let timeout = Some(cfg.timeout.get());
     let (success, failure) = (cfg.healthy.max(1) as usize, cfg.unhealthy.max(1) as usize);
     let Some(path) = &cfg.path else {

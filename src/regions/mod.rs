@@ -198,15 +198,8 @@ impl Regions {
         let before = previous
             .and_then(|p| p.region(&region.name))
             .and_then(|r| r.checks.as_deref());
-        region.checks = Some(Arc::new(health::RegionChecks::build(
-            host,
-            &region.addrs,
-            region.tls,
-            region.sni.as_ref(),
-            cfg,
-            self.options.as_ref(),
-            before,
-        )));
+        let checks = health::RegionChecks::build(host, &region, cfg, self.options.as_ref(), before);
+        region.checks = Some(Arc::new(checks));
         region
     }
 }
