@@ -47,6 +47,21 @@ pub fn clamp_learned_rps(rps: f64, max_rps: f64) -> f64 {
     }
 }
 
+/// The shortest pause a response asks for (zero for none), as `learn` will apply it: a 429
+/// at least `MIN_429_PAUSE`, a 503 its `Retry-After`, exhausted windows their reset.
+fn signalled_pause(status: u16, hints: &hints::Hints) -> Duration {
+    let by_status = match (status, hints.retry_after) {
+        (429, d) => d.unwrap_or(Duration::ZERO).max(MIN_429_PAUSE),
+        (503, Some(d)) => d,
+        _ => Duration::ZERO,
+    };
+    by_status.max(hints.exhausted_for.unwrap_or(Duration::ZERO))
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 type Map = papaya::HashMap<Box<str>, Arc<HostCell>, foldhash::fast::RandomState>;
 
 /// Nanoseconds since the admission clock started.
@@ -188,6 +203,9 @@ pub struct Admission {
     clock: Arc<Clock>,
     /// The fleet this node shares pace, pauses and learned limits with (`backend = "redis"`).
     fleet: Option<Arc<Fleet>>,
+    /// Tests see each cell at the moment its promotion makes it visible to other requests.
+    #[cfg(test)]
+    on_promote: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
 impl Admission {
@@ -208,6 +226,8 @@ impl Admission {
             light_on: AtomicBool::new(false),
             clock,
             fleet,
+            #[cfg(test)]
+            on_promote: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -263,16 +283,20 @@ impl Admission {
             return c.clone();
         }
         let (profile, configured) = generation.profile_for(host, key);
-        self.make_cell(key, profile, configured, generation)
+        self.make_cell(key, profile, configured, generation, 0)
     }
 
     /// A full cell for `key`; a host that was in the compact table keeps its pace position.
+    /// The full cell of `key`, made (or found, if another thread made it) and then promoted
+    /// out of the compact table. `paused_until` (0: none) is set on the cell before the
+    /// promotion makes it visible, so no request slips through between the two.
     fn make_cell(
         &self,
         key: &str,
         profile: u16,
         configured: bool,
         generation: &Generation,
+        paused_until: u64,
     ) -> Arc<HostCell> {
         let limits = generation.limits(profile);
         let fresh = Arc::new(HostCell::new(
@@ -283,8 +307,17 @@ impl Admission {
             configured,
         ));
         let cell = self.cells.pin().get_or_insert(key.into(), fresh).clone();
-        // Inserted before the compact slot says "promoted", so whoever reads that finds it.
-        if let Some(tat) = self.light.promote(self.light.fingerprint(key)) {
+        if paused_until > 0 {
+            cell.pause_until(paused_until);
+        }
+        // Inserted (and paused) before the compact slot says "promoted", so whoever reads
+        // that finds it as it must be.
+        let promoted = self.light.promote(self.light.fingerprint(key));
+        #[cfg(test)]
+        if let Ok(mut seen) = self.on_promote.lock() {
+            seen.push((self.light.fingerprint(key), cell.paused_until()));
+        }
+        if let Some(tat) = promoted {
             cell.raise_tat(tat);
         }
         if let Some(fleet) = &self.fleet {
@@ -436,9 +469,16 @@ impl Admission {
             Host::Cell(c) => c,
             Host::Light { .. } if !teaches(status, hints) => return Learned::default(),
             Host::Light { key, .. } => {
+                // The pause this response asks for, less a nanosecond so that the pause applied
+                // below (from a later `now`) still counts as the one that started it.
+                let d = signalled_pause(status, hints);
+                let pause = match d.is_zero() {
+                    true => 0,
+                    false => self.clock.now().saturating_add(nanos(d)).saturating_sub(1),
+                };
                 promoted = match self.cells.pin().get(key.as_str()) {
                     Some(c) => c.clone(),
-                    None => self.make_cell(key, 0, false, generation),
+                    None => self.make_cell(key, 0, false, generation, pause),
                 };
                 &promoted
             }
@@ -713,6 +753,38 @@ mod tests {
             .await
             .expect("next");
         assert_eq!(next.queued, Duration::from_millis(50));
+    }
+
+    /// The race behind a once-flaky storm test: a compact host taught a 429 was promoted (its
+    /// full cell made visible to every request, on any thread) before that cell was paused,
+    /// so a request could take a slot in between. At the moment of promotion the cell must
+    /// already carry the pause.
+    #[tokio::test(start_paused = true)]
+    async fn a_host_promoted_by_a_429_is_paused_when_it_becomes_visible() {
+        let g = generation("[defaults]\nrps = 20.0\nburst = 1\n");
+        let adm = admission(Clock::tokio(), &g);
+        let a = host(&adm, "a.test:443", &g);
+        drop(
+            adm.acquire(&a, Duration::from_secs(1))
+                .await
+                .expect("first"),
+        );
+        let hints = hints::Hints {
+            retry_after: Some(Duration::from_secs(2)),
+            ..hints::Hints::default()
+        };
+        let before = adm.now();
+        let learned = adm.learn(&a, &g, 429, &hints);
+        let seen = adm.on_promote.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 1, "one promotion");
+        let paused_until = seen[0].1;
+        assert!(
+            paused_until >= before + 1_999_000_000,
+            "paused for the 2 s at the moment of promotion: {paused_until} vs {before}"
+        );
+        // And the pause still counts as started by this response (metrics, the fleet).
+        assert!(learned.paused.is_some());
+        assert!(adm.paused_until(&a) >= paused_until);
     }
 
     #[tokio::test(start_paused = true)]
