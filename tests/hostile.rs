@@ -248,3 +248,93 @@ fn absolute_targets_with_other_schemes_are_refused_not_routed() {
     }
     assert_eq!(routed.count(), 0, "nothing was served by the /plain route");
 }
+
+/// A raw upstream that reads one connection to its end and reports how many bytes came.
+fn draining_upstream() -> (u16, std::sync::mpsc::Receiver<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let mut total = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        tx.send(total).ok();
+    });
+    (port, rx)
+}
+
+#[test]
+fn a_chunked_body_over_the_limit_gets_413_and_the_upstream_request_stops() {
+    let (port, received) = draining_upstream();
+    const MIB: usize = 1024 * 1024;
+    let sluice = Sluice::start(
+        "",
+        &format!(
+            "[security]\nallow_cidrs = [\"127.0.0.0/8\"]\nmax_body_bytes = {MIB}\n{}",
+            pinned(port, "rps = 0.0")
+        ),
+    );
+    // As curl sends a large upload: chunked, with `Expect: 100-continue`, the body after the
+    // `100` (or after a second without one).
+    let mut s = std::net::TcpStream::connect(sluice.proxy).expect("connect");
+    let head = format!(
+        "POST /up HTTP/1.1\r\nHost: {HOST}\r\nSluice-Target: http://{HOST}\r\n\
+         Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).expect("head");
+    s.set_read_timeout(Some(Duration::from_secs(1))).ok();
+    let mut interim = [0u8; 256];
+    let n = s.read(&mut interim).unwrap_or(0);
+    assert!(
+        interim[..n].starts_with(b"HTTP/1.1 100"),
+        "{:?}",
+        String::from_utf8_lossy(&interim[..n])
+    );
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut w = s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..(8 * MIB / chunk.len()) {
+            let sent = w
+                .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .and_then(|_| w.write_all(&chunk))
+                .and_then(|_| w.write_all(b"\r\n"));
+            if sent.is_err() {
+                return;
+            }
+        }
+        w.write_all(b"0\r\n\r\n").ok();
+    });
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    writer.join().ok();
+    let (status, head, body) = split_response(&raw);
+    assert_eq!(status, 413, "{head}\n{body}");
+    assert_eq!(
+        header_of(&head, "sluice-error").as_deref(),
+        Some("body_too_large")
+    );
+    let upstream_got = received
+        .recv_timeout(Duration::from_secs(15))
+        .expect("upstream connection ended");
+    eprintln!("over-long chunked body: the upstream received {upstream_got} bytes");
+    assert!(
+        upstream_got < 2 * MIB,
+        "the upstream request went on past the limit: {upstream_got} bytes"
+    );
+}

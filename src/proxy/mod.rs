@@ -13,6 +13,7 @@ use pingora_error::{Error, Result};
 use pingora_http::ResponseHeader;
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The HTTP side of sluice (forward proxy, explicit target, routes).
 pub struct SluiceProxy {
@@ -52,12 +53,18 @@ impl ProxyHttp for SluiceProxy {
         let code = Code::of(e);
         ctx.error = Some(code);
         let status = error::status_of(e);
-        if status > 0 && session.response_written().is_none() {
+        // Only an interim `100 Continue` may have gone out: a final answer still can.
+        let answered = session
+            .response_written()
+            .is_some_and(|r| !r.status.is_informational());
+        if status > 0 && !answered {
             let message = error::message_of(e);
             let retry_after = ctx.retry_after.filter(|_| code == Code::RateLimited);
             if let Err(werr) = write_error(session, code, status, &message, retry_after, ctx).await
             {
                 tracing::debug!(error = %werr, "could not send error response");
+            } else if code == Code::BodyTooLarge {
+                linger(session).await;
             }
         }
         FailToProxy {
@@ -94,6 +101,24 @@ impl ProxyHttp for SluiceProxy {
                 bytes_out = session.body_bytes_sent(),
                 error = outcome.map_or("-", Code::as_str),
             );
+        }
+    }
+}
+
+/// Most of a refused body read and dropped after the refusal, and for how long.
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
+const LINGER_FOR: Duration = Duration::from_secs(1);
+
+/// After refusing a request whose client is still sending its body, read and drop some of
+/// it before the connection closes: closing on unread bytes sends a reset, which destroys
+/// the refusal before the client reads it. Bounded in bytes and time.
+async fn linger(session: &mut Session) {
+    let until = tokio::time::Instant::now() + LINGER_FOR;
+    let mut left = LINGER_BYTES;
+    while left > 0 {
+        match tokio::time::timeout_at(until, session.read_request_body()).await {
+            Ok(Ok(Some(chunk))) => left = left.saturating_sub(chunk.len().max(1)),
+            _ => break,
         }
     }
 }
