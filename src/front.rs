@@ -130,7 +130,9 @@ async fn read_head(
 /// What the head says to do.
 pub enum Plan {
     Connect,
-    Http,
+    /// Serve as HTTP; with a head rewritten to carry the absolute target's authority as its
+    /// one `Host` (RFC 9112 3.2.2), when the client's `Host` said otherwise.
+    Http(Option<Vec<u8>>),
 }
 
 /// Check a complete head: well formed, target length, and unambiguous body framing
@@ -140,6 +142,7 @@ pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Cod
     // Uninitialised slots: httparse fills only as many as the head has.
     let mut headers = [std::mem::MaybeUninit::uninit(); MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
+    let head_len;
     match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) if n > max_head => {
             return Err((
@@ -147,7 +150,7 @@ pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Cod
                 format!("request head over {max_head} bytes"),
             ))
         }
-        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Complete(n)) => head_len = n,
         Ok(httparse::Status::Partial) => {
             return Err((Code::BadRequest, "malformed request head".into()))
         }
@@ -177,6 +180,9 @@ pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Cod
             if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
                 return Err((Code::BadRequest, "invalid Content-Length".into()));
             }
+            if std::str::from_utf8(v).map_or(true, |t| t.parse::<u64>().is_err()) {
+                return Err((Code::BadRequest, "Content-Length too large".into()));
+            }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             if te.is_some() {
                 return Err((Code::BadRequest, "repeated Transfer-Encoding".into()));
@@ -203,7 +209,76 @@ pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Cod
             ));
         }
     }
-    Ok(Plan::Http)
+    if te.is_some() && req.version == Some(0) {
+        return Err((
+            Code::BadRequest,
+            "Transfer-Encoding on an HTTP/1.0 request".into(),
+        ));
+    }
+    let rewritten = canonical_host(&req, buf, head_len)?;
+    Ok(Plan::Http(rewritten))
+}
+
+/// The authority of an absolute-form `http(s)://` target, if the target is one.
+fn absolute_authority(target: &str) -> Option<&str> {
+    let rest = ["http://", "https://"].iter().find_map(|scheme| {
+        (target.len() > scheme.len() && target[..scheme.len()].eq_ignore_ascii_case(scheme))
+            .then(|| &target[scheme.len()..])
+    })?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+/// For an absolute-form target, a proxy takes the target's authority as the request's `Host`
+/// (RFC 9112 3.2.2): when the head's `Host` fields are not exactly that one value, the head
+/// is rebuilt with it (what followed the head is kept). Userinfo in the authority is refused.
+fn canonical_host(
+    req: &httparse::Request<'_, '_>,
+    buf: &[u8],
+    head_len: usize,
+) -> Result<Option<Vec<u8>>, (Code, String)> {
+    let Some(authority) = req.path.and_then(absolute_authority) else {
+        return Ok(None);
+    };
+    if authority.contains('@') {
+        return Err((
+            Code::BadTarget,
+            "userinfo in the request target is not allowed".into(),
+        ));
+    }
+    let mut hosts = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"));
+    let exact =
+        matches!((hosts.next(), hosts.next()), (Some(h), None) if h.value == authority.as_bytes());
+    if exact {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(buf.len() + authority.len());
+    let version = if req.version == Some(0) { "1.0" } else { "1.1" };
+    let line = format!(
+        "{} {} HTTP/{version}\r\n",
+        req.method.unwrap_or("GET"),
+        req.path.unwrap_or("/")
+    );
+    out.extend_from_slice(line.as_bytes());
+    out.extend_from_slice(b"Host: ");
+    out.extend_from_slice(authority.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in req
+        .headers
+        .iter()
+        .filter(|h| !h.name.eq_ignore_ascii_case("host"))
+    {
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&buf[head_len..]);
+    Ok(Some(out))
 }
 
 /// Close gracefully after a refusal: send FIN, then read and drop what the client still sends
@@ -270,7 +345,7 @@ impl ServerApp for Front {
         let mut served = false;
         loop {
             let head = read_head(&mut stream, idle, head_timeout, max_head, shutdown, served);
-            let buf = match head.await {
+            let mut buf = match head.await {
                 Head::Complete(buf) => buf,
                 Head::Gone => return None,
                 Head::Refuse(code, why) => {
@@ -289,7 +364,8 @@ impl ServerApp for Front {
                     Box::pin(tunnel::serve(&self.shared, stream, buf)).await;
                     return None;
                 }
-                Ok(Plan::Http) => {}
+                Ok(Plan::Http(None)) => {}
+                Ok(Plan::Http(Some(rewritten))) => buf = BytesMut::from(&rewritten[..]),
             }
             let mut session = ServerSession::new_http1(stream);
             match settings.take() {
