@@ -1,4 +1,6 @@
-//! The admin listener: `GET /healthz`, `GET /metrics` (Prometheus text), `GET /status` (JSON).
+//! The admin listener: `GET /healthz`, `GET /metrics` (Prometheus text), `GET /status` (JSON)
+//! and `POST /reload`; with `server.admin_token`, all but `/healthz` (and `/metrics` unless
+//! `server.metrics_auth`) need `Authorization: Bearer <token>`.
 
 use crate::state::Shared;
 use async_trait::async_trait;
@@ -14,6 +16,23 @@ pub struct Admin {
 impl Admin {
     pub fn new(shared: Arc<Shared>) -> Admin {
         Admin { shared }
+    }
+
+    /// May this request see `path`? Always for `/healthz`; otherwise when no token is set,
+    /// or the request carries it (compared as SHA-256 digests, in constant time).
+    fn authorized(&self, req: &pingora_http::RequestHeader, path: &str) -> bool {
+        let generation = self.shared.generation();
+        let server = &generation.config.server;
+        let Some(token) = &server.admin_token else {
+            return true;
+        };
+        if path == "/healthz" || (path == "/metrics" && !server.metrics_auth) {
+            return true;
+        }
+        req.headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .is_some_and(|sent| crate::policy::auth::same_secret(sent, token.as_bytes()))
     }
 
     fn status_json(&self) -> serde_json::Value {
@@ -144,6 +163,25 @@ impl ServeHttp for Admin {
         let req = session.req_header();
         let path = req.uri.path().to_string();
         let method = req.method.clone();
+        if !self.authorized(req, &path) {
+            let mut r = json(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({
+                    "error": "admin_auth_required",
+                    "message": "send Authorization: Bearer <server.admin_token>",
+                }),
+            );
+            let headers = r.headers_mut();
+            headers.insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"sluice-admin\""),
+            );
+            headers.insert(
+                "sluice-error",
+                http::HeaderValue::from_static("admin_auth_required"),
+            );
+            return r;
+        }
         if method == http::Method::POST && path == "/reload" {
             let shared = self.shared.clone();
             let outcome = tokio::task::spawn_blocking(move || crate::reload::reload(&shared)).await;

@@ -89,6 +89,7 @@ pub fn build_server(
         "sluice fleet",
         crate::shared::service::FleetService::new(shared.clone()),
     );
+    let with_fleet = shared.admission.fleet().is_some();
     let mut admin = Service::new("sluice admin".to_string(), Admin::new(shared));
     admin.add_tcp(&admin_listen);
     admin.threads = Some(1);
@@ -98,7 +99,11 @@ pub fn build_server(
     server.add_service(sweeper);
     server.add_service(hangup);
     server.add_service(health);
-    server.add_service(fleet);
+    // Only with a fleet (`[shared]` needs a restart to change): with the memory backend the
+    // service would stop at once and Pingora would log it as exited, which reads as a fault.
+    if with_fleet {
+        server.add_service(fleet);
+    }
     Ok(server)
 }
 

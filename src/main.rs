@@ -68,6 +68,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .config
             .as_ref()
             .map_or("embedded default".to_string(), |p| p.display().to_string());
+        for warning in config.server.warnings() {
+            eprintln!("warning: {warning}");
+        }
         println!("{source}: configuration is valid");
         return Ok(ExitCode::SUCCESS);
     }

@@ -16,6 +16,12 @@ fn healthz_metrics_and_status() {
     );
     let (status, body) = sluice.admin_get("/healthz");
     assert_eq!((status, body.as_str()), (200, "ok\n"));
+    // With the memory backend there is no fleet service to start (and none to log as exited).
+    assert!(
+        !sluice.log().contains("sluice fleet' exited"),
+        "{}",
+        sluice.log()
+    );
 
     for _ in 0..3 {
         let (s, _, _) = http_get(sluice.proxy, "/svc/a").expect("route request");
@@ -74,4 +80,49 @@ fn healthz_metrics_and_status() {
 
     let (status, _) = sluice.admin_get("/nope");
     assert_eq!(status, 404);
+}
+
+/// `GET path` on the admin listener with an optional bearer token: (status, head, body).
+fn admin_raw(sluice: &Sluice, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let raw = raw_exchange(
+        sluice.admin,
+        format!("{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .expect("admin exchange");
+    let (status, head, _) = split_response(&raw);
+    (status, head)
+}
+
+#[test]
+fn an_admin_token_guards_status_reload_and_optionally_metrics() {
+    const TOKEN: &str = "s3cret-admin-token-0123";
+    let sluice = Sluice::start(&format!("admin_token = \"{TOKEN}\""), "");
+    assert_eq!(admin_raw(&sluice, "GET", "/healthz", None).0, 200);
+    assert_eq!(
+        admin_raw(&sluice, "GET", "/metrics", None).0,
+        200,
+        "open by default"
+    );
+    for (method, path) in [("GET", "/status"), ("POST", "/reload")] {
+        let (status, head) = admin_raw(&sluice, method, path, None);
+        assert_eq!(status, 401, "{method} {path}: {head}");
+        assert_eq!(
+            header_of(&head, "sluice-error").as_deref(),
+            Some("admin_auth_required")
+        );
+        assert!(header_of(&head, "www-authenticate").is_some_and(|v| v.starts_with("Bearer")));
+        let (status, _) = admin_raw(&sluice, method, path, Some("wrong-token-wrong-token"));
+        assert_eq!(status, 401, "{method} {path} with a wrong token");
+        let (status, _) = admin_raw(&sluice, method, path, Some(TOKEN));
+        assert_eq!(status, 200, "{method} {path} with the token");
+    }
+    let sluice = Sluice::start(
+        &format!("admin_token = \"{TOKEN}\"\nmetrics_auth = true"),
+        "",
+    );
+    assert_eq!(admin_raw(&sluice, "GET", "/metrics", None).0, 401);
+    assert_eq!(admin_raw(&sluice, "GET", "/metrics", Some(TOKEN)).0, 200);
+    assert_eq!(admin_raw(&sluice, "GET", "/healthz", None).0, 200);
 }

@@ -132,3 +132,33 @@ fn a_busy_listen_address_is_a_clear_startup_error() {
         "{err}"
     );
 }
+
+#[test]
+fn check_warns_about_an_open_admin_listener_without_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = check_config(
+        dir.path(),
+        "open.toml",
+        "[server]\nadmin_listen = \"0.0.0.0:9090\"\n",
+    );
+    assert!(open.status.success(), "valid, only risky");
+    assert!(
+        stderr_of(&open).contains("warning: server.admin_listen 0.0.0.0:9090 is not on loopback"),
+        "{}",
+        stderr_of(&open)
+    );
+    let guarded = check_config(
+        dir.path(),
+        "guarded.toml",
+        "[server]\nadmin_listen = \"0.0.0.0:9090\"\nadmin_token = \"0123456789abcdef-token\"\n",
+    );
+    assert!(guarded.status.success());
+    assert!(
+        !stderr_of(&guarded).contains("warning"),
+        "{}",
+        stderr_of(&guarded)
+    );
+    let short = check_config(dir.path(), "short.toml", "[server]\nadmin_token = \"x\"\n");
+    assert!(!short.status.success());
+    assert!(stderr_of(&short).contains("server.admin_token"));
+}

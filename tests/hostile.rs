@@ -218,7 +218,15 @@ fn client_durations_that_would_overflow_a_clock_are_refused() {
         // Still serving, and nothing panicked.
         assert_eq!(get(&sluice, "/x", &[("Sluice-Timeout", "1h")]).await.0, 200);
     });
-    assert!(!sluice.log().contains("panicked"), "{}", sluice.log());
+    let log = sluice.log();
+    assert!(!log.contains("panicked"), "{log}");
+    // A refusal's access-log line names the destination it had parsed.
+    assert!(
+        log.lines().any(|l| l.contains("sluice::access")
+            && l.contains("host=\"api.hostile.test\"")
+            && l.contains("error=\"bad_request\"")),
+        "{log}"
+    );
 }
 
 #[test]
@@ -336,5 +344,64 @@ fn a_chunked_body_over_the_limit_gets_413_and_the_upstream_request_stops() {
     assert!(
         upstream_got < 2 * MIB,
         "the upstream request went on past the limit: {upstream_got} bytes"
+    );
+}
+
+#[test]
+fn an_absolute_target_sets_host_and_framing_refusals_are_sluices_own() {
+    let up = FakeUpstream::builder().start();
+    let sluice = Sluice::start(
+        "",
+        &format!(
+            "[resolve]\n\"api.case.test\" = [\"127.0.0.1:{}\"]\n",
+            up.port()
+        ),
+    );
+    // RFC 9112 3.2.2: the target's authority is the Host, whatever the client sent (Pingora
+    // alone answered each of these with a bare 400).
+    for host_lines in [
+        "Host: api.case.test:80\r\n",
+        "Host: API.CASE.TEST\r\n",
+        "Host: api.case.test\r\nHost: other.test\r\n",
+        "",
+    ] {
+        let raw = raw_exchange(
+            sluice.proxy,
+            format!("GET http://api.case.test/x HTTP/1.1\r\n{host_lines}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("exchange");
+        let (status, head, _) = split_response(&raw);
+        assert_eq!(status, 200, "{host_lines:?}: {head}");
+        let seen = up.requests();
+        let last = seen.last().expect("request");
+        assert_eq!(last.header("host"), Some("api.case.test"), "{host_lines:?}");
+    }
+    let a = "api.case.test";
+    for (request, code) in [
+        (
+            format!("GET http://user:pw@{a}/x HTTP/1.1\r\nHost: {a}\r\n\r\n"),
+            "bad_target",
+        ),
+        (
+            format!("POST http://{a}/x HTTP/1.1\r\nHost: {a}\r\nContent-Length: 99999999999999999999999\r\n\r\n"),
+            "bad_request",
+        ),
+        (
+            format!("POST http://{a}/x HTTP/1.0\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            "bad_request",
+        ),
+    ] {
+        let raw = raw_exchange(sluice.proxy, request.as_bytes()).expect("exchange");
+        let (status, head, body) = split_response(&raw);
+        assert_eq!(status, 400, "{request:?}: {head}");
+        assert_eq!(header_of(&head, "sluice-error").as_deref(), Some(code), "{request:?}");
+        assert!(body.contains("\"message\""), "{body}");
+    }
+    assert_eq!(
+        sluice.metric("sluice_requests_total{outcome=\"bad_request\"}")
+            + sluice.metric("sluice_requests_total{outcome=\"bad_target\"}"),
+        3.0,
+        "every refusal is counted"
     );
 }

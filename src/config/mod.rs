@@ -265,6 +265,30 @@ pub struct Server {
     pub pid_file: String,
     /// Socket through which a new process (`--upgrade`) takes over the listeners.
     pub upgrade_sock: String,
+    /// Bearer token the admin listener asks for on `/status` and `POST /reload` (and on
+    /// `/metrics` with `metrics_auth`); `/healthz` never needs it. Unset: no token.
+    pub admin_token: Option<String>,
+    /// `/metrics` needs `admin_token` too (off by default, for scrapers without one).
+    pub metrics_auth: bool,
+}
+
+impl Server {
+    /// Warnings `--check` prints for a configuration that is valid but risky.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let loopback = self
+            .admin_listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if !loopback && self.admin_token.is_none() {
+            out.push(format!(
+                "server.admin_listen {} is not on loopback and server.admin_token is not set: \
+                 anyone who reaches it can read /status and reload the configuration",
+                self.admin_listen
+            ));
+        }
+        out
+    }
 }
 
 impl Default for Server {
@@ -289,6 +313,8 @@ impl Default for Server {
             log_format: LogFormat::Text,
             pid_file: "/tmp/sluice.pid".into(),
             upgrade_sock: "/tmp/sluice_upgrade.sock".into(),
+            admin_token: None,
+            metrics_auth: false,
         }
     }
 }

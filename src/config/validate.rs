@@ -61,6 +61,20 @@ impl Config {
                 );
             }
         }
+        if let Some(t) = &s.admin_token {
+            if t.len() < 16 || t.bytes().any(|b| !b.is_ascii_graphic()) {
+                err(
+                    "server.admin_token".into(),
+                    "must be at least 16 printable characters with no spaces".into(),
+                );
+            }
+        }
+        if s.metrics_auth && s.admin_token.is_none() {
+            err(
+                "server.metrics_auth".into(),
+                "needs server.admin_token".into(),
+            );
+        }
         if s.threads > 1024 {
             err("server.threads".into(), "must be at most 1024".into());
         }

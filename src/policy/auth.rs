@@ -45,6 +45,12 @@ fn sha256(secret: &[u8]) -> [u8; 32] {
     Sha256::digest(secret).into()
 }
 
+/// Do two secrets match? Compared as SHA-256 digests, in time that does not depend on where
+/// they differ (nor on their lengths).
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    same(&sha256(a), &sha256(b))
+}
+
 /// Equal digests, in time that does not depend on where they differ.
 fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     let diff = a
