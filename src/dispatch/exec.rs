@@ -8,6 +8,8 @@
 use super::attempt::{self, Admit, Answer, Failed, Outcome};
 use super::body::{Source, Upload};
 use super::prepare::Plan;
+use super::record::Recorder;
+use super::timing::{backoff, hedge_from_percentiles};
 use super::{pace, respond, Ctx, Job};
 use crate::config::{HedgeAfter, Mode, Quota, RetryOn};
 use crate::error::{self, Code};
@@ -17,18 +19,8 @@ use crate::state::Shared;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use pingora_error::{Error, Result};
 use pingora_proxy::Session;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-/// Hedge delay when the endpoint has too few latency samples for a percentile.
-const HEDGE_FALLBACK: Duration = Duration::from_millis(500);
-/// A slow mode holding up to this many percentile points more than the hedge percentile's
-/// own tail still counts as a tail to hedge around (see `hedge_from_percentiles`).
-const MAX_SLOW_MODE: u8 = 15;
-/// Shortest hedge delay taken from a percentile.
-const HEDGE_MIN: Duration = Duration::from_millis(1);
-/// First backoff before a retry to an endpoint already tried; doubles, with jitter.
-const BACKOFF_BASE: Duration = Duration::from_millis(25);
 
 /// Send the request over its route and stream the winning answer to the client.
 pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Plan) -> Result<()> {
@@ -490,98 +482,6 @@ impl Exec<'_, '_> {
     }
 }
 
-/// Where an attempt's end is written down: its endpoint's state (latency, failures,
-/// ejection), the metrics, and what the host's answer teaches admission.
-struct Recorder<'a> {
-    shared: &'a Shared,
-    host: &'a Arc<HostRegions>,
-    label: &'a str,
-    outlier: crate::config::Outlier,
-    quota: Quota,
-}
-
-impl Recorder<'_> {
-    /// A response head from `region`, `started` when the attempt began; returns its status
-    /// and whether it paused the host.
-    fn answered(
-        &self,
-        ctx: &Ctx,
-        region: usize,
-        session: &pingora_core::protocols::http::client::HttpSession,
-        started: Instant,
-    ) -> (u16, bool) {
-        let r = &self.host.regions[region];
-        let head = session.response_header();
-        let status = head.map_or(0, |h| h.status.as_u16());
-        self.shared.metrics.record_region_attempt(
-            self.label,
-            &r.name,
-            crate::metrics::status_class(status),
-        );
-        let mut paused = false;
-        if let Some(h) = head {
-            let host_quota = self.quota == Quota::Host;
-            match pace::learn(self.shared, ctx, h, host_quota) {
-                pace::Learned::HostPaused => paused = pace::pause_signal(h),
-                pace::Learned::RegionPaused(d) => {
-                    r.state.hold(self.shared.regions.now(), d);
-                    tracing::info!(host = %self.host.host, region = %r.name, held_for = ?d,
-                        "region paused by its own rate-limit signal (quota = \"region\")");
-                }
-                pace::Learned::Nothing => {}
-            }
-        }
-        if (500..600).contains(&status) {
-            self.failed_in(region, false);
-        } else {
-            r.state.record_latency(started.elapsed());
-            r.state.on_success(self.shared.regions.now());
-        }
-        (status, paused)
-    }
-
-    /// An attempt to `region` that ended in an error (`code`).
-    fn failed(&self, region: usize, code: Code) {
-        let r = &self.host.regions[region];
-        self.shared
-            .metrics
-            .record_region_attempt(self.label, &r.name, code.as_str());
-        let connect = matches!(
-            code,
-            Code::ConnectRefused | Code::ConnectTimeout | Code::ConnectFailed
-        );
-        self.failed_in(region, connect);
-    }
-
-    /// Count a failure against the endpoint; eject it after enough in a row. One DNS answer
-    /// that refuses connections is out at once: the next request goes to another address
-    /// instead of waiting for its connect to fail again.
-    fn failed_in(&self, region: usize, connect: bool) {
-        self.shared.regions.keep(self.host);
-        let r = &self.host.regions[region];
-        let now = self.shared.regions.now();
-        let checked = self.host.health.is_some();
-        let mut outlier = self.outlier;
-        if connect && self.host.implicit && self.host.regions.len() > 1 {
-            outlier.consecutive_failures = outlier.consecutive_failures.min(1);
-        }
-        if let Some(t) = r.state.on_failure(now, &outlier, checked) {
-            self.shared
-                .metrics
-                .ejections
-                .with_label_values(&[self.label, &r.name])
-                .inc();
-            tracing::warn!(
-                host = %self.host.host,
-                region = %r.name,
-                address = ?self.host.implicit.then(|| r.addrs[0]),
-                ejected_for = ?t,
-                "endpoint ejected after consecutive failures"
-            );
-        }
-    }
-}
-
 enum Judged {
     Win(Answer),
     Retry {
@@ -643,98 +543,9 @@ async fn tagged(
     )
 }
 
-/// The hedge delay for percentile `p` of an endpoint's latency. When the latency has two
-/// modes (most answers fast, a few far slower) and `p` falls in or at the edge of the slow
-/// one, the `p`th percentile is the slow mode's latency and a hedge at it never helps; worse,
-/// it locks in, since a hedge that never fires lets every slow answer into the sketch. So the
-/// percentiles below `p` (down to `MAX_SLOW_MODE` points under it) are searched for the gap:
-/// the first that is under half the `p`th is the near edge of the fast mode, and the delay.
-/// In a continuous distribution no such drop exists over a few points, and `p` stands.
-fn hedge_from_percentiles(state: &crate::regions::state::RegionState, p: u8) -> Duration {
-    let Some(sketch) = state.sketch() else {
-        return HEDGE_FALLBACK;
-    };
-    let hi = sketch.at(p);
-    let floor = p.saturating_sub(MAX_SLOW_MODE).max(50);
-    let delay = (floor..p)
-        .rev()
-        .map(|q| sketch.at(q))
-        .find(|&lo| lo * 2 < hi)
-        .unwrap_or(hi);
-    delay.max(HEDGE_MIN)
-}
-
-/// Backoff before the `nth` extra attempt to one endpoint: 25 ms doubling, +-50% jitter.
-fn backoff(nth: u32) -> Duration {
-    if nth == 0 {
-        return Duration::ZERO;
-    }
-    let base = BACKOFF_BASE.saturating_mul(1 << (nth - 1).min(6));
-    base.mul_f64(0.5 + jitter_fraction())
-}
-
-/// A fraction in [0, 1) from the clock's low bits: enough to spread retries apart.
-fn jitter_fraction() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let mixed = u64::from(nanos).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
-    mixed as f64 / (1u64 << 53) as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::regions::state::RegionState;
-
-    fn with_tail(slow_per_1000: usize) -> RegionState {
-        let s = RegionState::new(1);
-        // Spread evenly, so that the sketch's decay keeps the proportion.
-        for i in 0..1000 {
-            let ms = if (i * slow_per_1000) % 1000 < slow_per_1000 {
-                1000
-            } else {
-                10
-            };
-            s.record_latency(Duration::from_millis(ms));
-        }
-        s
-    }
-
-    #[test]
-    fn a_percentile_on_the_edge_of_a_gap_hedges_on_the_near_side() {
-        // 5.2% slow: p95 is a slow sample by chance; p94 is fast.
-        let d = hedge_from_percentiles(&with_tail(52), 95);
-        assert!(d < Duration::from_millis(20), "{d:?}");
-        // 4.8% slow: p95 is fast.
-        let d = hedge_from_percentiles(&with_tail(48), 95);
-        assert!(d < Duration::from_millis(20), "{d:?}");
-        // 8% or 15% slow (a tail grown by chance or by a hedge that stopped firing): p95
-        // sits inside the slow mode; the fast mode's edge below it is the delay.
-        for slow in [80, 150] {
-            let d = hedge_from_percentiles(&with_tail(slow), 95);
-            assert!(d < Duration::from_millis(20), "{slow}: {d:?}");
-        }
-        // 30% slow is not a tail: the slow mode is the distribution, and p95 is in it.
-        let d = hedge_from_percentiles(&with_tail(300), 95);
-        assert!(d >= Duration::from_secs(1), "{d:?}");
-        // Too few samples: the fallback.
-        assert_eq!(
-            hedge_from_percentiles(&RegionState::new(1), 95),
-            HEDGE_FALLBACK
-        );
-    }
-
-    #[test]
-    fn a_continuous_distribution_uses_the_percentile_itself() {
-        let s = RegionState::new(1);
-        for i in 1..=1000u64 {
-            s.record_latency(Duration::from_micros(1000 + i * 100));
-        }
-        let d = hedge_from_percentiles(&s, 95);
-        let p95 = s.percentile(95).expect("p95");
-        assert_eq!(d, p95);
-    }
 
     #[test]
     fn the_picker_skips_endpoints_out_of_rotation_unless_all_are() {

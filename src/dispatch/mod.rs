@@ -15,7 +15,9 @@ mod exec;
 pub mod headers;
 pub mod pace;
 mod prepare;
+mod record;
 mod respond;
+mod timing;
 
 pub use control::Control;
 pub use ctx::Ctx;
