@@ -301,6 +301,23 @@ async fn linger(stream: &mut Stream) {
 }
 
 async fn refuse(mut stream: Stream, shared: &Shared, code: Code, message: &str) {
+    // Counted and logged before the answer goes out: whoever reads the refusal finds it
+    // counted.
+    shared.metrics.record(
+        crate::target::WayIn::Unknown,
+        crate::metrics::OTHER_HOST,
+        Some(code),
+        0.0,
+    );
+    if shared.generation().config.server.access_log {
+        tracing::info!(
+            target: "sluice::access",
+            way = "unknown",
+            status = code.status(),
+            error = code.as_str(),
+            reason = message,
+        );
+    }
     let raw = error::raw_response(code, message);
     let written = async {
         stream.write_all(&raw).await?;
@@ -311,12 +328,6 @@ async fn refuse(mut stream: Stream, shared: &Shared, code: Code, message: &str) 
         tracing::debug!(error = %e, "client gone before the refusal");
     }
     linger(&mut stream).await;
-    shared.metrics.record(
-        crate::target::WayIn::Unknown,
-        crate::metrics::OTHER_HOST,
-        Some(code),
-        0.0,
-    );
 }
 
 #[async_trait]
