@@ -344,7 +344,7 @@ impl Exec<'_, '_> {
                         }
                         Judged::Lost(e) => last = Some(e),
                         Judged::Refused(e) => {
-                            sent -= 1;
+                            sent = sent.saturating_sub(1);
                             last = Some(e);
                         }
                     }
