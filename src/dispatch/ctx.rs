@@ -57,6 +57,11 @@ impl Ctx {
             .map(|d| d.saturating_duration_since(Instant::now()))
     }
 
+    /// `limit`, cut to the time left before the deadline.
+    pub fn within_deadline(&self, limit: Duration) -> Duration {
+        self.time_left().map_or(limit, |left| left.min(limit))
+    }
+
     pub fn new(generation: Arc<Generation>) -> Ctx {
         Ctx {
             generation,

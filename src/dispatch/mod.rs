@@ -58,8 +58,7 @@ impl Job<'_> {
 
     /// Longest wait for admission now: the host's queue wait within the deadline.
     pub fn max_wait(&self) -> Duration {
-        let limit = self.limits.max_queue_wait.get();
-        self.ctx.time_left().map_or(limit, |left| left.min(limit))
+        self.ctx.within_deadline(self.limits.max_queue_wait.get())
     }
 
     /// The head an attempt sends: the client's, made ready for upstream. Each attempt gets

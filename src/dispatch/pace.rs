@@ -53,8 +53,7 @@ pub fn refusal_error(ctx: &mut Ctx, host: &str, r: Refusal) -> Box<Error> {
 
 /// How long this request may wait for admission now.
 pub fn max_wait(ctx: &Ctx, cell: &Host) -> Duration {
-    let limit = ctx.generation.limits(cell.profile()).max_queue_wait.get();
-    ctx.time_left().map_or(limit, |left| left.min(limit))
+    ctx.within_deadline(ctx.generation.limits(cell.profile()).max_queue_wait.get())
 }
 
 /// Before a request's first attempt: take the client's admission, then the host's.
@@ -66,7 +65,7 @@ pub async fn before_attempt(shared: &Shared, ctx: &mut Ctx) -> pingora_error::Re
             .clients
             .limits_of(&name)
             .map_or(Duration::ZERO, |l| l.max_queue_wait.get());
-        let wait = ctx.time_left().map_or(wait, |left| left.min(wait));
+        let wait = ctx.within_deadline(wait);
         match admit(shared, &cell, wait).await {
             Ok(p) => {
                 ctx.queued += p.queued;
