@@ -24,6 +24,9 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+/// The `reason` values of `sluice_retries_total`.
+pub const RETRY_REASONS: [&str; 5] = ["connect", "timeout", "reset", "status", "429"];
+
 pub struct Metrics {
     registry: Registry,
     /// `sluice_requests_total{way, host, outcome}`: host is a name from `[hosts]` or `other`;
@@ -288,6 +291,24 @@ impl Metrics {
         for dir in ["up", "down"] {
             tunnel_bytes.with_label_values(&[dir]);
         }
+        for way in WayIn::ALL {
+            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+                upstream_responses.with_label_values(&[way.as_str(), class]);
+            }
+        }
+        for reason in crate::admission::Refusal::REASONS {
+            rejections.with_label_values(&[reason]);
+        }
+        for source in crate::admission::PauseSource::ALL {
+            pauses.with_label_values(&[source.as_str()]);
+        }
+        upstream_429.with_label_values(&["passed"]);
+        for kind in ["rps", "max_concurrent"] {
+            learned.with_label_values(&[kind]);
+        }
+        for result in ["ok", "error"] {
+            config_reloads.with_label_values(&[result]);
+        }
         Ok(Metrics {
             registry,
             requests,
@@ -349,6 +370,45 @@ impl Metrics {
         self.upstream_attempts
             .with_label_values(&[host, region, outcome])
             .inc();
+    }
+
+    /// Create the series of every `[hosts]` entry and region of `generation`, so that they read
+    /// 0 rather than missing (a rate or an alert over them works from the start). Called at
+    /// start and on every reload; the label sets are bounded by the configuration.
+    pub fn prepare(&self, generation: &crate::config::Generation) {
+        for label in &generation.profile_names {
+            for event in ["fired", "won"] {
+                self.hedges.with_label_values(&[label, event]);
+            }
+            self.races.with_label_values(&[label]);
+            for reason in RETRY_REASONS {
+                self.retries.with_label_values(&[label, reason]);
+            }
+            self.budget_exhausted.with_label_values(&[label]);
+        }
+        for (name, entry) in &generation.config.hosts {
+            for region in &entry.regions {
+                self.ejections.with_label_values(&[name, &region.name]);
+            }
+        }
+    }
+
+    /// Requests answered by sluice itself, by error code (every way in and host), since start.
+    pub fn refusals_by_code(&self) -> std::collections::BTreeMap<String, u64> {
+        use prometheus::core::Collector;
+        let mut out = std::collections::BTreeMap::new();
+        for family in self.requests.collect() {
+            for m in family.get_metric() {
+                let outcome = m.get_label().iter().find(|l| l.get_name() == "outcome");
+                if let Some(code) = outcome.map(|l| l.get_value()) {
+                    if code != OUTCOME_OK {
+                        *out.entry(code.to_string()).or_insert(0) +=
+                            m.get_counter().get_value() as u64;
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Set the region gauges from the regions' live state (called before each scrape).

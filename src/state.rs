@@ -59,6 +59,7 @@ impl Shared {
         };
         let generation = Generation::build(1, config);
         metrics.config_generation.set(1);
+        metrics.prepare(&generation);
         let admission = Admission::with_fleet(clock, fleet);
         admission.configure(&generation);
         let instance = instance_id();
@@ -84,6 +85,7 @@ impl Shared {
         self.admission.apply_generation(&old, &new);
         self.regions.apply_generation(&new);
         self.metrics.config_generation.set(number);
+        self.metrics.prepare(&new);
     }
 
     /// A snapshot of the generation in force; hold it for the whole request.
