@@ -47,6 +47,48 @@ impl PauseSource {
     }
 }
 
+/// Who paused a host last, as `/status` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PauseOrigin {
+    RetryAfter = 1,
+    Backoff = 2,
+    RateLimitHeaders = 3,
+    /// Another node of the fleet (an event, or the store's answer).
+    Fleet = 4,
+}
+
+impl PauseOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseOrigin::RetryAfter => "retry_after",
+            PauseOrigin::Backoff => "backoff",
+            PauseOrigin::RateLimitHeaders => "ratelimit_headers",
+            PauseOrigin::Fleet => "fleet",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<PauseOrigin> {
+        Some(match v {
+            1 => PauseOrigin::RetryAfter,
+            2 => PauseOrigin::Backoff,
+            3 => PauseOrigin::RateLimitHeaders,
+            4 => PauseOrigin::Fleet,
+            _ => return None,
+        })
+    }
+}
+
+impl From<PauseSource> for PauseOrigin {
+    fn from(s: PauseSource) -> PauseOrigin {
+        match s {
+            PauseSource::RetryAfter => PauseOrigin::RetryAfter,
+            PauseSource::Backoff => PauseOrigin::Backoff,
+            PauseSource::RateLimitHeaders => PauseOrigin::RateLimitHeaders,
+        }
+    }
+}
+
 /// First backoff pause after a 429 without `Retry-After`, doubled each time, capped.
 pub const BACKOFF_BASE_NS: u64 = 1_000_000_000;
 pub const BACKOFF_CAP_NS: u64 = 60_000_000_000;
@@ -99,6 +141,8 @@ pub struct HostCell {
     last_used: AtomicU32,
     /// Consecutive 429s without `Retry-After`.
     backoff: AtomicU8,
+    /// The `PauseOrigin` of the pause that set `paused_until` (0: never paused).
+    pause_origin: AtomicU8,
     /// Index of the configured limits profile in force (changes on reload).
     profile: AtomicU16,
     /// Named in `[hosts]`: never evicted.
@@ -113,6 +157,18 @@ pub fn interval_of(rps: f64) -> u64 {
         (1e9 / rps).round().max(1.0) as u64
     } else {
         0
+    }
+}
+
+/// The pace of an interval (ns per request) in requests/s, to six significant digits.
+pub fn rps_of(interval: u64) -> f64 {
+    match interval {
+        0 => 0.0,
+        i => {
+            let rps = 1e9 / i as f64;
+            let scale = 10f64.powi(5 - rps.log10().floor() as i32);
+            (rps * scale).round() / scale
+        }
     }
 }
 
@@ -217,12 +273,31 @@ impl HostCell {
         true
     }
 
+    /// `pause_until`, remembering who asked for the pause when it was extended. The fleet's
+    /// answer often echoes this node's own pause a few milliseconds later: that keeps the
+    /// pause's first origin; only a fleet pause that starts one, or extends it by over a
+    /// second, is the fleet's.
+    pub fn pause_until_by(&self, until: u64, origin: PauseOrigin) -> bool {
+        let before = self.paused_until();
+        let extended = self.pause_until(until);
+        let echo = origin == PauseOrigin::Fleet && until.saturating_sub(before) <= 1_000_000_000;
+        if extended && !echo {
+            self.pause_origin.store(origin as u8, Ordering::Relaxed);
+        }
+        extended
+    }
+
+    /// Who asked for the latest pause (`None` if the host was never paused).
+    pub fn pause_origin(&self) -> Option<PauseOrigin> {
+        PauseOrigin::from_u8(self.pause_origin.load(Ordering::Relaxed))
+    }
+
     /// A 429 without `Retry-After`: pause for 1 s, doubling per consecutive 429, capped at 60 s.
     /// Returns the pause length in ns.
     pub fn backoff(&self, now: u64) -> u64 {
         let level = self.backoff.fetch_add(1, Ordering::AcqRel).min(16);
         let pause = (BACKOFF_BASE_NS << level).min(BACKOFF_CAP_NS);
-        self.pause_until(now.saturating_add(pause));
+        self.pause_until_by(now.saturating_add(pause), PauseOrigin::Backoff);
         pause
     }
 
@@ -245,14 +320,7 @@ impl HostCell {
     /// The pace in requests/s, to six significant digits (the interval is whole
     /// nanoseconds, so 2 rps reads 2, and the slowest learned pace, one an hour, 0.000277778).
     pub fn rps(&self) -> f64 {
-        match self.interval.load(Ordering::Relaxed) {
-            0 => 0.0,
-            i => {
-                let rps = 1e9 / i as f64;
-                let scale = 10f64.powi(5 - rps.log10().floor() as i32);
-                (rps * scale).round() / scale
-            }
-        }
+        rps_of(self.interval.load(Ordering::Relaxed))
     }
 
     pub fn burst(&self) -> u32 {
@@ -317,15 +385,21 @@ impl HostCell {
         self.in_flight.load(Ordering::Acquire)
     }
 
-    /// Requests holding a reserved slot later than `now` (an estimate from the TAT).
+    /// Requests holding a reserved slot later than `now` (an estimate from the TAT). While
+    /// paused, the TAT starts at the pause's end (`pause_until`), so only the reservations
+    /// past it count, not the pause itself.
     pub fn queued(&self, now: u64) -> u64 {
         let interval = self.interval.load(Ordering::Relaxed);
         let tat = self.tat.load(Ordering::Acquire);
+        let paused_until = self.paused_until();
+        let burst = u64::from(self.burst());
         if interval == 0 || tat <= now {
             return 0;
         }
-        let ahead = (tat - now) / interval;
-        ahead.saturating_sub(u64::from(self.burst()))
+        if paused_until > now {
+            return (tat.saturating_sub(paused_until) / interval).saturating_sub(burst - 1);
+        }
+        ((tat - now) / interval).saturating_sub(burst)
     }
 
     /// Idle: nothing in flight, nothing reserved or paused ahead, unused since `before_secs`.
@@ -519,6 +593,22 @@ mod tests {
     }
 
     #[test]
+    fn a_pause_keeps_its_origin_through_the_fleet_echo() {
+        let cell = HostCell::new(10.0, 1, 0, 0, false);
+        assert_eq!(cell.pause_origin(), None);
+        assert!(cell.pause_until_by(30 * S, PauseOrigin::RetryAfter));
+        // The store hands the same pause back, a few milliseconds later.
+        assert!(cell.pause_until_by(30 * S + 5 * MS, PauseOrigin::Fleet));
+        assert_eq!(cell.pause_origin(), Some(PauseOrigin::RetryAfter));
+        // Another node's longer pause is the fleet's.
+        assert!(cell.pause_until_by(90 * S, PauseOrigin::Fleet));
+        assert_eq!(cell.pause_origin(), Some(PauseOrigin::Fleet));
+        // A pause that does not extend changes nothing.
+        assert!(!cell.pause_until_by(10 * S, PauseOrigin::Backoff));
+        assert_eq!(cell.pause_origin(), Some(PauseOrigin::Fleet));
+    }
+
+    #[test]
     fn queue_estimate_and_idleness() {
         let cell = HostCell::new(10.0, 1, 0, 0, false);
         for _ in 0..5 {
@@ -526,6 +616,13 @@ mod tests {
         }
         assert_eq!(cell.queued(0), 4);
         assert!(!cell.idle(0, 100));
+        // A pause is not a queue: only the reservations waiting for its end count.
+        let paused = HostCell::new(10.0, 3, 0, 0, false);
+        paused.pause_until(30 * S);
+        assert_eq!(paused.queued(0), 0);
+        paused.reserve(0, 60 * S);
+        paused.reserve(0, 60 * S);
+        assert_eq!(paused.queued(0), 2);
         assert!(cell.idle(10 * S, 100));
         assert!(
             std::mem::size_of::<HostCell>() <= 64,

@@ -11,7 +11,7 @@ mod cell;
 pub mod hints;
 mod light;
 
-pub use cell::{interval_of, Decision, HostCell, PauseSource};
+pub use cell::{interval_of, rps_of, Decision, HostCell, PauseOrigin, PauseSource};
 
 use crate::config::Generation;
 use crate::shared::Fleet;
@@ -106,6 +106,10 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every `reason()`, for the metric's label set.
+    pub const REASONS: [&'static str; 4] =
+        ["pace", "paused", "concurrency", "shared_state_unavailable"];
+
     pub fn reason(self) -> &'static str {
         match self {
             Refusal::Pace { .. } => "pace",
@@ -497,7 +501,7 @@ impl Admission {
         }
         let pause = |d: Duration, source: PauseSource| {
             let until = now.saturating_add(d.as_nanos() as u64);
-            (!d.is_zero() && cell.pause_until(until)).then_some((until, source))
+            (!d.is_zero() && cell.pause_until_by(until, source.into())).then_some((until, source))
         };
         match (status, hints.retry_after) {
             // A 429 asks to slow down even when it says "now" (`Retry-After: 0` or a date
@@ -536,7 +540,7 @@ impl Admission {
                 fleet.metrics.events.with_label_values(&["pause"]).inc();
                 if let Some(cell) = self.get(&host) {
                     let until = self.clock.now().saturating_add(length.as_nanos() as u64);
-                    cell.pause_until(until);
+                    cell.pause_until_by(until, PauseOrigin::Fleet);
                     fleet.paused(&cell, until);
                 }
             }
@@ -605,6 +609,29 @@ impl Admission {
             }
             cell.set_profile(profile, configured);
         }
+    }
+
+    /// Up to `limit` hosts with a full cell (clients' own cells left out), those with the most
+    /// going on first: paused, then by queue depth and requests in flight. For `/status`.
+    pub fn notable(&self, limit: usize) -> Vec<(String, Arc<HostCell>)> {
+        let now = self.clock.now();
+        let mut all: Vec<(String, Arc<HostCell>)> = self
+            .cells
+            .pin()
+            .iter()
+            .filter(|(k, _)| !k.starts_with(CLIENT_PREFIX))
+            .map(|(k, c)| (k.to_string(), c.clone()))
+            .collect();
+        all.sort_by_cached_key(|(k, c)| {
+            (
+                std::cmp::Reverse(c.paused_until() > now),
+                std::cmp::Reverse(c.queued(now)),
+                std::cmp::Reverse(c.in_flight()),
+                k.clone(),
+            )
+        });
+        all.truncate(limit);
+        all
     }
 
     /// A snapshot of one host's cell, if tracked.

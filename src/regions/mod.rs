@@ -239,6 +239,7 @@ pub fn status_json(regions: &Regions) -> serde_json::Value {
                 .iter()
                 .map(|r| {
                     let s = &r.state;
+                    let sketch = s.sketch();
                     let ms = |d: Option<std::time::Duration>| {
                         d.map(|d| (d.as_secs_f64() * 1e4).round() / 10.0)
                     };
@@ -255,8 +256,9 @@ pub fn status_json(regions: &Regions) -> serde_json::Value {
                         "ejections": s.ejections(),
                         "in_flight": s.in_flight(),
                         "latency_ewma_ms": ms(s.ewma()),
-                        "latency_p95_ms": ms(s.percentile(95)),
-                        "latency_p99_ms": ms(s.percentile(99)),
+                        "latency_p50_ms": ms(sketch.as_ref().map(|k| k.at(50))),
+                        "latency_p95_ms": ms(sketch.as_ref().map(|k| k.at(95))),
+                        "latency_p99_ms": ms(sketch.as_ref().map(|k| k.at(99))),
                     })
                 })
                 .collect();

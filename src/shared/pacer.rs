@@ -341,7 +341,7 @@ impl FleetHost {
         }
         if !grant.paused_for.is_zero() {
             let until = now.saturating_add(grant.paused_for.as_nanos() as u64);
-            if cell.pause_until(until) {
+            if cell.pause_until_by(until, crate::admission::PauseOrigin::Fleet) {
                 tracing::debug!(host = &*self.key, "pause learned from the fleet");
             }
         }

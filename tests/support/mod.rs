@@ -2,6 +2,7 @@
 //! binary on free ports, raw-socket helpers, and `assert_eventually!`.
 #![allow(dead_code)]
 
+pub mod redis;
 pub mod upstream;
 
 #[allow(unused_imports)]
@@ -383,4 +384,50 @@ pub fn check_file(path: &Path) -> std::process::Output {
         .env_remove("SLUICE_CONFIG")
         .output()
         .expect("run sluice --check")
+}
+
+/// A program a test needs, found on `PATH` under one of `names`; `None`, with the reason
+/// printed, when it is missing, unless `SLUICE_REQUIRE_TOOLS=1` (set by `cargo xtask test`
+/// and so by CI), under which a missing program fails the test.
+pub fn tool(names: &[&str], package: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .flat_map(|dir| names.iter().map(move |n| dir.join(n)))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        let required = std::env::var("SLUICE_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "{} is not installed and SLUICE_REQUIRE_TOOLS=1 (apt-get install {package})",
+            names[0]
+        );
+        eprintln!(
+            "skipped: {} is not installed (apt-get install {package})",
+            names[0]
+        );
+    }
+    found
+}
+
+/// Run `cmd` until it exits, or kill it (by its PID) after `within`; its output.
+pub fn run_bounded(cmd: &mut Command, within: Duration) -> std::process::Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(within) {
+        Ok(out) => out.expect("output"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{cmd:?} did not finish in {within:?}");
+        }
+    }
 }

@@ -1,6 +1,15 @@
-//! The admin listener: `GET /healthz`, `GET /metrics` (Prometheus text), `GET /status` (JSON)
-//! and `POST /reload`; with `server.admin_token`, all but `/healthz` (and `/metrics` unless
-//! `server.metrics_auth`) need `Authorization: Bearer <token>`.
+//! The admin listener: `GET /healthz`, `GET /metrics` (Prometheus text), `GET /status` (JSON),
+//! `GET /ui` (a live page drawn from `/status`) and `POST /reload`; with `server.admin_token`,
+//! `/status` and `/reload` (and `/metrics` with `server.metrics_auth`) need
+//! `Authorization: Bearer <token>`.
+//!
+//! `/ui` itself is served without the token: it is the same page for every sluice, holds no
+//! data, and a browser cannot send a bearer token when it opens a page. The page asks for the
+//! token and sends it on its own `/status` calls.
+
+mod status;
+
+pub use status::configured_cells;
 
 use crate::state::Shared;
 use async_trait::async_trait;
@@ -26,7 +35,7 @@ impl Admin {
         let Some(token) = &server.admin_token else {
             return true;
         };
-        if path == "/healthz" || (path == "/metrics" && !server.metrics_auth) {
+        if path == "/healthz" || path == "/ui" || (path == "/metrics" && !server.metrics_auth) {
             return true;
         }
         req.headers
@@ -34,109 +43,10 @@ impl Admin {
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
             .is_some_and(|sent| crate::policy::auth::same_secret(sent, token.as_bytes()))
     }
-
-    fn status_json(&self) -> serde_json::Value {
-        let generation = self.shared.generation();
-        let config = &generation.config;
-        let routes: Vec<_> = generation
-            .routes
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "prefix": r.prefix,
-                    "target": format!(
-                        "{}://{}{}",
-                        if r.origin.scheme.is_tls() { "https" } else { "http" },
-                        r.origin.host_header(),
-                        r.origin.base_path
-                    ),
-                })
-            })
-            .collect();
-        let mut hosts: Vec<String> = generation
-            .routes
-            .iter()
-            .map(|r| r.origin.host_port())
-            .chain(generation.resolve.keys().cloned())
-            .collect();
-        hosts.sort();
-        hosts.dedup();
-        let admission = &self.shared.admission;
-        let now = admission.now();
-        let limits: Vec<_> = configured_cells(&self.shared)
-            .into_iter()
-            .map(|(key, cell)| {
-                let l = generation.limits(cell.profile());
-                serde_json::json!({
-                    "host": key,
-                    "pace_rps": cell.rps(),
-                    "burst": cell.burst(),
-                    "max_concurrent": cell.max_concurrent(),
-                    "max_queue_wait_ms": l.max_queue_wait.get().as_millis() as u64,
-                    "queued": cell.queued(now),
-                    "in_flight": cell.in_flight(),
-                    "paused_for_ms": cell.paused_until().saturating_sub(now) / 1_000_000,
-                })
-            })
-            .collect();
-        serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_seconds": self.shared.started.elapsed().as_secs(),
-            "config": {
-                "file": self.shared.config_path.as_ref().map(|p| p.display().to_string()),
-                "embedded_default": self.shared.config_path.is_none(),
-                "generation": generation.number,
-            },
-            "listeners": {
-                "proxy": config.server.listen,
-                "admin": config.server.admin_listen,
-            },
-            "routes": routes,
-            "known_hosts": hosts,
-            "tunnels_active": self.shared.metrics.tunnels_active.get(),
-            "defaults": {
-                "rps": config.defaults.rps,
-                "burst": config.defaults.burst,
-                "max_concurrent": config.defaults.max_concurrent,
-                "max_queue_wait_ms": config.defaults.max_queue_wait.get().as_millis() as u64,
-            },
-            "hosts_tracked": admission.len(),
-            "shared": admission.fleet().map_or_else(
-                || serde_json::json!({"backend": "memory"}),
-                |f| f.status(),
-            ),
-            "hosts": limits,
-            "regions": crate::regions::status_json(&self.shared.regions),
-            "instance": self.shared.instance,
-        })
-    }
 }
 
-/// Cells of the hosts named exactly in `[hosts]` (bounded by the config, so safe as labels):
-/// `name:port` entries directly, bare names on their HTTPS and HTTP ports.
-pub fn configured_cells(
-    shared: &Shared,
-) -> Vec<(String, std::sync::Arc<crate::admission::HostCell>)> {
-    let generation = shared.generation();
-    let mut out = Vec::new();
-    for name in generation.config.hosts.keys() {
-        if name.starts_with("*.") {
-            continue;
-        }
-        let name = name.to_ascii_lowercase();
-        let keys = if name.contains(':') {
-            vec![name]
-        } else {
-            vec![format!("{name}:443"), format!("{name}:80")]
-        };
-        for key in keys {
-            if let Some(cell) = shared.admission.get(&key) {
-                out.push((key, cell));
-            }
-        }
-    }
-    out
-}
+/// The live page: one self-contained HTML file (no external assets), built into the binary.
+const UI_PAGE: &str = include_str!("ui.html");
 
 fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     let built = Response::builder()
@@ -221,12 +131,27 @@ impl ServeHttp for Admin {
                     self.shared.metrics.encode(),
                 )
             }
-            "/status" => json(StatusCode::OK, &self.status_json()),
+            "/status" => json(StatusCode::OK, &status::status_json(&self.shared)),
+            "/ui" => {
+                let mut r = respond(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    UI_PAGE.as_bytes().to_vec(),
+                );
+                r.headers_mut().insert(
+                    http::header::CONTENT_SECURITY_POLICY,
+                    http::HeaderValue::from_static(
+                        "default-src 'none'; script-src 'unsafe-inline'; \
+                         style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+                    ),
+                );
+                r
+            }
             _ => json(
                 StatusCode::NOT_FOUND,
                 &serde_json::json!({
                     "error": "not_found",
-                    "message": "admin paths: /healthz /metrics /status",
+                    "message": "admin paths: /healthz /metrics /status /ui /reload",
                 }),
             ),
         }
