@@ -61,6 +61,13 @@ pub struct Metrics {
     pub hosts_tracked: IntGauge,
     /// `sluice_host_pace_rps{host}`: current pace of hosts named in `[hosts]`.
     pub host_pace: prometheus::GaugeVec,
+    /// `sluice_host_queued{host}`, `sluice_host_in_flight{host}` and
+    /// `sluice_host_pause_remaining_seconds{host}`, of hosts named in `[hosts]`.
+    pub host_queued: IntGaugeVec,
+    pub host_in_flight: IntGaugeVec,
+    pub host_paused: prometheus::GaugeVec,
+    /// `sluice_hosts_paused`: hosts paused now, named or not.
+    pub hosts_paused: IntGauge,
     /// `sluice_hedges_total{host, event="fired|won"}`.
     pub hedges: IntCounterVec,
     /// `sluice_races_total{host}`.
@@ -185,6 +192,27 @@ impl Metrics {
             ),
             &["host"],
         )?;
+        let host_gauge =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["host"]);
+        let host_queued = host_gauge(
+            "sluice_host_queued",
+            "Requests waiting for their slot, of hosts named in [hosts]",
+        )?;
+        let host_in_flight = host_gauge(
+            "sluice_host_in_flight",
+            "Requests in flight to hosts named in [hosts]",
+        )?;
+        let host_paused = prometheus::GaugeVec::new(
+            Opts::new(
+                "sluice_host_pause_remaining_seconds",
+                "Seconds left of the pause of hosts named in [hosts]; 0 = not paused",
+            ),
+            &["host"],
+        )?;
+        let hosts_paused = IntGauge::new(
+            "sluice_hosts_paused",
+            "Hosts paused now (any host, named in [hosts] or not)",
+        )?;
         let hedges = IntCounterVec::new(
             Opts::new(
                 "sluice_hedges_total",
@@ -262,6 +290,10 @@ impl Metrics {
         registry.register(Box::new(queue_wait.clone()))?;
         registry.register(Box::new(hosts_tracked.clone()))?;
         registry.register(Box::new(host_pace.clone()))?;
+        registry.register(Box::new(host_queued.clone()))?;
+        registry.register(Box::new(host_in_flight.clone()))?;
+        registry.register(Box::new(host_paused.clone()))?;
+        registry.register(Box::new(hosts_paused.clone()))?;
         registry.register(Box::new(region_healthy.clone()))?;
         registry.register(Box::new(region_latency.clone()))?;
         for r in ["pace", "paused", "concurrency"] {
@@ -328,6 +360,10 @@ impl Metrics {
             hint_errors,
             hosts_tracked,
             host_pace,
+            host_queued,
+            host_in_flight,
+            host_paused,
+            hosts_paused,
             hedges,
             races,
             retries,

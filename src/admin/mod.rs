@@ -122,8 +122,22 @@ impl ServeHttp for Admin {
                 let m = &self.shared.metrics;
                 m.hosts_tracked.set(self.shared.admission.len() as i64);
                 m.refresh_regions(&self.shared.regions);
+                let now = self.shared.admission.now();
+                m.hosts_paused
+                    .set(self.shared.admission.paused_count(now) as i64);
                 for (key, cell) in configured_cells(&self.shared) {
-                    m.host_pace.with_label_values(&[&key]).set(cell.rps());
+                    let labels = [key.as_str()];
+                    m.host_pace.with_label_values(&labels).set(cell.rps());
+                    m.host_queued
+                        .with_label_values(&labels)
+                        .set(cell.queued(now).min(i64::MAX as u64) as i64);
+                    m.host_in_flight
+                        .with_label_values(&labels)
+                        .set(i64::from(cell.in_flight()));
+                    let left = cell.paused_until().saturating_sub(now);
+                    m.host_paused
+                        .with_label_values(&labels)
+                        .set(left as f64 / 1e9);
                 }
                 respond(
                     StatusCode::OK,

@@ -634,6 +634,15 @@ impl Admission {
         all
     }
 
+    /// Hosts paused at `now` (a pause always gives a host a full cell).
+    pub fn paused_count(&self, now: u64) -> usize {
+        self.cells
+            .pin()
+            .iter()
+            .filter(|(k, c)| !k.starts_with(CLIENT_PREFIX) && c.paused_until() > now)
+            .count()
+    }
+
     /// A snapshot of one host's cell, if tracked.
     pub fn get(&self, key: &str) -> Option<Arc<HostCell>> {
         self.cells.pin().get(key).cloned()
