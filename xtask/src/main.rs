@@ -3,8 +3,9 @@
 //!
 //! - `cargo xtask run [ARGS]`: install what building and running need (cmake for Pingora's
 //!   zlib-ng, a C compiler, CA roots), then `cargo run --release -- ARGS`.
-//! - `cargo xtask test [ARGS]`: install what the tests need as well (curl, redis-server), then
-//!   `cargo test ARGS` with Redis required (`SLUICE_REQUIRE_REDIS=1`).
+//! - `cargo xtask test [ARGS]`: install what the tests need as well (curl, redis-server,
+//!   chromium, promtool from prometheus), then `cargo test ARGS` with Redis and those tools
+//!   required (`SLUICE_REQUIRE_REDIS=1`, `SLUICE_REQUIRE_TOOLS=1`).
 //!
 //! Packages come from the system's package manager (apt on Debian and Ubuntu), through `sudo`
 //! only when not root; each one is named before it is installed. On other systems it says
@@ -55,6 +56,16 @@ const TEST: &[Need] = &[
         provides: "redis-server",
         why: "the fleet tests start their own Redis",
     },
+    Need {
+        package: "chromium",
+        provides: "chromium",
+        why: "the /ui test loads the live page in a headless browser",
+    },
+    Need {
+        package: "prometheus",
+        provides: "promtool",
+        why: "promtool checks the alert rules and the dashboard's queries",
+    },
 ];
 
 fn main() -> ExitCode {
@@ -71,7 +82,7 @@ fn main() -> ExitCode {
         "test" => (
             BUILD.iter().chain(TEST).collect(),
             vec!["test"],
-            vec![("SLUICE_REQUIRE_REDIS", "1")],
+            vec![("SLUICE_REQUIRE_REDIS", "1"), ("SLUICE_REQUIRE_TOOLS", "1")],
         ),
         _ => return usage(),
     };
