@@ -162,3 +162,29 @@ fn check_warns_about_an_open_admin_listener_without_a_token() {
     assert!(!short.status.success());
     assert!(stderr_of(&short).contains("server.admin_token"));
 }
+
+#[test]
+fn every_unknown_key_and_wrong_type_is_reported_with_what_validation_finds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = check_config(
+        dir.path(),
+        "types.toml",
+        "[server]\nlisten = \"127.0.0.1:1\"\nthreds = 2\n[defaults]\nrps = \"fast\"\n\
+         [hosts.\"api.test\"]\nburst = 0\ncolour = \"red\"\n[[routes]]\nprefix = \"x\"\n\
+         target = \"https://a.test\"\n",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr_of(&out);
+    for (path, line) in [
+        ("server.threds", "(line 3)"),
+        ("defaults.rps", "(line 5)"),
+        ("hosts.api.test.colour", "(line 8)"),
+    ] {
+        assert!(
+            err.lines().any(|l| l.contains(path) && l.contains(line)),
+            "expected {path} {line} in {err}"
+        );
+    }
+    // And what validation of the rest finds.
+    assert!(err.contains("routes[0].prefix"), "{err}");
+}

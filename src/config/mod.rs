@@ -338,19 +338,50 @@ pub struct RouteConfig {
 impl Config {
     /// Parse TOML text. Errors name the key path, e.g. `server.connect_timeout: invalid duration`.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let de = toml::Deserializer::new(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
+        Config::parse_reporting(text).map_err(|(errors, _)| errors)
+    }
+
+    /// Parse, reporting every unknown key and wrong type rather than the first: each error's
+    /// line is commented out and the text parsed again (so later lines keep their numbers),
+    /// up to `MAX_PARSE_ERRORS`. A TOML syntax error, or one whose line cannot be set aside,
+    /// ends the search. On error, also the configuration that parsed once every bad line was
+    /// set aside, if one did: its validation errors are worth reporting too.
+    pub fn parse_reporting(text: &str) -> Result<Config, (ConfigError, Option<Config>)> {
+        const MAX_PARSE_ERRORS: usize = 50;
+        let mut text = text.to_string();
+        let mut errors = Vec::new();
+        loop {
+            let de = toml::Deserializer::new(&text);
+            let e = match serde_path_to_error::deserialize::<_, Config>(de) {
+                Ok(config) if errors.is_empty() => return Ok(config),
+                Ok(config) => return Err((ConfigError { errors }, Some(config))),
+                Err(e) => e,
+            };
             let path = e.path().to_string();
             let inner = e.into_inner();
-            let line = inner
-                .span()
-                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
-            let message = match line {
-                Some(n) => format!("{} (line {n})", inner.message()),
+            let start = inner.span().map(|span| span.start.min(text.len()));
+            let message = match start {
+                Some(at) => format!(
+                    "{} (line {})",
+                    inner.message(),
+                    text[..at].matches('\n').count() + 1
+                ),
                 None => inner.message().to_string(),
             };
-            ConfigError::single(path, message)
-        })
+            errors.push((path, message));
+            // Set the line aside: only a whole `key = value` on one line (commenting out the
+            // first line of a longer value would break the file's syntax).
+            let line_start = start.map(|at| text[..at].rfind('\n').map_or(0, |i| i + 1));
+            let set_aside = line_start.filter(|&ls| {
+                let line = text[ls..].lines().next().unwrap_or("");
+                !line.trim_start().starts_with('[')
+                    && toml::from_str::<toml::Table>(line).is_ok_and(|t| t.len() == 1)
+            });
+            match set_aside {
+                Some(ls) if errors.len() < MAX_PARSE_ERRORS => text.insert(ls, '#'),
+                _ => return Err((ConfigError { errors }, None)),
+            }
+        }
     }
 
     /// Parse and validate a file.
@@ -361,7 +392,17 @@ impl Config {
                 format!("cannot read {}: {e}", path.display()),
             )
         })?;
-        let config = Config::parse(&text)?;
+        let config = match Config::parse_reporting(&text) {
+            Ok(config) => config,
+            Err((mut e, Some(partial))) => {
+                // What the rest of the file would still get wrong.
+                if let Err(more) = partial.validate() {
+                    e.errors.extend(more.errors);
+                }
+                return Err(e);
+            }
+            Err((e, None)) => return Err(e),
+        };
         config.validate()?;
         Ok(config)
     }
@@ -387,6 +428,37 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_unknown_key_and_wrong_type_is_reported_with_its_line() {
+        let text = "[server]\nlisten = \"127.0.0.1:1\"\nthreds = 2\n\n[defaults]\nrps = \"fast\"\n\
+                    burst = 3\n[hosts.\"api.test\"]\nretry_on = { connect = true }\nmax_rps = 5.0\n\
+                    colour = \"red\"\n";
+        let (errors, partial) = super::Config::parse_reporting(text).expect_err("four errors");
+        let got: Vec<String> = errors
+            .errors
+            .iter()
+            .map(|(path, message)| format!("{path}: {message}"))
+            .collect();
+        assert_eq!(got.len(), 4, "{got:#?}");
+        assert!(got[0].starts_with("server.threds: unknown field `threds`") && got[0].ends_with("(line 3)"), "{got:?}");
+        assert!(got[1].starts_with("defaults.rps: invalid type") && got[1].ends_with("(line 6)"), "{got:?}");
+        assert!(got[2].contains("retry_on: invalid type") && got[2].ends_with("(line 9)"), "{got:?}");
+        assert!(got[3].contains("unknown field `colour`") && got[3].ends_with("(line 11)"), "{got:?}");
+        // The rest of the file parsed: its limits are there for validation.
+        let partial = partial.expect("the rest parses");
+        assert_eq!(partial.defaults.burst, 3);
+        assert_eq!(partial.hosts["api.test"].max_rps, Some(5.0));
+    }
+
+    #[test]
+    fn a_bad_value_over_several_lines_ends_the_report_cleanly() {
+        let text = "[server]\nthreads = [\n  1,\n]\nnope = 1\n";
+        let (errors, partial) = super::Config::parse_reporting(text).expect_err("an error");
+        assert_eq!(errors.errors.len(), 1, "{errors}");
+        assert!(errors.errors[0].1.contains("invalid type"), "{errors}");
+        assert!(partial.is_none());
+    }
+
     use super::*;
 
     #[test]
