@@ -90,10 +90,13 @@ pub fn build_server(
         crate::shared::service::FleetService::new(shared.clone()),
     );
     let with_fleet = shared.admission.fleet().is_some();
+    let shared_for_exit = shared.clone();
+    let grace = shared.generation().config.server.grace_period.get();
     let mut admin = Service::new("sluice admin".to_string(), Admin::new(shared));
     admin.add_tcp(&admin_listen);
     admin.threads = Some(1);
 
+    early_exit(&server, shared_for_exit, grace);
     server.add_service(front);
     server.add_service(admin);
     server.add_service(sweeper);
@@ -105,6 +108,43 @@ pub fn build_server(
         server.add_service(fleet);
     }
     Ok(server)
+}
+
+/// Pingora sleeps the whole grace period after SIGTERM, even with nothing left to finish.
+/// This watcher ends the process as soon as the last client connection has closed (idle
+/// kept-alive connections close at once on shutdown; requests and tunnels in flight finish
+/// first) and the node has left its fleet, and otherwise lets the grace period run its
+/// course.
+fn early_exit(server: &Server, shared: Arc<Shared>, grace: std::time::Duration) {
+    use pingora_core::server::ExecutionPhase;
+    use std::sync::atomic::Ordering;
+    let mut phases = server.watch_execution_phase();
+    let spawned = std::thread::Builder::new()
+        .name("sluice exit".into())
+        .spawn(move || loop {
+            match phases.blocking_recv() {
+                Ok(ExecutionPhase::ShutdownGracePeriod) => {}
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+            let started = std::time::Instant::now();
+            while started.elapsed() < grace {
+                if shared.connections.load(Ordering::Acquire) == 0
+                    && shared.fleet_left.load(Ordering::Acquire)
+                {
+                    tracing::info!(
+                        after_ms = started.elapsed().as_millis() as u64,
+                        "nothing left in flight: exiting before the grace period ends"
+                    );
+                    std::process::exit(0);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            return;
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no early exit on shutdown: the grace period runs in full");
+    }
 }
 
 fn server_conf(config: &Config) -> Result<ServerConf, String> {

@@ -29,7 +29,6 @@ const HEAD_BUFFER: usize = 4096;
 pub struct Front {
     shared: Arc<Shared>,
     http: Arc<HttpProxy<SluiceProxy>>,
-    open: AtomicUsize,
 }
 
 impl Front {
@@ -37,7 +36,6 @@ impl Front {
         Front {
             shared,
             http: Arc::new(http),
-            open: AtomicUsize::new(0),
         }
     }
 }
@@ -340,8 +338,8 @@ impl ServerApp for Front {
         let generation = self.shared.generation();
         let server = &generation.config.server;
         let security = &generation.config.security;
-        let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
-        let _open = Open(&self.open);
+        let open = self.shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
+        let _open = Open(&self.shared.connections);
         if open > security.max_connections {
             let why = format!("over {} open connections", security.max_connections);
             refuse(stream, &self.shared, Code::TooManyConnections, &why).await;

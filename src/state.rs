@@ -30,6 +30,10 @@ pub struct Shared {
     pub instance: String,
     /// The `Via` value this process adds.
     pub via: String,
+    /// Client connections open on the proxy listener (tunnels included).
+    pub connections: std::sync::atomic::AtomicUsize,
+    /// Shutting down, this node has told the fleet it leaves (or it has no fleet).
+    pub fleet_left: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -61,6 +65,7 @@ impl Shared {
         metrics.config_generation.set(1);
         metrics.prepare(&generation);
         let admission = Admission::with_fleet(clock, fleet);
+        let alone = admission.fleet().is_none();
         admission.configure(&generation);
         let instance = instance_id();
         Ok(Arc::new(Shared {
@@ -74,6 +79,8 @@ impl Shared {
             started: Instant::now(),
             config_path,
             reloading: std::sync::Mutex::new(()),
+            connections: std::sync::atomic::AtomicUsize::new(0),
+            fleet_left: std::sync::atomic::AtomicBool::new(alone),
         }))
     }
 

@@ -260,6 +260,42 @@ fn sigterm_lets_a_slow_request_finish_then_exits_within_grace() {
 }
 
 #[test]
+fn sigterm_on_an_idle_proxy_exits_without_waiting_out_the_grace_period() {
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let mut sluice = Sluice::start(
+        "grace_period = \"60s\"\ngraceful_shutdown_timeout = \"1s\"\n",
+        "",
+    );
+    // One kept-alive connection, idle after its request: shutdown closes it at once.
+    let mut kept = std::net::TcpStream::connect(sluice.proxy).expect("connect");
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let port = up.port();
+    std::io::Write::write_all(
+        &mut kept,
+        format!("GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n")
+            .as_bytes(),
+    )
+    .expect("send");
+    let mut buf = [0u8; 4096];
+    let n = std::io::Read::read(&mut kept, &mut buf).expect("answer");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    sluice.signal("TERM");
+    // The grace period is a minute: exiting within 10 s means it was not waited out.
+    let exited = sluice.wait_exit(Duration::from_secs(10));
+    assert!(exited.is_some(), "still running: {}", sluice.log());
+    assert!(
+        sluice.log().contains("nothing left in flight"),
+        "{}",
+        sluice.log()
+    );
+    // The kept-alive connection was closed, not left hanging.
+    assert_eq!(std::io::Read::read(&mut kept, &mut buf).unwrap_or(0), 0);
+}
+
+#[test]
 fn systemd_unit_verifies() {
     let Ok(out) = std::process::Command::new("systemd-analyze")
         .arg("--version")

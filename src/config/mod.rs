@@ -440,10 +440,23 @@ mod tests {
             .map(|(path, message)| format!("{path}: {message}"))
             .collect();
         assert_eq!(got.len(), 4, "{got:#?}");
-        assert!(got[0].starts_with("server.threds: unknown field `threds`") && got[0].ends_with("(line 3)"), "{got:?}");
-        assert!(got[1].starts_with("defaults.rps: invalid type") && got[1].ends_with("(line 6)"), "{got:?}");
-        assert!(got[2].contains("retry_on: invalid type") && got[2].ends_with("(line 9)"), "{got:?}");
-        assert!(got[3].contains("unknown field `colour`") && got[3].ends_with("(line 11)"), "{got:?}");
+        assert!(
+            got[0].starts_with("server.threds: unknown field `threds`")
+                && got[0].ends_with("(line 3)"),
+            "{got:?}"
+        );
+        assert!(
+            got[1].starts_with("defaults.rps: invalid type") && got[1].ends_with("(line 6)"),
+            "{got:?}"
+        );
+        assert!(
+            got[2].contains("retry_on: invalid type") && got[2].ends_with("(line 9)"),
+            "{got:?}"
+        );
+        assert!(
+            got[3].contains("unknown field `colour`") && got[3].ends_with("(line 11)"),
+            "{got:?}"
+        );
         // The rest of the file parsed: its limits are there for validation.
         let partial = partial.expect("the rest parses");
         assert_eq!(partial.defaults.burst, 3);

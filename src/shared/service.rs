@@ -28,6 +28,7 @@ impl FleetService {
 #[async_trait]
 impl BackgroundService for FleetService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let _left = Left(&self.shared);
         let Some(fleet) = self.shared.admission.fleet().cloned() else {
             return;
         };
@@ -93,5 +94,17 @@ impl BackgroundService for FleetService {
                 tracing::debug!(error = %e, "could not say this node is leaving");
             }
         }
+    }
+}
+
+/// Says, when the service ends however it ends, that this node no longer takes part in the
+/// fleet (the early exit on shutdown waits for it).
+struct Left<'a>(&'a Shared);
+
+impl Drop for Left<'_> {
+    fn drop(&mut self) {
+        self.0
+            .fleet_left
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 }
