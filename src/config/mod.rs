@@ -346,7 +346,7 @@ impl Config {
     /// up to `MAX_PARSE_ERRORS`. A TOML syntax error, or one whose line cannot be set aside,
     /// ends the search. On error, also the configuration that parsed once every bad line was
     /// set aside, if one did: its validation errors are worth reporting too.
-    pub fn parse_reporting(text: &str) -> Result<Config, (ConfigError, Option<Config>)> {
+    pub fn parse_reporting(text: &str) -> Result<Config, (ConfigError, Option<Box<Config>>)> {
         const MAX_PARSE_ERRORS: usize = 50;
         let mut text = text.to_string();
         let mut errors = Vec::new();
@@ -354,7 +354,7 @@ impl Config {
             let de = toml::Deserializer::new(&text);
             let e = match serde_path_to_error::deserialize::<_, Config>(de) {
                 Ok(config) if errors.is_empty() => return Ok(config),
-                Ok(config) => return Err((ConfigError { errors }, Some(config))),
+                Ok(config) => return Err((ConfigError { errors }, Some(Box::new(config)))),
                 Err(e) => e,
             };
             let path = e.path().to_string();
