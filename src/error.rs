@@ -197,12 +197,60 @@ pub fn status_of(e: &Error) -> u16 {
     }
 }
 
-/// The human reason of an error: our own explanation, or Pingora's description.
+/// The human reason of an error: our own explanation, or Pingora's: the context of each
+/// error in the chain, outermost first, then the first cause that is not a Pingora error
+/// (a TLS library's reason, say), with advice where a reason is known to puzzle.
 pub fn message_of(e: &Error) -> String {
-    match e.context.as_ref() {
-        Some(c) => c.as_str().to_string(),
-        None => e.etype().as_str().to_string(),
+    if matches!(e.etype(), ErrorType::CustomCode(..)) {
+        return e.context.as_ref().map_or_else(
+            || e.etype().as_str().to_string(),
+            |c| c.as_str().to_string(),
+        );
     }
+    let mut parts: Vec<String> = Vec::new();
+    let mut at: &Error = e;
+    // Chains are short (a few hops); the bound only guards against a surprise.
+    for _ in 0..8 {
+        if let Some(c) = at.context.as_ref() {
+            parts.push(c.as_str().to_string());
+        }
+        match at.cause.as_ref() {
+            Some(cause) => match cause.downcast_ref::<Error>() {
+                Some(inner) => at = inner,
+                None => {
+                    parts.push(cause.to_string());
+                    break;
+                }
+            },
+            None => break,
+        }
+    }
+    // Pingora's socket addresses say nothing about why; its chains embedded in a context
+    // read better with plain separators.
+    parts.retain(|p| !p.starts_with("local address") && !p.starts_with("peer addr"));
+    if parts.is_empty() {
+        parts.push(e.etype().as_str().to_string());
+    }
+    let mut message = parts
+        .join(": ")
+        .replace(" context: ", ": ")
+        .replace(" cause: ", ": ")
+        .replace(":  ", ": ");
+    for noise in [": local address ", ": peer addr: "] {
+        while let Some(at) = message.find(noise) {
+            let rest = &message[at + noise.len()..];
+            let end = at + noise.len() + rest.find([' ', ',']).unwrap_or(rest.len());
+            message.replace_range(at..end, "");
+        }
+    }
+    if message.contains("CaUsedAsEndEntity") {
+        message.push_str(
+            " (the upstream's certificate is a CA certificate, as `openssl req -x509` makes by \
+             default: sign a leaf certificate for the host with that CA and give the CA as \
+             server.upstream_ca_file; the README's Security section shows how)",
+        );
+    }
+    message
 }
 
 /// The small JSON body sent with every refusal.

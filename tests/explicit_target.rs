@@ -123,3 +123,48 @@ fn untrusted_certificates_and_bad_targets_are_refused_with_reasons() {
         "nothing reached the upstream over an untrusted TLS session"
     );
 }
+
+#[test]
+fn a_self_signed_ca_certificate_as_the_upstreams_own_is_explained() {
+    // What `openssl req -x509` makes by default: a self-signed certificate marked as a CA
+    // (basicConstraints CA:TRUE), served by the upstream as its own.
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(vec!["api.example.test".to_string()]).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).expect("cert");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("ca.pem"), cert.pem()).expect("write");
+    let pem = TestCa {
+        dir,
+        ca_pem: cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    };
+    let up = FakeUpstream::builder().tls(&pem).start();
+    let sluice = Sluice::start(
+        &format!("upstream_ca_file = \"{}\"\n", pem.ca_path().display()),
+        &format!(
+            "[resolve]\n\"api.example.test\" = [\"127.0.0.1:{}\"]\n",
+            up.port()
+        ),
+    );
+    let raw = raw_exchange(
+        sluice.proxy,
+        b"GET /x HTTP/1.1\r\nHost: x\r\nSluice-Target: https://api.example.test\r\n\
+          Connection: close\r\n\r\n",
+    )
+    .expect("answer");
+    let (status, head, body) = split_response(&raw);
+    assert_eq!(status, 502, "{head}");
+    assert_eq!(
+        header_of(&head, "sluice-error").as_deref(),
+        Some("upstream_tls")
+    );
+    assert!(
+        body.contains("is a CA certificate")
+            && body.contains("sign a leaf")
+            && body.contains("CaUsedAsEndEntity"),
+        "{body}"
+    );
+}
