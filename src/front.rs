@@ -38,6 +38,156 @@ impl Front {
             http: Arc::new(http),
         }
     }
+
+    /// Serve requests on a client connection until it closes: each head read and checked
+    /// here, then given to Pingora's HTTP session (and back here before the next). `tunnel`:
+    /// the connection is the inside of a CONNECT tunnel, whose requests all go to its
+    /// authority (a CONNECT inside it is refused).
+    async fn serve_http(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+        tunnel: Option<(crate::intercept::TunnelInfo, Option<Vec<u8>>)>,
+    ) -> Option<Stream> {
+        let generation = self.shared.generation();
+        let server = &generation.config.server;
+        let security = &generation.config.security;
+        let head_timeout = server.header_read_timeout.get();
+        let (max_head, max_uri) = (security.max_header_bytes, security.max_uri_bytes);
+        drop(generation);
+        let mut stream = stream;
+        let mut settings: Option<HttpPersistentSettings> = None;
+        let mut idle = head_timeout;
+        let mut served = false;
+        loop {
+            let head = read_head(&mut stream, idle, head_timeout, max_head, shutdown, served);
+            let mut buf = match head.await {
+                Head::Complete(buf) => buf,
+                Head::Gone => return None,
+                Head::Refuse(code, why) => {
+                    refuse(stream, &self.shared, code, &why).await;
+                    return None;
+                }
+            };
+            if let Some((info, authorization)) = &tunnel {
+                match in_tunnel(&buf, info, authorization.as_deref()) {
+                    Ok(rewritten) => buf = BytesMut::from(&rewritten[..]),
+                    Err((code, why)) => {
+                        refuse(stream, &self.shared, code, &why).await;
+                        return None;
+                    }
+                }
+            }
+            match inspect(&buf, max_head, max_uri) {
+                Err((code, why)) => {
+                    refuse(stream, &self.shared, code, &why).await;
+                    return None;
+                }
+                Ok(Plan::Connect) if tunnel.is_some() => {
+                    let why = "CONNECT inside a tunnel";
+                    refuse(stream, &self.shared, Code::BadRequest, why).await;
+                    return None;
+                }
+                Ok(Plan::Connect) => {
+                    // Boxed, like the HTTP session below, so that the state of an idle
+                    // connection's task is only what waiting for its next head needs.
+                    let inside = Box::pin(tunnel::serve(&self.shared, stream, buf)).await?;
+                    let tunnel = Some((inside.info, inside.authorization));
+                    return Box::pin(self.serve_http(inside.stream, shutdown, tunnel)).await;
+                }
+                Ok(Plan::Http(None)) => {}
+                Ok(Plan::Http(Some(rewritten))) => buf = BytesMut::from(&rewritten[..]),
+            }
+            let mut session = ServerSession::new_http1(stream);
+            match settings.take() {
+                Some(s) => s.apply_to_session(&mut session),
+                None => session.set_keepalive(Some(KEEPALIVE_SECS)),
+            }
+            session.set_pipelined_prefix(buf);
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            }
+            let reused = Box::pin(self.http.process_new_http(session, shutdown)).await?;
+            let (next, next_settings) = reused.consume();
+            stream = next;
+            settings = next_settings;
+            idle = Duration::from_secs(KEEPALIVE_SECS);
+            served = true;
+        }
+    }
+}
+
+/// A request head read inside a tunnel, rebuilt to go where the tunnel goes: its target in
+/// absolute form with the tunnel's scheme and authority, `Host` that authority, and the
+/// CONNECT's `Proxy-Authorization` as its own. An absolute target must name the tunnel's
+/// authority; `Sluice-Target` has no say inside a tunnel.
+fn in_tunnel(
+    buf: &[u8],
+    info: &crate::intercept::TunnelInfo,
+    authorization: Option<&[u8]>,
+) -> Result<Vec<u8>, (Code, String)> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return Err((Code::BadRequest, "malformed request head".into()))
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err((
+                Code::HeadTooLarge,
+                format!("more than {MAX_HEADERS} header lines"),
+            ))
+        }
+        Err(e) => return Err((Code::BadRequest, format!("malformed request head: {e}"))),
+    };
+    let (method, target) = (req.method.unwrap_or("GET"), req.path.unwrap_or("/"));
+    let wanted = format!("{}://{}", info.scheme, info.authority);
+    let absolute = if target.starts_with('/') {
+        format!("{wanted}{target}")
+    } else if let Some(authority) = absolute_authority(target) {
+        let same = authority.eq_ignore_ascii_case(&info.authority)
+            || target.len() >= wanted.len() && target[..wanted.len()].eq_ignore_ascii_case(&wanted);
+        if !same {
+            return Err((
+                Code::BadTarget,
+                format!(
+                    "a request for {target:?} inside a tunnel to {}",
+                    info.authority
+                ),
+            ));
+        }
+        target.to_string()
+    } else if method == "CONNECT" {
+        target.to_string()
+    } else {
+        return Err((
+            Code::BadTarget,
+            format!("request target {target:?} inside a tunnel: origin form expected"),
+        ));
+    };
+    let version = if req.version == Some(0) { "1.0" } else { "1.1" };
+    let mut out = Vec::with_capacity(buf.len() + 64);
+    out.extend_from_slice(format!("{method} {absolute} HTTP/{version}\r\n").as_bytes());
+    out.extend_from_slice(format!("Host: {}\r\n", info.authority).as_bytes());
+    for h in req.headers.iter() {
+        let skip = ["host", "proxy-authorization", crate::target::SLUICE_TARGET];
+        if skip.iter().any(|s| h.name.eq_ignore_ascii_case(s)) {
+            continue;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(a) = authorization {
+        out.extend_from_slice(b"Proxy-Authorization: ");
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&buf[head_len..]);
+    Ok(out)
 }
 
 /// Counts an open client connection until dropped.
@@ -336,7 +486,6 @@ impl ServerApp for Front {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let generation = self.shared.generation();
-        let server = &generation.config.server;
         let security = &generation.config.security;
         let open = self.shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
         let _open = Open(&self.shared.connections);
@@ -345,53 +494,8 @@ impl ServerApp for Front {
             refuse(stream, &self.shared, Code::TooManyConnections, &why).await;
             return None;
         }
-        let head_timeout = server.header_read_timeout.get();
-        let (max_head, max_uri) = (security.max_header_bytes, security.max_uri_bytes);
         drop(generation);
-        let mut stream = stream;
-        let mut settings: Option<HttpPersistentSettings> = None;
-        let mut idle = head_timeout;
-        let mut served = false;
-        loop {
-            let head = read_head(&mut stream, idle, head_timeout, max_head, shutdown, served);
-            let mut buf = match head.await {
-                Head::Complete(buf) => buf,
-                Head::Gone => return None,
-                Head::Refuse(code, why) => {
-                    refuse(stream, &self.shared, code, &why).await;
-                    return None;
-                }
-            };
-            match inspect(&buf, max_head, max_uri) {
-                Err((code, why)) => {
-                    refuse(stream, &self.shared, code, &why).await;
-                    return None;
-                }
-                Ok(Plan::Connect) => {
-                    // Boxed, like the HTTP session below, so that the state of an idle
-                    // connection's task is only what waiting for its next head needs.
-                    Box::pin(tunnel::serve(&self.shared, stream, buf)).await;
-                    return None;
-                }
-                Ok(Plan::Http(None)) => {}
-                Ok(Plan::Http(Some(rewritten))) => buf = BytesMut::from(&rewritten[..]),
-            }
-            let mut session = ServerSession::new_http1(stream);
-            match settings.take() {
-                Some(s) => s.apply_to_session(&mut session),
-                None => session.set_keepalive(Some(KEEPALIVE_SECS)),
-            }
-            session.set_pipelined_prefix(buf);
-            if *shutdown.borrow() {
-                session.set_keepalive(None);
-            }
-            let reused = Box::pin(self.http.process_new_http(session, shutdown)).await?;
-            let (next, next_settings) = reused.consume();
-            stream = next;
-            settings = next_settings;
-            idle = Duration::from_secs(KEEPALIVE_SECS);
-            served = true;
-        }
+        self.serve_http(stream, shutdown, None).await
     }
 
     async fn cleanup(&self) {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod front;
+pub mod intercept;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -1,7 +1,7 @@
 //! The `sluice` command: parse flags, load the configuration, run the server.
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use sluice::app::{build_server, RunOptions};
 use sluice::config::{Config, LogFormat};
 use std::path::PathBuf;
@@ -28,6 +28,23 @@ struct Cli {
     /// Take over the listeners of a running sluice (graceful upgrade).
     #[arg(short, long)]
     upgrade: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The CA of TLS interception (`[intercept]`).
+    Ca {
+        #[command(subcommand)]
+        what: CaCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Write a new CA to DIR (ca.pem, and ca.key with mode 0600) and say how to trust it.
+    Init { dir: PathBuf },
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, String> {
@@ -56,6 +73,21 @@ fn init_logging(level: &str, format: LogFormat) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(Command::Ca {
+        what: CaCommand::Init { dir },
+    }) = &cli.command
+    {
+        return Ok(match sluice::intercept::ca::init(dir) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sluice ca init: {e}");
+                ExitCode::from(2)
+            }
+        });
+    }
     let config = match load(cli.config.as_ref()) {
         Ok(c) => c,
         Err(message) => {

@@ -24,6 +24,17 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+/// The `result` values of `sluice_intercept_tunnels_total`.
+pub const INTERCEPT_RESULTS: [&str; 7] = [
+    "tls",
+    "http",
+    "sni_mismatch",
+    "handshake_failed",
+    "leaf_failed",
+    "not_http",
+    "no_ca",
+];
+
 /// The `reason` values of `sluice_retries_total`.
 pub const RETRY_REASONS: [&str; 5] = ["connect", "timeout", "reset", "status", "429"];
 
@@ -68,6 +79,14 @@ pub struct Metrics {
     pub host_paused: prometheus::GaugeVec,
     /// `sluice_hosts_paused`: hosts paused now, named or not.
     pub hosts_paused: IntGauge,
+    /// `sluice_intercept_tunnels_total{result}`: tunnels served as HTTP by sluice
+    /// (`tls`, `http`) or closed (`sni_mismatch`, `handshake_failed`, `leaf_failed`,
+    /// `not_http`, `no_ca`).
+    pub intercept_tunnels: IntCounterVec,
+    /// `sluice_intercept_leaf_certificates_total{result="hit|miss"}`: leaf cache lookups.
+    pub intercept_leaves: IntCounterVec,
+    /// `sluice_intercept_leaf_cache_size`.
+    pub intercept_leaf_cache: IntGauge,
     /// `sluice_hedges_total{host, event="fired|won"}`.
     pub hedges: IntCounterVec,
     /// `sluice_races_total{host}`.
@@ -213,6 +232,30 @@ impl Metrics {
             "sluice_hosts_paused",
             "Hosts paused now (any host, named in [hosts] or not)",
         )?;
+        let intercept_tunnels = IntCounterVec::new(
+            Opts::new(
+                "sluice_intercept_tunnels_total",
+                "CONNECT tunnels sluice served as HTTP itself (tls, http) or closed, by result",
+            ),
+            &["result"],
+        )?;
+        let intercept_leaves = IntCounterVec::new(
+            Opts::new(
+                "sluice_intercept_leaf_certificates_total",
+                "Leaf certificate lookups for intercepted tunnels: hit (cached) or miss (made)",
+            ),
+            &["result"],
+        )?;
+        let intercept_leaf_cache = IntGauge::new(
+            "sluice_intercept_leaf_cache_size",
+            "Leaf certificates cached for intercepted tunnels",
+        )?;
+        for r in INTERCEPT_RESULTS {
+            intercept_tunnels.with_label_values(&[r]);
+        }
+        for r in ["hit", "miss"] {
+            intercept_leaves.with_label_values(&[r]);
+        }
         let hedges = IntCounterVec::new(
             Opts::new(
                 "sluice_hedges_total",
@@ -294,6 +337,9 @@ impl Metrics {
         registry.register(Box::new(host_in_flight.clone()))?;
         registry.register(Box::new(host_paused.clone()))?;
         registry.register(Box::new(hosts_paused.clone()))?;
+        registry.register(Box::new(intercept_tunnels.clone()))?;
+        registry.register(Box::new(intercept_leaves.clone()))?;
+        registry.register(Box::new(intercept_leaf_cache.clone()))?;
         registry.register(Box::new(region_healthy.clone()))?;
         registry.register(Box::new(region_latency.clone()))?;
         for r in ["pace", "paused", "concurrency"] {
@@ -364,6 +410,9 @@ impl Metrics {
             host_in_flight,
             host_paused,
             hosts_paused,
+            intercept_tunnels,
+            intercept_leaves,
+            intercept_leaf_cache,
             hedges,
             races,
             retries,

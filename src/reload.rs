@@ -42,6 +42,14 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.shared != new.shared {
         changed.push("shared");
     }
+    let (oi, ni) = (&old.intercept, &new.intercept);
+    if oi.ca_cert != ni.ca_cert
+        || oi.ca_key != ni.ca_key
+        || oi.leaf_ttl != ni.leaf_ttl
+        || oi.leaf_cache != ni.leaf_cache
+    {
+        changed.push("intercept.ca_cert/ca_key/leaf_ttl/leaf_cache");
+    }
     changed
 }
 

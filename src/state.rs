@@ -32,6 +32,8 @@ pub struct Shared {
     pub via: String,
     /// Client connections open on the proxy listener (tunnels included).
     pub connections: std::sync::atomic::AtomicUsize,
+    /// The CA and leaf certificates of TLS interception (`[intercept]` with a CA).
+    pub interceptor: Option<Arc<crate::intercept::Interceptor>>,
     /// Shutting down, this node has told the fleet it leaves (or it has no fleet).
     pub fleet_left: std::sync::atomic::AtomicBool,
 }
@@ -61,6 +63,8 @@ impl Shared {
                 Some(fleet)
             }
         };
+        let interceptor = crate::intercept::Interceptor::from_config(&config.intercept)
+            .map_err(|e| format!("intercept: {e}"))?;
         let generation = Generation::build(1, config);
         metrics.config_generation.set(1);
         metrics.prepare(&generation);
@@ -80,6 +84,7 @@ impl Shared {
             config_path,
             reloading: std::sync::Mutex::new(()),
             connections: std::sync::atomic::AtomicUsize::new(0),
+            interceptor,
             fleet_left: std::sync::atomic::AtomicBool::new(alone),
         }))
     }

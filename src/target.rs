@@ -66,16 +66,20 @@ pub enum WayIn {
     Target,
     /// Origin-form request matching a `[[routes]]` prefix.
     Route,
+    /// A request inside a CONNECT tunnel that sluice serves itself (TLS interception, or
+    /// plain HTTP in a tunnel to port 80).
+    Intercept,
     /// Not (yet) known: the request failed before its way in was clear.
     Unknown,
 }
 
 impl WayIn {
-    pub const ALL: [WayIn; 5] = [
+    pub const ALL: [WayIn; 6] = [
         WayIn::Forward,
         WayIn::Connect,
         WayIn::Target,
         WayIn::Route,
+        WayIn::Intercept,
         WayIn::Unknown,
     ];
 
@@ -85,6 +89,7 @@ impl WayIn {
             WayIn::Connect => "connect",
             WayIn::Target => "target",
             WayIn::Route => "route",
+            WayIn::Intercept => "intercept",
             WayIn::Unknown => "unknown",
         }
     }

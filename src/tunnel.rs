@@ -89,9 +89,35 @@ async fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, (
     Err(last)
 }
 
-/// Serve one CONNECT on `stream` from start to end; `head` holds the bytes already read (the
-/// whole CONNECT head, and anything the client sent right after it).
-pub async fn serve(shared: &Arc<Shared>, mut stream: Stream, head: bytes::BytesMut) {
+/// A tunnel whose inside sluice serves as HTTP (TLS interception, or plain HTTP in a tunnel
+/// to port 80): the front reads each request from `stream` and hands it to the pipeline.
+pub struct Inside {
+    pub stream: Stream,
+    pub info: crate::intercept::TunnelInfo,
+    /// The CONNECT's `Proxy-Authorization`, which authenticates every request inside.
+    pub authorization: Option<Vec<u8>>,
+}
+
+/// What a CONNECT is, once its head is checked.
+enum Kind {
+    /// Bytes carried both ways, as they are.
+    Plain,
+    /// A listed host: TLS accepted by sluice (or plain HTTP served), per request.
+    Intercept,
+    /// Port 80, not otherwise allowed: plain HTTP inside, per request, or closed.
+    HttpOnly,
+}
+
+type Refusal = (Code, String, Option<u64>);
+
+/// Serve one CONNECT on `stream`; `head` holds the bytes already read (the whole CONNECT
+/// head, and anything the client sent right after it). A plain tunnel or a refusal is served
+/// to the end here; a tunnel whose inside is HTTP comes back as `Inside`.
+pub async fn serve(
+    shared: &Arc<Shared>,
+    mut stream: Stream,
+    head: bytes::BytesMut,
+) -> Option<Inside> {
     let started = Instant::now();
     let generation = shared.generation();
     let server = &generation.config.server;
@@ -127,7 +153,21 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream, head: bytes::BytesM
         let egress = &generation.egress;
         let policy = |(c, m): crate::policy::Refusal| (c, m, None);
         egress.check_host(&head.host).map_err(policy)?;
-        egress.check_connect_port(head.port).map_err(policy)?;
+        let port = egress.check_connect_port(head.port);
+        let kind = if crate::intercept::wanted(&generation.config.intercept, &head.host)
+            && (port.is_ok() || head.port == 80)
+        {
+            Kind::Intercept
+        } else if head.port == 80 && port.is_err() {
+            Kind::HttpOnly
+        } else {
+            port.map_err(policy)?;
+            Kind::Plain
+        };
+        if !matches!(kind, Kind::Plain) {
+            // Each request inside is admitted (client pace included) by the pipeline.
+            return Ok(Err((head, kind)));
+        }
         let addrs = resolve(&generation, &head.host, head.port, server.dns_timeout.get())
             .await
             .map_err(|e| (Code::of(&e), error::message_of(&e), None))?;
@@ -162,11 +202,12 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream, head: bytes::BytesM
         let upstream = connect(&addrs, server.connect_timeout.get())
             .await
             .map_err(|(c, m)| (c, m, None))?;
-        Ok::<_, (Code, String, Option<u64>)>((head, upstream, (permit, client_permit)))
+        Ok::<_, Refusal>(Ok((head, upstream, (permit, client_permit))))
     }
     .await;
     let (head, mut upstream, (permit, client_permit)) = match result {
-        Ok(ok) => ok,
+        Ok(Ok(open)) => open,
+        Ok(Err((head, kind))) => return inside(shared, stream, head, kind, started).await,
         Err((code, message, retry_after)) => {
             if code.status() > 0 {
                 let raw = error::raw_response_with(code, &message, retry_after);
@@ -190,7 +231,7 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream, head: bytes::BytesM
                 Some(code),
                 started.elapsed().as_secs_f64(),
             );
-            return;
+            return None;
         }
     };
     if let Err(e) =
@@ -203,7 +244,7 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream, head: bytes::BytesM
             Some(Code::ClientClosed),
             started.elapsed().as_secs_f64(),
         );
-        return;
+        return None;
     }
     let queued = permit.queued;
     let metrics = &shared.metrics;
@@ -248,6 +289,134 @@ pub async fn serve(shared: &Arc<Shared>, mut stream: Stream, head: bytes::BytesM
             error = "-",
         );
     }
+    None
+}
+
+/// Open the inside of a tunnel that sluice serves as HTTP: answer `200`, then look at the
+/// client's first bytes: a TLS ClientHello (for a listed host) is accepted with a leaf
+/// certificate; an HTTP request is served as it is; anything else closes the tunnel.
+async fn inside(
+    shared: &Arc<Shared>,
+    mut stream: Stream,
+    head: ConnectHead,
+    kind: Kind,
+    started: Instant,
+) -> Option<Inside> {
+    use crate::intercept::{ClientSide, Rewind, TunnelInfo, Tunneled};
+    let generation = shared.generation();
+    let server = &generation.config.server;
+    let metrics = &shared.metrics;
+    let result = |r: &str| metrics.intercept_tunnels.with_label_values(&[r]).inc();
+    let log = |status: u16, kind: &str, error: &str, reason: &str| {
+        if server.access_log {
+            tracing::info!(
+                target: "sluice::access",
+                way = "connect",
+                host = head.host.as_str(),
+                port = head.port,
+                status,
+                inside = kind,
+                ms = started.elapsed().as_millis() as u64,
+                error,
+                reason,
+            );
+        }
+    };
+    if let Err(e) =
+        write_and_flush(&mut stream, b"HTTP/1.1 200 Connection Established\r\n\r\n").await
+    {
+        tracing::debug!(error = %e, "client left before the tunnel opened");
+        return None;
+    }
+    // The first byte tells TLS (a handshake record, 0x16) from HTTP (a method's letter).
+    let mut prefix = head.leftover.clone();
+    if prefix.is_empty() {
+        let mut first = [0u8; 1];
+        let read = tokio::time::timeout(server.header_read_timeout.get(), stream.read(&mut first));
+        match read.await {
+            Ok(Ok(1)) => prefix.push(first[0]),
+            _ => {
+                log(200, "none", "client_closed", "nothing sent in the tunnel");
+                return None;
+            }
+        }
+    }
+    let authority = crate::target::host_port(&head.host, head.port);
+    let client = ClientSide::of(&stream);
+    let is_tls = prefix[0] == 0x16;
+    let is_http = prefix[0].is_ascii_uppercase();
+    let wrapped: Stream = if is_tls && matches!(kind, Kind::Intercept) {
+        let Some(interceptor) = shared.interceptor.as_ref() else {
+            result("no_ca");
+            log(
+                200,
+                "tls",
+                "internal",
+                "interception has no CA (intercept.ca_cert)",
+            );
+            return None;
+        };
+        let io = Rewind::new(bytes::Bytes::from(prefix), stream);
+        let tls = interceptor
+            .accept(io, &head.host, server.header_read_timeout.get(), metrics)
+            .await;
+        match tls {
+            Ok(tls) => {
+                let info = TunnelInfo {
+                    scheme: "https",
+                    authority: authority.clone(),
+                };
+                match Tunneled::new(tls, client, info) {
+                    Ok(t) => {
+                        result("tls");
+                        Box::new(t)
+                    }
+                    Err(e) => {
+                        log(200, "tls", "internal", &e.to_string());
+                        return None;
+                    }
+                }
+            }
+            Err(refused) => {
+                result(refused.result());
+                log(200, "tls", refused.result(), &refused.to_string());
+                return None;
+            }
+        }
+    } else if is_http {
+        let info = TunnelInfo {
+            scheme: "http",
+            authority: authority.clone(),
+        };
+        let io = Rewind::new(bytes::Bytes::from(prefix), stream);
+        match Tunneled::new(io, client, info) {
+            Ok(t) => {
+                result("http");
+                Box::new(t)
+            }
+            Err(e) => {
+                log(200, "http", "internal", &e.to_string());
+                return None;
+            }
+        }
+    } else {
+        result("not_http");
+        let why = match kind {
+            Kind::HttpOnly => "a tunnel to port 80 carries HTTP only (security.connect_ports)",
+            _ => "neither TLS nor HTTP in an intercepted tunnel",
+        };
+        log(200, "other", "forbidden_port", why);
+        return None;
+    };
+    log(200, if is_tls { "tls" } else { "http" }, "-", "-");
+    Some(Inside {
+        stream: wrapped,
+        info: TunnelInfo {
+            scheme: if is_tls { "https" } else { "http" },
+            authority,
+        },
+        authorization: head.authorization.clone(),
+    })
 }
 
 async fn write_and_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {

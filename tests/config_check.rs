@@ -188,3 +188,57 @@ fn every_unknown_key_and_wrong_type_is_reported_with_what_validation_finds() {
     // And what validation of the rest finds.
     assert!(err.contains("routes[0].prefix"), "{err}");
 }
+
+#[test]
+fn interception_needs_a_ca_whose_key_is_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = check_config(
+        dir.path(),
+        "no-ca.toml",
+        "[intercept]\nhosts = [\"api.openai.com\", \"bad/name\"]\nleaf_ttl = \"1m\"\n",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr_of(&out);
+    for needle in [
+        "intercept: hosts need both ca_cert and ca_key",
+        "intercept.hosts[1]",
+        "intercept.leaf_ttl",
+    ] {
+        assert!(err.contains(needle), "{needle} in {err}");
+    }
+    // Two CAs from `sluice ca init`: a certificate with the other's key is refused.
+    for name in ["a", "b"] {
+        let made = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["ca", "init"])
+            .arg(dir.path().join(name))
+            .output()
+            .expect("ca init");
+        assert!(made.status.success());
+    }
+    let pem = |ca: &str, f: &str| dir.path().join(ca).join(f).display().to_string();
+    let out = check_config(
+        dir.path(),
+        "mismatch.toml",
+        &format!(
+            "[intercept]\nhosts = [\"api.openai.com\"]\nca_cert = \"{}\"\nca_key = \"{}\"\n",
+            pem("a", "ca.pem"),
+            pem("b", "ca.key")
+        ),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr_of(&out).contains("does not belong"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = check_config(
+        dir.path(),
+        "good.toml",
+        &format!(
+            "[intercept]\nhosts = [\"api.openai.com\"]\nca_cert = \"{}\"\nca_key = \"{}\"\n",
+            pem("a", "ca.pem"),
+            pem("a", "ca.key")
+        ),
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+}

@@ -44,6 +44,40 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// State shared by a fleet of sluice processes (Redis), and what to do when it fails.
     pub shared: SharedConfig,
+    /// TLS interception of CONNECT tunnels to chosen hosts (off unless hosts are listed).
+    pub intercept: Intercept,
+}
+
+/// `[intercept]`: CONNECT tunnels to these hosts are terminated with a leaf certificate
+/// signed by a local CA, and every request inside goes through the pipeline.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Intercept {
+    /// Exact names or `*.suffix`; empty: nothing is intercepted.
+    pub hosts: Vec<String>,
+    /// Names (exact or `*.suffix`) never intercepted, even when `hosts` matches.
+    pub exclude: Vec<String>,
+    /// The CA certificate (PEM) that signs leaf certificates; clients must trust it.
+    pub ca_cert: Option<String>,
+    /// Its private key (PEM); a secret.
+    pub ca_key: Option<String>,
+    /// How long a leaf certificate is valid (it is made again before it ends).
+    pub leaf_ttl: HumanDuration,
+    /// Leaf certificates kept, least recently used dropped first.
+    pub leaf_cache: usize,
+}
+
+impl Default for Intercept {
+    fn default() -> Self {
+        Intercept {
+            hosts: Vec::new(),
+            exclude: Vec::new(),
+            ca_cert: None,
+            ca_key: None,
+            leaf_ttl: HumanDuration::from_secs(24 * 3600),
+            leaf_cache: 1024,
+        }
+    }
 }
 
 /// Egress policy (checked on resolved addresses) and limits on what clients send.

@@ -38,6 +38,52 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// `[intercept]`: names well formed, and, when any host is listed, a CA whose key is its own.
+fn check_intercept(i: &super::Intercept, err: &mut impl FnMut(String, String)) {
+    for (list, names) in [("hosts", &i.hosts), ("exclude", &i.exclude)] {
+        for (n, name) in names.iter().enumerate() {
+            let bare = name.strip_prefix("*.").unwrap_or(name);
+            let ok = !bare.is_empty()
+                && !bare.contains(['*', '/', ':', ' '])
+                && !bare.starts_with('.')
+                && !bare.ends_with('.');
+            if !ok {
+                err(
+                    format!("intercept.{list}[{n}]"),
+                    format!("{name:?} is not a host name or \"*.suffix\""),
+                );
+            }
+        }
+    }
+    let ttl = i.leaf_ttl.get();
+    if ttl < std::time::Duration::from_secs(3600)
+        || ttl > std::time::Duration::from_secs(30 * 86400)
+    {
+        err(
+            "intercept.leaf_ttl".into(),
+            "must be between 1h and 30 days (leaf certificates are short-lived)".into(),
+        );
+    }
+    if i.leaf_cache == 0 || i.leaf_cache > 1_000_000 {
+        err(
+            "intercept.leaf_cache".into(),
+            "must be between 1 and 1000000".into(),
+        );
+    }
+    match (&i.ca_cert, &i.ca_key) {
+        (None, None) if i.hosts.is_empty() => {}
+        (Some(cert), Some(key)) => {
+            if let Err(e) = crate::intercept::Ca::load(cert.as_ref(), key.as_ref()) {
+                err("intercept.ca_cert".into(), e);
+            }
+        }
+        _ => err(
+            "intercept".into(),
+            "hosts need both ca_cert and ca_key (sluice ca init DIR makes a CA)".into(),
+        ),
+    }
+}
+
 impl Config {
     /// Check every rule; report all failures, each with its key path.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -219,6 +265,7 @@ impl Config {
         }
 
         self.shared.check(&mut err);
+        check_intercept(&self.intercept, &mut err);
 
         let mut prefixes = HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {

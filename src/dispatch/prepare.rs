@@ -40,6 +40,11 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         }
     };
     ctx.way = dest.way;
+    // Inside a tunnel sluice serves itself, the front made the target absolute with the
+    // tunnel's authority (and nothing else is allowed there).
+    if crate::intercept::tunnel_of(session.digest()).is_some() {
+        ctx.way = WayIn::Intercept;
+    }
     ctx.origin = Some(dest.origin.clone());
     if ctx.generation.clients.enabled() {
         authenticate(shared, session, ctx)?;
@@ -101,7 +106,7 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
 /// Authenticate the client (see `policy::auth::authenticate`) and take its pace cell.
 fn authenticate(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<()> {
     let h = &session.req_header().headers;
-    let proxy_way = matches!(ctx.way, WayIn::Forward | WayIn::Connect);
+    let proxy_way = matches!(ctx.way, WayIn::Forward | WayIn::Connect | WayIn::Intercept);
     let client = auth::authenticate(
         &ctx.generation.clients,
         proxy_way,
