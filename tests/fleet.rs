@@ -639,3 +639,121 @@ fn rediss_is_verified_against_the_configured_ca() {
     );
     assert!(untrusted.metric("sluice_shared_redis_errors_total") >= 1.0);
 }
+
+#[test]
+fn the_breaker_closes_within_one_recovery_timeout_of_redis_returning() {
+    let _serial = serial();
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let up = FakeUpstream::builder().start();
+    let node = Sluice::start(
+        "",
+        &format!(
+            "[shared]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"250ms\"\n\
+             timeout = \"200ms\"\non_error = \"local\"\n\
+             breaker = {{ failure_threshold = 1, recovery_timeout = \"2s\", success_threshold = 2 }}\n",
+            redis.url()
+        ),
+    );
+    assert_eventually!(
+        status(&node)["shared"]["breaker"] == "closed",
+        "closed at start"
+    );
+    redis.kill();
+    assert_eventually!(status(&node)["shared"]["breaker"] == "open", "opened");
+    // Away long enough for probes to fail against the dead server.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(node.metric("sluice_shared_breaker_transitions_total{to=\"half_open\"}") >= 1.0);
+    redis.restart();
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(10);
+    while status(&node)["shared"]["breaker"] != "closed" {
+        assert!(Instant::now() < deadline, "not closed: {}", status(&node));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // One recovery timeout (2 s) for the next probe, plus the probes themselves.
+    let took = back.elapsed();
+    assert!(
+        took < Duration::from_millis(2600),
+        "closed {took:?} after Redis returned"
+    );
+    // And requests pace through Redis again.
+    let raw = raw_exchange(
+        node.proxy,
+        format!(
+            "GET http://127.0.0.1:{p}/x HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nConnection: close\r\n\r\n",
+            p = up.port()
+        )
+        .as_bytes(),
+    )
+    .expect("answer");
+    assert_eq!(split_response(&raw).0, 200);
+}
+
+#[test]
+fn a_dropped_connection_is_retried_before_it_counts_against_the_breaker() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let up = FakeUpstream::builder().start();
+    // One failure would open the breaker.
+    let node = Sluice::start(
+        "",
+        &format!(
+            "[shared]\nbackend = \"redis\"\nredis_url = \"{}\"\ntimeout = \"500ms\"\n\
+             on_error = \"local\"\n\
+             breaker = {{ failure_threshold = 1, recovery_timeout = \"30s\", success_threshold = 1 }}\n\
+             retry = {{ max_retries = 2, delay = \"5ms\", backoff = 2.0 }}\n\
+             [hosts.\"127.0.0.1:{p}\"]\nrps = 100.0\nburst = 1\n",
+            redis.url(),
+            p = up.port()
+        ),
+    );
+    let get = || {
+        let raw = raw_exchange(
+            node.proxy,
+            format!(
+                "GET http://127.0.0.1:{p}/x HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nConnection: close\r\n\r\n",
+                p = up.port()
+            )
+            .as_bytes(),
+        )
+        .expect("answer");
+        split_response(&raw).0
+    };
+    assert_eq!(get(), 200);
+    assert_eventually!(status(&node)["shared"]["breaker"] == "closed", "closed");
+    for round in 0..3 {
+        // Redis drops every client connection (as a restart or a proxy in front of it would).
+        let killed = Command::new("redis-cli")
+            .args([
+                "-p",
+                &redis.port.to_string(),
+                "CLIENT",
+                "KILL",
+                "TYPE",
+                "normal",
+            ])
+            .output()
+            .expect("redis-cli");
+        assert!(killed.status.success(), "round {round}");
+        assert_eq!(get(), 200, "round {round}");
+    }
+    assert_eq!(
+        status(&node)["shared"]["breaker"],
+        "closed",
+        "{}",
+        status(&node)
+    );
+    assert_eq!(
+        node.metric("sluice_shared_breaker_transitions_total{to=\"open\"}"),
+        0.0
+    );
+    assert!(node.metric("sluice_shared_redis_retries_total") >= 1.0);
+    assert_eq!(
+        node.metric("sluice_shared_fallback_total{on_error=\"local\"}"),
+        0.0
+    );
+}

@@ -24,6 +24,31 @@ pub struct SharedConfig {
     pub heartbeat: HumanDuration,
     /// PEM file of the CAs trusted for `rediss://`, instead of the system roots.
     pub tls_ca_file: Option<String>,
+    /// A call that fails is tried again (on a new connection) within its `timeout`
+    /// before it counts against the breaker.
+    pub retry: RetryConfig,
+}
+
+/// `[shared] retry`: retry, then breaker, then fallback.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Further tries of a call whose error came back before its timeout; 0: none.
+    pub max_retries: u32,
+    /// Wait before the first retry.
+    pub delay: HumanDuration,
+    /// Each further wait is the previous one times this.
+    pub backoff: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 1,
+            delay: HumanDuration::from_millis(5),
+            backoff: 2.0,
+        }
+    }
 }
 
 impl Default for SharedConfig {
@@ -37,6 +62,7 @@ impl Default for SharedConfig {
             key_prefix: "sluice".into(),
             heartbeat: HumanDuration::from_secs(1),
             tls_ca_file: None,
+            retry: RetryConfig::default(),
         }
     }
 }
@@ -133,6 +159,18 @@ impl SharedConfig {
             if let Err(m) = super::validate::check_ca_file(path) {
                 err("shared.tls_ca_file".into(), m);
             }
+        }
+        if self.retry.max_retries > 10 {
+            err(
+                "shared.retry.max_retries".into(),
+                "must be at most 10".into(),
+            );
+        }
+        if !(1.0..=10.0).contains(&self.retry.backoff) {
+            err(
+                "shared.retry.backoff".into(),
+                "must be between 1.0 and 10.0".into(),
+            );
         }
         let timeout = self.timeout.get();
         if timeout.is_zero() || timeout > std::time::Duration::from_secs(10) {

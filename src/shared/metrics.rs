@@ -54,6 +54,8 @@ pub struct FleetMetrics {
     pub fallback: IntCounterVec,
     /// `sluice_shared_events_total{kind="pause|limit"}`: events received from other nodes.
     pub events: IntCounterVec,
+    /// `sluice_shared_redis_retries_total{op}`: calls tried again after an error.
+    pub retries: IntCounterVec,
 }
 
 impl FleetMetrics {
@@ -113,6 +115,13 @@ impl FleetMetrics {
                 ),
                 &["kind"],
             )?,
+            retries: IntCounterVec::new(
+                Opts::new(
+                    "sluice_shared_redis_retries_total",
+                    "Calls to the shared store tried again after an error ([shared] retry)",
+                ),
+                &["op"],
+            )?,
         };
         for s in State::ALL {
             m.breaker_state
@@ -122,6 +131,7 @@ impl FleetMetrics {
         }
         for op in Op::ALL {
             m.calls.with_label_values(&[op.as_str()]);
+            m.retries.with_label_values(&[op.as_str()]);
             for kind in ["timeout", "error"] {
                 m.errors.with_label_values(&[op.as_str(), kind]);
             }
@@ -147,6 +157,7 @@ impl FleetMetrics {
             Box::new(self.tokens_given_back.clone()),
             Box::new(self.fallback.clone()),
             Box::new(self.events.clone()),
+            Box::new(self.retries.clone()),
         ]
     }
 

@@ -21,7 +21,7 @@ use crate::config::{OnError, SharedConfig};
 use async_trait::async_trait;
 use breaker::{Breaker, State};
 use metrics::{FleetMetrics, Op};
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -91,6 +91,8 @@ pub trait Store: Send + Sync {
     async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError>;
     /// Say this node is leaving.
     async fn leave(&self, node: &str) -> Result<(), StoreError>;
+    /// Drop the connection: the next call makes a new one.
+    async fn reset(&self) {}
     /// Calls made so far (for benchmarks and tests).
     fn calls(&self) -> u64;
 }
@@ -176,6 +178,10 @@ pub struct Fleet {
     state: AtomicU8,
     /// Live nodes at the last heartbeat (at least 1).
     nodes: AtomicU32,
+    /// When a half-open breaker's probe went out (ns on the admission clock; 0: none). Other
+    /// calls wait for its verdict; a probe older than `timeout` is over, whatever became of it
+    /// (a caller let through may not have made its call).
+    probe_at: AtomicU64,
     /// Each tracked host's local side, by the address of its admission cell.
     hosts: papaya::HashMap<usize, Arc<FleetHost>, foldhash::fast::RandomState>,
 }
@@ -207,6 +213,7 @@ impl Fleet {
             breaker: Mutex::new(Breaker::new(&config.breaker)),
             state: AtomicU8::new(State::Closed.as_u8()),
             nodes: AtomicU32::new(1),
+            probe_at: AtomicU64::new(0),
             hosts: papaya::HashMap::builder()
                 .hasher(foldhash::fast::RandomState::default())
                 .build(),
@@ -259,20 +266,34 @@ impl Fleet {
         self.hosts.pin().get(&cell_id(cell)).cloned()
     }
 
-    /// May a call go to the store now? (An open breaker half-opens once its time is up.)
+    /// May a call go to the store now? Always while closed; while half-open, one call at a
+    /// time (the probe); an open breaker half-opens once its recovery timeout is up.
     pub fn allow(&self, now: u64) -> bool {
         if self.store.get().is_none() {
             return false;
         }
-        if self.breaker_state() != State::Open {
-            return true;
+        match self.breaker_state() {
+            State::Closed => true,
+            State::HalfOpen => self.take_probe(now),
+            State::Open => {
+                let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+                let allowed = b.allow(now);
+                let after = b.state();
+                drop(b);
+                self.note_state(State::Open, after);
+                allowed && self.take_probe(now)
+            }
         }
-        let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
-        let allowed = b.allow(now);
-        let after = b.state();
-        drop(b);
-        self.note_state(State::Open, after);
-        allowed
+    }
+
+    /// The half-open probe's turn, if no other probe is out.
+    fn take_probe(&self, now: u64) -> bool {
+        let out = self.probe_at.load(Ordering::Acquire);
+        let over = out == 0 || now.saturating_sub(out) > self.timeout.as_nanos() as u64;
+        over && self
+            .probe_at
+            .compare_exchange(out, now.max(1), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     fn record(&self, ok: bool) {
@@ -287,6 +308,9 @@ impl Fleet {
         let after = b.state();
         drop(b);
         self.note_state(before, after);
+        if before != State::Closed {
+            self.probe_at.store(0, Ordering::Release);
+        }
     }
 
     fn note_state(&self, before: State, after: State) {
@@ -315,24 +339,55 @@ impl Fleet {
         }
     }
 
-    /// Run one call to the store, bounded by the timeout, feeding the breaker and metrics.
-    pub async fn call<T>(
-        &self,
-        op: Op,
-        call: impl std::future::Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        self.metrics.calls.with_label_values(&[op.as_str()]).inc();
-        let result = match tokio::time::timeout(self.timeout, call).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout),
+    /// Run one call to the store, feeding the breaker and metrics: `make` makes the call,
+    /// which may be made again. While the breaker is closed, a call whose error comes back
+    /// before `timeout` is tried again on a new connection (`[shared] retry`) within what is
+    /// left of `timeout`; only then does it count against the breaker. A half-open probe
+    /// always goes on a new connection, so it succeeds as soon as Redis answers.
+    pub async fn call<T, F, Fut>(&self, op: Op, mut make: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let retry = &self.config.retry;
+        let mut delay = retry.delay.get();
+        let mut retries_left = match self.breaker_state() {
+            State::Closed => retry.max_retries,
+            _ => 0,
+        };
+        if self.breaker_state() != State::Closed {
+            if let Some(store) = self.store.get() {
+                store.reset().await;
+            }
+        }
+        let result = loop {
+            self.metrics.calls.with_label_values(&[op.as_str()]).inc();
+            let result = match tokio::time::timeout_at(deadline, make()).await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Timeout),
+            };
+            let Err(e) = &result else { break result };
+            self.metrics
+                .errors
+                .with_label_values(&[op.as_str(), e.kind()])
+                .inc();
+            let retry_at = tokio::time::Instant::now() + delay;
+            if retries_left == 0 || matches!(e, StoreError::Timeout) || retry_at >= deadline {
+                break result;
+            }
+            tracing::debug!(op = op.as_str(), error = %e, "shared store call failed; trying again");
+            self.metrics.retries.with_label_values(&[op.as_str()]).inc();
+            retries_left -= 1;
+            if let Some(store) = self.store.get() {
+                store.reset().await;
+            }
+            tokio::time::sleep_until(retry_at).await;
+            delay = delay.mul_f64(retry.backoff);
         };
         match &result {
             Ok(_) => self.record(true),
             Err(e) => {
-                self.metrics
-                    .errors
-                    .with_label_values(&[op.as_str(), e.kind()])
-                    .inc();
                 tracing::debug!(op = op.as_str(), error = %e, "shared store call failed");
                 self.record(false);
             }
@@ -453,14 +508,14 @@ impl Fleet {
         let burst = cell.burst();
         runtime.spawn(async move {
             if let Some(length) = pause {
-                let call = store.pause(&host.key, length, interval_us, burst);
+                let call = || store.pause(&host.key, length, interval_us, burst);
                 if let Err(e) = fleet.call(Op::Pause, call).await {
                     tracing::warn!(host = &*host.key, error = %e, "could not share a pause");
                 }
             }
             if rps.is_some() || max_concurrent.is_some() {
                 let learned = rps.map(|r| (1e6 / r).round().max(1.0) as u64);
-                let call = store.learn(&host.key, learned, max_concurrent);
+                let call = || store.learn(&host.key, learned, max_concurrent);
                 if let Err(e) = fleet.call(Op::Learn, call).await {
                     tracing::warn!(host = &*host.key, error = %e, "could not share a learned limit");
                 }

@@ -197,7 +197,7 @@ impl FleetHost {
                 fleet.live_nodes(),
                 fleet.options.leases,
             );
-            let call = store.acquire(&self.key, want, interval_us(cell), cell.burst());
+            let call = || store.acquire(&self.key, want, interval_us(cell), cell.burst());
             let grant = fleet
                 .call(Op::Acquire, call)
                 .await
@@ -305,7 +305,7 @@ impl FleetHost {
             fleet.live_nodes(),
             fleet.options.leases,
         );
-        let call = store.acquire(&self.key, want, interval_us(cell), cell.burst());
+        let call = || store.acquire(&self.key, want, interval_us(cell), cell.burst());
         let grant = match fleet.call(Op::Acquire, call).await {
             Ok(g) => g,
             Err(_) => {
@@ -357,7 +357,7 @@ impl FleetHost {
             return;
         };
         let tokens = u32::try_from(n).unwrap_or(u32::MAX);
-        let call = store.give_back(&self.key, tokens, interval_us(cell));
+        let call = || store.give_back(&self.key, tokens, interval_us(cell));
         if let Err(e) = fleet.call(Op::GiveBack, call).await {
             tracing::debug!(host = &*self.key, error = %e, "leased tokens not given back");
         }

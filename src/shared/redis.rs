@@ -11,7 +11,6 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::OnceCell;
 
 /// Learned limits are kept this long in Redis after the last statement (ms).
 const LEARNED_TTL_MS: u64 = 3_600_000;
@@ -32,7 +31,8 @@ pub struct RedisStore {
     /// Where events are subscribed (the one URL, or the first seed of a cluster: a cluster
     /// delivers every PUBLISH to every node).
     subscribe_to: redis::Client,
-    conn: OnceCell<Conn>,
+    /// The connection, made on first use and made again after `reset`.
+    conn: tokio::sync::Mutex<Option<Conn>>,
     timeout: Duration,
     prefix: String,
     channel: String,
@@ -87,7 +87,7 @@ impl RedisStore {
         Ok(RedisStore {
             target,
             subscribe_to,
-            conn: OnceCell::new(),
+            conn: tokio::sync::Mutex::new(None),
             timeout,
             prefix: prefix.to_string(),
             channel: format!("{prefix}:events"),
@@ -106,32 +106,29 @@ impl RedisStore {
     }
 
     async fn conn(&self) -> Result<Conn, StoreError> {
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                match &self.target {
-                    Target::Single(client) => {
-                        // No retries inside the manager: the breaker decides when to try again,
-                        // and a failed connection is made again on the next call.
-                        let config = ConnectionManagerConfig::new()
-                            .set_number_of_retries(0)
-                            .set_connection_timeout(Some(
-                                self.timeout.max(Duration::from_millis(200)),
-                            ))
-                            .set_response_timeout(Some(self.timeout));
-                        ConnectionManager::new_lazy_with_config((**client).clone(), config)
-                            .map(Conn::Single)
-                            .map_err(store_error)
-                    }
-                    Target::Cluster(client) => client
-                        .get_async_connection()
-                        .await
-                        .map(Conn::Cluster)
-                        .map_err(store_error),
-                }
-            })
-            .await?;
-        Ok(conn.clone())
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let made = match &self.target {
+            Target::Single(client) => {
+                // No retries inside the manager: the breaker decides when to try again.
+                let config = ConnectionManagerConfig::new()
+                    .set_number_of_retries(0)
+                    .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(200))))
+                    .set_response_timeout(Some(self.timeout));
+                ConnectionManager::new_lazy_with_config((**client).clone(), config)
+                    .map(Conn::Single)
+                    .map_err(store_error)?
+            }
+            Target::Cluster(client) => client
+                .get_async_connection()
+                .await
+                .map(Conn::Cluster)
+                .map_err(store_error)?,
+        };
+        *slot = Some(made.clone());
+        Ok(made)
     }
 
     fn key(&self, host: &str, what: &str) -> String {
@@ -264,6 +261,13 @@ impl Store for RedisStore {
         }
         .map(|_| ())
         .map_err(store_error)
+    }
+
+    async fn reset(&self) {
+        // A connection that failed may still be waiting out its own reconnection: the next
+        // call (the breaker's probe) makes a new one and so learns at once whether Redis is
+        // back.
+        *self.conn.lock().await = None;
     }
 
     fn calls(&self) -> u64 {

@@ -67,7 +67,7 @@ impl BackgroundService for FleetService {
                     continue;
                 }
                 if let Ok(n) = fleet
-                    .call(Op::Heartbeat, store.heartbeat(&fleet.node_id, ttl))
+                    .call(Op::Heartbeat, || store.heartbeat(&fleet.node_id, ttl))
                     .await
                 {
                     fleet.set_live_nodes(n);
@@ -90,7 +90,7 @@ impl BackgroundService for FleetService {
             _ = shutdown.changed() => {}
         }
         if fleet.allow(fleet.now()) {
-            if let Err(e) = fleet.call(Op::Leave, store.leave(&fleet.node_id)).await {
+            if let Err(e) = fleet.call(Op::Leave, || store.leave(&fleet.node_id)).await {
                 tracing::debug!(error = %e, "could not say this node is leaving");
             }
         }
