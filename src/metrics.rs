@@ -87,6 +87,14 @@ pub struct Metrics {
     pub intercept_leaves: IntCounterVec,
     /// `sluice_intercept_leaf_cache_size`.
     pub intercept_leaf_cache: IntGauge,
+    /// `sluice_dns_lookups_total{result}`: questions to the nameservers (`ok`, `nxdomain`,
+    /// `no_records`, `empty`, `error`) and lookups refused over the in-flight bound
+    /// (`refused`).
+    pub dns_lookups: IntCounterVec,
+    /// `sluice_dns_cache_total{result="hit|negative_hit|miss|coalesced"}`.
+    pub dns_cache: IntCounterVec,
+    /// `sluice_dns_in_flight`: lookups in flight (set at each scrape).
+    pub dns_in_flight: IntGauge,
     /// `sluice_hedges_total{host, event="fired|won"}`.
     pub hedges: IntCounterVec,
     /// `sluice_races_total{host}`.
@@ -250,6 +258,27 @@ impl Metrics {
             "sluice_intercept_leaf_cache_size",
             "Leaf certificates cached for intercepted tunnels",
         )?;
+        let dns_lookups = IntCounterVec::new(
+            Opts::new(
+                "sluice_dns_lookups_total",
+                "DNS questions sent, by result; refused: over server.dns_max_in_flight",
+            ),
+            &["result"],
+        )?;
+        let dns_cache = IntCounterVec::new(
+            Opts::new(
+                "sluice_dns_cache_total",
+                "DNS names looked up, by how: hit, negative_hit, miss (asked), coalesced (joined a lookup in flight)",
+            ),
+            &["result"],
+        )?;
+        let dns_in_flight = IntGauge::new("sluice_dns_in_flight", "DNS lookups in flight")?;
+        for r in ["ok", "nxdomain", "no_records", "empty", "error", "refused"] {
+            dns_lookups.with_label_values(&[r]);
+        }
+        for r in ["hit", "negative_hit", "miss", "coalesced"] {
+            dns_cache.with_label_values(&[r]);
+        }
         for r in INTERCEPT_RESULTS {
             intercept_tunnels.with_label_values(&[r]);
         }
@@ -340,6 +369,9 @@ impl Metrics {
         registry.register(Box::new(intercept_tunnels.clone()))?;
         registry.register(Box::new(intercept_leaves.clone()))?;
         registry.register(Box::new(intercept_leaf_cache.clone()))?;
+        registry.register(Box::new(dns_lookups.clone()))?;
+        registry.register(Box::new(dns_cache.clone()))?;
+        registry.register(Box::new(dns_in_flight.clone()))?;
         registry.register(Box::new(region_healthy.clone()))?;
         registry.register(Box::new(region_latency.clone()))?;
         for r in ["pace", "paused", "concurrency"] {
@@ -413,6 +445,9 @@ impl Metrics {
             intercept_tunnels,
             intercept_leaves,
             intercept_leaf_cache,
+            dns_lookups,
+            dns_cache,
+            dns_in_flight,
             hedges,
             races,
             retries,

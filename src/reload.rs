@@ -22,6 +22,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if o.threads != n.threads {
         changed.push("server.threads");
     }
+    if o.dns_servers != n.dns_servers
+        || o.dns_cache_size != n.dns_cache_size
+        || o.dns_max_in_flight != n.dns_max_in_flight
+    {
+        changed.push("server.dns_servers/dns_cache_size/dns_max_in_flight");
+    }
     if o.upstream_ca_file != n.upstream_ca_file {
         changed.push("server.upstream_ca_file");
     }

@@ -32,6 +32,8 @@ pub struct Shared {
     pub via: String,
     /// Client connections open on the proxy listener (tunnels included).
     pub connections: std::sync::atomic::AtomicUsize,
+    /// DNS: hickory's resolver, the answers cached, the lookups in flight.
+    pub dns: crate::resolve::Dns,
     /// The CA and leaf certificates of TLS interception (`[intercept]` with a CA).
     pub interceptor: Option<Arc<crate::intercept::Interceptor>>,
     /// Shutting down, this node has told the fleet it leaves (or it has no fleet).
@@ -63,6 +65,7 @@ impl Shared {
                 Some(fleet)
             }
         };
+        let dns = crate::resolve::Dns::new(&config.server)?;
         let interceptor = crate::intercept::Interceptor::from_config(&config.intercept)
             .map_err(|e| format!("intercept: {e}"))?;
         let generation = Generation::build(1, config);
@@ -85,6 +88,7 @@ impl Shared {
             reloading: std::sync::Mutex::new(()),
             connections: std::sync::atomic::AtomicUsize::new(0),
             interceptor,
+            dns,
             fleet_left: std::sync::atomic::AtomicBool::new(alone),
         }))
     }

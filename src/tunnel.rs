@@ -4,7 +4,6 @@
 
 use crate::dispatch::pace;
 use crate::error::{self, Code};
-use crate::resolve::resolve;
 use crate::state::Shared;
 use crate::target::{parse_authority, WayIn};
 use pingora_core::protocols::Stream;
@@ -165,10 +164,31 @@ pub async fn serve(
             Kind::Plain
         };
         if !matches!(kind, Kind::Plain) {
-            // Each request inside is admitted (client pace included) by the pipeline.
+            // Each request inside is admitted (client pace included) and sent by the
+            // pipeline; a destination the egress policy refuses is refused here already.
+            let addrs = shared
+                .dns
+                .resolve(
+                    &generation,
+                    &shared.metrics,
+                    &head.host,
+                    head.port,
+                    server.dns_timeout.get(),
+                )
+                .await
+                .map_err(|e| (Code::of(&e), error::message_of(&e), None))?;
+            egress.filter(&head.host, addrs).map_err(policy)?;
             return Ok(Err((head, kind)));
         }
-        let addrs = resolve(&generation, &head.host, head.port, server.dns_timeout.get())
+        let addrs = shared
+            .dns
+            .resolve(
+                &generation,
+                &shared.metrics,
+                &head.host,
+                head.port,
+                server.dns_timeout.get(),
+            )
             .await
             .map_err(|e| (Code::of(&e), error::message_of(&e), None))?;
         let addrs = egress.filter(&head.host, addrs).map_err(policy)?;

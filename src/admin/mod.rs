@@ -123,6 +123,7 @@ impl ServeHttp for Admin {
                 m.hosts_tracked.set(self.shared.admission.len() as i64);
                 m.refresh_regions(&self.shared.regions);
                 let now = self.shared.admission.now();
+                m.dns_in_flight.set(self.shared.dns.in_flight() as i64);
                 m.hosts_paused
                     .set(self.shared.admission.paused_count(now) as i64);
                 for (key, cell) in configured_cells(&self.shared) {

@@ -16,7 +16,7 @@ pub use dispatch::{
 };
 pub use duration::HumanDuration;
 pub use generation::{Generation, Route};
-pub use shared::{Backend, BreakerConfig, OnError, RedisUrl, SharedConfig};
+pub use shared::{Backend, BreakerConfig, OnError, RedisUrl, RetryConfig, SharedConfig};
 pub use validate::ConfigError;
 
 use serde::{Deserialize, Serialize};
@@ -277,6 +277,12 @@ pub struct Server {
     pub write_timeout: HumanDuration,
     /// Longest wait for a DNS answer.
     pub dns_timeout: HumanDuration,
+    /// Nameservers (`"ip"` or `"ip:port"`); empty: those of `/etc/resolv.conf`.
+    pub dns_servers: Vec<String>,
+    /// DNS answers kept (each for its TTL, failures for their negative TTL).
+    pub dns_cache_size: usize,
+    /// Lookups in flight at once (one per name); past it, a new name fails at once.
+    pub dns_max_in_flight: usize,
     /// Longest wait for a client to send the first bytes of a request or a CONNECT head.
     pub header_read_timeout: HumanDuration,
     /// A CONNECT tunnel with no bytes in either direction for this long is closed.
@@ -336,6 +342,9 @@ impl Default for Server {
             read_timeout: HumanDuration::from_secs(60),
             write_timeout: HumanDuration::from_secs(30),
             dns_timeout: HumanDuration::from_secs(5),
+            dns_servers: Vec::new(),
+            dns_cache_size: 10_000,
+            dns_max_in_flight: 256,
             header_read_timeout: HumanDuration::from_secs(10),
             tunnel_idle_timeout: HumanDuration::from_secs(300),
             grace_period: HumanDuration::from_secs(5),

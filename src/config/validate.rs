@@ -121,6 +121,28 @@ impl Config {
                 "needs server.admin_token".into(),
             );
         }
+        for (i, d) in s.dns_servers.iter().enumerate() {
+            let ok =
+                d.parse::<std::net::SocketAddr>().is_ok() || d.parse::<std::net::IpAddr>().is_ok();
+            if !ok {
+                err(
+                    format!("server.dns_servers[{i}]"),
+                    format!("{d:?} is not an IP address or ip:port"),
+                );
+            }
+        }
+        if s.dns_cache_size == 0 || s.dns_cache_size > 10_000_000 {
+            err(
+                "server.dns_cache_size".into(),
+                "must be between 1 and 10000000".into(),
+            );
+        }
+        if s.dns_max_in_flight == 0 || s.dns_max_in_flight > 100_000 {
+            err(
+                "server.dns_max_in_flight".into(),
+                "must be between 1 and 100000".into(),
+            );
+        }
         if s.threads > 1024 {
             err("server.threads".into(), "must be at most 1024".into());
         }

@@ -201,13 +201,17 @@ pub async fn peer_for(job: &Job<'_>, r: &Region) -> Result<HttpPeer> {
     let server = &job.generation().config.server;
     let mut peer = match &r.via {
         Some(via) => {
-            let addrs = crate::resolve::resolve(
-                job.generation(),
-                &via.host,
-                via.port,
-                server.dns_timeout.get(),
-            )
-            .await?;
+            let addrs = job
+                .shared
+                .dns
+                .resolve(
+                    job.generation(),
+                    &job.shared.metrics,
+                    &via.host,
+                    via.port,
+                    server.dns_timeout.get(),
+                )
+                .await?;
             let Some(addr) = addrs.first() else {
                 return Err(error::error(
                     Code::Dns,

@@ -7,7 +7,6 @@ use crate::config::HostLimits;
 use crate::error::{self, Code};
 use crate::policy::auth::{self, SLUICE_KEY};
 use crate::regions::Route;
-use crate::resolve::resolve;
 use crate::state::Shared;
 use crate::target::{self, Origin, WayIn};
 use pingora_error::Result;
@@ -86,7 +85,16 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         Some(host) => Route { host },
         None => {
             let timeout = generation.config.server.dns_timeout.get();
-            let addrs = resolve(&generation, &origin.host, origin.port, timeout).await?;
+            let addrs = shared
+                .dns
+                .resolve(
+                    &generation,
+                    &shared.metrics,
+                    &origin.host,
+                    origin.port,
+                    timeout,
+                )
+                .await?;
             let addrs = egress
                 .filter(&origin.host, addrs)
                 .map_err(|(code, m)| error::error(code, m))?;

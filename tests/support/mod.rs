@@ -2,6 +2,7 @@
 //! binary on free ports, raw-socket helpers, and `assert_eventually!`.
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod redis;
 pub mod upstream;
 
@@ -144,8 +145,15 @@ impl Sluice {
         } else {
             "threads = 2\n"
         };
+        // Never the machine's nameserver: a test DNS server of this process, which knows no
+        // name (`localhost` comes from /etc/hosts), unless the test names its own.
+        let dns = if server_extra.contains("dns_servers") {
+            String::new()
+        } else {
+            format!("dns_servers = [\"{}\"]\n", no_names_dns().addr())
+        };
         let config = format!(
-            "[server]\nlisten = \"{proxy}\"\nadmin_listen = \"{admin}\"\n{threads}\
+            "[server]\nlisten = \"{proxy}\"\nadmin_listen = \"{admin}\"\n{threads}{dns}\
              pid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\n{server_extra}\n{extra}\n",
             pid = dir.path().join("sluice.pid").display(),
             sock = dir.path().join("upgrade.sock").display(),
@@ -305,6 +313,12 @@ fn stop(child: &mut Child) {
     if let Err(e) = child.wait() {
         eprintln!("waiting for sluice: {e}");
     }
+}
+
+/// The test DNS server that answers NXDOMAIN to every name, shared by the process.
+pub fn no_names_dns() -> &'static dns::DnsServer {
+    static DNS: std::sync::OnceLock<dns::DnsServer> = std::sync::OnceLock::new();
+    DNS.get_or_init(|| dns::DnsServer::start(&[]))
 }
 
 /// A blocking one-shot HTTP/1.1 GET with `Connection: close`: (status, head, body).
