@@ -160,6 +160,7 @@ regions = [{ name = "o", address = "127.0.0.1:$ORIGIN" }]
 allow_cidrs = ["127.0.0.0/8"]
 connect_any_port = true
 max_connections = 100000
+max_connections_per_client = 100000
 SLUICE
 # Apache Traffic Server as a forward proxy: one exec thread, no cache, no remap required.
 mkdir -p "$work/ats/run" "$work/ats/log" "$work/ats/cache"

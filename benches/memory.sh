@@ -44,6 +44,7 @@ burst = 100000
 [security]
 allow_cidrs = ["127.0.0.0/8"]
 max_connections = $((CONNS + 1000))
+max_connections_per_client = $((CONNS + 1000))
 SLUICE
 nginx -c "$work/origin.conf" -p "$work" >/dev/null 2>&1 & pids+=($!)
 # Each phase runs on a fresh sluice, so that memory freed by one phase (and kept by the

@@ -54,13 +54,23 @@ impl Front {
         let security = &generation.config.security;
         let head_timeout = server.header_read_timeout.get();
         let (max_head, max_uri) = (security.max_header_bytes, security.max_uri_bytes);
+        let max_connections = security.max_connections;
         drop(generation);
         let mut stream = stream;
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut idle = head_timeout;
         let mut served = false;
         loop {
-            let head = read_head(&mut stream, idle, head_timeout, max_head, shutdown, served);
+            let open = (&self.shared.connections, max_connections);
+            let head = read_head(
+                &mut stream,
+                idle,
+                head_timeout,
+                max_head,
+                shutdown,
+                served,
+                open,
+            );
             let mut buf = match head.await {
                 Head::Complete(buf) => buf,
                 Head::Gone => return None,
@@ -199,6 +209,52 @@ impl Drop for Open<'_> {
     }
 }
 
+/// Counts a client address's open connection until dropped.
+struct FromClient<'a> {
+    shared: &'a Shared,
+    ip: std::net::IpAddr,
+}
+
+impl FromClient<'_> {
+    /// Count one more connection from `ip`; the count with it.
+    fn open(shared: &Shared, ip: std::net::IpAddr) -> (FromClient<'_>, usize) {
+        let mut map = shared.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        *n += 1;
+        let count = *n;
+        (FromClient { shared, ip }, count)
+    }
+}
+
+impl Drop for FromClient<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .shared
+            .per_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// How long a kept-alive connection may sit idle with `open` of `max` connections open:
+/// `KEEPALIVE_SECS` up to half full, then less and less (quadratically), down to 1 s when
+/// full, so idle connections make room for new clients under pressure.
+fn keepalive_for(open: usize, max: usize) -> Duration {
+    let full = Duration::from_secs(KEEPALIVE_SECS);
+    let load = open as f64 / max.max(1) as f64;
+    if load <= 0.5 {
+        return full;
+    }
+    let left = ((1.0 - load) / 0.5).clamp(0.0, 1.0);
+    full.mul_f64(left * left).max(Duration::from_secs(1))
+}
+
 /// The outcome of reading one request head.
 enum Head {
     /// A complete head (and whatever followed it in the same reads).
@@ -224,6 +280,7 @@ fn head_end(buf: &[u8], from: usize) -> bool {
 /// Read one request head. `reused`: the connection already carried a request, so while it
 /// sits idle a shutdown closes it. A new connection is always served: its client is already
 /// sending, and closing it would lose the request (as during a graceful upgrade).
+#[allow(clippy::too_many_arguments)]
 async fn read_head(
     stream: &mut Stream,
     idle: Duration,
@@ -231,23 +288,39 @@ async fn read_head(
     max: usize,
     shutdown: &ShutdownWatch,
     reused: bool,
+    open: (&AtomicUsize, usize),
 ) -> Head {
     // Wait for the first byte without a head buffer: an idle kept-alive connection holds
     // none. The stream's own read buffer takes what the client sent, so reading one byte
     // first costs no extra system call.
     let mut first = [0u8; 1];
-    let wait = tokio::time::timeout(idle, stream.read(&mut first));
     let got = if reused {
+        // Idle between requests: a shutdown closes the connection, and so does the idle
+        // time allowed, which shrinks while the listener fills up (looked at every second).
+        let since = tokio::time::Instant::now();
         let mut shutdown = shutdown.clone();
-        tokio::select! {
-            r = wait => r,
-            _ = shutdown.wait_for(|down| *down) => return Head::Gone,
+        let read = stream.read(&mut first);
+        tokio::pin!(read);
+        loop {
+            let allowed = keepalive_for(open.0.load(Ordering::Relaxed), open.1).min(idle);
+            let left = allowed.saturating_sub(since.elapsed());
+            if left.is_zero() {
+                return Head::Gone;
+            }
+            tokio::select! {
+                r = &mut read => break r,
+                _ = tokio::time::sleep(left.min(Duration::from_secs(1))) => {}
+                _ = shutdown.wait_for(|down| *down) => return Head::Gone,
+            }
         }
     } else {
-        wait.await
+        match tokio::time::timeout(idle, stream.read(&mut first)).await {
+            Ok(r) => r,
+            Err(_) => return Head::Gone,
+        }
     };
     match got {
-        Ok(Ok(n)) if n > 0 => {}
+        Ok(n) if n > 0 => {}
         _ => return Head::Gone,
     }
     let mut buf = BytesMut::with_capacity(HEAD_BUFFER);
@@ -494,6 +567,25 @@ impl ServerApp for Front {
             refuse(stream, &self.shared, Code::TooManyConnections, &why).await;
             return None;
         }
+        let ip = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let _from = match ip {
+            Some(ip) => {
+                let (from, count) = FromClient::open(&self.shared, ip);
+                if count > security.max_connections_per_client {
+                    drop(from);
+                    let why = format!(
+                        "over {} open connections from {ip} (security.max_connections_per_client)",
+                        security.max_connections_per_client
+                    );
+                    refuse(stream, &self.shared, Code::TooManyConnections, &why).await;
+                    return None;
+                }
+                Some(from)
+            }
+            None => None,
+        };
         drop(generation);
         self.serve_http(stream, shutdown, None).await
     }

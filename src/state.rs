@@ -32,6 +32,8 @@ pub struct Shared {
     pub via: String,
     /// Client connections open on the proxy listener (tunnels included).
     pub connections: std::sync::atomic::AtomicUsize,
+    /// The same, by client address.
+    pub per_client: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     /// DNS: hickory's resolver, the answers cached, the lookups in flight.
     pub dns: crate::resolve::Dns,
     /// The CA and leaf certificates of TLS interception (`[intercept]` with a CA).
@@ -87,6 +89,7 @@ impl Shared {
             config_path,
             reloading: std::sync::Mutex::new(()),
             connections: std::sync::atomic::AtomicUsize::new(0),
+            per_client: std::sync::Mutex::new(std::collections::HashMap::new()),
             interceptor,
             dns,
             fleet_left: std::sync::atomic::AtomicBool::new(alone),

@@ -405,3 +405,173 @@ fn an_absolute_target_sets_host_and_framing_refusals_are_sluices_own() {
         "every refusal is counted"
     );
 }
+
+/// A raw connection that sent one request and read its whole answer, now idle (kept alive).
+fn idle_after_one_request(sluice: &Sluice, port: u16) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(sluice.proxy).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(
+        format!("GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n")
+            .as_bytes(),
+    )
+    .expect("send");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\nok") {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "closed early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    s
+}
+
+#[test]
+fn a_trickled_body_is_cut_off_at_the_minimum_rate() {
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let sluice = Sluice::start(
+        "",
+        "[defaults]\nrps = 0.0\n[security]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
+         min_body_rate = 100\nbody_grace = \"1s\"\n",
+    );
+    let mut s = std::net::TcpStream::connect(sluice.proxy).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    s.write_all(
+        format!(
+            "POST http://127.0.0.1:{p}/upload HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nContent-Length: 1000\r\n\r\n",
+            p = up.port()
+        )
+        .as_bytes(),
+    )
+    .expect("head");
+    // One byte every 300 ms: far under 100 bytes/s.
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while started.elapsed() < Duration::from_secs(10) {
+        if s.write_all(b"x").is_err() {
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&answer).contains("\r\n\r\n{") {
+                    break;
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&answer).to_string();
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("sluice-error: request_timeout"),
+        "{text}"
+    );
+    assert!(text.contains("min_body_rate"), "{text}");
+    // The grace (1 s) and a byte's worth at 100 B/s, not the 60 s read timeout.
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn one_client_address_cannot_take_every_connection() {
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let sluice = Sluice::start(
+        "",
+        "[defaults]\nrps = 0.0\n[security]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
+         max_connections_per_client = 3\n",
+    );
+    let held: Vec<_> = (0..3)
+        .map(|_| idle_after_one_request(&sluice, up.port()))
+        .collect();
+    let raw = raw_exchange(
+        sluice.proxy,
+        format!(
+            "GET http://127.0.0.1:{p}/ HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nConnection: close\r\n\r\n",
+            p = up.port()
+        )
+        .as_bytes(),
+    )
+    .expect("answer");
+    let (status, head, body) = split_response(&raw);
+    assert_eq!(status, 503, "{head}");
+    assert_eq!(
+        header_of(&head, "sluice-error").as_deref(),
+        Some("too_many_connections")
+    );
+    assert!(body.contains("max_connections_per_client"), "{body}");
+    drop(held);
+    assert_eventually!(
+        raw_exchange(
+            sluice.proxy,
+            format!(
+                "GET http://127.0.0.1:{p}/ HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nConnection: close\r\n\r\n",
+                p = up.port()
+            )
+            .as_bytes(),
+        )
+        .is_ok_and(|r| split_response(&r).0 == 200),
+        "served again once the client closed its connections"
+    );
+}
+
+#[test]
+fn idle_connections_make_room_when_the_listener_fills_up() {
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let sluice = Sluice::start(
+        "",
+        "[defaults]\nrps = 0.0\n[security]\nallow_cidrs = [\"127.0.0.0/8\"]\nmax_connections = 10\n",
+    );
+    // Ten idle kept-alive connections: the listener is full.
+    let mut held: Vec<_> = (0..10)
+        .map(|_| idle_after_one_request(&sluice, up.port()))
+        .collect();
+    let started = Instant::now();
+    // Full, their idle time is down to a second: they are closed, and a new client is served.
+    assert_eventually!(
+        raw_exchange(
+            sluice.proxy,
+            format!(
+                "GET http://127.0.0.1:{p}/ HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nConnection: close\r\n\r\n",
+                p = up.port()
+            )
+            .as_bytes(),
+        )
+        .is_ok_and(|r| split_response(&r).0 == 200),
+        "a new client is served while the idle ones held every slot"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut buf = [0u8; 16];
+    let mut closed = 0;
+    for s in held.iter_mut() {
+        s.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        match s.read(&mut buf) {
+            Ok(0) => closed += 1,
+            Err(e)
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                closed += 1
+            }
+            _ => {}
+        }
+    }
+    assert!(closed >= 1, "idle connections were closed to make room");
+}

@@ -104,6 +104,13 @@ pub struct Security {
     pub max_body_bytes: u64,
     /// Client connections open at once on the proxy listener.
     pub max_connections: usize,
+    /// Client connections open at once from one client address.
+    pub max_connections_per_client: usize,
+    /// Slowest a request body may arrive, on average, once `body_grace` has passed
+    /// (bytes/s; 0: no floor). A slower body is answered `408`.
+    pub min_body_rate: u64,
+    /// Time a request body has before `min_body_rate` applies.
+    pub body_grace: HumanDuration,
 }
 
 impl Default for Security {
@@ -119,6 +126,9 @@ impl Default for Security {
             max_uri_bytes: 8 * 1024,
             max_body_bytes: 32 * 1024 * 1024,
             max_connections: 10_000,
+            max_connections_per_client: 2_000,
+            min_body_rate: 1024,
+            body_grace: HumanDuration::from_secs(10),
         }
     }
 }

@@ -231,6 +231,7 @@ impl Config {
             ("max_header_bytes", sec.max_header_bytes),
             ("max_uri_bytes", sec.max_uri_bytes),
             ("max_connections", sec.max_connections),
+            ("max_connections_per_client", sec.max_connections_per_client),
         ] {
             if v == 0 {
                 err(

@@ -35,12 +35,23 @@ pub struct Upload {
     pub done: bool,
     /// Toward the streamed attempt, while it listens.
     tx: Option<mpsc::Sender<Bytes>>,
+    /// The floor on the body's pace: (when reading began, bytes/s, grace).
+    pace: (std::time::Instant, u64, std::time::Duration),
+}
+
+/// The slowest a request body may come: `min_rate` bytes/s on average, once `grace` has
+/// passed since `started`.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyPace {
+    pub min_rate: u64,
+    pub grace: std::time::Duration,
 }
 
 impl Upload {
     /// The body of `session`'s request, with a replay buffer of `cap` bytes. Returns the source
     /// of the first attempt.
-    pub fn start(session: &mut Session, cap: u64, max: u64) -> (Upload, Source) {
+    pub fn start(session: &mut Session, cap: u64, max: u64, pace: BodyPace) -> (Upload, Source) {
+        let pace = (std::time::Instant::now(), pace.min_rate, pace.grace);
         if session.as_downstream_mut().is_body_empty() {
             let upload = Upload {
                 replay: Some(BytesMut::new()),
@@ -50,6 +61,7 @@ impl Upload {
                 read: 0,
                 done: true,
                 tx: None,
+                pace,
             };
             return (upload, Source::Whole(Bytes::new()));
         }
@@ -62,6 +74,7 @@ impl Upload {
             read: 0,
             done: false,
             tx: Some(tx),
+            pace,
         };
         (upload, Source::Stream(rx))
     }
@@ -86,7 +99,26 @@ impl Upload {
             Some(tx) => tx.reserve_owned().await.ok(),
             None => None,
         };
-        (permit, session.read_request_body().await)
+        let (started, rate, grace) = self.pace;
+        if rate == 0 {
+            return (permit, session.read_request_body().await);
+        }
+        // The next byte is due when the average since `grace` would fall under the floor.
+        let due = started
+            + grace
+            + std::time::Duration::from_secs_f64((self.read + 1) as f64 / rate as f64);
+        let read = tokio::time::timeout_at(due.into(), session.read_request_body()).await;
+        let chunk = read.unwrap_or_else(|_| {
+            Err(error::error(
+                Code::RequestTimeout,
+                format!(
+                    "request body slower than {rate} bytes/s (security.min_body_rate): {} bytes in {:?}",
+                    self.read,
+                    started.elapsed()
+                ),
+            ))
+        });
+        (permit, chunk)
     }
 
     /// Take in a chunk `next` read: count it against `max_body_bytes`, keep it for replay

@@ -78,10 +78,15 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
         shared.regions.keep(&host);
     }
     pace::before_attempt(shared, ctx).await?;
+    let security = &ctx.generation.config.security;
     let (mut upload, first_body) = Upload::start(
         session,
         limits.max_buffered_body,
-        ctx.generation.config.security.max_body_bytes,
+        security.max_body_bytes,
+        super::body::BodyPace {
+            min_rate: security.min_body_rate,
+            grace: security.body_grace.get(),
+        },
     );
     if expect_continue && !upload.done {
         session.write_continue_response().await?;
