@@ -674,6 +674,7 @@ fn the_breaker_closes_within_one_recovery_timeout_of_redis_returning() {
     }
     // One recovery timeout (2 s) for the next probe, plus the probes themselves.
     let took = back.elapsed();
+    eprintln!("breaker closed {took:?} after Redis returned");
     assert!(
         took < Duration::from_millis(2600),
         "closed {took:?} after Redis returned"

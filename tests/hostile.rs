@@ -575,3 +575,31 @@ fn idle_connections_make_room_when_the_listener_fills_up() {
     }
     assert!(closed >= 1, "idle connections were closed to make room");
 }
+
+#[test]
+fn a_framing_error_in_a_body_says_its_reason() {
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let sluice = Sluice::start("", "[defaults]\nrps = 0.0\n");
+    let raw = raw_exchange(
+        sluice.proxy,
+        format!(
+            "POST http://127.0.0.1:{p}/ HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+            p = up.port()
+        )
+        .as_bytes(),
+    )
+    .expect("answer");
+    let (status, head, body) = split_response(&raw);
+    assert_eq!(status, 400, "{head}");
+    assert_eq!(
+        header_of(&head, "sluice-error").as_deref(),
+        Some("bad_request")
+    );
+    assert!(body.contains("chunk"), "the reason: {body}");
+    assert!(
+        !body.contains("peer addr") && !body.contains("127.0.0.1"),
+        "no socket noise: {body}"
+    );
+}
