@@ -442,10 +442,12 @@ pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Cod
 
 /// The authority of an absolute-form `http(s)://` target, if the target is one.
 fn absolute_authority(target: &str) -> Option<&str> {
-    let rest = ["http://", "https://"].iter().find_map(|scheme| {
-        (target.len() > scheme.len() && target[..scheme.len()].eq_ignore_ascii_case(scheme))
-            .then(|| &target[scheme.len()..])
-    })?;
+    let rest = ["http://", "https://", "ws://", "wss://"]
+        .iter()
+        .find_map(|scheme| {
+            (target.len() > scheme.len() && target[..scheme.len()].eq_ignore_ascii_case(scheme))
+                .then(|| &target[scheme.len()..])
+        })?;
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     Some(&rest[..end])
 }

@@ -330,6 +330,28 @@ pub fn destination(
         let path = origin.join_path(rest);
         return Ok(Destination { way, origin, path });
     }
+    // A WebSocket client through a proxy (aiohttp does) names `ws://` or `wss://`: the same
+    // destination as `http://` or `https://`, for an upgrade request only.
+    let ws = [("ws://", "http://"), ("wss://", "https://")]
+        .into_iter()
+        .find(|(p, _)| raw.len() > p.len() && raw[..p.len()].eq_ignore_ascii_case(p.as_bytes()));
+    if let Some((prefix, as_http)) = ws {
+        let way = WayIn::Forward;
+        let upgrade = req.headers.contains_key(http::header::UPGRADE);
+        let text = std::str::from_utf8(&raw[prefix.len()..])
+            .ok()
+            .filter(|_| upgrade)
+            .ok_or((
+                way,
+                Code::BadTarget,
+                format!("a {prefix} target needs an upgrade request (Upgrade: websocket)"),
+            ))?;
+        let text = format!("{as_http}{text}");
+        let (origin, rest) =
+            split_absolute(&text).map_err(|e| (way, Code::BadTarget, e.to_string()))?;
+        let path = origin.join_path(rest);
+        return Ok(Destination { way, origin, path });
+    }
     if let Some(scheme) = other_scheme(raw) {
         return Err((
             WayIn::Forward,

@@ -252,7 +252,13 @@ fn absolute_targets_with_other_schemes_are_refused_not_routed() {
             Some("bad_target"),
             "{target}"
         );
-        assert!(body.contains("http and https"), "{body}");
+        // ws:// and wss:// name an HTTP destination, for a WebSocket upgrade only.
+        let why = if target.starts_with("ftp") {
+            "http and https"
+        } else {
+            "upgrade"
+        };
+        assert!(body.contains(why), "{body}");
     }
     assert_eq!(routed.count(), 0, "nothing was served by the /plain route");
 }
@@ -602,4 +608,102 @@ fn a_framing_error_in_a_body_says_its_reason() {
         !body.contains("peer addr") && !body.contains("127.0.0.1"),
         "no socket noise: {body}"
     );
+}
+
+/// A WebSocket-like upstream: answers an upgrade with `101`, then echoes every byte. Sends
+/// back the request head it got.
+fn upgrading_upstream() -> (u16, std::sync::mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b).unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(b[0]);
+        }
+        let _ = tx.send(String::from_utf8_lossy(&head).to_string());
+        let _ = s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+        );
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn a_websocket_upgrade_the_client_asked_for_is_relayed() {
+    let sluice = Sluice::start("", "[defaults]\nrps = 0.0\n");
+    // As an explicit target, and through the forward proxy as `ws://` (what aiohttp sends).
+    for way in ["target", "ws"] {
+        let (port, heads) = upgrading_upstream();
+        let start = match way {
+            "target" => format!(
+                "GET /chat HTTP/1.1\r\nHost: x\r\nSluice-Target: http://127.0.0.1:{port}\r\n"
+            ),
+            _ => format!("GET ws://127.0.0.1:{port}/chat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"),
+        };
+        let mut s = std::net::TcpStream::connect(sluice.proxy).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(
+            format!(
+                "{start}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .expect("send");
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = s.read(&mut b).expect("read");
+            assert_eq!(n, 1, "{way}: closed: {}", String::from_utf8_lossy(&head));
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "{way}: {head}");
+        assert_eq!(header_of(&head, "upgrade").as_deref(), Some("websocket"));
+        assert_eq!(
+            header_of(&head, "sec-websocket-accept").as_deref(),
+            Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        );
+        let sent = heads
+            .recv_timeout(Duration::from_secs(5))
+            .expect("upstream head");
+        assert!(sent.starts_with("GET /chat HTTP/1.1"), "{way}: {sent}");
+        assert_eq!(header_of(&sent, "upgrade").as_deref(), Some("websocket"));
+        assert!(header_of(&sent, "connection").is_some_and(|v| v.eq_ignore_ascii_case("upgrade")));
+        assert!(header_of(&sent, "sec-websocket-key").is_some(), "{sent}");
+        // Frames both ways, as bytes.
+        for msg in [&b"\x81\x05hello"[..], &b"\x81\x05again"[..]] {
+            s.write_all(msg).expect("frame");
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).expect("echo");
+            assert_eq!(back, msg);
+        }
+        assert_eq!(sluice.metric("sluice_tunnels_active"), 1.0);
+        drop(s);
+        assert_eventually!(
+            sluice.metric("sluice_tunnels_active") == 0.0,
+            "the relay ends with the client"
+        );
+    }
 }

@@ -175,11 +175,19 @@ async fn send(session: &mut HttpSession, head: RequestHeader, body: Source) -> R
 const MAX_INTERIM: usize = 16;
 
 /// Read the final response head, skipping interim (1xx) responses (at most `MAX_INTERIM`).
-/// sluice never forwards `Upgrade`, so a `101` is one the client did not ask for: refused.
+/// A `101` ends the head for a request that asked to upgrade; any other is one the client did
+/// not ask for: refused.
 pub async fn read_final_head(session: &mut HttpSession) -> Result<()> {
     for _ in 0..=MAX_INTERIM {
         session.read_response_header().await?;
         let status = session.response_header().map_or(0, |h| h.status.as_u16());
+        let asked = match &*session {
+            HttpSession::H1(h1) => h1.is_upgrade_req(),
+            _ => false,
+        };
+        if status == 101 && asked {
+            return Ok(());
+        }
         if status == 101 {
             return Err(error::error(
                 Code::UpstreamProtocol,

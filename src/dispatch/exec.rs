@@ -62,7 +62,9 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
         .headers
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let mode = if duplicable {
+    // An upgrade (WebSocket) is one connection: never duplicated.
+    let upgrade = super::headers::upgrade_of(req).is_some();
+    let mode = if duplicable && !upgrade {
         control.mode
     } else {
         Mode::Single

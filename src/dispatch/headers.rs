@@ -42,6 +42,24 @@ fn names_to_drop(headers: &HeaderMap, control: bool) -> Vec<HeaderName> {
     drop
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, named in `Connection`), as
+/// a WebSocket client does.
+pub fn upgrade_of(req: &RequestHeader) -> Option<http::HeaderValue> {
+    if req.version != http::Version::HTTP_11 {
+        return None;
+    }
+    let listed = req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    listed
+        .then(|| req.headers.get(http::header::UPGRADE).cloned())
+        .flatten()
+}
+
 /// Clean a request before it goes upstream; `via` is this process's `Via` value.
 pub fn clean_request(req: &mut RequestHeader, via: &str) {
     for name in names_to_drop(&req.headers, true) {

@@ -68,6 +68,11 @@ impl Job<'_> {
         respond::upstream_head(&mut head, self.ctx, &self.shared.via)?;
         // sluice answers the client's `Expect` itself, once the request is admitted.
         head.remove_header(&http::header::EXPECT);
+        // An upgrade the client asked for (WebSocket) is asked of the upstream too.
+        if let Some(protocol) = headers::upgrade_of(req) {
+            head.insert_header(http::header::UPGRADE, protocol)?;
+            head.insert_header(http::header::CONNECTION, "upgrade")?;
+        }
         Ok(head)
     }
 

@@ -9,6 +9,7 @@ use crate::config::Generation;
 use crate::error::{self, Code};
 use crate::regions::HostRegions;
 use crate::state::Shared;
+use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -103,7 +104,18 @@ pub async fn stream(
     let name = &host.regions[region].name;
     client_head(shared, &mut resp, ctx, name)?;
     ctx.region = Some(name.clone());
+    let switched = resp.status.as_u16() == 101;
+    if switched {
+        // The client asked for this upgrade: its headers go back with the 101.
+        if let Some(protocol) = up_head.headers.get(http::header::UPGRADE).cloned() {
+            resp.insert_header(http::header::UPGRADE, protocol)?;
+            resp.insert_header(http::header::CONNECTION, "upgrade")?;
+        }
+    }
     session.write_response_header(Box::new(resp), false).await?;
+    if switched {
+        return relay_upgraded(shared, session, upstream, permit, in_flight).await;
+    }
     while let Some(chunk) = upstream
         .read_response_body()
         .await
@@ -121,4 +133,58 @@ pub async fn stream(
             .await;
     }
     Ok(())
+}
+
+/// After a `101`, the connection is the new protocol's (a WebSocket): bytes both ways until
+/// either side closes, counted as a tunnel. The host's in-flight place is held throughout.
+async fn relay_upgraded(
+    shared: &Shared,
+    session: &mut Session,
+    mut upstream: HttpSession,
+    permit: Option<crate::admission::Permit>,
+    in_flight: crate::regions::state::InFlight,
+) -> Result<()> {
+    let HttpSession::H1(up) = &mut upstream else {
+        return Err(error::error(
+            Code::UpstreamProtocol,
+            "an upgrade over HTTP/2",
+        ));
+    };
+    up.maybe_upgrade_body_writer();
+    let m = &shared.metrics;
+    m.tunnels_opened.inc();
+    m.tunnels_active.inc();
+    let (mut sent, mut received) = (0u64, 0u64);
+    let mut client_open = true;
+    let result: Result<()> = async {
+        loop {
+            tokio::select! {
+                chunk = session.read_request_body(), if client_open => match chunk? {
+                    Some(b) => {
+                        sent += b.len() as u64;
+                        up.write_body(&b).await.map_err(|e| e.into_up())?;
+                    }
+                    None => {
+                        client_open = false;
+                        up.finish_body().await.map_err(|e| e.into_up())?;
+                    }
+                },
+                chunk = up.read_body_bytes() => match chunk.map_err(|e| e.into_up())? {
+                    Some(b) => {
+                        received += b.len() as u64;
+                        session.write_response_body(Some(b), false).await?;
+                    }
+                    None => break,
+                },
+            }
+        }
+        session.write_response_body(None, true).await
+    }
+    .await;
+    m.tunnels_active.dec();
+    m.tunnel_bytes.with_label_values(&["up"]).inc_by(sent);
+    m.tunnel_bytes.with_label_values(&["down"]).inc_by(received);
+    drop(in_flight);
+    drop(permit);
+    result
 }
