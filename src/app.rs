@@ -110,11 +110,14 @@ pub fn build_server(
     Ok(server)
 }
 
+/// How long nothing must be in flight before the process exits ahead of its grace period.
+const QUIET_BEFORE_EXIT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Pingora sleeps the whole grace period after SIGTERM, even with nothing left to finish.
 /// This watcher ends the process as soon as the last client connection has closed (idle
 /// kept-alive connections close at once on shutdown; requests and tunnels in flight finish
-/// first) and the node has left its fleet, and otherwise lets the grace period run its
-/// course.
+/// first) and the node has left its fleet, both for `QUIET_BEFORE_EXIT`, and otherwise lets
+/// the grace period run its course.
 fn early_exit(server: &Server, shared: Arc<Shared>, grace: std::time::Duration) {
     use pingora_core::server::ExecutionPhase;
     use std::sync::atomic::Ordering;
@@ -128,9 +131,18 @@ fn early_exit(server: &Server, shared: Arc<Shared>, grace: std::time::Duration) 
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
             let started = std::time::Instant::now();
+            // Quiet for a while, not just for a moment: a connection accepted just before the
+            // listener stopped may not be counted yet (its task has yet to run).
+            let mut quiet_since: Option<std::time::Instant> = None;
             while started.elapsed() < grace {
-                if shared.connections.load(Ordering::Acquire) == 0
-                    && shared.fleet_left.load(Ordering::Acquire)
+                let idle = shared.connections.load(Ordering::Acquire) == 0
+                    && shared.fleet_left.load(Ordering::Acquire);
+                if !idle {
+                    quiet_since = None;
+                } else if quiet_since
+                    .get_or_insert_with(std::time::Instant::now)
+                    .elapsed()
+                    >= QUIET_BEFORE_EXIT
                 {
                     tracing::info!(
                         after_ms = started.elapsed().as_millis() as u64,
