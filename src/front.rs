@@ -140,16 +140,8 @@ fn in_tunnel(
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => {
-            return Err((Code::BadRequest, "malformed request head".into()))
-        }
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err((
-                Code::HeadTooLarge,
-                format!("more than {MAX_HEADERS} header lines"),
-            ))
-        }
-        Err(e) => return Err((Code::BadRequest, format!("malformed request head: {e}"))),
+        Ok(httparse::Status::Partial) => return Err(head_error(None)),
+        Err(e) => return Err(head_error(Some(e))),
     };
     let (method, target) = (req.method.unwrap_or("GET"), req.path.unwrap_or("/"));
     let wanted = format!("{}://{}", info.scheme, info.authority);
@@ -356,6 +348,18 @@ pub enum Plan {
     Http(Option<Vec<u8>>),
 }
 
+/// The refusal of a head that does not parse (`None`: it ended early).
+fn head_error(e: Option<httparse::Error>) -> (Code, String) {
+    match e {
+        None => (Code::BadRequest, "malformed request head".into()),
+        Some(httparse::Error::TooManyHeaders) => (
+            Code::HeadTooLarge,
+            format!("more than {MAX_HEADERS} header lines"),
+        ),
+        Some(e) => (Code::BadRequest, format!("malformed request head: {e}")),
+    }
+}
+
 /// Check a complete head: well formed, target length, and unambiguous body framing
 /// (no `Content-Length` with `Transfer-Encoding`, no repeated or malformed
 /// `Content-Length`, `chunked` last in `Transfer-Encoding`).
@@ -372,16 +376,8 @@ pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Cod
             ))
         }
         Ok(httparse::Status::Complete(n)) => head_len = n,
-        Ok(httparse::Status::Partial) => {
-            return Err((Code::BadRequest, "malformed request head".into()))
-        }
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err((
-                Code::HeadTooLarge,
-                format!("more than {MAX_HEADERS} header lines"),
-            ))
-        }
-        Err(e) => return Err((Code::BadRequest, format!("malformed request head: {e}"))),
+        Ok(httparse::Status::Partial) => return Err(head_error(None)),
+        Err(e) => return Err(head_error(Some(e))),
     }
     if req.path.map_or(0, str::len) > max_uri {
         return Err((

@@ -163,23 +163,6 @@ pub async fn serve(
             port.map_err(policy)?;
             Kind::Plain
         };
-        if !matches!(kind, Kind::Plain) {
-            // Each request inside is admitted (client pace included) and sent by the
-            // pipeline; a destination the egress policy refuses is refused here already.
-            let addrs = shared
-                .dns
-                .resolve(
-                    &generation,
-                    &shared.metrics,
-                    &head.host,
-                    head.port,
-                    server.dns_timeout.get(),
-                )
-                .await
-                .map_err(|e| (Code::of(&e), error::message_of(&e), None))?;
-            egress.filter(&head.host, addrs).map_err(policy)?;
-            return Ok(Err((head, kind)));
-        }
         let addrs = shared
             .dns
             .resolve(
@@ -192,6 +175,11 @@ pub async fn serve(
             .await
             .map_err(|e| (Code::of(&e), error::message_of(&e), None))?;
         let addrs = egress.filter(&head.host, addrs).map_err(policy)?;
+        if !matches!(kind, Kind::Plain) {
+            // Each request inside is admitted (client pace included) and sent by the
+            // pipeline; a destination the egress policy refuses was refused just above.
+            return Ok(Err((head, kind)));
+        }
         let client_permit = match client_cell {
             Some((cell, wait)) => Some(pace::admit(shared, &cell, wait).await.map_err(|r| {
                 let secs = r.retry_after_secs();
