@@ -58,6 +58,13 @@ pub fn build_server(
     }
     let connector = pingora_core::connectors::ConnectorOptions::from_server_conf(&proxy_conf);
     let shared = Shared::new(config, config_path, metrics, Some(connector))?;
+    let state_dir = std::path::PathBuf::from(&shared.generation().config.server.state_dir);
+    if shared.generation().config.jobs.enabled {
+        if let Err(e) = shared.jobs.open_dir(&state_dir) {
+            // During an upgrade the old process still holds it: taken when it lets go.
+            tracing::info!(target: "sluice::jobs", error = %e, "job store not open at start");
+        }
+    }
 
     let http = pingora_proxy::http_proxy(&proxy_conf, SluiceProxy::new(shared.clone()));
     let mut front = Service::new("sluice proxy".to_string(), Front::new(shared.clone(), http));
@@ -91,6 +98,7 @@ pub fn build_server(
     );
     let with_fleet = shared.admission.fleet().is_some();
     let shared_for_exit = shared.clone();
+    let shared_for_jobs = shared.clone();
     let grace = shared.generation().config.server.grace_period.get();
     let mut admin = Service::new("sluice admin".to_string(), Admin::new(shared));
     admin.add_tcp(&admin_listen);
@@ -100,6 +108,10 @@ pub fn build_server(
     server.add_service(front);
     server.add_service(admin);
     server.add_service(sweeper);
+    server.add_service(pingora_core::services::background::background_service(
+        "sluice jobs",
+        crate::jobs::Service::new(shared_for_jobs),
+    ));
     server.add_service(hangup);
     server.add_service(health);
     // Only with a fleet (`[shared]` needs a restart to change): with the memory backend the

@@ -32,11 +32,17 @@ pub enum Code {
     NoHealthyRegion,
     LoopDetected,
     SharedStateUnavailable,
+    /// No such job (or not this client's), or no such API path.
+    NotFound,
+    /// The job's call was already sent: it can no longer be canceled.
+    JobStarted,
+    /// The job store is not open (yet): another process still holds it, or it failed.
+    JobsUnavailable,
     Internal,
 }
 
 impl Code {
-    pub const ALL: [Code; 27] = [
+    pub const ALL: [Code; 30] = [
         Code::BadRequest,
         Code::BadTarget,
         Code::RateLimited,
@@ -63,6 +69,9 @@ impl Code {
         Code::NoHealthyRegion,
         Code::LoopDetected,
         Code::SharedStateUnavailable,
+        Code::NotFound,
+        Code::JobStarted,
+        Code::JobsUnavailable,
         Code::Internal,
     ];
 
@@ -94,6 +103,9 @@ impl Code {
             Code::NoHealthyRegion => "no_healthy_region",
             Code::LoopDetected => "loop_detected",
             Code::SharedStateUnavailable => "shared_state_unavailable",
+            Code::NotFound => "not_found",
+            Code::JobStarted => "job_started",
+            Code::JobsUnavailable => "jobs_unavailable",
             Code::Internal => "internal",
         }
     }
@@ -108,7 +120,9 @@ impl Code {
             Code::ForbiddenDestination | Code::ForbiddenHost | Code::ForbiddenPort => 403,
             Code::UriTooLong => 414,
             Code::BodyTooLarge => 413,
-            Code::TooManyConnections | Code::SharedStateUnavailable => 503,
+            Code::TooManyConnections | Code::SharedStateUnavailable | Code::JobsUnavailable => 503,
+            Code::NotFound => 404,
+            Code::JobStarted => 409,
             Code::RequestTimeout => 408,
             Code::Dns
             | Code::ConnectRefused

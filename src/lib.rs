@@ -8,6 +8,7 @@ pub mod dispatch;
 pub mod error;
 pub mod front;
 pub mod intercept;
+pub mod jobs;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

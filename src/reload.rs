@@ -28,6 +28,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     {
         changed.push("server.dns_servers/dns_cache_size/dns_max_in_flight");
     }
+    if o.state_dir != n.state_dir || old.jobs.workers != new.jobs.workers {
+        changed.push("server.state_dir/jobs.workers");
+    }
     if o.upstream_ca_file != n.upstream_ca_file {
         changed.push("server.upstream_ca_file");
     }

@@ -38,6 +38,8 @@ pub struct Shared {
     pub dns: crate::resolve::Dns,
     /// The CA and leaf certificates of TLS interception (`[intercept]` with a CA).
     pub interceptor: Option<Arc<crate::intercept::Interceptor>>,
+    /// Jobs: the store, the schedule, this process's job credential.
+    pub jobs: crate::jobs::Jobs,
     /// Shutting down, this node has told the fleet it leaves (or it has no fleet).
     pub fleet_left: std::sync::atomic::AtomicBool,
 }
@@ -93,6 +95,7 @@ impl Shared {
             interceptor,
             dns,
             fleet_left: std::sync::atomic::AtomicBool::new(alone),
+            jobs: crate::jobs::Jobs::new(),
         }))
     }
 

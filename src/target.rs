@@ -191,6 +191,17 @@ pub fn split_absolute(text: &str) -> Result<(Origin, &str), TargetError> {
     ))
 }
 
+/// An absolute http(s) URL as its origin and the path (and query) to send, never empty.
+pub fn split_url(text: &str) -> Result<(Origin, String), TargetError> {
+    let text = text.trim();
+    if text.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return bad("a URL has no spaces or control characters");
+    }
+    let (origin, rest) = split_absolute(text)?;
+    let path = origin.join_path(rest);
+    Ok((origin, path))
+}
+
 /// Parse `host[:port]` (or `[v6]:port`). Without `default_port`, the port is required
 /// (CONNECT's authority form). The host comes back lowercased, IPv6 without brackets.
 pub fn parse_authority(

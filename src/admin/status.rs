@@ -123,6 +123,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "hosts": hosts,
         "regions": crate::regions::status_json(&shared.regions),
         "refusals": shared.metrics.refusals_by_code(),
+        "jobs": shared.jobs.summary(),
         "instance": shared.instance,
     })
 }

@@ -7,6 +7,7 @@
 mod dispatch;
 mod duration;
 mod generation;
+mod jobs;
 mod shared;
 mod validate;
 
@@ -16,6 +17,7 @@ pub use dispatch::{
 };
 pub use duration::HumanDuration;
 pub use generation::{Generation, Route};
+pub use jobs::{secret_key, Jobs, Secret, Webhooks};
 pub use shared::{Backend, BreakerConfig, OnError, RedisUrl, RetryConfig, SharedConfig};
 pub use validate::ConfigError;
 
@@ -46,6 +48,10 @@ pub struct Config {
     pub shared: SharedConfig,
     /// TLS interception of CONNECT tunnels to chosen hosts (off unless hosts are listed).
     pub intercept: Intercept,
+    /// Calls taken now and made later, their results delivered to webhooks.
+    pub jobs: Jobs,
+    /// Signing secrets and delivery policy of job webhooks.
+    pub webhooks: Webhooks,
 }
 
 /// `[intercept]`: CONNECT tunnels to these hosts are terminated with a leaf certificate
@@ -315,6 +321,8 @@ pub struct Server {
     pub pid_file: String,
     /// Socket through which a new process (`--upgrade`) takes over the listeners.
     pub upgrade_sock: String,
+    /// Directory of sluice's durable state (the job store); made when missing.
+    pub state_dir: String,
     /// Bearer token the admin listener asks for on `/status` and `POST /reload` (and on
     /// `/metrics` with `metrics_auth`); `/healthz` never needs it. Unset: no token.
     pub admin_token: Option<String>,
@@ -366,6 +374,7 @@ impl Default for Server {
             log_format: LogFormat::Text,
             pid_file: "/tmp/sluice.pid".into(),
             upgrade_sock: "/tmp/sluice_upgrade.sock".into(),
+            state_dir: "sluice-state".into(),
             admin_token: None,
             metrics_auth: false,
         }

@@ -289,6 +289,7 @@ impl Config {
 
         self.shared.check(&mut err);
         check_intercept(&self.intercept, &mut err);
+        super::jobs::check(&self.jobs, &self.webhooks, &mut err);
 
         let mut prefixes = HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {

@@ -25,6 +25,7 @@ pub use respond::peer_options;
 
 use crate::admission::Host;
 use crate::config::{Generation, HostLimits};
+use crate::jobs::api as jobs;
 use crate::regions::HostRegions;
 use crate::state::Shared;
 use crate::target::Origin;
@@ -36,9 +37,37 @@ use std::time::Duration;
 
 /// Serve one request from its head to the end of its answer. An error before the answer's
 /// head was sent is answered by the caller's error page (`proxy::fail_to_proxy`).
+///
+/// A request naming `Sluice-Webhook` becomes a job (answered `202`) when it prefers an
+/// asynchronous answer (`Prefer: respond-async`), or when it would otherwise get sluice's own
+/// `429` before anything was sent (its host paused past what it may wait).
 pub async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+    let webhooks = jobs::webhooks_of(session.req_header());
     let plan = prepare::prepare(shared, session, ctx).await?;
-    exec::run(shared, session, ctx, plan).await
+    if webhooks.is_empty() {
+        return exec::run(shared, session, ctx, plan).await;
+    }
+    let origin = plan.origin.clone();
+    if !jobs::prefers_async(session.req_header()) {
+        match exec::run(shared, session, ctx, plan).await {
+            Err(e)
+                if crate::error::Code::of(&e) == crate::error::Code::RateLimited
+                    && ctx.attempts == 0
+                    && session.body_bytes_read() == 0 => {}
+            done => return done,
+        }
+    }
+    let generation = ctx.generation.clone();
+    jobs::accept_proxied(
+        shared,
+        session,
+        &generation,
+        ctx.client.clone(),
+        &origin,
+        &ctx.upstream_path,
+        webhooks,
+    )
+    .await
 }
 
 /// What every attempt of one request shares.

@@ -115,14 +115,33 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
 fn authenticate(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<()> {
     let h = &session.req_header().headers;
     let proxy_way = matches!(ctx.way, WayIn::Forward | WayIn::Connect | WayIn::Intercept);
-    let client = auth::authenticate(
-        &ctx.generation.clients,
-        proxy_way,
-        h.get(http::header::PROXY_AUTHORIZATION)
-            .map(|v| v.as_bytes()),
-        h.get(SLUICE_KEY).map(|v| v.as_bytes()),
-    )
-    .map_err(|(code, status, m)| error::error_with_status(code, status, m))?;
+    let job = h
+        .get(crate::jobs::JOB_TOKEN)
+        .is_some_and(|t| auth::same_secret(t.as_bytes(), shared.jobs.token.as_bytes()));
+    let client = if job {
+        // One of this process's own job requests: the client that submitted the job (its
+        // credentials were checked then) is the one whose limits apply.
+        let name = h
+            .get(crate::jobs::JOB_CLIENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        ctx.generation.clients.by_name(name).ok_or_else(|| {
+            error::error_with_status(
+                Code::AuthFailed,
+                401,
+                format!("the job's client {name:?} is no longer configured"),
+            )
+        })?
+    } else {
+        auth::authenticate(
+            &ctx.generation.clients,
+            proxy_way,
+            h.get(http::header::PROXY_AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+            h.get(SLUICE_KEY).map(|v| v.as_bytes()),
+        )
+        .map_err(|(code, status, m)| error::error_with_status(code, status, m))?
+    };
     if let Some(l) = &client.limits {
         let cell = shared.admission.client_cell(&client.name, l.rps, l.burst);
         ctx.client_cell = Some(crate::admission::Host::Cell(cell));

@@ -125,6 +125,12 @@ impl Clients {
         !self.clients.is_empty()
     }
 
+    /// The client of this name (a job's requests carry the name of the client that
+    /// submitted it; its credentials were checked then).
+    pub fn by_name(&self, name: &str) -> Option<&Client> {
+        self.clients.iter().find(|c| c.name == name)
+    }
+
     /// The client a bearer token belongs to. Every client is compared (no early exit).
     pub fn by_token(&self, token: &[u8]) -> Option<&Client> {
         let digest = sha256(token);

@@ -37,6 +37,10 @@ impl ProxyHttp for SluiceProxy {
     /// The whole request: `Ok(true)` says the response was sent; an error before the
     /// response head went out is answered by `fail_to_proxy`.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if crate::jobs::api::claims(session.req_header()) {
+            crate::jobs::api::serve(&self.shared, session, &ctx.generation.clone()).await?;
+            return Ok(true);
+        }
         dispatch::serve(&self.shared, session, ctx).await?;
         Ok(true)
     }

@@ -154,47 +154,41 @@ impl Sluice {
         };
         let config = format!(
             "[server]\nlisten = \"{proxy}\"\nadmin_listen = \"{admin}\"\n{threads}{dns}\
-             pid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\n{server_extra}\n{extra}\n",
+             pid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\nstate_dir = \"{state}\"\n\
+             {server_extra}\n{extra}\n",
             pid = dir.path().join("sluice.pid").display(),
             sock = dir.path().join("upgrade.sock").display(),
+            state = dir.path().join("state").display(),
         );
         let config_path = dir.path().join("sluice.toml");
         std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
-        let log =
-            std::fs::File::create(dir.path().join("sluice.log")).map_err(|e| e.to_string())?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|e| format!("spawn sluice: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
+        let mut child = spawn(&config_path, &dir.path().join("sluice.log"))?;
+        match ready(&mut child, proxy, admin) {
+            Ok(()) => Ok(Sluice {
+                child,
+                proxy,
+                admin,
+                dir: std::sync::Arc::new(dir),
+                log_name: "sluice.log".into(),
+            }),
+            Err(e) => {
                 let log =
                     std::fs::read_to_string(dir.path().join("sluice.log")).unwrap_or_default();
-                return Err(format!("sluice exited with {status}: {log}"));
+                Err(format!("{e}: {log}"))
             }
-            if let Ok((200, _, _)) = http_get(admin, "/healthz") {
-                if TcpStream::connect(proxy).is_ok() {
-                    return Ok(Sluice {
-                        child,
-                        proxy,
-                        admin,
-                        dir: std::sync::Arc::new(dir),
-                        log_name: "sluice.log".into(),
-                    });
-                }
-            }
-            if Instant::now() > deadline {
-                stop(&mut child);
-                return Err("sluice did not become healthy in 20 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Kill the process (SIGKILL: nothing of a shutdown runs), then start a new one on the
+    /// same configuration, ports and state directory (its log: `sluice-N.log`).
+    pub fn crash_and_restart(&mut self) {
+        stop(&mut self.child);
+        let n = self.dir.path().read_dir().map_or(0, |d| d.count());
+        self.log_name = format!("sluice-{n}.log");
+        let log = self.dir.path().join(&self.log_name);
+        self.child = spawn(&self.config_path(), &log).expect("restart sluice");
+        if let Err(e) = ready(&mut self.child, self.proxy, self.admin) {
+            panic!("restarted sluice: {e}: {}", self.log());
         }
     }
 
@@ -303,6 +297,41 @@ fn labels_of(text: &str) -> Vec<String> {
 impl Drop for Sluice {
     fn drop(&mut self) {
         stop(&mut self.child);
+    }
+}
+
+/// Start sluice on a configuration file, its output to `log`.
+fn spawn(config: &std::path::Path, log: &std::path::Path) -> Result<Child, String> {
+    let out = std::fs::File::create(log).map_err(|e| e.to_string())?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("spawn sluice: {e}"))
+}
+
+/// Wait (up to 20 s) until both listeners answer; stop the process if they never do.
+fn ready(child: &mut Child, proxy: SocketAddr, admin: SocketAddr) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("sluice exited with {status}"));
+        }
+        if let Ok((200, _, _)) = http_get(admin, "/healthz") {
+            if TcpStream::connect(proxy).is_ok() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            stop(child);
+            return Err("sluice did not become healthy in 20 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(25));
     }
 }
 

@@ -1,0 +1,457 @@
+//! Jobs: a call taken now (`202`) and made later, its result delivered to signed webhooks.
+//!
+//! A job's call and its webhook deliveries enter sluice through its own proxy listener, as
+//! explicit-target requests (`call.rs`): they take the one pipeline every request takes
+//! (auth, egress policy, admission with its pauses, regions, retries, access log), so there is
+//! no second way to an upstream. The durable state is the embedded store (`store.rs`); the
+//! schedule of what is due when is in memory, rebuilt from the store at start.
+//!
+//! Nothing here imports `dispatch/` or `proxy/`; the API (`api.rs`) is called by `proxy/`.
+
+pub mod api;
+mod call;
+pub mod model;
+mod service;
+pub mod sign;
+pub mod spec;
+mod store;
+
+use model::Receipt;
+pub use model::{Job, State};
+pub use service::Service;
+use store::{Store, StoreError};
+
+use crate::metrics::Metrics;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+
+/// Header carrying this process's job credential on its own loopback requests.
+pub const JOB_TOKEN: &str = "sluice-job-token";
+/// With it, the client whose job it is (its limits apply).
+pub const JOB_CLIENT: &str = "sluice-job-client";
+
+/// Something due at a time.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Task {
+    /// Make the job's call.
+    Call(String),
+    /// Deliver the job's result to its receiver `n`.
+    Deliver(String, usize),
+}
+
+/// The jobs of this process: the store (once open), the schedule and the counts.
+pub struct Jobs {
+    store: OnceLock<Arc<Store>>,
+    /// Due tasks by time (Unix ms), then order of scheduling.
+    due: Mutex<BinaryHeap<Reverse<(u64, u64, Task)>>>,
+    wake: Notify,
+    seq: AtomicU64,
+    /// Jobs by state now (index: `State::ALL`).
+    counts: Mutex<[i64; 7]>,
+    /// Jobs not yet called, by creation time (for the oldest one's age).
+    waiting: Mutex<BTreeSet<(u64, String)>>,
+    /// Stored jobs were taken up: new ones may be scheduled (before, a new job would be
+    /// scheduled twice, by its submission and by the recovery).
+    ready: tokio::sync::watch::Sender<bool>,
+    /// Shutting down: workers take no new task.
+    stopping: std::sync::atomic::AtomicBool,
+    /// The credential of this process's own requests (random, never stored).
+    pub token: String,
+}
+
+/// Unix time in ms.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, spec::millis)
+}
+
+/// Random bytes as hex (ids and the job credential).
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    if getrandom::fill(&mut buf).is_err() {
+        // No OS randomness: still unique (time and a counter), only less unguessable.
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed) ^ now_ms().rotate_left(20);
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (n >> ((i % 8) * 8)) as u8 ^ i as u8;
+        }
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn index(s: State) -> usize {
+    State::ALL.iter().position(|x| *x == s).unwrap_or(0)
+}
+
+/// Why the jobs API could not do what was asked.
+#[derive(Debug)]
+pub enum JobsError {
+    Unavailable(String),
+    Store(StoreError),
+}
+
+impl From<StoreError> for JobsError {
+    fn from(e: StoreError) -> Self {
+        JobsError::Store(e)
+    }
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Jobs::new()
+    }
+}
+
+impl Jobs {
+    pub fn new() -> Jobs {
+        Jobs {
+            store: OnceLock::new(),
+            due: Mutex::new(BinaryHeap::new()),
+            wake: Notify::new(),
+            seq: AtomicU64::new(0),
+            counts: Mutex::new([0; 7]),
+            waiting: Mutex::new(BTreeSet::new()),
+            ready: tokio::sync::watch::Sender::new(false),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            token: random_hex(32),
+        }
+    }
+
+    /// A new job id: its creation time first, so ids sort by age.
+    pub fn new_id() -> String {
+        format!("job_{:012x}{}", now_ms(), random_hex(10))
+    }
+
+    /// The store is open: jobs can be taken.
+    fn open(&self, store: Store) -> bool {
+        self.store.set(Arc::new(store)).is_ok()
+    }
+
+    /// Open the store in `dir` now (at start, before the listeners take requests). An error
+    /// leaves it to the service, which tries again until the holder lets go.
+    pub fn open_dir(&self, dir: &std::path::Path) -> Result<(), String> {
+        let store = Store::open(dir).map_err(|e| e.to_string())?;
+        self.open(store);
+        Ok(())
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.store.get().is_some()
+    }
+
+    fn store(&self) -> Result<Arc<Store>, JobsError> {
+        self.store.get().cloned().ok_or_else(|| {
+            JobsError::Unavailable(
+                "the job store is not open yet (another sluice process may still hold it)".into(),
+            )
+        })
+    }
+
+    /// Run a store call off the async workers.
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, JobsError> {
+        let store = self.store()?;
+        match tokio::task::spawn_blocking(move || f(&store)).await {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(JobsError::Unavailable(format!("job store call ended: {e}"))),
+        }
+    }
+
+    fn schedule(&self, at: u64, task: Task) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut due) = self.due.lock() {
+            due.push(Reverse((at, seq, task)));
+        }
+        self.wake.notify_one();
+    }
+
+    /// The next due task, waiting for it; `None` once shutting down.
+    async fn next(&self) -> Option<Task> {
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.stopping.load(Ordering::Acquire) {
+                return None;
+            }
+            let now = now_ms();
+            let wait = match self.due.lock() {
+                Ok(mut due) => match due.peek() {
+                    Some(Reverse((at, _, _))) if *at <= now => {
+                        if let Some(Reverse((_, _, task))) = due.pop() {
+                            // Another worker may have work too.
+                            if due.peek().is_some() {
+                                self.wake.notify_one();
+                            }
+                            return Some(task);
+                        }
+                        continue;
+                    }
+                    Some(Reverse((at, _, _))) => Duration::from_millis(at - now),
+                    None => Duration::from_secs(3600),
+                },
+                Err(_) => Duration::from_secs(1),
+            };
+            let _ = tokio::time::timeout(wait, notified).await;
+        }
+    }
+
+    fn count(&self, from: Option<State>, to: State, metrics: &Metrics) {
+        if let Ok(mut c) = self.counts.lock() {
+            if let Some(f) = from {
+                c[index(f)] -= 1;
+            }
+            c[index(to)] += 1;
+        }
+        metrics.jobs.with_label_values(&[to.as_str()]).inc();
+        metrics.jobs_waiting.set(self.waiting_count() as i64);
+    }
+
+    fn waiting_count(&self) -> usize {
+        self.waiting.lock().map_or(0, |w| w.len())
+    }
+
+    /// Jobs by state, and the age of the oldest not yet called (for `/status`).
+    pub fn summary(&self) -> serde_json::Value {
+        let counts = self.counts.lock().map(|c| *c).unwrap_or_default();
+        let mut by_state = serde_json::Map::new();
+        for (s, n) in State::ALL.iter().zip(counts) {
+            by_state.insert(s.as_str().into(), n.into());
+        }
+        let oldest = self
+            .waiting
+            .lock()
+            .ok()
+            .and_then(|w| w.iter().next().map(|(created, _)| *created));
+        serde_json::json!({
+            "open": self.store.get().is_some(),
+            "by_state": by_state,
+            "oldest_waiting_s": oldest.map(|c| now_ms().saturating_sub(c) as f64 / 1000.0),
+        })
+    }
+
+    /// Store a new job (or find the one its idempotency key names) and schedule its call.
+    pub async fn submit(&self, metrics: &Metrics, job: Job) -> Result<(Job, bool), JobsError> {
+        let mut ready = self.ready.subscribe();
+        let taken_up = tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| *r))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !taken_up {
+            return Err(JobsError::Unavailable(
+                "stored jobs are still being taken up; try again".into(),
+            ));
+        }
+        let (job, new) = self.blocking(move |s| s.insert(&job)).await?;
+        if new {
+            if let Ok(mut w) = self.waiting.lock() {
+                w.insert((job.created, job.id.clone()));
+            }
+            self.count(None, State::Queued, metrics);
+            self.schedule(job.next_at, Task::Call(job.id.clone()));
+            tracing::info!(target: "sluice::jobs", id = %job.id, url = %job.call.url, "job accepted");
+        }
+        Ok((job, new))
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<Job>, JobsError> {
+        let id = id.to_string();
+        self.blocking(move |s| s.get(&id)).await
+    }
+
+    /// Cancel a job whose call was not sent. `Ok(None)`: no such job; `Err(job)` inside:
+    /// too late.
+    pub async fn cancel(
+        &self,
+        metrics: &Metrics,
+        retention: Duration,
+        id: &str,
+    ) -> Result<Option<Result<Job, Job>>, JobsError> {
+        let id_owned = id.to_string();
+        let now = now_ms();
+        let changed = self
+            .blocking(move |s| {
+                s.update(
+                    &id_owned,
+                    now.saturating_add(spec::millis(retention)),
+                    |j| {
+                        (j.state == State::Queued).then(|| {
+                            j.state = State::Canceled;
+                            j.finished = Some(now);
+                            for d in &mut j.deliveries {
+                                d.receipt = Receipt::GaveUp;
+                                d.last_error = Some("the job was canceled".into());
+                            }
+                        })
+                    },
+                )
+            })
+            .await?;
+        if let Some((job, ())) = changed {
+            self.unwait(&job);
+            self.count(Some(State::Queued), State::Canceled, metrics);
+            return Ok(Some(Ok(job)));
+        }
+        Ok(self.get(id).await?.map(Err))
+    }
+
+    fn unwait(&self, job: &Job) {
+        if let Ok(mut w) = self.waiting.lock() {
+            w.remove(&(job.created, job.id.clone()));
+        }
+    }
+
+    /// Take up every stored job after a start: calls still to make, deliveries still owed. A
+    /// call that was in flight when the last process died is made again only if that is
+    /// safe; otherwise it ends `failed` with `outcome_unknown`, and its webhooks say so.
+    pub async fn recover(&self, metrics: &Metrics, retention: Duration) -> Result<(), JobsError> {
+        let jobs = self.blocking(|s| s.all()).await?;
+        let (mut calls, mut unknown, mut owed) = (0, 0, 0);
+        for job in jobs {
+            if let Ok(mut c) = self.counts.lock() {
+                c[index(job.state)] += 1;
+            }
+            match job.state {
+                State::Queued => {
+                    calls += 1;
+                    self.track_waiting(&job);
+                    self.schedule(job.next_at, Task::Call(job.id.clone()));
+                }
+                State::Running if job.call.replayable() => {
+                    calls += 1;
+                    self.track_waiting(&job);
+                    self.requeue(metrics, &job.id, now_ms(), None).await?;
+                }
+                State::Running => {
+                    unknown += 1;
+                    self.track_waiting(&job);
+                    let now = now_ms();
+                    self.finish(
+                        metrics,
+                        &job.id,
+                        State::Failed,
+                        None,
+                        Some("outcome_unknown".into()),
+                        now,
+                        retention,
+                    )
+                    .await?;
+                }
+                _ => {
+                    for (n, d) in job.deliveries.iter().enumerate() {
+                        if d.receipt == Receipt::Pending {
+                            owed += 1;
+                            self.schedule(d.next_at, Task::Deliver(job.id.clone(), n));
+                        }
+                    }
+                }
+            }
+        }
+        metrics.jobs_waiting.set(self.waiting_count() as i64);
+        self.ready.send_replace(true);
+        tracing::info!(target: "sluice::jobs", calls, unknown, deliveries = owed, "jobs taken up");
+        Ok(())
+    }
+
+    fn track_waiting(&self, job: &Job) {
+        if let Ok(mut w) = self.waiting.lock() {
+            w.insert((job.created, job.id.clone()));
+        }
+    }
+
+    /// Back to the queue (its call was not made, or may safely be made again) at `at`.
+    async fn requeue(
+        &self,
+        metrics: &Metrics,
+        id: &str,
+        at: u64,
+        why: Option<String>,
+    ) -> Result<(), JobsError> {
+        let id_owned = id.to_string();
+        let changed = self
+            .blocking(move |s| {
+                s.update(&id_owned, 0, |j| {
+                    (j.state == State::Running).then(|| {
+                        j.state = State::Queued;
+                        j.next_at = at;
+                        j.outcome = why;
+                    })
+                })
+            })
+            .await?;
+        if changed.is_some() {
+            self.count(Some(State::Running), State::Queued, metrics);
+            self.schedule(at, Task::Call(id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The call is over (or given up): keep the answer, and owe the webhooks.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        metrics: &Metrics,
+        id: &str,
+        state: State,
+        answer: Option<model::Answer>,
+        outcome: Option<String>,
+        now: u64,
+        retention: Duration,
+    ) -> Result<(), JobsError> {
+        let id_owned = id.to_string();
+        let expires = now.saturating_add(spec::millis(retention));
+        let changed = self
+            .blocking(move |s| {
+                s.update(&id_owned, expires, |j| {
+                    let from = j.state;
+                    (!from.called()).then(|| {
+                        j.state = state;
+                        j.answer = answer;
+                        j.outcome = outcome;
+                        j.finished = Some(now);
+                        for d in &mut j.deliveries {
+                            d.next_at = now;
+                        }
+                        from
+                    })
+                })
+            })
+            .await?;
+        let Some((job, from)) = changed else {
+            return Ok(());
+        };
+        self.unwait(&job);
+        self.count(Some(from), state, metrics);
+        tracing::info!(
+            target: "sluice::jobs",
+            id = %job.id,
+            state = state.as_str(),
+            status = job.answer.as_ref().map_or(0, |a| a.status),
+            outcome = job.outcome.as_deref().unwrap_or("-"),
+            attempts = job.attempts,
+            "job called"
+        );
+        for n in 0..job.deliveries.len() {
+            self.schedule(now, Task::Deliver(job.id.clone(), n));
+        }
+        Ok(())
+    }
+
+    /// Delete finished jobs past their retention.
+    pub async fn purge(&self) -> Result<usize, JobsError> {
+        let now = now_ms();
+        let gone = self.blocking(move |s| s.purge(now)).await?;
+        if let Ok(mut c) = self.counts.lock() {
+            for state in &gone {
+                c[index(*state)] -= 1;
+            }
+        }
+        Ok(gone.len())
+    }
+}

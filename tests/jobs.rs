@@ -1,0 +1,575 @@
+//! Jobs over real sockets: accepted with `202`, called through the pipeline, results delivered
+//! to signed webhooks with a quorum, none lost to `kill -9`, none sent twice unless safe.
+
+mod support;
+
+use serde_json::{json, Value};
+use sluice::jobs::sign;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use support::*;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn key() -> Vec<u8> {
+    sluice::config::secret_key(SECRET).expect("key")
+}
+
+/// Webhook and job settings fast enough for a test.
+fn jobs_config(extra: &str) -> String {
+    format!(
+        "[webhooks]\ndelivery_ttl = \"20s\"\nbackoff_base = \"50ms\"\nbackoff_max = \"300ms\"\n\
+         timeout = \"2s\"\n[webhooks.secrets]\nmain = \"{SECRET}\"\n{extra}"
+    )
+}
+
+async fn submit(client: &reqwest::Client, sluice: &Sluice, body: Value) -> (u16, Value) {
+    let r = client
+        .post(format!("{}/_sluice/v1/jobs", sluice.proxy_url()))
+        .json(&body)
+        .send()
+        .await
+        .expect("submit");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn job(client: &reqwest::Client, sluice: &Sluice, id: &str) -> Value {
+    client
+        .get(format!("{}/_sluice/v1/jobs/{id}", sluice.proxy_url()))
+        .send()
+        .await
+        .expect("get job")
+        .json()
+        .await
+        .expect("job json")
+}
+
+/// Wait until every job is in one of `states` (at most `secs`); their last views.
+async fn until_all(
+    client: &reqwest::Client,
+    sluice: &Sluice,
+    ids: &[String],
+    states: &[&str],
+    secs: u64,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let mut views = Vec::new();
+        for id in ids {
+            views.push(job(client, sluice, id).await);
+        }
+        let done = views
+            .iter()
+            .all(|v| states.contains(&v["state"].as_str().unwrap_or("")));
+        if done {
+            return views;
+        }
+        if Instant::now() > deadline {
+            let left: Vec<_> = views
+                .iter()
+                .filter(|v| !states.contains(&v["state"].as_str().unwrap_or("")))
+                .take(3)
+                .collect();
+            panic!(
+                "jobs not {states:?} after {secs} s: {left:?}\n{}",
+                sluice.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every delivery a receiver saw: job id -> how many, each signature checked.
+fn deliveries(receiver: &FakeUpstream) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for r in receiver.requests() {
+        let id = r.header("webhook-id").expect("webhook-id").to_string();
+        let ts: u64 = r
+            .header("webhook-timestamp")
+            .and_then(|t| t.parse().ok())
+            .expect("webhook-timestamp");
+        let sig = r.header("webhook-signature").expect("webhook-signature");
+        assert!(
+            sign::verify(&key(), &id, ts, &r.body, sig),
+            "signature of {id} does not verify"
+        );
+        let body: Value = serde_json::from_slice(&r.body).expect("payload json");
+        assert_eq!(
+            format!("msg_{}", body["data"]["id"].as_str().unwrap_or("")),
+            id
+        );
+        *seen
+            .entry(body["data"]["id"].as_str().unwrap_or("").to_string())
+            .or_insert(0) += 1;
+    }
+    seen
+}
+
+#[test]
+fn a_hundred_jobs_survive_kill_9_and_none_is_sent_twice_unless_safe() {
+    let up = FakeUpstream::builder()
+        .route(
+            "/work",
+            Reply::text(200, "done").latency(Duration::from_millis(150)),
+        )
+        .start();
+    let hook = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let host = format!("127.0.0.1:{}", up.port());
+    let mut sluice = Sluice::start(
+        "",
+        &jobs_config(&format!(
+            "[jobs]\nworkers = 8\n[hosts.\"{host}\"]\nrps = 1000.0\nburst = 100\n\
+             [hosts.\"127.0.0.1:{}\"]\nrps = 1000.0\nburst = 100\n",
+            hook.port()
+        )),
+    );
+    let client = direct_client();
+    let rt = rt();
+    let ids: Vec<String> = rt.block_on(async {
+        let mut ids = Vec::new();
+        for n in 0..100 {
+            // Half can be sent again safely (an idempotency key), half cannot (a bare POST).
+            let mut spec = json!({
+                "url": format!("http://{host}/work?n={n}"),
+                "method": "POST",
+                "body": format!("job {n}"),
+                "webhooks": [{"url": format!("http://127.0.0.1:{}/hook", hook.port()), "secret": "main"}],
+                "metadata": {"n": n},
+            });
+            if n % 2 == 0 {
+                spec["idempotency_key"] = json!(format!("key-{n}"));
+            }
+            let (status, body) = submit(&client, &sluice, spec).await;
+            assert_eq!(status, 202, "{body}");
+            ids.push(body["id"].as_str().expect("id").to_string());
+        }
+        ids
+    });
+    // Some calls done, some in flight: then no shutdown of any kind.
+    assert_eventually!(up.count() >= 20, "calls under way: {}", up.count());
+    let before = up.count();
+    sluice.crash_and_restart();
+    // A new client: the old one's pooled connections died with the process.
+    let client = direct_client();
+    let views = rt.block_on(until_all(&client, &sluice, &ids, &["delivered"], 60));
+    let unknown = views
+        .iter()
+        .filter(|v| v["outcome"] == "outcome_unknown")
+        .count();
+    let mut sent: HashMap<String, usize> = HashMap::new();
+    for r in up.requests() {
+        *sent.entry(r.target.clone()).or_insert(0) += 1;
+    }
+    for (n, v) in views.iter().enumerate() {
+        let times = sent.get(&format!("/work?n={n}")).copied().unwrap_or(0);
+        if n % 2 == 1 {
+            assert!(times <= 1, "job {n} (no key) sent {times} times");
+            // Never sent: only if it was taken into the pipeline just before the crash.
+            assert!(
+                times == 1 || v["outcome"] == "outcome_unknown",
+                "job {n} never sent: {v}"
+            );
+        } else {
+            assert!(times >= 1, "job {n} never sent");
+        }
+        if v["outcome"] == "outcome_unknown" {
+            assert_eq!(n % 2, 1, "only a call that cannot be replayed ends unknown");
+        } else {
+            assert_eq!(v["result"]["status"], 200, "{v}");
+        }
+        if n % 2 == 0 {
+            assert_eq!(v["idempotency_key"], format!("key-{n}"));
+        }
+    }
+    let seen = deliveries(&hook);
+    for id in &ids {
+        assert!(
+            seen.get(id).copied().unwrap_or(0) >= 1,
+            "{id} not delivered"
+        );
+    }
+    println!(
+        "crash after {before} calls; {} calls in all for 100 jobs; {unknown} outcome_unknown; \
+         {} deliveries",
+        up.count(),
+        hook.count()
+    );
+}
+
+#[test]
+fn a_quorum_of_two_of_three_is_delivered_and_the_down_receiver_is_tried_until_the_ttl() {
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let a = FakeUpstream::builder()
+        .route("/", Reply::text(204, ""))
+        .start();
+    let b = FakeUpstream::builder()
+        .route("/", Reply::text(200, "thanks"))
+        .start();
+    let down = free_port();
+    let sluice = Sluice::start(
+        "",
+        "[webhooks]\ndelivery_ttl = \"2s\"\nbackoff_base = \"50ms\"\nbackoff_max = \"200ms\"\n\
+         [webhooks.secrets]\nmain = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n",
+    );
+    let client = direct_client();
+    rt().block_on(async {
+        let hooks: Vec<Value> = [a.port(), b.port(), down]
+            .iter()
+            .map(|p| json!({"url": format!("http://127.0.0.1:{p}/h"), "secret": "main"}))
+            .collect();
+        let (status, body) = submit(
+            &client,
+            &sluice,
+            json!({"url": format!("http://127.0.0.1:{}/x", up.port()), "webhooks": hooks, "quorum": 2}),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+        let id = body["id"].as_str().expect("id").to_string();
+        let v = &until_all(&client, &sluice, std::slice::from_ref(&id), &["delivered"], 10).await[0];
+        assert_eq!(v["acked"], 2, "{v}");
+        // The third receiver is still owed the result: tried again and again until the TTL.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let v = loop {
+            let v = job(&client, &sluice, &id).await;
+            if v["webhooks"][2]["state"] == "gave_up" || Instant::now() > deadline {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(v["state"], "delivered", "{v}");
+        assert_eq!(v["webhooks"][2]["state"], "gave_up", "{v}");
+        let tries = v["webhooks"][2]["attempts"].as_u64().unwrap_or(0);
+        assert!(tries >= 3, "the down receiver was tried {tries} times: {v}");
+        println!("down receiver tried {tries} times within the 2 s TTL");
+    });
+    assert_eq!((a.count(), b.count()), (1, 1), "each live receiver once");
+    assert!(sluice.metric("sluice_job_deliveries_total{outcome=\"gave_up\"}") == 1.0);
+    assert!(sluice.metric("sluice_jobs_total{state=\"delivered\"}") == 1.0);
+}
+
+#[test]
+fn a_job_to_a_paused_host_waits_out_the_pause() {
+    let up = FakeUpstream::builder()
+        .route(
+            "/",
+            Reply::text(200, "ok").fail_first(1, 429).retry_after("3"),
+        )
+        .start();
+    let host = format!("127.0.0.1:{}", up.port());
+    // A request may wait 1 s for its host: a 3 s pause is sluice's 429 to a caller.
+    let sluice = Sluice::start(
+        "",
+        &format!("[hosts.\"{host}\"]\nmax_queue_wait = \"1s\"\n"),
+    );
+    let client = direct_client();
+    rt().block_on(async {
+        let r = client
+            .get(format!("{}/first", sluice.proxy_url()))
+            .header("Sluice-Target", format!("http://{host}"))
+            .send()
+            .await
+            .expect("first");
+        assert_eq!(r.status(), 429, "the host's 429, passed on");
+        let (status, body) = submit(
+            &client,
+            &sluice,
+            json!({"url": format!("http://{host}/job")}),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+        let id = body["id"].as_str().expect("id").to_string();
+        let v = &until_all(&client, &sluice, &[id], &["succeeded", "failed"], 15).await[0];
+        assert_eq!(v["state"], "succeeded", "{v}");
+        assert_eq!(v["result"]["status"], 200);
+        assert!(
+            v["attempts"].as_u64().unwrap_or(0) >= 2,
+            "asked, paused, asked again: {v}"
+        );
+    });
+    let at: Vec<Instant> = up.requests().iter().map(|r| r.at).collect();
+    assert_eq!(at.len(), 2, "the 429, then the job's call once");
+    let waited = at[1] - at[0];
+    assert!(
+        waited >= Duration::from_millis(2_900),
+        "sent {waited:?} after the 429"
+    );
+    println!("job sent {waited:?} after the host's 429 with Retry-After: 3");
+}
+
+#[test]
+fn racing_submissions_with_one_idempotency_key_get_one_job() {
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let sluice = Sluice::start("", "");
+    let client = direct_client();
+    let ids: Vec<String> = runtime(4).block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let (client, url) = (client.clone(), sluice.proxy_url());
+            let spec = json!({"url": format!("http://127.0.0.1:{}/pay", up.port()), "method": "POST",
+                              "idempotency_key": "order-42"});
+            tasks.push(tokio::spawn(async move {
+                let r = client
+                    .post(format!("{url}/_sluice/v1/jobs"))
+                    .json(&spec)
+                    .send()
+                    .await
+                    .expect("submit");
+                assert_eq!(r.status(), 202);
+                let v: Value = r.json().await.expect("json");
+                v["id"].as_str().expect("id").to_string()
+            }));
+        }
+        let mut ids = Vec::new();
+        for t in tasks {
+            ids.push(t.await.expect("task"));
+        }
+        ids
+    });
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    assert_eventually!(up.count() == 1, "one call: {}", up.count());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(up.count(), 1, "and only one");
+}
+
+#[test]
+fn bad_submissions_are_refused_naming_the_field() {
+    let sluice = Sluice::start("", &jobs_config(""));
+    let client = direct_client();
+    rt().block_on(async {
+        for (spec, field) in [
+            (json!({"url": "http://127.0.0.1:9/x", "webhooks": [{"url": "http://169.254.169.254/latest", "secret": "main"}]}), "webhooks[0].url"),
+            (json!({"url": "http://127.0.0.1:9/x", "priority": 1}), "priority"),
+            (json!({"url": "http://127.0.0.1:9/x", "webhooks": [{"url": "http://127.0.0.1:9/h", "secret": "whsec_literal"}]}), "webhooks[0].secret"),
+            (json!({"method": "GET"}), "url"),
+        ] {
+            let r = client
+                .post(format!("{}/_sluice/v1/jobs", sluice.proxy_url()))
+                .json(&spec)
+                .send()
+                .await
+                .expect("submit");
+            assert_eq!(r.status(), 400, "{spec}");
+            assert_eq!(r.headers()["sluice-error"], "bad_request");
+            let body: Value = r.json().await.expect("json");
+            let message = body["message"].as_str().unwrap_or("");
+            assert!(message.starts_with(field), "{spec}: {message}");
+        }
+        let r = client
+            .get(format!("{}/_sluice/v1/jobs/job_nope", sluice.proxy_url()))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 404);
+        assert_eq!(r.headers()["sluice-error"], "not_found");
+        let r = client
+            .post(format!("{}/_sluice/v1/jobs", sluice.proxy_url()))
+            .body(vec![b'x'; 2 * 1024 * 1024])
+            .send()
+            .await
+            .expect("submit");
+        assert_eq!(r.status(), 413);
+    });
+}
+
+#[test]
+fn a_queued_job_can_be_canceled_and_a_finished_one_cannot() {
+    let up = FakeUpstream::builder()
+        .route(
+            "/",
+            Reply::text(200, "ok").fail_first(1, 429).retry_after("30"),
+        )
+        .start();
+    let host = format!("127.0.0.1:{}", up.port());
+    let sluice = Sluice::start(
+        "",
+        &format!("[hosts.\"{host}\"]\nmax_queue_wait = \"1s\"\n"),
+    );
+    let client = direct_client();
+    rt().block_on(async {
+        // The first job's call gets the host's 429 (a 30 s pause): it is the job's answer.
+        let (_, first) = submit(&client, &sluice, json!({"url": format!("http://{host}/a")})).await;
+        let first = first["id"].as_str().expect("id").to_string();
+        let v = &until_all(
+            &client,
+            &sluice,
+            std::slice::from_ref(&first),
+            &["failed"],
+            10,
+        )
+        .await[0];
+        assert_eq!(v["result"]["status"], 429, "{v}");
+        // The second waits out the pause in the queue, where it can be canceled.
+        let (_, second) =
+            submit(&client, &sluice, json!({"url": format!("http://{host}/b")})).await;
+        let second = second["id"].as_str().expect("id").to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while job(&client, &sluice, &second).await["outcome"] != "paused" {
+            assert!(
+                Instant::now() < deadline,
+                "the second job never met the pause"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let url = |id: &str| format!("{}/_sluice/v1/jobs/{id}", sluice.proxy_url());
+        let r = client.delete(url(&second)).send().await.expect("delete");
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["state"], "canceled", "{v}");
+        let r = client.delete(url(&first)).send().await.expect("delete");
+        assert_eq!(r.status(), 409);
+        assert_eq!(r.headers()["sluice-error"], "job_started");
+    });
+    assert_eq!(up.count(), 1, "the canceled job was never sent");
+}
+
+#[test]
+fn a_proxied_request_that_prefers_async_becomes_a_job() {
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(201, "created").header("X-Order", "7"))
+        .start();
+    let hook = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let sluice = Sluice::start("", &jobs_config(""));
+    let client = direct_client();
+    rt().block_on(async {
+        let r = client
+            .post(format!("{}/orders?x=1", sluice.proxy_url()))
+            .header("Sluice-Target", format!("http://127.0.0.1:{}", up.port()))
+            .header("Prefer", "respond-async, wait=0")
+            .header(
+                "Sluice-Webhook",
+                format!("http://127.0.0.1:{}/hook", hook.port()),
+            )
+            .header("Idempotency-Key", "o-7")
+            .body("{\"item\": 1}")
+            .send()
+            .await
+            .expect("submit");
+        assert_eq!(r.status(), 202);
+        let location = r.headers()["location"]
+            .to_str()
+            .expect("location")
+            .to_string();
+        let v: Value = r.json().await.expect("json");
+        let id = v["id"].as_str().expect("id").to_string();
+        assert_eq!(location, format!("/_sluice/v1/jobs/{id}"));
+        let v = &until_all(
+            &client,
+            &sluice,
+            std::slice::from_ref(&id),
+            &["delivered"],
+            10,
+        )
+        .await[0];
+        assert_eq!(v["result"]["status"], 201, "{v}");
+    });
+    let sent = &up.requests()[0];
+    assert_eq!(sent.target, "/orders?x=1");
+    assert_eq!(sent.body, b"{\"item\": 1}");
+    assert_eq!(sent.header("idempotency-key"), Some("o-7"));
+    assert!(sent.header("prefer").is_none() && sent.header("sluice-webhook").is_none());
+    let payload: Value = serde_json::from_slice(&hook.requests()[0].body).expect("payload");
+    assert_eq!(payload["type"], "job.succeeded");
+    assert_eq!(payload["data"]["status"], 201);
+    assert_eq!(deliveries(&hook).len(), 1);
+}
+
+#[test]
+fn a_webhook_request_that_would_get_sluices_429_becomes_a_job() {
+    let up = FakeUpstream::builder()
+        .route(
+            "/",
+            Reply::text(200, "ok").fail_first(1, 429).retry_after("2"),
+        )
+        .start();
+    let hook = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let host = format!("127.0.0.1:{}", up.port());
+    let sluice = Sluice::start(
+        "",
+        &jobs_config(&format!("[hosts.\"{host}\"]\nmax_queue_wait = \"500ms\"\n")),
+    );
+    let client = direct_client();
+    rt().block_on(async {
+        let send = |path: &str| {
+            client
+                .get(format!("{}{path}", sluice.proxy_url()))
+                .header("Sluice-Target", format!("http://{host}"))
+                .header(
+                    "Sluice-Webhook",
+                    format!("http://127.0.0.1:{}/hook", hook.port()),
+                )
+                .send()
+        };
+        let r = send("/one").await.expect("one");
+        assert_eq!(
+            r.status(),
+            429,
+            "the upstream's own 429 is an answer, passed on"
+        );
+        // Now the host is paused past what a request may wait: a job instead of a refusal.
+        let r = send("/two").await.expect("two");
+        assert_eq!(r.status(), 202);
+        let v: Value = r.json().await.expect("json");
+        let id = v["id"].as_str().expect("id").to_string();
+        let v = &until_all(&client, &sluice, &[id], &["delivered"], 10).await[0];
+        assert_eq!(v["result"]["status"], 200, "{v}");
+    });
+    assert_eq!(up.count(), 2);
+}
+
+#[test]
+fn finished_jobs_are_deleted_after_their_retention() {
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let sluice = Sluice::start("", "[jobs]\nretention = \"1s\"\n");
+    let client = direct_client();
+    rt().block_on(async {
+        let (_, v) = submit(
+            &client,
+            &sluice,
+            json!({"url": format!("http://127.0.0.1:{}/x", up.port())}),
+        )
+        .await;
+        let id = v["id"].as_str().expect("id").to_string();
+        until_all(
+            &client,
+            &sluice,
+            std::slice::from_ref(&id),
+            &["succeeded"],
+            10,
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = client
+                .get(format!("{}/_sluice/v1/jobs/{id}", sluice.proxy_url()))
+                .send()
+                .await
+                .expect("get");
+            if r.status() == 404 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still kept after 10 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let (_, status) = sluice.admin_get("/status");
+    let status: Value = serde_json::from_str(&status).expect("status");
+    assert_eq!(
+        status["jobs"]["by_state"]["succeeded"], 0,
+        "{}",
+        status["jobs"]
+    );
+    assert_eq!(status["jobs"]["open"], true);
+}
