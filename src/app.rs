@@ -59,7 +59,8 @@ pub fn build_server(
     let connector = pingora_core::connectors::ConnectorOptions::from_server_conf(&proxy_conf);
     let shared = Shared::new(config, config_path, metrics, Some(connector))?;
     let state_dir = std::path::PathBuf::from(&shared.generation().config.server.state_dir);
-    if shared.generation().config.jobs.enabled {
+    let config_now = shared.generation().config.clone();
+    if config_now.jobs.enabled && crate::jobs::fleet_url(&config_now).is_none() {
         if let Err(e) = shared.jobs.open_dir(&state_dir) {
             // During an upgrade the old process still holds it: taken when it lets go.
             tracing::info!(target: "sluice::jobs", error = %e, "job store not open at start");

@@ -200,6 +200,95 @@ fn a_hundred_jobs_survive_kill_9_and_none_is_sent_twice_unless_safe() {
 }
 
 #[test]
+fn in_a_fleet_the_jobs_of_a_node_killed_mid_call_are_finished_by_another() {
+    let Some(redis) = support::redis::Redis::start() else {
+        return;
+    };
+    let up = FakeUpstream::builder()
+        .route(
+            "/work",
+            Reply::text(200, "done").latency(Duration::from_millis(300)),
+        )
+        .start();
+    let hook = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let host = format!("127.0.0.1:{}", up.port());
+    let node = |workers: usize| {
+        Sluice::start(
+            "",
+            &jobs_config(&format!(
+                "[jobs]\nworkers = {workers}\nclaim_after = \"1s\"\n\
+                 [shared]\nbackend = \"redis\"\nredis_url = \"{}\"\n\
+                 [hosts.\"{host}\"]\nrps = 1000.0\nburst = 100\n\
+                 [hosts.\"127.0.0.1:{}\"]\nrps = 1000.0\nburst = 100\n",
+                redis.url(),
+                hook.port()
+            )),
+        )
+    };
+    let mut a = node(8);
+    let client = direct_client();
+    let rt = rt();
+    let ids: Vec<String> = rt.block_on(async {
+        let mut ids = Vec::new();
+        for n in 0..40 {
+            let mut spec = json!({
+                "url": format!("http://{host}/work?n={n}"),
+                "method": "POST",
+                "webhooks": [{"url": format!("http://127.0.0.1:{}/hook", hook.port()), "secret": "main"}],
+            });
+            if n % 2 == 0 {
+                spec["idempotency_key"] = json!(format!("fleet-{n}"));
+            }
+            let (status, body) = submit(&client, &a, spec).await;
+            assert_eq!(status, 202, "{body}");
+            ids.push(body["id"].as_str().expect("id").to_string());
+        }
+        ids
+    });
+    // Node a is mid-call on several jobs when it dies; node b was not running yet.
+    assert_eventually!(up.count() >= 10, "calls under way: {}", up.count());
+    a.kill();
+    let before = up.count();
+    let b = node(8);
+    let client = direct_client();
+    let views = rt.block_on(until_all(&client, &b, &ids, &["delivered"], 60));
+    let mut sent: HashMap<String, usize> = HashMap::new();
+    for r in up.requests() {
+        *sent.entry(r.target.clone()).or_insert(0) += 1;
+    }
+    for (n, v) in views.iter().enumerate() {
+        let times = sent.get(&format!("/work?n={n}")).copied().unwrap_or(0);
+        if n % 2 == 1 {
+            assert!(times <= 1, "job {n} (no key) sent {times} times");
+            assert!(
+                times == 1 || v["outcome"] == "outcome_unknown",
+                "job {n}: {v}"
+            );
+        } else {
+            assert!(times >= 1, "job {n} never sent");
+            assert_eq!(v["result"]["status"], 200, "{v}");
+        }
+    }
+    let seen = deliveries(&hook);
+    assert!(
+        ids.iter().all(|id| seen.contains_key(id)),
+        "every job delivered"
+    );
+    let unknown = views
+        .iter()
+        .filter(|v| v["outcome"] == "outcome_unknown")
+        .count();
+    println!(
+        "node a killed after {before} calls; node b finished the rest: {} calls for 40 jobs, \
+         {unknown} outcome_unknown",
+        up.count()
+    );
+    assert!(b.log().contains("job called"), "node b made calls");
+}
+
+#[test]
 fn a_quorum_of_two_of_three_is_delivered_and_the_down_receiver_is_tried_until_the_ttl() {
     let up = FakeUpstream::builder()
         .route("/", Reply::text(200, "ok"))

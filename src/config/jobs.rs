@@ -24,6 +24,9 @@ pub struct Jobs {
     pub max_timeout: HumanDuration,
     /// Finished jobs are kept this long, then deleted.
     pub retention: HumanDuration,
+    /// In a fleet: a task a node took and has not finished or renewed for this long is
+    /// taken by another node (the first one is presumed dead).
+    pub claim_after: HumanDuration,
 }
 
 impl Default for Jobs {
@@ -36,6 +39,7 @@ impl Default for Jobs {
             default_timeout: HumanDuration::from_secs(3600),
             max_timeout: HumanDuration::from_secs(24 * 3600),
             retention: HumanDuration::from_secs(24 * 3600),
+            claim_after: HumanDuration::from_secs(30),
         }
     }
 }
@@ -111,6 +115,9 @@ pub(super) fn check(jobs: &Jobs, hooks: &Webhooks, err: &mut impl FnMut(String, 
             "jobs.default_timeout".into(),
             "must be at most jobs.max_timeout, which must not be 0".into(),
         );
+    }
+    if jobs.claim_after.get() < std::time::Duration::from_millis(300) {
+        err("jobs.claim_after".into(), "must be at least 300ms".into());
     }
     if jobs.max_timeout.get() > std::time::Duration::from_secs(30 * 24 * 3600) {
         err("jobs.max_timeout".into(), "must be at most 30 days".into());

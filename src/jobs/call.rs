@@ -68,7 +68,10 @@ impl Caller {
         if let Err(e) = result {
             // The store failed: try the task again shortly rather than lose it.
             tracing::warn!(target: "sluice::jobs", error = ?e, ?task, "job task failed; again in 1 s");
-            shared.jobs.schedule(now_ms().saturating_add(1000), task);
+            shared
+                .jobs
+                .schedule(now_ms().saturating_add(1000), task)
+                .await;
         }
     }
 
@@ -172,40 +175,49 @@ impl Caller {
         let config = shared.generation().config.clone();
         let retention = config.jobs.retention.get();
         let now = now_ms();
-        let owned = id.to_string();
+        let fleet = jobs.in_fleet();
         // Marked running (and counted) in the store before anything is sent: after a crash,
         // that mark is how the next process knows the call may have been made.
         let started = jobs
-            .blocking(move |s| {
-                s.update(&owned, 0, |j| {
-                    (j.state == State::Queued && j.deadline > now).then(|| {
-                        j.state = State::Running;
-                        j.attempts = j.attempts.saturating_add(1);
-                    })
+            .change(id, now, retention, move |j| {
+                let fresh = j.state == State::Queued;
+                // In a fleet, a running job whose task this node claimed was left by a node
+                // that died: made again only if that is safe.
+                let taken_over = fleet && j.state == State::Running && j.call.replayable();
+                ((fresh || taken_over) && j.deadline > now).then(|| {
+                    j.state = State::Running;
+                    j.attempts = j.attempts.saturating_add(1);
+                    fresh
                 })
             })
             .await?;
-        let Some((job, ())) = started else {
-            // Canceled, done already, or out of time.
-            if let Some(j) = jobs.get(id).await? {
-                if j.state == State::Queued {
-                    let outcome = Some("timeout".to_string());
-                    return jobs
-                        .finish(
-                            &shared.metrics,
-                            id,
-                            State::Failed,
-                            None,
-                            outcome,
-                            now,
-                            retention,
-                        )
-                        .await;
-                }
-            }
-            return Ok(());
+        let Some((job, fresh)) = started else {
+            // Canceled, done already, out of time, or left unsafe to make again.
+            let Some(j) = jobs.get(id).await? else {
+                return Ok(());
+            };
+            let outcome = match j.state {
+                State::Queued => "timeout",
+                State::Running if fleet && j.deadline <= now => "timeout",
+                State::Running if fleet => "outcome_unknown",
+                _ => return Ok(()),
+            };
+            let outcome = Some(outcome.to_string());
+            return jobs
+                .finish(
+                    &shared.metrics,
+                    id,
+                    State::Failed,
+                    None,
+                    outcome,
+                    now,
+                    retention,
+                )
+                .await;
         };
-        jobs.count(Some(State::Queued), State::Running, &shared.metrics);
+        if fresh {
+            jobs.count(Some(State::Queued), State::Running, &shared.metrics);
+        }
         let mut headers = job.call.headers.clone();
         let control = [
             ("sluice-mode", job.call.mode.clone()),
@@ -245,7 +257,7 @@ impl Caller {
                 // The host is paused past what one request may wait: wait it out here.
                 let wait = Duration::from_secs(retry_after.unwrap_or(1).max(1)).min(MAX_REQUEUE);
                 let at = now.saturating_add(spec::millis(wait)).min(job.deadline);
-                jobs.requeue(&shared.metrics, id, at, Some("paused".into()))
+                jobs.requeue(&shared.metrics, id, at, retention, Some("paused".into()))
                     .await
             }
             Sent::Answered {
@@ -280,13 +292,25 @@ impl Caller {
             }
             Sent::Unsent(e) => {
                 tracing::warn!(target: "sluice::jobs", id, error = %e, "job call not sent; again in 1 s");
-                jobs.requeue(&shared.metrics, id, now.saturating_add(1000), None)
-                    .await
+                jobs.requeue(
+                    &shared.metrics,
+                    id,
+                    now.saturating_add(1000),
+                    retention,
+                    None,
+                )
+                .await
             }
             Sent::Unknown(e) if job.call.replayable() => {
                 tracing::warn!(target: "sluice::jobs", id, error = %e, "job call broke; replayable, again in 1 s");
-                jobs.requeue(&shared.metrics, id, now.saturating_add(1000), None)
-                    .await
+                jobs.requeue(
+                    &shared.metrics,
+                    id,
+                    now.saturating_add(1000),
+                    retention,
+                    None,
+                )
+                .await
             }
             Sent::Unknown(e) => {
                 tracing::warn!(target: "sluice::jobs", id, error = %e, "job call broke after it was sent");
@@ -374,23 +398,19 @@ impl Caller {
             fastrand::f64(),
         );
         let retention = config.jobs.retention.get();
-        let expires = now.saturating_add(spec::millis(retention));
-        let owned = id.to_string();
         let label = outcome.label();
         let changed = jobs
-            .blocking(move |s| {
-                s.update(&owned, expires, |j| {
-                    let d = j
-                        .deliveries
-                        .get_mut(n)
-                        .filter(|d| d.receipt == Receipt::Pending)?;
-                    outcome.apply(d, now, backoff, until);
-                    let receipt = d.receipt;
-                    let next = d.next_at;
-                    let from = j.state;
-                    let settled = j.settle().map(|to| (from, to));
-                    Some((receipt, next, settled))
-                })
+            .change(id, now, retention, move |j| {
+                let d = j
+                    .deliveries
+                    .get_mut(n)
+                    .filter(|d| d.receipt == Receipt::Pending)?;
+                outcome.clone().apply(d, now, backoff, until);
+                let receipt = d.receipt;
+                let next = d.next_at;
+                let from = j.state;
+                let settled = j.settle().map(|to| (from, to));
+                Some((receipt, next, settled))
             })
             .await?;
         let Some((job, (receipt, next, settled))) = changed else {
@@ -417,13 +437,14 @@ impl Caller {
             jobs.count(Some(from), to, &shared.metrics);
         }
         if receipt == Receipt::Pending {
-            jobs.schedule(next, Task::Deliver(id.to_string(), n));
+            jobs.schedule(next, Task::Deliver(id.to_string(), n)).await;
         }
         Ok(())
     }
 }
 
 /// What one delivery attempt came to.
+#[derive(Clone)]
 enum Outcome {
     Acked(u16),
     Gone,

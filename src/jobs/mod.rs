@@ -9,16 +9,19 @@
 //! Nothing here imports `dispatch/` or `proxy/`; the API (`api.rs`) is called by `proxy/`.
 
 pub mod api;
+mod backend;
 mod call;
+mod fleet;
 pub mod model;
 mod service;
 pub mod sign;
 pub mod spec;
 mod store;
 
+use backend::Backend;
 use model::Receipt;
 pub use model::{Job, State};
-pub use service::Service;
+pub use service::{fleet_url, Service};
 use store::{Store, StoreError};
 
 use crate::metrics::Metrics;
@@ -45,8 +48,9 @@ enum Task {
 
 /// The jobs of this process: the store (once open), the schedule and the counts.
 pub struct Jobs {
-    store: OnceLock<Arc<Store>>,
-    /// Due tasks by time (Unix ms), then order of scheduling.
+    backend: OnceLock<Backend>,
+    /// Due tasks by time (Unix ms), then order of scheduling. In a fleet: tasks that could
+    /// not be handed to Redis yet.
     due: Mutex<BinaryHeap<Reverse<(u64, u64, Task)>>>,
     wake: Notify,
     seq: AtomicU64,
@@ -57,6 +61,10 @@ pub struct Jobs {
     /// Stored jobs were taken up: new ones may be scheduled (before, a new job would be
     /// scheduled twice, by its submission and by the recovery).
     ready: tokio::sync::watch::Sender<bool>,
+    /// In a fleet: tasks read from the stream (with their entry ids), for the workers.
+    fleet_tasks: tokio::sync::Mutex<Option<tokio::sync::mpsc::Receiver<(String, Task)>>>,
+    /// In a fleet: tasks in the stream and due later, as last read.
+    fleet_backlog: Mutex<(u64, u64)>,
     /// Shutting down: workers take no new task.
     stopping: std::sync::atomic::AtomicBool,
     /// The credential of this process's own requests (random, never stored).
@@ -110,13 +118,15 @@ impl Default for Jobs {
 impl Jobs {
     pub fn new() -> Jobs {
         Jobs {
-            store: OnceLock::new(),
+            backend: OnceLock::new(),
             due: Mutex::new(BinaryHeap::new()),
             wake: Notify::new(),
             seq: AtomicU64::new(0),
             counts: Mutex::new([0; 7]),
             waiting: Mutex::new(BTreeSet::new()),
             ready: tokio::sync::watch::Sender::new(false),
+            fleet_tasks: tokio::sync::Mutex::new(None),
+            fleet_backlog: Mutex::new((0, 0)),
             stopping: std::sync::atomic::AtomicBool::new(false),
             token: random_hex(32),
         }
@@ -128,48 +138,122 @@ impl Jobs {
     }
 
     /// The store is open: jobs can be taken.
-    fn open(&self, store: Store) -> bool {
-        self.store.set(Arc::new(store)).is_ok()
+    fn open(&self, backend: Backend) -> bool {
+        self.backend.set(backend).is_ok()
     }
 
-    /// Open the store in `dir` now (at start, before the listeners take requests). An error
-    /// leaves it to the service, which tries again until the holder lets go.
+    /// Open the embedded store in `dir` now (at start, before the listeners take requests).
+    /// An error leaves it to the service, which tries again until the holder lets go.
     pub fn open_dir(&self, dir: &std::path::Path) -> Result<(), String> {
         let store = Store::open(dir).map_err(|e| e.to_string())?;
-        self.open(store);
+        self.open(Backend::Local(Arc::new(store)));
         Ok(())
     }
 
-    pub fn is_open(&self) -> bool {
-        self.store.get().is_some()
+    /// Jobs are kept in the fleet's Redis.
+    pub fn in_fleet(&self) -> bool {
+        self.backend.get().is_some_and(Backend::is_fleet)
     }
 
-    fn store(&self) -> Result<Arc<Store>, JobsError> {
-        self.store.get().cloned().ok_or_else(|| {
+    pub fn is_open(&self) -> bool {
+        self.backend.get().is_some()
+    }
+
+    fn backend(&self) -> Result<&Backend, JobsError> {
+        self.backend.get().ok_or_else(|| {
             JobsError::Unavailable(
                 "the job store is not open yet (another sluice process may still hold it)".into(),
             )
         })
     }
 
-    /// Run a store call off the async workers.
-    async fn blocking<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
-    ) -> Result<R, JobsError> {
-        let store = self.store()?;
-        match tokio::task::spawn_blocking(move || f(&store)).await {
-            Ok(r) => Ok(r?),
-            Err(e) => Err(JobsError::Unavailable(format!("job store call ended: {e}"))),
+    /// The embedded store (recovery and retention are its own; Redis does both itself).
+    fn local(&self) -> Option<&Arc<Store>> {
+        match self.backend.get() {
+            Some(Backend::Local(s)) => Some(s),
+            _ => None,
         }
     }
 
-    fn schedule(&self, at: u64, task: Task) {
+    /// Change a job atomically (see `Backend::change`).
+    async fn change<R: Send + 'static>(
+        &self,
+        id: &str,
+        now: u64,
+        retention: Duration,
+        f: impl FnMut(&mut Job) -> Option<R> + Send + 'static,
+    ) -> Result<Option<(Job, R)>, JobsError> {
+        Ok(self.backend()?.change(id, now, retention, f).await?)
+    }
+
+    /// Make `task` due at `at`: on this node's schedule, or the fleet's (kept here and handed
+    /// over later if Redis cannot take it now).
+    async fn schedule(&self, at: u64, task: Task) {
+        if let Some(Backend::Fleet(f)) = self.backend.get() {
+            match f.schedule(at, now_ms(), &task).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(target: "sluice::jobs", error = %e, "task kept here until Redis takes it")
+                }
+            }
+        }
+        self.schedule_here(at, task);
+    }
+
+    fn schedule_here(&self, at: u64, task: Task) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut due) = self.due.lock() {
             due.push(Reverse((at, seq, task)));
         }
         self.wake.notify_one();
+    }
+
+    /// Tasks on this node's schedule that are due (a fleet hands them to Redis).
+    fn take_due(&self, now: u64) -> Vec<(u64, Task)> {
+        let mut out = Vec::new();
+        if let Ok(mut due) = self.due.lock() {
+            while let Some(Reverse((at, _, _))) = due.peek() {
+                if *at > now {
+                    break;
+                }
+                if let Some(Reverse((at, _, task))) = due.pop() {
+                    out.push((at, task));
+                }
+            }
+        }
+        out
+    }
+
+    /// The next task for a worker, and its stream entry in a fleet; `None` once stopping.
+    async fn next_task(&self) -> Option<(Task, Option<String>)> {
+        if !self.backend.get().is_some_and(Backend::is_fleet) {
+            return self.next().await.map(|t| (t, None));
+        }
+        let mut rx = self.fleet_tasks.lock().await;
+        let rx = rx.as_mut()?;
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return None;
+            }
+            let got = tokio::time::timeout(Duration::from_millis(250), rx.recv()).await;
+            match got {
+                Ok(Some((entry, task))) => return Some((task, Some(entry))),
+                Ok(None) => return None,
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// A task is done: in a fleet, acknowledged so no other node takes it.
+    async fn done(&self, entry: Option<String>) {
+        if let (Some(entry), Some(Backend::Fleet(f))) = (entry, self.backend.get()) {
+            if let Ok(mut s) = f.in_flight.lock() {
+                s.remove(&entry);
+            }
+            if let Err(e) = f.ack(&entry).await {
+                tracing::warn!(target: "sluice::jobs", error = %e, entry, "task not acknowledged; another node may take it again");
+            }
+        }
     }
 
     /// The next due task, waiting for it; `None` once shutting down.
@@ -231,7 +315,15 @@ impl Jobs {
             .ok()
             .and_then(|w| w.iter().next().map(|(created, _)| *created));
         serde_json::json!({
-            "open": self.store.get().is_some(),
+            "open": self.backend.get().is_some(),
+            "backend": match self.backend.get() {
+                Some(Backend::Fleet(_)) => "redis",
+                Some(Backend::Local(_)) => "embedded",
+                None => "-",
+            },
+            "fleet_tasks": self.fleet_backlog.lock().ok().map(|b| {
+                serde_json::json!({"now": b.0, "later": b.1})
+            }),
             "by_state": by_state,
             "oldest_waiting_s": oldest.map(|c| now_ms().saturating_sub(c) as f64 / 1000.0),
         })
@@ -248,21 +340,20 @@ impl Jobs {
                 "stored jobs are still being taken up; try again".into(),
             ));
         }
-        let (job, new) = self.blocking(move |s| s.insert(&job)).await?;
+        let (job, new) = self.backend()?.insert(job).await?;
         if new {
             if let Ok(mut w) = self.waiting.lock() {
                 w.insert((job.created, job.id.clone()));
             }
             self.count(None, State::Queued, metrics);
-            self.schedule(job.next_at, Task::Call(job.id.clone()));
+            self.schedule(job.next_at, Task::Call(job.id.clone())).await;
             tracing::info!(target: "sluice::jobs", id = %job.id, url = %job.call.url, "job accepted");
         }
         Ok((job, new))
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<Job>, JobsError> {
-        let id = id.to_string();
-        self.blocking(move |s| s.get(&id)).await
+        Ok(self.backend()?.get(id).await?)
     }
 
     /// Cancel a job whose call was not sent. `Ok(None)`: no such job; `Err(job)` inside:
@@ -273,24 +364,17 @@ impl Jobs {
         retention: Duration,
         id: &str,
     ) -> Result<Option<Result<Job, Job>>, JobsError> {
-        let id_owned = id.to_string();
         let now = now_ms();
         let changed = self
-            .blocking(move |s| {
-                s.update(
-                    &id_owned,
-                    now.saturating_add(spec::millis(retention)),
-                    |j| {
-                        (j.state == State::Queued).then(|| {
-                            j.state = State::Canceled;
-                            j.finished = Some(now);
-                            for d in &mut j.deliveries {
-                                d.receipt = Receipt::GaveUp;
-                                d.last_error = Some("the job was canceled".into());
-                            }
-                        })
-                    },
-                )
+            .change(id, now, retention, move |j| {
+                (j.state == State::Queued).then(|| {
+                    j.state = State::Canceled;
+                    j.finished = Some(now);
+                    for d in &mut j.deliveries {
+                        d.receipt = Receipt::GaveUp;
+                        d.last_error = Some("the job was canceled".into());
+                    }
+                })
             })
             .await?;
         if let Some((job, ())) = changed {
@@ -311,7 +395,12 @@ impl Jobs {
     /// call that was in flight when the last process died is made again only if that is
     /// safe; otherwise it ends `failed` with `outcome_unknown`, and its webhooks say so.
     pub async fn recover(&self, metrics: &Metrics, retention: Duration) -> Result<(), JobsError> {
-        let jobs = self.blocking(|s| s.all()).await?;
+        let Some(store) = self.local() else {
+            // A fleet's tasks left by a node that died are claimed from the stream instead.
+            self.ready.send_replace(true);
+            return Ok(());
+        };
+        let jobs = backend::blocking(store, |s| s.all()).await?;
         let (mut calls, mut unknown, mut owed) = (0, 0, 0);
         for job in jobs {
             if let Ok(mut c) = self.counts.lock() {
@@ -321,12 +410,13 @@ impl Jobs {
                 State::Queued => {
                     calls += 1;
                     self.track_waiting(&job);
-                    self.schedule(job.next_at, Task::Call(job.id.clone()));
+                    self.schedule(job.next_at, Task::Call(job.id.clone())).await;
                 }
                 State::Running if job.call.replayable() => {
                     calls += 1;
                     self.track_waiting(&job);
-                    self.requeue(metrics, &job.id, now_ms(), None).await?;
+                    self.requeue(metrics, &job.id, now_ms(), retention, None)
+                        .await?;
                 }
                 State::Running => {
                     unknown += 1;
@@ -347,7 +437,8 @@ impl Jobs {
                     for (n, d) in job.deliveries.iter().enumerate() {
                         if d.receipt == Receipt::Pending {
                             owed += 1;
-                            self.schedule(d.next_at, Task::Deliver(job.id.clone(), n));
+                            self.schedule(d.next_at, Task::Deliver(job.id.clone(), n))
+                                .await;
                         }
                     }
                 }
@@ -371,23 +462,21 @@ impl Jobs {
         metrics: &Metrics,
         id: &str,
         at: u64,
+        retention: Duration,
         why: Option<String>,
     ) -> Result<(), JobsError> {
-        let id_owned = id.to_string();
         let changed = self
-            .blocking(move |s| {
-                s.update(&id_owned, 0, |j| {
-                    (j.state == State::Running).then(|| {
-                        j.state = State::Queued;
-                        j.next_at = at;
-                        j.outcome = why;
-                    })
+            .change(id, now_ms(), retention, move |j| {
+                (j.state == State::Running).then(|| {
+                    j.state = State::Queued;
+                    j.next_at = at;
+                    j.outcome = why.clone();
                 })
             })
             .await?;
         if changed.is_some() {
             self.count(Some(State::Running), State::Queued, metrics);
-            self.schedule(at, Task::Call(id.to_string()));
+            self.schedule(at, Task::Call(id.to_string())).await;
         }
         Ok(())
     }
@@ -404,22 +493,18 @@ impl Jobs {
         now: u64,
         retention: Duration,
     ) -> Result<(), JobsError> {
-        let id_owned = id.to_string();
-        let expires = now.saturating_add(spec::millis(retention));
         let changed = self
-            .blocking(move |s| {
-                s.update(&id_owned, expires, |j| {
-                    let from = j.state;
-                    (!from.called()).then(|| {
-                        j.state = state;
-                        j.answer = answer;
-                        j.outcome = outcome;
-                        j.finished = Some(now);
-                        for d in &mut j.deliveries {
-                            d.next_at = now;
-                        }
-                        from
-                    })
+            .change(id, now, retention, move |j| {
+                let from = j.state;
+                (!from.called()).then(|| {
+                    j.state = state;
+                    j.answer = answer.clone();
+                    j.outcome = outcome.clone();
+                    j.finished = Some(now);
+                    for d in &mut j.deliveries {
+                        d.next_at = now;
+                    }
+                    from
                 })
             })
             .await?;
@@ -438,15 +523,18 @@ impl Jobs {
             "job called"
         );
         for n in 0..job.deliveries.len() {
-            self.schedule(now, Task::Deliver(job.id.clone(), n));
+            self.schedule(now, Task::Deliver(job.id.clone(), n)).await;
         }
         Ok(())
     }
 
     /// Delete finished jobs past their retention.
     pub async fn purge(&self) -> Result<usize, JobsError> {
+        let Some(store) = self.local() else {
+            return Ok(0);
+        };
         let now = now_ms();
-        let gone = self.blocking(move |s| s.purge(now)).await?;
+        let gone = backend::blocking(store, move |s| s.purge(now)).await?;
         if let Ok(mut c) = self.counts.lock() {
             for state in &gone {
                 c[index(*state)] -= 1;

@@ -1,12 +1,19 @@
-//! The jobs' background service: open the store (waiting while a previous process holds it),
-//! take up what it holds, run the workers until shutdown, and delete jobs past retention.
+//! The jobs' background service: open the store (the embedded one, waiting while a previous
+//! process holds it; or the fleet's Redis, waiting while it is away), take up what it holds,
+//! run the workers until shutdown, and delete jobs past retention. In a fleet it also feeds
+//! the workers from the Redis Stream and claims what dead nodes left.
 
+use super::backend::Backend;
 use super::call::Caller;
+use super::fleet::FleetStore;
 use super::store::Store;
+use super::{now_ms, Task};
+use crate::config::{Backend as SharedBackend, RedisUrl};
 use crate::state::Shared;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 
 pub struct Service {
     shared: Arc<Shared>,
@@ -18,36 +25,76 @@ impl Service {
     }
 }
 
+/// The fleet's Redis URL, when jobs are kept there (one Redis; a Redis Cluster's jobs stay on
+/// each node's embedded store).
+pub fn fleet_url(config: &crate::config::Config) -> Option<String> {
+    match (&config.shared.backend, &config.shared.redis_url) {
+        (SharedBackend::Redis, RedisUrl::One(url)) => Some(url.clone()),
+        _ => None,
+    }
+}
+
+/// Open the backend, trying again every 250 ms until it opens or shutdown.
+async fn open(shared: &Shared, shutdown: &mut pingora_core::server::ShutdownWatch) -> bool {
+    let config = shared.generation().config.clone();
+    let jobs = &shared.jobs;
+    let dir = std::path::PathBuf::from(&config.server.state_dir);
+    let mut logged = false;
+    while !jobs.is_open() {
+        let opened = match fleet_url(&config) {
+            Some(url) => FleetStore::connect(
+                &url,
+                &config.shared.key_prefix,
+                &shared.instance,
+                config.jobs.claim_after.get(),
+            )
+            .await
+            .map(|f| Backend::Fleet(Arc::new(f))),
+            None => {
+                let d = dir.clone();
+                match tokio::task::spawn_blocking(move || Store::open(&d)).await {
+                    Ok(r) => r.map(|s| Backend::Local(Arc::new(s))),
+                    Err(e) => Err(super::StoreError::from_message(e.to_string())),
+                }
+            }
+        };
+        match opened {
+            Ok(b) => {
+                jobs.open(b);
+                break;
+            }
+            Err(e) if !logged => {
+                tracing::warn!(target: "sluice::jobs", error = %e, "job store not open yet; trying again every 250 ms");
+                logged = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = shutdown.changed() => return false,
+        }
+    }
+    true
+}
+
 #[async_trait::async_trait]
 impl pingora_core::services::background::BackgroundService for Service {
     async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
         let shared = &self.shared;
         let config = shared.generation().config.clone();
-        if !config.jobs.enabled {
+        if !config.jobs.enabled || !open(shared, &mut shutdown).await {
             return;
         }
-        let dir = std::path::PathBuf::from(&config.server.state_dir);
         let jobs = &shared.jobs;
-        let mut logged = false;
-        while !jobs.is_open() {
-            let d = dir.clone();
-            match tokio::task::spawn_blocking(move || Store::open(&d)).await {
-                Ok(Ok(s)) => {
-                    jobs.open(s);
-                    break;
-                }
-                Ok(Err(e)) if !logged => {
-                    tracing::warn!(target: "sluice::jobs", error = %e, dir = %dir.display(), "job store not open yet; trying again every 250 ms");
-                    logged = true;
-                }
-                _ => {}
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                _ = shutdown.changed() => return,
-            }
-        }
         let retention = config.jobs.retention.get();
+        let fleet = match jobs.backend.get() {
+            Some(Backend::Fleet(f)) => {
+                let (tx, rx) = mpsc::channel(config.jobs.workers);
+                *jobs.fleet_tasks.lock().await = Some(rx);
+                Some((f.clone(), tx))
+            }
+            _ => None,
+        };
         if let Err(e) = jobs.recover(&shared.metrics, retention).await {
             tracing::error!(target: "sluice::jobs", error = ?e, "could not take up stored jobs");
         }
@@ -62,13 +109,18 @@ impl pingora_core::services::background::BackgroundService for Service {
         for _ in 0..config.jobs.workers {
             let (shared, client) = (shared.clone(), client.clone());
             workers.spawn(async move {
-                while let Some(task) = shared.jobs.next().await {
+                while let Some((task, entry)) = shared.jobs.next_task().await {
                     client.run(&shared, task).await;
+                    shared.jobs.done(entry).await;
                 }
             });
         }
+        if let Some((fleet, tx)) = fleet {
+            let shared = shared.clone();
+            workers.spawn(async move { feed(&shared, &fleet, tx).await });
+        }
         let mut purge = tokio::time::interval(
-            Duration::from_secs(1).max(config.jobs.retention.get().min(Duration::from_secs(60))),
+            Duration::from_secs(1).max(retention.min(Duration::from_secs(60))),
         );
         loop {
             tokio::select! {
@@ -81,7 +133,7 @@ impl pingora_core::services::background::BackgroundService for Service {
             }
         }
         // Calls in flight get the listener's grace period to finish; what does not is taken
-        // up from the store by the next process.
+        // up by the next process (from the store) or another node (from the stream).
         jobs.stopping.store(true, Ordering::Release);
         jobs.wake.notify_waiters();
         let grace = config.server.grace_period.get();
@@ -91,6 +143,84 @@ impl pingora_core::services::background::BackgroundService for Service {
         .await;
         if drained.is_err() {
             workers.abort_all();
+        }
+    }
+}
+
+/// In a fleet: move due tasks into the stream, read this node's share (no more than it has
+/// free workers), claim tasks of dead nodes, keep this node's own, until stopping.
+async fn feed(shared: &Shared, fleet: &FleetStore, tx: mpsc::Sender<(String, Task)>) {
+    let jobs = &shared.jobs;
+    let mut reader = None;
+    let mut last_claim = Instant::now();
+    let mut last_keep = Instant::now();
+    let keep_every = (fleet.claim_after / 3).max(Duration::from_millis(100));
+    let mut failing = false;
+    while !jobs.stopping.load(Ordering::Acquire) {
+        let round: Result<(), super::StoreError> = async {
+            let now = now_ms();
+            // Tasks kept here while Redis was away.
+            for (at, task) in jobs.take_due(u64::MAX) {
+                if fleet.schedule(at, now, &task).await.is_err() {
+                    jobs.schedule_here(at, task);
+                    break;
+                }
+            }
+            fleet.move_due(now).await?;
+            let mut got = Vec::new();
+            if last_claim.elapsed() >= Duration::from_secs(1) {
+                last_claim = Instant::now();
+                if tx.capacity() > 0 {
+                    got.extend(fleet.claim_abandoned(tx.capacity()).await?);
+                }
+                let backlog = fleet.backlog().await?;
+                if let Ok(mut b) = jobs.fleet_backlog.lock() {
+                    *b = backlog;
+                }
+            }
+            if last_keep.elapsed() >= keep_every {
+                last_keep = Instant::now();
+                fleet.keep().await?;
+            }
+            let free = tx.capacity().saturating_sub(got.len());
+            if free > 0 {
+                if reader.is_none() {
+                    reader = Some(fleet.reader().await?);
+                }
+                if let Some(conn) = reader.as_mut() {
+                    let read = fleet.read(conn, free, Duration::from_millis(200)).await;
+                    if read.is_err() {
+                        reader = None;
+                    }
+                    got.extend(read?);
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            for (entry, task) in got {
+                if let Ok(mut s) = fleet.in_flight.lock() {
+                    s.insert(entry.clone());
+                }
+                if tx.send((entry, task)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match round {
+            Ok(()) if failing => {
+                tracing::info!(target: "sluice::jobs", "the fleet's job stream is back");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(target: "sluice::jobs", error = %e, "the fleet's job stream is away; trying again");
+                    failing = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
     }
 }

@@ -19,6 +19,12 @@ const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
 #[error("job store: {0}")]
 pub struct StoreError(String);
 
+impl StoreError {
+    pub fn from_message(m: impl Into<String>) -> StoreError {
+        StoreError(m.into())
+    }
+}
+
 impl From<redb::Error> for StoreError {
     fn from(e: redb::Error) -> Self {
         StoreError(e.to_string())
@@ -124,7 +130,7 @@ impl Store {
         &self,
         id: &str,
         expires_at: u64,
-        f: impl FnOnce(&mut Job) -> Option<R>,
+        mut f: impl FnMut(&mut Job) -> Option<R>,
     ) -> Result<Option<(Job, R)>, StoreError> {
         let txn = self.db.begin_write()?;
         let out = {

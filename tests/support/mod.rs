@@ -179,6 +179,11 @@ impl Sluice {
         }
     }
 
+    /// Kill the process (SIGKILL: nothing of a shutdown runs).
+    pub fn kill(&mut self) {
+        stop(&mut self.child);
+    }
+
     /// Kill the process (SIGKILL: nothing of a shutdown runs), then start a new one on the
     /// same configuration, ports and state directory (its log: `sluice-N.log`).
     pub fn crash_and_restart(&mut self) {
