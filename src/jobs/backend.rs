@@ -36,7 +36,7 @@ impl Backend {
     /// Store a new job, or find the one its idempotency key already names (`false`).
     pub async fn insert(&self, job: Job) -> Result<(Job, bool), StoreError> {
         match self {
-            Backend::Local(s) => blocking(s, move |s| s.insert(&job)).await,
+            Backend::Local(s) => s.insert(job).await,
             Backend::Fleet(f) => f.insert(&job).await,
         }
     }
@@ -62,9 +62,8 @@ impl Backend {
     ) -> Result<Option<(Job, R)>, StoreError> {
         match self {
             Backend::Local(s) => {
-                let id = id.to_string();
                 let expires = now.saturating_add(spec::millis(retention));
-                blocking(s, move |s| s.update(&id, expires, f)).await
+                s.update(id, expires, f).await
             }
             Backend::Fleet(fl) => fl.update(id, retention, f).await,
         }

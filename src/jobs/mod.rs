@@ -32,6 +32,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
+/// The embedded store's page cache (redb's default is 1 GiB, most of it never needed: the
+/// schedule is in memory, and a job is read when its task is due).
+pub(crate) const STORE_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Header carrying this process's job credential on its own loopback requests.
 pub const JOB_TOKEN: &str = "sluice-job-token";
 /// With it, the client whose job it is (its limits apply).
@@ -145,7 +149,7 @@ impl Jobs {
     /// Open the embedded store in `dir` now (at start, before the listeners take requests).
     /// An error leaves it to the service, which tries again until the holder lets go.
     pub fn open_dir(&self, dir: &std::path::Path) -> Result<(), String> {
-        let store = Store::open(dir).map_err(|e| e.to_string())?;
+        let store = Store::open(dir, STORE_CACHE_BYTES).map_err(|e| e.to_string())?;
         self.open(Backend::Local(Arc::new(store)));
         Ok(())
     }
@@ -534,7 +538,7 @@ impl Jobs {
             return Ok(0);
         };
         let now = now_ms();
-        let gone = backend::blocking(store, move |s| s.purge(now)).await?;
+        let gone = store.purge(now).await?;
         if let Ok(mut c) = self.counts.lock() {
             for state in &gone {
                 c[index(*state)] -= 1;

@@ -52,7 +52,9 @@ async fn open(shared: &Shared, shutdown: &mut pingora_core::server::ShutdownWatc
             .map(|f| Backend::Fleet(Arc::new(f))),
             None => {
                 let d = dir.clone();
-                match tokio::task::spawn_blocking(move || Store::open(&d)).await {
+                match tokio::task::spawn_blocking(move || Store::open(&d, super::STORE_CACHE_BYTES))
+                    .await
+                {
                     Ok(r) => r.map(|s| Backend::Local(Arc::new(s))),
                     Err(e) => Err(super::StoreError::from_message(e.to_string())),
                 }

@@ -7,8 +7,9 @@
 //! by the time their retention ends.
 
 use super::model::Job;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use std::path::Path;
+use std::sync::Arc;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const KEYS: TableDefinition<&str, &str> = TableDefinition::new("idempotency_keys");
@@ -55,7 +56,92 @@ impl From<serde_json::Error> for StoreError {
 }
 
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
+    /// Changes go to one writer thread, which commits every change waiting at once in one
+    /// transaction (a group commit: one disk sync for many submissions).
+    writer: Option<std::sync::mpsc::Sender<Box<dyn Op>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Store {
+    /// The writer finishes what was queued and lets go of the file.
+    fn drop(&mut self) {
+        self.writer = None;
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!(target: "sluice::jobs", "the job store's writer panicked");
+            }
+        }
+    }
+}
+
+/// A change waiting for the writer: made in the open transaction, answered after the commit.
+trait Op: Send {
+    /// Make the change; what to tell its caller once the commit is known.
+    fn run(
+        self: Box<Self>,
+        txn: &WriteTransaction,
+    ) -> Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+    /// No transaction could be begun.
+    fn fail(self: Box<Self>, e: StoreError);
+}
+
+struct Pending<F, D> {
+    change: F,
+    done: D,
+}
+
+impl<R, F, D> Op for Pending<F, D>
+where
+    R: Send + 'static,
+    F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send,
+    D: FnOnce(Result<R, StoreError>) + Send + 'static,
+{
+    fn run(
+        self: Box<Self>,
+        txn: &WriteTransaction,
+    ) -> Box<dyn FnOnce(Result<(), StoreError>) + Send> {
+        let result = (self.change)(txn);
+        let done = self.done;
+        Box::new(move |committed| done(committed.and(result)))
+    }
+
+    fn fail(self: Box<Self>, e: StoreError) {
+        (self.done)(Err(e))
+    }
+}
+
+/// Most changes committed in one transaction.
+const MAX_BATCH: usize = 1024;
+
+fn write_loop(db: Arc<Database>, ops: std::sync::mpsc::Receiver<Box<dyn Op>>) {
+    while let Ok(first) = ops.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        match db.begin_write() {
+            Err(e) => {
+                let e = StoreError::from(e);
+                for op in batch {
+                    op.fail(StoreError(e.0.clone()));
+                }
+            }
+            Ok(txn) => {
+                let answers: Vec<_> = batch.into_iter().map(|op| op.run(&txn)).collect();
+                let committed = txn.commit().map_err(StoreError::from);
+                for answer in answers {
+                    answer(match &committed {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(StoreError(e.0.clone())),
+                    });
+                }
+            }
+        }
+    }
 }
 
 /// The idempotency key of a submission, scoped to its client.
@@ -63,97 +149,186 @@ fn key_of(client: Option<&str>, key: &str) -> String {
     format!("{}\u{0}{key}", client.unwrap_or(""))
 }
 
+fn read_job(
+    jobs: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+) -> Result<Option<Job>, StoreError> {
+    let stored = jobs.get(id)?;
+    Ok(stored
+        .map(|v| serde_json::from_slice::<Job>(v.value()))
+        .transpose()?)
+}
+
+/// Store a new job, unless its idempotency key already names one: then that job is returned
+/// and nothing is stored (`false`). In the writer's one transaction, so two racing
+/// submissions with one key get one job.
+fn insert_in(txn: &WriteTransaction, job: &Job) -> Result<(Job, bool), StoreError> {
+    let mut jobs = txn.open_table(JOBS)?;
+    let mut keys = txn.open_table(KEYS)?;
+    let key = job
+        .call
+        .idempotency_key
+        .as_deref()
+        .map(|k| key_of(job.client.as_deref(), k));
+    let existing = match &key {
+        Some(k) => keys.get(k.as_str())?.map(|id| id.value().to_string()),
+        None => None,
+    };
+    if let Some(id) = existing {
+        if let Some(old) = read_job(&jobs, &id)? {
+            return Ok((old, false));
+        }
+    }
+    jobs.insert(job.id.as_str(), serde_json::to_vec(job)?.as_slice())?;
+    if let Some(k) = &key {
+        keys.insert(k.as_str(), job.id.as_str())?;
+    }
+    Ok((job.clone(), true))
+}
+
+/// Change a job: `f` sees the stored job and returns what to keep (or `None` to leave it as
+/// it was). A job left with nothing to do is kept until `expires_at`.
+fn update_in<R>(
+    txn: &WriteTransaction,
+    id: &str,
+    expires_at: u64,
+    mut f: impl FnMut(&mut Job) -> Option<R>,
+) -> Result<Option<(Job, R)>, StoreError> {
+    let mut jobs = txn.open_table(JOBS)?;
+    let Some(mut job) = read_job(&jobs, id)? else {
+        return Ok(None);
+    };
+    let was_done = job.done();
+    let Some(r) = f(&mut job) else {
+        return Ok(None);
+    };
+    jobs.insert(id, serde_json::to_vec(&job)?.as_slice())?;
+    if job.done() && !was_done {
+        txn.open_table(EXPIRY)?.insert((expires_at, id), ())?;
+    }
+    Ok(Some((job, r)))
+}
+
+/// Delete jobs whose retention ended before `now` (Unix ms); their states.
+fn purge_in(txn: &WriteTransaction, now: u64) -> Result<Vec<super::model::State>, StoreError> {
+    let mut expiry = txn.open_table(EXPIRY)?;
+    let mut jobs = txn.open_table(JOBS)?;
+    let mut keys = txn.open_table(KEYS)?;
+    let due: Vec<(u64, String)> = expiry
+        .range((0, "")..(now, ""))?
+        .map(|r| r.map(|(k, _)| (k.value().0, k.value().1.to_string())))
+        .collect::<Result<_, _>>()?;
+    let mut gone = Vec::new();
+    for (at, id) in &due {
+        expiry.remove((*at, id.as_str()))?;
+        let removed = jobs
+            .remove(id.as_str())?
+            .map(|v| serde_json::from_slice::<Job>(v.value()))
+            .transpose()?;
+        if let Some(job) = removed {
+            if let Some(k) = &job.call.idempotency_key {
+                keys.remove(key_of(job.client.as_deref(), k).as_str())?;
+            }
+            gone.push(job.state);
+        }
+    }
+    Ok(gone)
+}
+
 impl Store {
-    /// Open (or make) the store in `dir`. Fails while another process holds it.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    /// Open (or make) the store in `dir`, its page cache at most `cache_bytes`. Fails while
+    /// another process holds it.
+    pub fn open(dir: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError(format!("cannot make {}: {e}", dir.display())))?;
-        let db = Database::create(dir.join("jobs.redb"))?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(dir.join("jobs.redb"))?;
         let txn = db.begin_write()?;
         txn.open_table(JOBS)?;
         txn.open_table(KEYS)?;
         txn.open_table(EXPIRY)?;
         txn.commit()?;
-        Ok(Store { db })
+        let db = Arc::new(db);
+        let (writer, ops) = std::sync::mpsc::channel();
+        let for_writer = db.clone();
+        let thread = std::thread::Builder::new()
+            .name("sluice-job-store".into())
+            .spawn(move || write_loop(for_writer, ops))
+            .map_err(|e| StoreError(format!("cannot start the store's writer: {e}")))?;
+        Ok(Store {
+            db,
+            writer: Some(writer),
+            thread: Some(thread),
+        })
     }
 
-    /// Store a new job, unless its idempotency key already names one: then that job is
-    /// returned and nothing is stored (`false`). One write transaction, so two racing
-    /// submissions with one key get one job.
-    pub fn insert(&self, job: &Job) -> Result<(Job, bool), StoreError> {
-        let txn = self.db.begin_write()?;
-        let out = {
-            let mut jobs = txn.open_table(JOBS)?;
-            let mut keys = txn.open_table(KEYS)?;
-            let key = job
-                .call
-                .idempotency_key
-                .as_deref()
-                .map(|k| key_of(job.client.as_deref(), k));
-            let existing = match &key {
-                Some(k) => keys.get(k.as_str())?.map(|id| id.value().to_string()),
-                None => None,
-            };
-            let found = match existing {
-                Some(id) => jobs
-                    .get(id.as_str())?
-                    .map(|v| serde_json::from_slice::<Job>(v.value()))
-                    .transpose()?,
-                None => None,
-            };
-            match found {
-                Some(old) => (old, false),
-                None => {
-                    jobs.insert(job.id.as_str(), serde_json::to_vec(job)?.as_slice())?;
-                    if let Some(k) = &key {
-                        keys.insert(k.as_str(), job.id.as_str())?;
-                    }
-                    (job.clone(), true)
-                }
-            }
+    fn queue<R: Send + 'static>(
+        &self,
+        change: impl FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+        done: impl FnOnce(Result<R, StoreError>) + Send + 'static,
+    ) {
+        let op: Box<dyn Op> = Box::new(Pending { change, done });
+        let sent = match &self.writer {
+            Some(w) => w.send(op).map_err(|std::sync::mpsc::SendError(op)| op),
+            None => Err(op),
         };
-        txn.commit()?;
-        Ok(out)
+        if let Err(op) = sent {
+            op.fail(StoreError("the store's writer has stopped".into()));
+        }
+    }
+
+    /// A change, committed (with whatever else is waiting) before it answers.
+    pub async fn write<R: Send + 'static>(
+        &self,
+        change: impl FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.queue(change, move |r| {
+            // The caller may have gone; the change stands either way.
+            let _ = tx.send(r);
+        });
+        rx.await
+            .map_err(|_| StoreError("the store's writer dropped a change".into()))?
+    }
+
+    /// As `write`, for a blocking caller.
+    #[cfg(test)]
+    pub fn write_blocking<R: Send + 'static>(
+        &self,
+        change: impl FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.queue(change, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv()
+            .map_err(|_| StoreError("the store's writer dropped a change".into()))?
+    }
+
+    pub async fn insert(&self, job: Job) -> Result<(Job, bool), StoreError> {
+        self.write(move |txn| insert_in(txn, &job)).await
+    }
+
+    pub async fn update<R: Send + 'static>(
+        &self,
+        id: &str,
+        expires_at: u64,
+        f: impl FnMut(&mut Job) -> Option<R> + Send + 'static,
+    ) -> Result<Option<(Job, R)>, StoreError> {
+        let id = id.to_string();
+        self.write(move |txn| update_in(txn, &id, expires_at, f))
+            .await
+    }
+
+    pub async fn purge(&self, now: u64) -> Result<Vec<super::model::State>, StoreError> {
+        self.write(move |txn| purge_in(txn, now)).await
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
         let txn = self.db.begin_read()?;
         let jobs = txn.open_table(JOBS)?;
-        let job = jobs.get(id)?;
-        Ok(job.map(|v| serde_json::from_slice(v.value())).transpose()?)
-    }
-
-    /// Change a job in one transaction: `f` sees the stored job and returns what to keep (or
-    /// `None` to leave it as it was). A job left with nothing to do is kept until
-    /// `now + retention`. Returns the job as stored after.
-    pub fn update<R>(
-        &self,
-        id: &str,
-        expires_at: u64,
-        mut f: impl FnMut(&mut Job) -> Option<R>,
-    ) -> Result<Option<(Job, R)>, StoreError> {
-        let txn = self.db.begin_write()?;
-        let out = {
-            let mut jobs = txn.open_table(JOBS)?;
-            let stored = jobs
-                .get(id)?
-                .map(|v| serde_json::from_slice::<Job>(v.value()))
-                .transpose()?;
-            let Some(mut job) = stored else {
-                return Ok(None);
-            };
-            let was_done = job.done();
-            let Some(r) = f(&mut job) else {
-                return Ok(None);
-            };
-            jobs.insert(id, serde_json::to_vec(&job)?.as_slice())?;
-            if job.done() && !was_done {
-                txn.open_table(EXPIRY)?.insert((expires_at, id), ())?;
-            }
-            Some((job, r))
-        };
-        txn.commit()?;
-        Ok(out)
+        read_job(&jobs, id)
     }
 
     /// Every job (to take up again after a start).
@@ -166,36 +341,6 @@ impl Store {
             out.push(serde_json::from_slice(v.value())?);
         }
         Ok(out)
-    }
-
-    /// Delete jobs whose retention ended before `now` (Unix ms). Returns their states.
-    pub fn purge(&self, now: u64) -> Result<Vec<super::model::State>, StoreError> {
-        let txn = self.db.begin_write()?;
-        let mut gone = Vec::new();
-        {
-            let mut expiry = txn.open_table(EXPIRY)?;
-            let mut jobs = txn.open_table(JOBS)?;
-            let mut keys = txn.open_table(KEYS)?;
-            let due: Vec<(u64, String)> = expiry
-                .range((0, "")..(now, ""))?
-                .map(|r| r.map(|(k, _)| (k.value().0, k.value().1.to_string())))
-                .collect::<Result<_, _>>()?;
-            for (at, id) in &due {
-                expiry.remove((*at, id.as_str()))?;
-                let removed = jobs
-                    .remove(id.as_str())?
-                    .map(|v| serde_json::from_slice::<Job>(v.value()))
-                    .transpose()?;
-                if let Some(job) = removed {
-                    if let Some(k) = &job.call.idempotency_key {
-                        keys.remove(key_of(job.client.as_deref(), k).as_str())?;
-                    }
-                    gone.push(job.state);
-                }
-            }
-        }
-        txn.commit()?;
-        Ok(gone)
     }
 }
 
@@ -235,32 +380,57 @@ mod tests {
     #[test]
     fn one_job_per_idempotency_key_and_changes_survive_a_reopen() {
         let dir = tempfile::tempdir().expect("dir");
+        let insert =
+            |s: &Store, j: Job| s.write_blocking(move |t| insert_in(t, &j)).expect("insert");
         {
-            let s = Store::open(dir.path()).expect("open");
-            assert!(s.insert(&job("a", Some("k"))).expect("insert").1);
-            let (same, new) = s.insert(&job("b", Some("k"))).expect("insert");
+            let s = Store::open(dir.path(), 1 << 20).expect("open");
+            assert!(insert(&s, job("a", Some("k"))).1);
+            let (same, new) = insert(&s, job("b", Some("k")));
             assert_eq!((same.id.as_str(), new), ("a", false));
-            assert!(s.insert(&job("c", None)).expect("insert").1);
-            s.update("a", 100, |j| {
-                j.state = State::Failed;
-                j.finished = Some(5);
-                Some(())
+            assert!(insert(&s, job("c", None)).1);
+            s.write_blocking(|t| {
+                update_in(t, "a", 100, |j| {
+                    j.state = State::Failed;
+                    j.finished = Some(5);
+                    Some(())
+                })
             })
             .expect("update");
         }
-        let s = Store::open(dir.path()).expect("reopen");
+        let s = Store::open(dir.path(), 1 << 20).expect("reopen");
         let all = s.all().expect("all");
         assert_eq!(all.len(), 2);
         assert_eq!(s.get("a").expect("get").expect("a").state, State::Failed);
-        assert!(
-            s.purge(50).expect("purge").is_empty(),
-            "kept until its retention ends"
-        );
-        assert_eq!(s.purge(101).expect("purge"), vec![State::Failed]);
+        let purge = |s: &Store, now| s.write_blocking(move |t| purge_in(t, now)).expect("purge");
+        assert!(purge(&s, 50).is_empty(), "kept until its retention ends");
+        assert_eq!(purge(&s, 101), vec![State::Failed]);
         assert!(s.get("a").expect("get").is_none());
-        assert!(
-            s.insert(&job("d", Some("k"))).expect("insert").1,
-            "key freed"
+        assert!(insert(&s, job("d", Some("k"))).1, "key freed");
+    }
+
+    #[test]
+    fn many_changes_waiting_at_once_are_one_commit_and_each_gets_its_answer() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = std::sync::Arc::new(Store::open(dir.path(), 1 << 20).expect("open"));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for n in 0..50 {
+                        let j = job(&format!("j{t}-{n}"), Some(&format!("k{}", n % 10)));
+                        s.write_blocking(move |tx| insert_in(tx, &j))
+                            .expect("insert");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert_eq!(
+            s.all().expect("all").len(),
+            10,
+            "one job per key, however raced"
         );
     }
 }
