@@ -4,8 +4,11 @@
 //! - `cargo xtask run [ARGS]`: install what building and running need (cmake for Pingora's
 //!   zlib-ng, a C compiler, CA roots), then `cargo run --release -- ARGS`.
 //! - `cargo xtask test [ARGS]`: install what the tests need as well (curl, redis-server,
-//!   chromium, promtool from prometheus), then `cargo test ARGS` with Redis and those tools
-//!   required (`SLUICE_REQUIRE_REDIS=1`, `SLUICE_REQUIRE_TOOLS=1`).
+//!   chromium, promtool from prometheus, Python's venv), then `cargo test ARGS` with Redis and
+//!   those tools required (`SLUICE_REQUIRE_REDIS=1`, `SLUICE_REQUIRE_TOOLS=1`); then the
+//!   clients' own tests against the binary that built: the Rust middleware's `cargo test`,
+//!   and the Python package's `pytest` in a virtualenv under `target/python-venv` (its
+//!   packages from PyPI).
 //!
 //! Packages come from the system's package manager (apt on Debian and Ubuntu), through `sudo`
 //! only when not root; each one is named before it is installed. On other systems it says
@@ -66,6 +69,11 @@ const TEST: &[Need] = &[
         provides: "promtool",
         why: "promtool checks the alert rules and the dashboard's queries",
     },
+    Need {
+        package: "python3",
+        provides: "python3",
+        why: "the Python client's tests (pytest)",
+    },
 ];
 
 fn main() -> ExitCode {
@@ -91,19 +99,98 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(&cargo);
     cmd.current_dir(&root).args(&cargo_args).args(rest);
-    for (k, v) in env {
+    for (k, v) in &env {
         cmd.env(k, v);
     }
+    let mut result = status(&mut cmd, "cargo");
+    if result == ExitCode::SUCCESS && what == "test" {
+        result = clients(&root, &cargo);
+    }
+    result
+}
+
+/// Run `cmd`; its exit code as ours.
+fn status(cmd: &mut Command, what: &str) -> ExitCode {
     match cmd.status() {
         Ok(s) if s.success() => ExitCode::SUCCESS,
         Ok(s) => ExitCode::from(u8::try_from(s.code().unwrap_or(1)).unwrap_or(1)),
         Err(e) => {
-            eprintln!("xtask: cannot run cargo: {e}");
+            eprintln!("xtask: cannot run {what}: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The clients' tests, against the sluice binary `cargo test` built.
+fn clients(root: &Path, cargo: &str) -> ExitCode {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let target = std::fs::canonicalize(&target).unwrap_or(target);
+    let sluice = target.join("debug").join("sluice");
+    eprintln!("xtask: the Rust client's tests (clients/rust)");
+    let rust = status(
+        Command::new(cargo)
+            .current_dir(root.join("clients/rust"))
+            .args(["test"])
+            .env("CARGO_TARGET_DIR", target.join("clients"))
+            .env("SLUICE_BIN", &sluice),
+        "cargo",
+    );
+    if rust != ExitCode::SUCCESS {
+        return rust;
+    }
+    eprintln!("xtask: the Python client's tests (clients/python, pytest)");
+    let venv = target.join("python-venv");
+    let python = venv.join("bin").join("python");
+    if !python.exists() {
+        let made = status(
+            Command::new("python3").arg("-m").arg("venv").arg(&venv),
+            "python3 -m venv",
+        );
+        if made != ExitCode::SUCCESS {
+            // Debian's python3 keeps venv in its own package.
+            if let Err(e) = install(&[&Need {
+                package: "python3-venv",
+                provides: "/nonexistent",
+                why: "a virtualenv for the Python client's tests",
+            }]) {
+                eprintln!("xtask: {e}");
+                return ExitCode::FAILURE;
+            }
+            let again = status(
+                Command::new("python3").arg("-m").arg("venv").arg(&venv),
+                "python3 -m venv",
+            );
+            if again != ExitCode::SUCCESS {
+                return again;
+            }
+        }
+    }
+    let installed = status(
+        Command::new(&python).current_dir(root).args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "-e",
+            "clients/python[test]",
+        ]),
+        "pip",
+    );
+    if installed != ExitCode::SUCCESS {
+        return installed;
+    }
+    status(
+        Command::new(&python)
+            .current_dir(root.join("clients/python"))
+            .args(["-m", "pytest", "-q"])
+            .env("SLUICE_BIN", &sluice),
+        "pytest",
+    )
 }
 
 fn usage() -> ExitCode {
