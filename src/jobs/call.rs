@@ -247,6 +247,11 @@ impl Caller {
             )
             .await;
         let now = now_ms();
+        // A broken call that is safe to send again is as good as one never sent.
+        let sent = match sent {
+            Sent::Unknown(e) if job.call.replayable() => Sent::Unsent(e),
+            s => s,
+        };
         match sent {
             Sent::Answered {
                 status: 429,
@@ -290,27 +295,11 @@ impl Caller {
                 )
                 .await
             }
+            // Never sent, or broken but safe to send again: back in the queue for a second.
             Sent::Unsent(e) => {
-                tracing::warn!(target: "sluice::jobs", id, error = %e, "job call not sent; again in 1 s");
-                jobs.requeue(
-                    &shared.metrics,
-                    id,
-                    now.saturating_add(1000),
-                    retention,
-                    None,
-                )
-                .await
-            }
-            Sent::Unknown(e) if job.call.replayable() => {
-                tracing::warn!(target: "sluice::jobs", id, error = %e, "job call broke; replayable, again in 1 s");
-                jobs.requeue(
-                    &shared.metrics,
-                    id,
-                    now.saturating_add(1000),
-                    retention,
-                    None,
-                )
-                .await
+                tracing::warn!(target: "sluice::jobs", id, error = %e, "job call not made; again in 1 s");
+                let at = now.saturating_add(1000);
+                jobs.requeue(&shared.metrics, id, at, retention, None).await
             }
             Sent::Unknown(e) => {
                 tracing::warn!(target: "sluice::jobs", id, error = %e, "job call broke after it was sent");
