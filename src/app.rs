@@ -91,7 +91,7 @@ pub fn build_server(
     );
     let health = pingora_core::services::background::background_service(
         "sluice health checks",
-        crate::regions::health::HealthChecker::new(shared.clone()),
+        crate::sweeper::HealthChecker::new(shared.clone()),
     );
     let fleet = pingora_core::services::background::background_service(
         "sluice fleet",

@@ -109,12 +109,6 @@ pub struct Metrics {
     pub region_healthy: IntGaugeVec,
     /// `sluice_region_latency_seconds{host, region, stat="ewma|p95|p99"}`.
     pub region_latency: prometheus::GaugeVec,
-    /// `sluice_jobs_total{state}`: jobs that reached each state.
-    pub jobs: IntCounterVec,
-    /// `sluice_jobs_waiting`: jobs whose call is not made yet (queued or running).
-    pub jobs_waiting: IntGauge,
-    /// `sluice_job_deliveries_total{outcome="acked|failed|held|gone|gave_up"}`.
-    pub job_deliveries: IntCounterVec,
 }
 
 impl Metrics {
@@ -340,30 +334,6 @@ impl Metrics {
             ),
             &["host", "region", "stat"],
         )?;
-        let jobs = IntCounterVec::new(
-            Opts::new(
-                "sluice_jobs_total",
-                "Jobs that reached each state (queued, running, succeeded, failed, canceled, delivered, dead)",
-            ),
-            &["state"],
-        )?;
-        for s in crate::jobs::State::ALL {
-            jobs.with_label_values(&[s.as_str()]);
-        }
-        let jobs_waiting = IntGauge::new(
-            "sluice_jobs_waiting",
-            "Jobs whose call is not made yet (queued, or in the pipeline now)",
-        )?;
-        let job_deliveries = IntCounterVec::new(
-            Opts::new(
-                "sluice_job_deliveries_total",
-                "Webhook deliveries by outcome: acked, failed (tried again), held (sluice's own pace), gone (410), gave_up",
-            ),
-            &["outcome"],
-        )?;
-        for o in ["acked", "failed", "held", "gone", "gave_up"] {
-            job_deliveries.with_label_values(&[o]);
-        }
         let config_reloads = IntCounterVec::new(
             Opts::new(
                 "sluice_config_reloads_total",
@@ -386,12 +356,9 @@ impl Metrics {
             &retries,
             &budget_exhausted,
             &ejections,
-            &jobs,
-            &job_deliveries,
         ] {
             registry.register(Box::new(c.clone()))?;
         }
-        registry.register(Box::new(jobs_waiting.clone()))?;
         registry.register(Box::new(queue_wait.clone()))?;
         registry.register(Box::new(hosts_tracked.clone()))?;
         registry.register(Box::new(host_pace.clone()))?;
@@ -488,9 +455,6 @@ impl Metrics {
             ejections,
             region_healthy,
             region_latency,
-            jobs,
-            jobs_waiting,
-            job_deliveries,
         })
     }
 

@@ -69,6 +69,12 @@ impl Shared {
                 Some(fleet)
             }
         };
+        let jobs = crate::jobs::Jobs::new().map_err(|e| format!("job metrics: {e}"))?;
+        for c in jobs.metrics.collectors() {
+            metrics
+                .register(c)
+                .map_err(|e| format!("job metrics: {e}"))?;
+        }
         let dns = crate::resolve::Dns::new(&config.server)?;
         let interceptor = crate::intercept::Interceptor::from_config(&config.intercept)
             .map_err(|e| format!("intercept: {e}"))?;
@@ -95,7 +101,7 @@ impl Shared {
             interceptor,
             dns,
             fleet_left: std::sync::atomic::AtomicBool::new(alone),
-            jobs: crate::jobs::Jobs::new(),
+            jobs,
         }))
     }
 

@@ -1,5 +1,5 @@
 //! Background upkeep: forgets idle hosts' admission state so memory follows the live set of
-//! destinations, not every host ever seen.
+//! destinations, not every host ever seen; and drives the regions' active health checks.
 
 use crate::state::Shared;
 use async_trait::async_trait;
@@ -40,6 +40,32 @@ impl BackgroundService for Sweeper {
             if dropped > 0 {
                 tracing::debug!(dropped, "forgot idle hosts");
             }
+        }
+    }
+}
+
+/// Starts the regions' health checks that are due, every `regions::health::EVERY`.
+pub struct HealthChecker {
+    shared: Arc<Shared>,
+}
+
+impl HealthChecker {
+    pub fn new(shared: Arc<Shared>) -> HealthChecker {
+        HealthChecker { shared }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(crate::regions::health::EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            crate::regions::health::start_due(&self.shared.regions);
         }
     }
 }

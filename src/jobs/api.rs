@@ -75,7 +75,7 @@ pub async fn serve(shared: &Shared, session: &mut Session, generation: &Generati
             let owner = jobs.get(id).await.map_err(jobs_error)?;
             visible(owner, client.as_deref(), id)?;
             match jobs
-                .cancel(&shared.metrics, generation.config.jobs.retention.get(), id)
+                .cancel(generation.config.jobs.retention.get(), id)
                 .await
                 .map_err(jobs_error)?
             {
@@ -164,11 +164,7 @@ async fn accept(
             .await
             .map_err(|m| error::error(Code::BadRequest, format!("webhooks[{i}].url: {m}")))?;
     }
-    let (job, new) = shared
-        .jobs
-        .submit(&shared.metrics, job)
-        .await
-        .map_err(jobs_error)?;
+    let (job, new) = shared.jobs.submit(job).await.map_err(jobs_error)?;
     let body = serde_json::json!({
         "id": job.id,
         "status_url": status_url(&job.id),

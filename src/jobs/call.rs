@@ -204,19 +204,11 @@ impl Caller {
             };
             let outcome = Some(outcome.to_string());
             return jobs
-                .finish(
-                    &shared.metrics,
-                    id,
-                    State::Failed,
-                    None,
-                    outcome,
-                    now,
-                    retention,
-                )
+                .finish(id, State::Failed, None, outcome, now, retention)
                 .await;
         };
         if fresh {
-            jobs.count(Some(State::Queued), State::Running, &shared.metrics);
+            jobs.count(Some(State::Queued), State::Running);
         }
         let mut headers = job.call.headers.clone();
         let control = [
@@ -262,8 +254,7 @@ impl Caller {
                 // The host is paused past what one request may wait: wait it out here.
                 let wait = Duration::from_secs(retry_after.unwrap_or(1).max(1)).min(MAX_REQUEUE);
                 let at = now.saturating_add(spec::millis(wait)).min(job.deadline);
-                jobs.requeue(&shared.metrics, id, at, retention, Some("paused".into()))
-                    .await
+                jobs.requeue(id, at, retention, Some("paused".into())).await
             }
             Sent::Answered {
                 status,
@@ -284,36 +275,20 @@ impl Caller {
                     body,
                     truncated,
                 };
-                jobs.finish(
-                    &shared.metrics,
-                    id,
-                    state,
-                    Some(answer),
-                    refusal,
-                    now,
-                    retention,
-                )
-                .await
+                jobs.finish(id, state, Some(answer), refusal, now, retention)
+                    .await
             }
             // Never sent, or broken but safe to send again: back in the queue for a second.
             Sent::Unsent(e) => {
                 tracing::warn!(target: "sluice::jobs", id, error = %e, "job call not made; again in 1 s");
                 let at = now.saturating_add(1000);
-                jobs.requeue(&shared.metrics, id, at, retention, None).await
+                jobs.requeue(id, at, retention, None).await
             }
             Sent::Unknown(e) => {
                 tracing::warn!(target: "sluice::jobs", id, error = %e, "job call broke after it was sent");
                 let outcome = Some("outcome_unknown".to_string());
-                jobs.finish(
-                    &shared.metrics,
-                    id,
-                    State::Failed,
-                    None,
-                    outcome,
-                    now,
-                    retention,
-                )
-                .await
+                jobs.finish(id, State::Failed, None, outcome, now, retention)
+                    .await
             }
         }
     }
@@ -406,11 +381,7 @@ impl Caller {
             return Ok(());
         };
         let d = &job.deliveries[n];
-        shared
-            .metrics
-            .job_deliveries
-            .with_label_values(&[label])
-            .inc();
+        jobs.metrics.deliveries.with_label_values(&[label]).inc();
         tracing::info!(
             target: "sluice::jobs",
             id,
@@ -423,7 +394,7 @@ impl Caller {
             "webhook delivery"
         );
         if let Some((from, to)) = settled {
-            jobs.count(Some(from), to, &shared.metrics);
+            jobs.count(Some(from), to);
         }
         if receipt == Receipt::Pending {
             jobs.schedule(next, Task::Deliver(id.to_string(), n)).await;

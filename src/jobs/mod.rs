@@ -12,6 +12,7 @@ pub mod api;
 mod backend;
 mod call;
 mod fleet;
+mod metrics;
 pub mod model;
 mod service;
 pub mod sign;
@@ -19,12 +20,12 @@ pub mod spec;
 mod store;
 
 use backend::Backend;
+pub use metrics::JobMetrics;
 use model::Receipt;
 pub use model::{Job, State};
 pub use service::{fleet_url, Service};
 use store::{Store, StoreError};
 
-use crate::metrics::Metrics;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,6 +74,7 @@ pub struct Jobs {
     stopping: std::sync::atomic::AtomicBool,
     /// The credential of this process's own requests (random, never stored).
     pub token: String,
+    pub metrics: JobMetrics,
 }
 
 /// Unix time in ms.
@@ -113,15 +115,9 @@ impl From<StoreError> for JobsError {
     }
 }
 
-impl Default for Jobs {
-    fn default() -> Self {
-        Jobs::new()
-    }
-}
-
 impl Jobs {
-    pub fn new() -> Jobs {
-        Jobs {
+    pub fn new() -> Result<Jobs, prometheus::Error> {
+        Ok(Jobs {
             backend: OnceLock::new(),
             due: Mutex::new(BinaryHeap::new()),
             wake: Notify::new(),
@@ -133,7 +129,8 @@ impl Jobs {
             fleet_backlog: Mutex::new((0, 0)),
             stopping: std::sync::atomic::AtomicBool::new(false),
             token: random_hex(32),
-        }
+            metrics: JobMetrics::new()?,
+        })
     }
 
     /// A new job id: its creation time first, so ids sort by age.
@@ -291,15 +288,15 @@ impl Jobs {
         }
     }
 
-    fn count(&self, from: Option<State>, to: State, metrics: &Metrics) {
+    fn count(&self, from: Option<State>, to: State) {
         if let Ok(mut c) = self.counts.lock() {
             if let Some(f) = from {
                 c[index(f)] -= 1;
             }
             c[index(to)] += 1;
         }
-        metrics.jobs.with_label_values(&[to.as_str()]).inc();
-        metrics.jobs_waiting.set(self.waiting_count() as i64);
+        self.metrics.jobs.with_label_values(&[to.as_str()]).inc();
+        self.metrics.waiting.set(self.waiting_count() as i64);
     }
 
     fn waiting_count(&self) -> usize {
@@ -334,7 +331,7 @@ impl Jobs {
     }
 
     /// Store a new job (or find the one its idempotency key names) and schedule its call.
-    pub async fn submit(&self, metrics: &Metrics, job: Job) -> Result<(Job, bool), JobsError> {
+    pub async fn submit(&self, job: Job) -> Result<(Job, bool), JobsError> {
         let mut ready = self.ready.subscribe();
         let taken_up = tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| *r))
             .await
@@ -349,7 +346,7 @@ impl Jobs {
             if let Ok(mut w) = self.waiting.lock() {
                 w.insert((job.created, job.id.clone()));
             }
-            self.count(None, State::Queued, metrics);
+            self.count(None, State::Queued);
             self.schedule(job.next_at, Task::Call(job.id.clone())).await;
             tracing::info!(target: "sluice::jobs", id = %job.id, url = %job.call.url, "job accepted");
         }
@@ -364,7 +361,6 @@ impl Jobs {
     /// too late.
     pub async fn cancel(
         &self,
-        metrics: &Metrics,
         retention: Duration,
         id: &str,
     ) -> Result<Option<Result<Job, Job>>, JobsError> {
@@ -383,7 +379,7 @@ impl Jobs {
             .await?;
         if let Some((job, ())) = changed {
             self.unwait(&job);
-            self.count(Some(State::Queued), State::Canceled, metrics);
+            self.count(Some(State::Queued), State::Canceled);
             return Ok(Some(Ok(job)));
         }
         Ok(self.get(id).await?.map(Err))
@@ -398,7 +394,7 @@ impl Jobs {
     /// Take up every stored job after a start: calls still to make, deliveries still owed. A
     /// call that was in flight when the last process died is made again only if that is
     /// safe; otherwise it ends `failed` with `outcome_unknown`, and its webhooks say so.
-    pub async fn recover(&self, metrics: &Metrics, retention: Duration) -> Result<(), JobsError> {
+    pub async fn recover(&self, retention: Duration) -> Result<(), JobsError> {
         let Some(store) = self.local() else {
             // A fleet's tasks left by a node that died are claimed from the stream instead.
             self.ready.send_replace(true);
@@ -419,15 +415,13 @@ impl Jobs {
                 State::Running if job.call.replayable() => {
                     calls += 1;
                     self.track_waiting(&job);
-                    self.requeue(metrics, &job.id, now_ms(), retention, None)
-                        .await?;
+                    self.requeue(&job.id, now_ms(), retention, None).await?;
                 }
                 State::Running => {
                     unknown += 1;
                     self.track_waiting(&job);
                     let now = now_ms();
                     self.finish(
-                        metrics,
                         &job.id,
                         State::Failed,
                         None,
@@ -448,7 +442,7 @@ impl Jobs {
                 }
             }
         }
-        metrics.jobs_waiting.set(self.waiting_count() as i64);
+        self.metrics.waiting.set(self.waiting_count() as i64);
         self.ready.send_replace(true);
         tracing::info!(target: "sluice::jobs", calls, unknown, deliveries = owed, "jobs taken up");
         Ok(())
@@ -463,7 +457,6 @@ impl Jobs {
     /// Back to the queue (its call was not made, or may safely be made again) at `at`.
     async fn requeue(
         &self,
-        metrics: &Metrics,
         id: &str,
         at: u64,
         retention: Duration,
@@ -479,7 +472,7 @@ impl Jobs {
             })
             .await?;
         if changed.is_some() {
-            self.count(Some(State::Running), State::Queued, metrics);
+            self.count(Some(State::Running), State::Queued);
             self.schedule(at, Task::Call(id.to_string())).await;
         }
         Ok(())
@@ -489,7 +482,6 @@ impl Jobs {
     #[allow(clippy::too_many_arguments)]
     async fn finish(
         &self,
-        metrics: &Metrics,
         id: &str,
         state: State,
         answer: Option<model::Answer>,
@@ -516,7 +508,7 @@ impl Jobs {
             return Ok(());
         };
         self.unwait(&job);
-        self.count(Some(from), state, metrics);
+        self.count(Some(from), state);
         tracing::info!(
             target: "sluice::jobs",
             id = %job.id,

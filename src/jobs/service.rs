@@ -97,7 +97,7 @@ impl pingora_core::services::background::BackgroundService for Service {
             }
             _ => None,
         };
-        if let Err(e) = jobs.recover(&shared.metrics, retention).await {
+        if let Err(e) = jobs.recover(retention).await {
             tracing::error!(target: "sluice::jobs", error = ?e, "could not take up stored jobs");
         }
         let client = match Caller::new(shared, config.jobs.workers) {

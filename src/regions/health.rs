@@ -9,12 +9,8 @@
 
 use super::{HostRegions, Region};
 use crate::config::HealthCheckConfig;
-use crate::state::Shared;
-use async_trait::async_trait;
 use pingora_core::connectors::http::Connector as HttpConnector;
 use pingora_core::connectors::{ConnectorOptions, TransportConnector};
-use pingora_core::server::ShutdownWatch;
-use pingora_core::services::background::BackgroundService;
 use pingora_error::{Error, ErrorType};
 use pingora_http::RequestHeader;
 use pingora_load_balancing::discovery::Static;
@@ -160,48 +156,32 @@ fn probe_request(host: &str, path: &str) -> pingora_error::Result<RequestHeader>
     Ok(req)
 }
 
-pub struct HealthChecker {
-    shared: Arc<Shared>,
-}
-
-impl HealthChecker {
-    pub fn new(shared: Arc<Shared>) -> HealthChecker {
-        HealthChecker { shared }
-    }
-}
-
-#[async_trait]
-impl BackgroundService for HealthChecker {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
-            }
-            let now = self.shared.regions.now();
-            for host in self.shared.regions.all() {
-                let Some(cfg) = host.health.clone() else {
-                    continue;
-                };
-                if now < host.next_check.load(Ordering::Relaxed)
-                    || host.checking.swap(true, Ordering::AcqRel)
-                {
-                    continue;
-                }
-                host.next_check.store(
-                    now + cfg.interval.get().as_nanos() as u64,
-                    Ordering::Relaxed,
-                );
-                tokio::spawn(async move {
-                    check_host(&host).await;
-                    host.checking.store(false, Ordering::Release);
-                });
-            }
+/// Start the checks that are due (each host's round runs on its own task); called by the
+/// background service every `TICK`.
+pub fn start_due(regions: &super::Regions) {
+    let now = regions.now();
+    for host in regions.all() {
+        let Some(cfg) = host.health.clone() else {
+            continue;
+        };
+        if now < host.next_check.load(Ordering::Relaxed)
+            || host.checking.swap(true, Ordering::AcqRel)
+        {
+            continue;
         }
+        host.next_check.store(
+            now + cfg.interval.get().as_nanos() as u64,
+            Ordering::Relaxed,
+        );
+        tokio::spawn(async move {
+            check_host(&host).await;
+            host.checking.store(false, Ordering::Release);
+        });
     }
 }
+
+/// How often the background service looks for checks that are due.
+pub const EVERY: Duration = TICK;
 
 /// One round of checks of every direct region of `host`, at once; mirror the results into
 /// the regions' state.
