@@ -662,3 +662,68 @@ fn finished_jobs_are_deleted_after_their_retention() {
     );
     assert_eq!(status["jobs"]["open"], true);
 }
+
+#[test]
+fn with_clients_a_job_needs_a_key_is_seen_by_its_client_only_and_a_410_stops_its_receiver() {
+    use sha2::Digest;
+    let hex = |t: &str| format!("{:x}", sha2::Sha256::digest(t.as_bytes()));
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let gone = FakeUpstream::builder()
+        .route("/", Reply::text(410, "gone"))
+        .start();
+    let sluice = Sluice::start(
+        "",
+        &jobs_config(&format!(
+            "[[clients]]\nname = \"a\"\ntoken_sha256 = \"{}\"\n\
+             [[clients]]\nname = \"b\"\ntoken_sha256 = \"{}\"\n",
+            hex("token-a-0123456789"),
+            hex("token-b-0123456789")
+        )),
+    );
+    let client = direct_client();
+    rt().block_on(async {
+        let url = format!("{}/_sluice/v1/jobs", sluice.proxy_url());
+        let spec = json!({"url": format!("http://127.0.0.1:{}/x", up.port()),
+                          "webhooks": [{"url": format!("http://127.0.0.1:{}/h", gone.port()), "secret": "main"}]});
+        let r = client.post(&url).json(&spec).send().await.expect("no key");
+        assert_eq!(r.status(), 401);
+        assert_eq!(r.headers()["sluice-error"], "auth_required");
+        let r = client
+            .post(&url)
+            .header("Sluice-Key", "token-a-0123456789")
+            .json(&spec)
+            .send()
+            .await
+            .expect("submit");
+        assert_eq!(r.status(), 202);
+        let v: Value = r.json().await.expect("json");
+        let id = v["id"].as_str().expect("id").to_string();
+        let get = |key: &'static str| {
+            client
+                .get(format!("{url}/{id}"))
+                .header("Sluice-Key", key)
+                .send()
+        };
+        assert_eq!(get("token-b-0123456789").await.expect("b").status(), 404, "not b's job");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let v = loop {
+            let v: Value = get("token-a-0123456789").await.expect("a").json().await.expect("json");
+            if v["state"] == "dead" || Instant::now() > deadline {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(v["state"], "dead", "its only receiver is gone: {v}");
+        assert_eq!(v["webhooks"][0]["state"], "gone", "{v}");
+        assert_eq!(v["result"]["status"], 200);
+    });
+    assert_eq!(gone.count(), 1, "a 410 is never tried again");
+    assert_eq!(
+        sluice.metric("sluice_job_deliveries_total{outcome=\"gone\"}"),
+        1.0
+    );
+    // The call itself passed authentication as client a's (a 200, not sluice's 401).
+    assert_eq!(up.count(), 1);
+}
