@@ -288,6 +288,65 @@ fn in_a_fleet_the_jobs_of_a_node_killed_mid_call_are_finished_by_another() {
     assert!(b.log().contains("job called"), "node b made calls");
 }
 
+/// A node that died after ending a job's call but before handing its webhooks to Redis left
+/// the job `succeeded` with its receiver owed, and the call's task unacknowledged: the node
+/// that takes the task over delivers the result.
+#[test]
+fn in_a_fleet_a_called_job_whose_webhooks_were_never_handed_over_is_delivered() {
+    let Some(server) = support::redis::Redis::start() else {
+        return;
+    };
+    let hook = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let now = sluice::jobs::now_ms();
+    let job = json!({
+        "id": "job_left", "client": null, "created": now, "deadline": now + 60_000,
+        "state": "succeeded", "next_at": now, "attempts": 1, "outcome": null,
+        "call": {"url": "http://127.0.0.1:9/x", "method": "POST", "headers": [], "body": "",
+                 "mode": null, "regions": null, "retry_on": null, "idempotency_key": null},
+        "answer": {"status": 200, "headers": [], "body": "", "truncated": false},
+        "quorum": 1,
+        "deliveries": [{"url": format!("http://127.0.0.1:{}/hook", hook.port()), "secret": "main",
+                        "receipt": "pending", "attempts": 0, "last_status": null,
+                        "last_error": null, "next_at": now}],
+        "metadata": null, "finished": now,
+    });
+    // Stored as the dead node left it: the job, and its call's task still in the stream.
+    let stored: sluice::jobs::Job = serde_json::from_value(job).expect("a job as stored");
+    let client = ::redis::Client::open(server.url()).expect("redis");
+    let mut conn = client.get_connection().expect("connect");
+    let _: () = ::redis::cmd("SET")
+        .arg("{sluice:jobs}:job:job_left")
+        .arg(serde_json::to_string(&stored).expect("json"))
+        .query(&mut conn)
+        .expect("set");
+    let _: String = ::redis::cmd("XADD")
+        .arg("{sluice:jobs}:tasks")
+        .arg("*")
+        .arg("task")
+        .arg("c:job_left")
+        .query(&mut conn)
+        .expect("xadd");
+    let node = Sluice::start(
+        "",
+        &jobs_config(&format!(
+            "[shared]\nbackend = \"redis\"\nredis_url = \"{}\"\n",
+            server.url()
+        )),
+    );
+    let http = direct_client();
+    let v = &rt().block_on(until_all(
+        &http,
+        &node,
+        &["job_left".to_string()],
+        &["delivered"],
+        15,
+    ))[0];
+    assert_eq!(v["webhooks"][0]["state"], "acked", "{v}");
+    assert_eq!(deliveries(&hook).get("job_left"), Some(&1));
+}
+
 #[test]
 fn a_quorum_of_two_of_three_is_delivered_and_the_down_receiver_is_tried_until_the_ttl() {
     let up = FakeUpstream::builder()

@@ -200,6 +200,18 @@ impl Caller {
                 State::Queued => "timeout",
                 State::Running if fleet && j.deadline <= now => "timeout",
                 State::Running if fleet => "outcome_unknown",
+                _ if fleet => {
+                    // Called already: this task was taken over from a node that died between
+                    // ending the call and handing its webhooks to Redis. Owe them again (a
+                    // receiver may hear twice, with one webhook-id).
+                    for (n, d) in j.deliveries.iter().enumerate() {
+                        if d.receipt == Receipt::Pending {
+                            jobs.schedule(d.next_at, Task::Deliver(id.to_string(), n))
+                                .await;
+                        }
+                    }
+                    return Ok(());
+                }
                 _ => return Ok(()),
             };
             let outcome = Some(outcome.to_string());
