@@ -5,6 +5,7 @@
 //! requests on one connection.
 
 use crate::error::{self, Code};
+use crate::framing::{Body, OneAtATime};
 use crate::proxy::SluiceProxy;
 use crate::state::Shared;
 use crate::tunnel;
@@ -56,11 +57,14 @@ impl Front {
         let (max_head, max_uri) = (security.max_header_bytes, security.max_uri_bytes);
         let max_connections = security.max_connections;
         drop(generation);
-        let mut stream = stream;
+        // Read one request at a time: bytes a client sends ahead wait for their own head.
+        let (one_at_a_time, framing) = OneAtATime::new(stream);
+        let mut stream: Stream = Box::new(one_at_a_time);
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut idle = head_timeout;
         let mut served = false;
         loop {
+            framing.head();
             let open = (&self.shared.connections, max_connections);
             let head = read_head(
                 &mut stream,
@@ -79,6 +83,8 @@ impl Front {
                     return None;
                 }
             };
+            // What came after the head: this request's body, or requests sent ahead.
+            let rest = buf.split_off(head_length(&buf).unwrap_or(buf.len()));
             if let Some((info, authorization)) = &tunnel {
                 match in_tunnel(&buf, info, authorization.as_deref()) {
                     Ok(rewritten) => buf = BytesMut::from(&rewritten[..]),
@@ -99,14 +105,18 @@ impl Front {
                     return None;
                 }
                 Ok(Plan::Connect) => {
+                    buf.unsplit(rest);
                     // Boxed, like the HTTP session below, so that the state of an idle
                     // connection's task is only what waiting for its next head needs.
                     let inside = Box::pin(tunnel::serve(&self.shared, stream, buf)).await?;
                     let tunnel = Some((inside.info, inside.authorization));
                     return Box::pin(self.serve_http(inside.stream, shutdown, tunnel)).await;
                 }
-                Ok(Plan::Http(None)) => {}
-                Ok(Plan::Http(Some(rewritten))) => buf = BytesMut::from(&rewritten[..]),
+                Ok(Plan::Http(None, body)) => framing.serve(rest, body),
+                Ok(Plan::Http(Some(rewritten), body)) => {
+                    buf = BytesMut::from(&rewritten[..]);
+                    framing.serve(rest, body);
+                }
             }
             let mut session = ServerSession::new_http1(stream);
             match settings.take() {
@@ -259,6 +269,23 @@ enum Head {
 
 /// Does `buf` hold the end of a head (`\n\r\n` or `\n\n`) at or after `from` (minus the
 /// three bytes a terminator split across reads can reach back)? One pass over the new bytes.
+/// The length of the head at the start of `buf` (through its empty line), if it is there.
+fn head_length(buf: &[u8]) -> Option<usize> {
+    buf.iter().enumerate().find_map(|(i, &b)| {
+        if b != b'\n' {
+            return None;
+        }
+        let rest = &buf[i + 1..];
+        if rest.first() == Some(&b'\n') {
+            Some(i + 2)
+        } else if rest.starts_with(b"\r\n") {
+            Some(i + 3)
+        } else {
+            None
+        }
+    })
+}
+
 fn head_end(buf: &[u8], from: usize) -> bool {
     let start = from.saturating_sub(3);
     buf[start..].iter().enumerate().any(|(i, &b)| {
@@ -344,8 +371,9 @@ async fn read_head(
 pub enum Plan {
     Connect,
     /// Serve as HTTP; with a head rewritten to carry the absolute target's authority as its
-    /// one `Host` (RFC 9112 3.2.2), when the client's `Host` said otherwise.
-    Http(Option<Vec<u8>>),
+    /// one `Host` (RFC 9112 3.2.2), when the client's `Host` said otherwise; and how the
+    /// request's body ends.
+    Http(Option<Vec<u8>>, Body),
 }
 
 /// The refusal of a head that does not parse (`None`: it ended early).
@@ -389,6 +417,8 @@ pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Cod
         return Ok(Plan::Connect);
     }
     let mut lengths = 0;
+    let mut length = 0u64;
+    let mut upgrade = false;
     let mut te: Option<&[u8]> = None;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
@@ -397,9 +427,15 @@ pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Cod
             if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
                 return Err((Code::BadRequest, "invalid Content-Length".into()));
             }
-            if std::str::from_utf8(v).map_or(true, |t| t.parse::<u64>().is_err()) {
-                return Err((Code::BadRequest, "Content-Length too large".into()));
+            match std::str::from_utf8(v)
+                .ok()
+                .and_then(|t| t.parse::<u64>().ok())
+            {
+                Some(n) => length = n,
+                None => return Err((Code::BadRequest, "Content-Length too large".into())),
             }
+        } else if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             if te.is_some() {
                 return Err((Code::BadRequest, "repeated Transfer-Encoding".into()));
@@ -433,7 +469,14 @@ pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Cod
         ));
     }
     let rewritten = canonical_host(&req, buf, head_len)?;
-    Ok(Plan::Http(rewritten))
+    // An upgrade turns the connection into a relay: nothing after it is a next request.
+    let body = match (upgrade, te.is_some(), lengths > 0) {
+        (true, _, _) => Body::Open,
+        (_, true, _) => Body::Chunked,
+        (_, _, true) => Body::Length(length),
+        _ => Body::None,
+    };
+    Ok(Plan::Http(rewritten, body))
 }
 
 /// The authority of an absolute-form `http(s)://` target, if the target is one.

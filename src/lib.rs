@@ -6,6 +6,7 @@ pub mod app;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod framing;
 pub mod front;
 pub mod intercept;
 pub mod jobs;

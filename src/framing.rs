@@ -1,0 +1,393 @@
+//! One request at a time on a client connection: the stream the front and Pingora read a
+//! connection through, which never hands out a byte past the end of the request being served
+//! (its head, then its body by `Content-Length` or chunked framing). Bytes a client sent
+//! ahead (pipelined requests) wait here for the next head, in order, instead of being read
+//! into the current request's buffers and lost when the connection is reused.
+//!
+//! After a request's body, reads wait (and keep what the client sends) until the next head
+//! is asked for; an end of stream is still passed on, so a client that leaves is noticed.
+
+use async_trait::async_trait;
+use bytes::{Buf, BytesMut};
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType,
+};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Most bytes kept ahead of the request being served; past it, nothing more is read from the
+/// client until a head is asked for (its sending is held back by TCP).
+const MAX_AHEAD: usize = 1024 * 1024;
+
+/// How the body of the request being served ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Body {
+    /// No body (or it is over).
+    None,
+    /// `Content-Length`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Everything that follows (an upgrade, a tunnel, or a head being read).
+    Open,
+}
+
+/// Where reading stands.
+#[derive(Debug)]
+enum Limit {
+    Open,
+    Left(u64),
+    Chunked(Chunks),
+    /// The body is over: reads wait for the next head.
+    Done,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Bytes read from the client and not handed out yet.
+    ahead: BytesMut,
+    limit: Limit,
+    /// The client closed its side after the bytes in `ahead`.
+    eof: bool,
+}
+
+/// The shared handle: the front sets what the next reads may return.
+#[derive(Clone, Debug)]
+pub struct Framing(Arc<Mutex<State>>);
+
+impl Framing {
+    /// A head is to be read: everything may be returned (the front finds its end itself).
+    pub fn head(&self) {
+        self.with(|s| s.limit = Limit::Open);
+    }
+
+    /// A head was read: `rest`, what was read after it, goes back ahead of the stream, and
+    /// from now on reads return only this request's `body`.
+    pub fn serve(&self, rest: BytesMut, body: Body) {
+        self.with(|s| {
+            if !rest.is_empty() {
+                let mut ahead = rest;
+                ahead.extend_from_slice(&s.ahead);
+                s.ahead = ahead;
+            }
+            s.limit = match body {
+                Body::None | Body::Length(0) => Limit::Done,
+                Body::Length(n) => Limit::Left(n),
+                Body::Chunked => Limit::Chunked(Chunks::default()),
+                Body::Open => Limit::Open,
+            };
+        });
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s)
+    }
+}
+
+/// A client connection read one request at a time.
+pub struct OneAtATime {
+    inner: Stream,
+    framing: Framing,
+}
+
+impl OneAtATime {
+    pub fn new(inner: Stream) -> (OneAtATime, Framing) {
+        let framing = Framing(Arc::new(Mutex::new(State {
+            ahead: BytesMut::new(),
+            limit: Limit::Open,
+            eof: false,
+        })));
+        (
+            OneAtATime {
+                inner,
+                framing: framing.clone(),
+            },
+            framing,
+        )
+    }
+}
+
+impl std::fmt::Debug for OneAtATime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OneAtATime")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl AsyncRead for OneAtATime {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let mut s = this.framing.0.lock().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *s;
+        if matches!(state.limit, Limit::Done) {
+            // Keep what the client sends ahead; pass on its leaving.
+            while !state.eof && state.ahead.len() < MAX_AHEAD {
+                let mut chunk = [0u8; 8192];
+                let mut read = ReadBuf::new(&mut chunk);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) if read.filled().is_empty() => state.eof = true,
+                    Poll::Ready(Ok(())) => state.ahead.extend_from_slice(read.filled()),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            // The end of the stream once nothing is left to serve; else wait for a head.
+            return if state.eof && state.ahead.is_empty() {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            };
+        }
+        let room = match state.limit {
+            Limit::Left(n) => usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .min(buf.remaining()),
+            _ => buf.remaining(),
+        };
+        let before = buf.filled().len();
+        if !state.ahead.is_empty() {
+            let n = state.ahead.len().min(room);
+            buf.put_slice(&state.ahead[..n]);
+            state.ahead.advance(n);
+        } else if state.eof {
+            return Poll::Ready(Ok(()));
+        } else {
+            // At most `room` bytes, read straight into the caller's buffer.
+            let dst = buf.initialize_unfilled_to(room);
+            let mut limited = ReadBuf::new(dst);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut limited) {
+                Poll::Ready(Ok(())) => {
+                    let n = limited.filled().len();
+                    buf.advance(n);
+                }
+                other => return other,
+            }
+        }
+        let got = buf.filled().len() - before;
+        match &mut state.limit {
+            Limit::Left(n) => {
+                *n -= got as u64;
+                if *n == 0 {
+                    state.limit = Limit::Done;
+                }
+            }
+            Limit::Chunked(chunks) => {
+                let used = chunks.feed(&buf.filled()[before..]);
+                if used < got {
+                    // Past the body's end: back ahead, for the next head.
+                    let mut ahead = BytesMut::from(&buf.filled()[before + used..]);
+                    ahead.extend_from_slice(&state.ahead);
+                    state.ahead = ahead;
+                    buf.set_filled(before + used);
+                }
+                if chunks.done() {
+                    state.limit = Limit::Done;
+                }
+            }
+            Limit::Open | Limit::Done => {}
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for OneAtATime {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for OneAtATime {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for OneAtATime {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for OneAtATime {}
+
+impl GetTimingDigest for OneAtATime {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+}
+
+impl GetProxyDigest for OneAtATime {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl GetSocketDigest for OneAtATime {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+}
+
+impl Peek for OneAtATime {}
+
+/// Where a chunked body stands, fed its bytes as they come.
+#[derive(Debug, Default)]
+struct Chunks {
+    at: ChunkAt,
+    /// The chunk size being read (hex digits so far).
+    size: u64,
+    digits: u8,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+enum ChunkAt {
+    /// The size line (digits, then extensions up to LF).
+    #[default]
+    Size,
+    SizeExtension,
+    /// So many data bytes left of this chunk.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// A trailer line (or the empty line that ends the body): `true` once it has content.
+    Trailer(bool),
+    Done,
+}
+
+impl Chunks {
+    fn done(&self) -> bool {
+        self.at == ChunkAt::Done
+    }
+
+    /// Take in `bytes`; how many of them belong to the body (the rest follow it). A malformed
+    /// body is taken whole: Pingora's own parser then refuses it.
+    fn feed(&mut self, bytes: &[u8]) -> usize {
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            match &mut self.at {
+                ChunkAt::Done => return i,
+                ChunkAt::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+                        if self.digits >= 16 {
+                            return bytes.len();
+                        }
+                        self.size = self.size * 16 + d;
+                        self.digits += 1;
+                    }
+                    b'\n' => self.end_size(),
+                    _ => self.at = ChunkAt::SizeExtension,
+                },
+                ChunkAt::SizeExtension => {
+                    if b == b'\n' {
+                        self.end_size();
+                    }
+                }
+                ChunkAt::Data(left) => {
+                    let n = (bytes.len() - i).min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= n as u64;
+                    i += n;
+                    if *left == 0 {
+                        self.at = ChunkAt::DataEnd;
+                    }
+                    continue;
+                }
+                ChunkAt::DataEnd => {
+                    if b == b'\n' {
+                        self.at = ChunkAt::Size;
+                        self.size = 0;
+                        self.digits = 0;
+                    }
+                }
+                ChunkAt::Trailer(content) => match b {
+                    b'\n' if !*content => self.at = ChunkAt::Done,
+                    b'\n' => *content = false,
+                    b'\r' => {}
+                    _ => *content = true,
+                },
+            }
+            i += 1;
+        }
+        i
+    }
+
+    fn end_size(&mut self) {
+        self.at = match self.size {
+            0 => ChunkAt::Trailer(false),
+            n => ChunkAt::Data(n),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunked_body_ends_where_its_last_chunk_and_trailers_end() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Sum: 1\r\n\r\nGET / HTTP/1.1\r\n";
+        let mut c = Chunks::default();
+        let used = c.feed(body);
+        assert!(c.done());
+        assert_eq!(&body[used..], b"GET / HTTP/1.1\r\n");
+        // Fed a byte at a time, the same end.
+        let mut c = Chunks::default();
+        let mut used = 0;
+        for b in body.iter() {
+            if c.done() {
+                break;
+            }
+            used += c.feed(std::slice::from_ref(b));
+        }
+        assert_eq!(&body[used..], b"GET / HTTP/1.1\r\n");
+        let mut c = Chunks::default();
+        assert_eq!(c.feed(b"0\r\n\r\n"), 5);
+        assert!(c.done());
+        let mut c = Chunks::default();
+        assert_eq!(c.feed(b"5\r\nhel"), 6);
+        assert!(!c.done());
+    }
+
+    #[test]
+    fn a_size_too_long_is_taken_whole_for_pingora_to_refuse() {
+        let mut c = Chunks::default();
+        let bad = b"11111111111111111\r\nx";
+        assert_eq!(c.feed(bad), bad.len());
+    }
+}
