@@ -15,7 +15,7 @@ use pingora_core::protocols::{
     TimingDigest, UniqueID, UniqueIDType,
 };
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -46,8 +46,10 @@ enum Limit {
     Done,
 }
 
-#[derive(Debug)]
-struct State {
+/// A client connection read one request at a time. The front owns it between requests (to
+/// say what the next reads may return) and lends it to Pingora, boxed, for each request.
+pub struct OneAtATime {
+    inner: Stream,
     /// Bytes read from the client and not handed out yet.
     ahead: BytesMut,
     limit: Limit,
@@ -55,60 +57,41 @@ struct State {
     eof: bool,
 }
 
-/// The shared handle: the front sets what the next reads may return.
-#[derive(Clone, Debug)]
-pub struct Framing(Arc<Mutex<State>>);
+impl OneAtATime {
+    pub fn new(inner: Stream) -> OneAtATime {
+        OneAtATime {
+            inner,
+            ahead: BytesMut::new(),
+            limit: Limit::Open,
+            eof: false,
+        }
+    }
 
-impl Framing {
     /// A head is to be read: everything may be returned (the front finds its end itself).
-    pub fn head(&self) {
-        self.with(|s| s.limit = Limit::Open);
+    pub fn head(&mut self) {
+        self.limit = Limit::Open;
     }
 
     /// A head was read: `rest`, what was read after it, goes back ahead of the stream, and
     /// from now on reads return only this request's `body`.
-    pub fn serve(&self, rest: BytesMut, body: Body) {
-        self.with(|s| {
-            if !rest.is_empty() {
-                let mut ahead = rest;
-                ahead.extend_from_slice(&s.ahead);
-                s.ahead = ahead;
-            }
-            s.limit = match body {
-                Body::None | Body::Length(0) => Limit::Done,
-                Body::Length(n) => Limit::Left(n),
-                Body::Chunked => Limit::Chunked(Chunks::default()),
-                Body::Open => Limit::Open,
-            };
-        });
+    pub fn serve(&mut self, rest: BytesMut, body: Body) {
+        if !rest.is_empty() {
+            let mut ahead = rest;
+            ahead.extend_from_slice(&self.ahead);
+            self.ahead = ahead;
+        }
+        self.limit = match body {
+            Body::None | Body::Length(0) => Limit::Done,
+            Body::Length(n) => Limit::Left(n),
+            Body::Chunked => Limit::Chunked(Chunks::default()),
+            Body::Open => Limit::Open,
+        };
     }
 
-    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut s)
-    }
-}
-
-/// A client connection read one request at a time.
-pub struct OneAtATime {
-    inner: Stream,
-    framing: Framing,
-}
-
-impl OneAtATime {
-    pub fn new(inner: Stream) -> (OneAtATime, Framing) {
-        let framing = Framing(Arc::new(Mutex::new(State {
-            ahead: BytesMut::new(),
-            limit: Limit::Open,
-            eof: false,
-        })));
-        (
-            OneAtATime {
-                inner,
-                framing: framing.clone(),
-            },
-            framing,
-        )
+    /// The connection Pingora gives back after a request, as this type again (`None` if it
+    /// is some other stream, which never happens: it is the box lent to it).
+    pub fn take_back(stream: Stream) -> Option<Box<OneAtATime>> {
+        stream.into_any().downcast::<OneAtATime>().ok()
     }
 }
 
@@ -127,14 +110,13 @@ impl AsyncRead for OneAtATime {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        let mut s = this.framing.0.lock().unwrap_or_else(|p| p.into_inner());
-        let state = &mut *s;
+        let state = this;
         if matches!(state.limit, Limit::Done) {
             // Keep what the client sends ahead; pass on its leaving.
             while !state.eof && state.ahead.len() < MAX_AHEAD {
                 let mut chunk = [0u8; 8192];
                 let mut read = ReadBuf::new(&mut chunk);
-                match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                match Pin::new(&mut state.inner).poll_read(cx, &mut read) {
                     Poll::Ready(Ok(())) if read.filled().is_empty() => state.eof = true,
                     Poll::Ready(Ok(())) => state.ahead.extend_from_slice(read.filled()),
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -165,7 +147,7 @@ impl AsyncRead for OneAtATime {
             // At most `room` bytes, read straight into the caller's buffer.
             let dst = buf.initialize_unfilled_to(room);
             let mut limited = ReadBuf::new(dst);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut limited) {
+            match Pin::new(&mut state.inner).poll_read(cx, &mut limited) {
                 Poll::Ready(Ok(())) => {
                     let n = limited.filled().len();
                     buf.advance(n);

@@ -58,13 +58,12 @@ impl Front {
         let max_connections = security.max_connections;
         drop(generation);
         // Read one request at a time: bytes a client sends ahead wait for their own head.
-        let (one_at_a_time, framing) = OneAtATime::new(stream);
-        let mut stream: Stream = Box::new(one_at_a_time);
+        let mut stream = Box::new(OneAtATime::new(stream));
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut idle = head_timeout;
         let mut served = false;
         loop {
-            framing.head();
+            stream.head();
             let open = (&self.shared.connections, max_connections);
             let head = read_head(
                 &mut stream,
@@ -112,10 +111,10 @@ impl Front {
                     let tunnel = Some((inside.info, inside.authorization));
                     return Box::pin(self.serve_http(inside.stream, shutdown, tunnel)).await;
                 }
-                Ok(Plan::Http(None, body)) => framing.serve(rest, body),
+                Ok(Plan::Http(None, body)) => stream.serve(rest, body),
                 Ok(Plan::Http(Some(rewritten), body)) => {
                     buf = BytesMut::from(&rewritten[..]);
-                    framing.serve(rest, body);
+                    stream.serve(rest, body);
                 }
             }
             let mut session = ServerSession::new_http1(stream);
@@ -129,7 +128,7 @@ impl Front {
             }
             let reused = Box::pin(self.http.process_new_http(session, shutdown)).await?;
             let (next, next_settings) = reused.consume();
-            stream = next;
+            stream = OneAtATime::take_back(next)?;
             settings = next_settings;
             idle = Duration::from_secs(KEEPALIVE_SECS);
             served = true;
@@ -301,7 +300,7 @@ fn head_end(buf: &[u8], from: usize) -> bool {
 /// sending, and closing it would lose the request (as during a graceful upgrade).
 #[allow(clippy::too_many_arguments)]
 async fn read_head(
-    stream: &mut Stream,
+    stream: &mut OneAtATime,
     idle: Duration,
     head_timeout: Duration,
     max: usize,
