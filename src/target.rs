@@ -69,17 +69,20 @@ pub enum WayIn {
     /// A request inside a CONNECT tunnel that sluice serves itself (TLS interception, or
     /// plain HTTP in a tunnel to port 80).
     Intercept,
+    /// A request to sluice's own jobs API (`/_sluice/v1/`).
+    Jobs,
     /// Not (yet) known: the request failed before its way in was clear.
     Unknown,
 }
 
 impl WayIn {
-    pub const ALL: [WayIn; 6] = [
+    pub const ALL: [WayIn; 7] = [
         WayIn::Forward,
         WayIn::Connect,
         WayIn::Target,
         WayIn::Route,
         WayIn::Intercept,
+        WayIn::Jobs,
         WayIn::Unknown,
     ];
 
@@ -90,6 +93,7 @@ impl WayIn {
             WayIn::Target => "target",
             WayIn::Route => "route",
             WayIn::Intercept => "intercept",
+            WayIn::Jobs => "jobs",
             WayIn::Unknown => "unknown",
         }
     }

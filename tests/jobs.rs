@@ -359,10 +359,15 @@ fn a_quorum_of_two_of_three_is_delivered_and_the_down_receiver_is_tried_until_th
         .route("/", Reply::text(200, "thanks"))
         .start();
     let down = free_port();
+    // The down receiver's host unpaced: its tries are spaced by the backoff alone (at the
+    // 2 rps default, sluice's own retries of each refused connection would take the slots).
     let sluice = Sluice::start(
         "",
-        "[webhooks]\ndelivery_ttl = \"2s\"\nbackoff_base = \"50ms\"\nbackoff_max = \"200ms\"\n\
-         [webhooks.secrets]\nmain = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n",
+        &format!(
+            "[webhooks]\ndelivery_ttl = \"2s\"\nbackoff_base = \"50ms\"\nbackoff_max = \"200ms\"\n\
+             [webhooks.secrets]\nmain = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n\
+             [hosts.\"127.0.0.1:{down}\"]\nrps = 0.0\n"
+        ),
     );
     let client = direct_client();
     rt().block_on(async {

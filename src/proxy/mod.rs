@@ -38,6 +38,7 @@ impl ProxyHttp for SluiceProxy {
     /// response head went out is answered by `fail_to_proxy`.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         if crate::jobs::api::claims(session.req_header()) {
+            ctx.way = crate::target::WayIn::Jobs;
             crate::jobs::api::serve(&self.shared, session, &ctx.generation.clone()).await?;
             return Ok(true);
         }
