@@ -338,18 +338,18 @@ impl Caller {
         } else {
             match keys {
                 Err(e) => Outcome::GiveUp(e),
-                Ok(keys) => {
+                Ok(keys) => 'signed: {
                     let body = payload(&job);
                     let ts = now / 1000;
                     let msg = format!("msg_{}", job.id);
+                    let Some(signature) = sign::header(&keys, &msg, ts, &body) else {
+                        break 'signed Outcome::GiveUp("a secret HMAC cannot use".into());
+                    };
                     let headers = vec![
                         ("content-type".into(), "application/json".into()),
                         ("webhook-id".into(), msg.clone()),
                         ("webhook-timestamp".into(), ts.to_string()),
-                        (
-                            "webhook-signature".into(),
-                            sign::header(&keys, &msg, ts, &body),
-                        ),
+                        ("webhook-signature".into(), signature),
                     ];
                     let sent = self
                         .send(
