@@ -8,7 +8,7 @@
 //! and their holders reserve again after the pause, so traffic resumes at the pace.
 
 use arc_swap::ArcSwapOption;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -131,6 +131,8 @@ pub struct HostCell {
     paused_until: AtomicU64,
     /// Nanoseconds between requests; 0 = no pacing.
     interval: AtomicU64,
+    /// Theoretical time of the next send (ns): the send guard of [`Self::send_slot`].
+    sent: AtomicU64,
     /// Bumped by every pause: reservations of older epochs must be made again.
     epoch: AtomicU32,
     burst: AtomicU32,
@@ -143,12 +145,23 @@ pub struct HostCell {
     backoff: AtomicU8,
     /// The `PauseOrigin` of the pause that set `paused_until` (0: never paused).
     pause_origin: AtomicU8,
-    /// Index of the configured limits profile in force (changes on reload).
+    /// Index of the configured limits profile in force (changes on reload), and
+    /// `CONFIGURED`: named in `[hosts]`, never evicted. One word, so that the cell fits in a
+    /// cache line.
     profile: AtomicU16,
-    /// Named in `[hosts]`: never evicted.
-    configured: AtomicBool,
     /// Wakes requests waiting for an in-flight place; made on first need.
     gate: ArcSwapOption<Notify>,
+}
+
+/// Bit of a cell's profile word: the host is named in `[hosts]`.
+const CONFIGURED: u16 = 1 << 15;
+
+/// Most limits profiles (the defaults and one per `[hosts]` entry): the index leaves the top
+/// bit of the profile word free.
+pub const MAX_PROFILES: usize = CONFIGURED as usize;
+
+fn profile_word(profile: u16, configured: bool) -> u16 {
+    (profile & !CONFIGURED) | if configured { CONFIGURED } else { 0 }
 }
 
 /// `rps` as nanoseconds per request (0 when pacing is off).
@@ -178,24 +191,23 @@ impl HostCell {
             interval: AtomicU64::new(interval_of(rps)),
             burst: AtomicU32::new(burst.max(1)),
             max_concurrent: AtomicU32::new(max_concurrent),
-            profile: AtomicU16::new(profile),
-            configured: AtomicBool::new(configured),
+            profile: AtomicU16::new(profile_word(profile, configured)),
             ..HostCell::default()
         }
     }
 
     pub fn profile(&self) -> u16 {
-        self.profile.load(Ordering::Relaxed)
+        self.profile.load(Ordering::Relaxed) & !CONFIGURED
     }
 
     pub fn configured(&self) -> bool {
-        self.configured.load(Ordering::Relaxed)
+        self.profile.load(Ordering::Relaxed) & CONFIGURED != 0
     }
 
     /// Point the cell at a new configuration's profile (on reload).
     pub fn set_profile(&self, profile: u16, configured: bool) {
-        self.profile.store(profile, Ordering::Relaxed);
-        self.configured.store(configured, Ordering::Relaxed);
+        self.profile
+            .store(profile_word(profile, configured), Ordering::Relaxed);
     }
 
     /// Mark the cell used at `now` (for eviction).
@@ -237,6 +249,28 @@ impl HostCell {
     /// time only moves forward.
     pub fn raise_tat(&self, tat: u64) {
         self.tat.fetch_max(tat, Ordering::AcqRel);
+    }
+
+    /// The pause epoch now: a request admitted in it stands until the next pause.
+    pub fn epoch(&self) -> u32 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// When a request admitted earlier may be sent (at or after `now`), its place among the
+    /// host's sends taken. Sends follow the pace too: a request that reached the send late
+    /// (its task starved of CPU, its connection slow to open) is not followed at once by
+    /// the next one, whose slot came after its own. Never refuses: the wait is at most what
+    /// the lateness of the sends before it added, and it resets once the host is idle.
+    pub fn send_slot(&self, now: u64) -> u64 {
+        let interval = self.interval.load(Ordering::Relaxed);
+        if interval == 0 {
+            return now;
+        }
+        let window = interval.saturating_mul(u64::from(self.burst.load(Ordering::Relaxed)));
+        match take_slot(&self.sent, now, u64::MAX, interval, window, u64::MAX) {
+            Some(Ok(at)) => at.max(now),
+            _ => now,
+        }
     }
 
     /// Whether a reservation made in `epoch` still stands.

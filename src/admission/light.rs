@@ -128,6 +128,15 @@ impl Light {
         self.burst.store(burst.max(1), Ordering::Relaxed);
     }
 
+    /// How late after its slot a request here may still be sent without the send guard of a
+    /// full cell: half the burst's window. Sends are then at most that much closer than the
+    /// pace; a later one moves the host to a full cell (`Admission::before_send`).
+    #[inline]
+    pub fn late_after(&self) -> u64 {
+        let interval = self.interval.load(Ordering::Relaxed);
+        interval.saturating_mul(u64::from(self.burst.load(Ordering::Relaxed))) / 2
+    }
+
     #[inline]
     pub fn fingerprint(&self, key: &str) -> u64 {
         self.hasher.hash_one(key).max(FIRST_FP)

@@ -11,7 +11,7 @@ mod cell;
 pub mod hints;
 mod light;
 
-pub use cell::{interval_of, rps_of, Decision, HostCell, PauseOrigin, PauseSource};
+pub use cell::{interval_of, rps_of, Decision, HostCell, PauseOrigin, PauseSource, MAX_PROFILES};
 
 use crate::config::Generation;
 use crate::shared::Fleet;
@@ -169,6 +169,19 @@ pub struct Permit {
     cell: Option<Arc<HostCell>>,
     /// Time spent waiting for the slot and the in-flight place.
     pub queued: Duration,
+    /// The slot's time (ns on the admission clock) and the pause epoch it was taken in
+    /// (0 in the compact table), for the look taken just before sending.
+    slot: u64,
+    epoch: u32,
+}
+
+/// What a request admitted earlier does when it is about to be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Send {
+    /// Send it now.
+    Go,
+    /// The host was paused since its admission: it is admitted again (after the pause).
+    Paused,
 }
 
 impl Drop for Permit {
@@ -390,12 +403,14 @@ impl Admission {
         };
         loop {
             let now = self.clock.now();
-            let permit = || Permit {
+            let permit = |slot| Permit {
                 cell: None,
                 queued: Duration::from_nanos(self.clock.now().saturating_sub(start)),
+                slot,
+                epoch: 0,
             };
             match self.light.reserve(fp, now, deadline.saturating_sub(now)) {
-                Some(Decision::Now) => return Ok(permit()),
+                Some(Decision::Now) => return Ok(permit(now)),
                 Some(Decision::At { at, .. }) => {
                     tokio::time::sleep(Duration::from_nanos(at.saturating_sub(now))).await;
                     // A host promoted while this request waited may have been paused since
@@ -406,7 +421,7 @@ impl Admission {
                     let stands = self.light.holds(fp)
                         || self.cells.pin().get(key).is_none_or(|c| c.still_valid(0));
                     if stands {
-                        return Ok(permit());
+                        return Ok(permit(at));
                     }
                 }
                 Some(Decision::Refuse { retry_after }) => {
@@ -435,6 +450,8 @@ impl Admission {
             Some(fleet) => fleet.pace(cell, deadline).await?,
             None => pace_cell(cell, &self.clock, deadline).await?,
         }
+        // Paced: the slot is now, in the epoch now (a pause from here on voids it).
+        let (slot, epoch) = (self.clock.now(), cell.epoch());
         while !cell.try_enter() {
             let gate = cell.gate();
             let notified = gate.notified();
@@ -456,7 +473,47 @@ impl Admission {
         Ok(Permit {
             cell: Some(cell.clone()),
             queued: Duration::from_nanos(self.clock.now().saturating_sub(start)),
+            slot,
+            epoch,
         })
+    }
+
+    /// The last look before an admitted request is sent (its connection in hand): it waits
+    /// for its place among the host's sends, and it goes back to admission if the host was
+    /// paused since it was admitted. Without it, a request admitted on time but sent late (its
+    /// task starved of CPU, its connection slow) reached the upstream right before the next
+    /// one, and a 429 learned meanwhile did not hold requests that had their slot already.
+    /// A host in the compact table needs neither while its sends are on time; a late one
+    /// moves it to a full cell, whose sends are then spaced by its send guard.
+    pub async fn before_send(&self, host: &Host, permit: &Permit, generation: &Generation) -> Send {
+        let now = self.clock.now();
+        let cell = match host {
+            Host::Cell(c) => c.clone(),
+            Host::Light { fp, key } => {
+                if self.light.holds(*fp) {
+                    if now.saturating_sub(permit.slot) <= self.light.late_after() {
+                        return Send::Go;
+                    }
+                    self.make_cell(key, 0, false, generation, 0)
+                } else {
+                    match self.cells.pin().get(key.as_str()) {
+                        Some(c) => c.clone(),
+                        None => return Send::Go,
+                    }
+                }
+            }
+        };
+        if !cell.still_valid(permit.epoch) {
+            return Send::Paused;
+        }
+        let at = cell.send_slot(now);
+        if at > now {
+            tokio::time::sleep(Duration::from_nanos(at - now)).await;
+            if !cell.still_valid(permit.epoch) {
+                return Send::Paused;
+            }
+        }
+        Send::Go
     }
 
     /// Take in what a response said: pace statements, exhausted windows, 429 and 503 pauses.
@@ -821,6 +878,82 @@ mod tests {
         // And the pause still counts as started by this response (metrics, the fleet).
         assert!(learned.paused.is_some());
         assert!(adm.paused_until(&a) >= paused_until);
+    }
+
+    /// The storm test's flake: under CPU starvation the first request of a storm reached the
+    /// send 135 ms after its slot, and the second, admitted 50 ms after the first, was sent
+    /// right behind it, before the first one's 429 came back. Sends are spaced too, and a
+    /// pause learned before a request is sent holds it, whether the host is in the compact
+    /// table or has a full cell.
+    async fn late_sends_are_spaced_and_a_pause_holds_requests_admitted_before_it(toml: &str) {
+        let g = Arc::new(generation(toml));
+        let adm = admission(Clock::tokio(), &g);
+        let a = host(&adm, "a.test:443", &g);
+        let wait = Duration::from_secs(30);
+        let p0 = adm.acquire(&a, wait).await.expect("first");
+        let p1 = adm.acquire(&a, wait).await.expect("second");
+        assert_eq!(p1.queued, Duration::from_millis(50));
+        // On time, the first would go at once and leave a compact host compact.
+        // Late: it is sent at 135 ms, then the second may go only 50 ms after it.
+        tokio::time::sleep(Duration::from_millis(85)).await;
+        assert_eq!(adm.before_send(&a, &p0, &g).await, Send::Go);
+        let t = tokio::time::Instant::now();
+        assert_eq!(adm.before_send(&a, &p1, &g).await, Send::Go);
+        assert_eq!(t.elapsed(), Duration::from_millis(50), "spaced at the pace");
+        // A third, admitted before a 429 comes back and about to be sent after it: held.
+        let p2 = adm.acquire(&a, wait).await.expect("third");
+        let sending = {
+            let (adm, a, g) = (adm.clone(), a.clone(), g.clone());
+            tokio::spawn(async move { adm.before_send(&a, &p2, &g).await })
+        };
+        tokio::task::yield_now().await;
+        let hints = hints::Hints {
+            retry_after: Some(Duration::from_secs(2)),
+            ..hints::Hints::default()
+        };
+        adm.learn(&a, &g, 429, &hints);
+        assert_eq!(sending.await.expect("task"), Send::Paused);
+        // Admitted again, it waits out the pause.
+        let again = adm.acquire(&a, wait).await.expect("after the pause");
+        assert!(
+            again.queued >= Duration::from_millis(1_900),
+            "{:?}",
+            again.queued
+        );
+        assert_eq!(adm.before_send(&a, &again, &g).await, Send::Go);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_sends_to_a_compact_host_are_spaced_and_held_by_a_pause() {
+        late_sends_are_spaced_and_a_pause_holds_requests_admitted_before_it(
+            "[defaults]\nrps = 20.0\nburst = 1\n",
+        )
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_sends_to_a_host_with_a_full_cell_are_spaced_and_held_by_a_pause() {
+        late_sends_are_spaced_and_a_pause_holds_requests_admitted_before_it(
+            "[hosts.\"a.test:443\"]\nrps = 20.0\nburst = 1\n",
+        )
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_compact_host_sent_on_time_stays_compact() {
+        let g = generation("[defaults]\nrps = 20.0\nburst = 1\n");
+        let adm = admission(Clock::tokio(), &g);
+        let a = host(&adm, "a.test:443", &g);
+        for _ in 0..3 {
+            let p = adm
+                .acquire(&a, Duration::from_secs(1))
+                .await
+                .expect("admitted");
+            // A few milliseconds late is within half an interval.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert_eq!(adm.before_send(&a, &p, &g).await, Send::Go);
+        }
+        assert!(matches!(host(&adm, "a.test:443", &g), Host::Light { .. }));
     }
 
     #[tokio::test(start_paused = true)]

@@ -186,6 +186,13 @@ impl Config {
         }
 
         check_limits("defaults", &self.defaults, &mut err);
+        let most = crate::admission::MAX_PROFILES - 1;
+        if self.hosts.len() > most {
+            err(
+                "hosts".into(),
+                format!("{} entries; at most {most}", self.hosts.len()),
+            );
+        }
         for (name, o) in &self.hosts {
             let path = format!("hosts.{name:?}");
             let pattern = name.strip_prefix("*.").unwrap_or(name);
@@ -514,6 +521,18 @@ pub(super) mod tests {
             Ok(()) => vec![],
             Err(e) => e.errors.into_iter().map(|(p, _)| p).collect(),
         }
+    }
+
+    #[test]
+    fn hosts_entries_are_bounded_by_what_a_cell_can_name() {
+        let most = crate::admission::MAX_PROFILES - 1;
+        let toml = |n: usize| {
+            (0..n)
+                .map(|i| format!("[hosts.\"h{i}.test\"]\nrps = 1.0\n"))
+                .collect::<String>()
+        };
+        assert!(errors_of(&toml(most)).is_empty());
+        assert_eq!(errors_of(&toml(most + 1)), vec!["hosts".to_string()]);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use super::body::Source;
 use super::Job;
-use crate::admission::Permit;
+use crate::admission::{Host, Permit, Send};
 use crate::error::{self, Code};
 use crate::regions::state::InFlight;
 use crate::regions::Region;
@@ -65,7 +65,7 @@ pub async fn run(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let permit = match (admit, permit) {
+    let mut permit = match (admit, permit) {
         (Admit::Held, p) => p,
         (_, Some(p)) => Some(p),
         (how, None) => match job.cell.as_ref() {
@@ -75,28 +75,17 @@ pub async fn run(
                     Admit::IfFree => Duration::ZERO,
                     _ => job.max_wait(),
                 };
-                match super::pace::admit(job.shared, cell, wait).await {
-                    Ok(p) => Some(p),
-                    Err(r) => {
-                        let secs = r.retry_after_secs();
-                        return Err(fail(
-                            error::error(
-                                r.code(),
-                                format!(
-                                    "{}: no free slot for another attempt; retry after {secs}s",
-                                    job.origin.host_port()
-                                ),
-                            ),
-                            true,
-                        ));
-                    }
-                }
+                Some(
+                    admit_attempt(job, cell, wait)
+                        .await
+                        .map_err(|e| fail(e, true))?,
+                )
             }
         },
     };
     let r = &job.host.regions[region];
     let in_flight = r.state.enter();
-    let started = Instant::now();
+    let mut started = Instant::now();
     let mut pending = Pending {
         state: &r.state,
         regions: &job.shared.regions,
@@ -107,9 +96,49 @@ pub async fn run(
         Ok(p) => p,
         Err(e) => return Err(fail(e, true)),
     };
-    let (mut session, _reused) = match job.shared.upstream.get_http_session(&peer).await {
-        Ok(s) => s,
-        Err(e) => return Err(fail(e.into_up(), true)),
+    let mut session = loop {
+        let (session, _reused) = match job.shared.upstream.get_http_session(&peer).await {
+            Ok(s) => s,
+            Err(e) => return Err(fail(e.into_up(), true)),
+        };
+        let (Some(cell), Some(p)) = (job.cell.as_ref(), permit.as_ref()) else {
+            break session;
+        };
+        let look = Instant::now();
+        let send = job
+            .shared
+            .admission
+            .before_send(cell, p, job.generation())
+            .await;
+        // Time spent waiting for its place among the host's sends is not the region's
+        // latency.
+        started += look.elapsed();
+        pending.started = started;
+        if send == Send::Go {
+            break session;
+        }
+        // Paused since it was admitted: the unused connection goes back to the pool while
+        // the request waits out the pause like a new one.
+        job.shared
+            .upstream
+            .release_http_session(session, &peer, Some(super::respond::UPSTREAM_IDLE))
+            .await;
+        // Its in-flight place is given back first (a host with room for one would wait on
+        // itself).
+        drop(permit.take());
+        // A duplicate never queues: it goes only if a slot is free now.
+        let wait = match admit {
+            Admit::IfFree => Duration::ZERO,
+            _ => job.max_wait(),
+        };
+        let look = Instant::now();
+        permit = Some(
+            admit_attempt(job, cell, wait)
+                .await
+                .map_err(|e| fail(e, true))?,
+        );
+        started += look.elapsed();
+        pending.started = started;
     };
     let read_timeout = job.read_timeout();
     session.set_read_timeout(Some(read_timeout));
@@ -134,6 +163,27 @@ pub async fn run(
         permit,
         in_flight,
     })
+}
+
+/// Admission for an attempt that has none yet (a retry, a duplicate, or one whose host was
+/// paused since its first admission), at most `wait`.
+async fn admit_attempt(
+    job: &Job<'_>,
+    cell: &Host,
+    wait: Duration,
+) -> std::result::Result<Permit, Box<pingora_error::Error>> {
+    super::pace::admit(job.shared, cell, wait)
+        .await
+        .map_err(|r| {
+            let secs = r.retry_after_secs();
+            error::error(
+                r.code(),
+                format!(
+                    "{}: no free slot for another attempt; retry after {secs}s",
+                    job.origin.host_port()
+                ),
+            )
+        })
 }
 
 /// While armed, dropping it (the attempt was cancelled) records the time waited as a lower
