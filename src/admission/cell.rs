@@ -156,9 +156,8 @@ pub struct HostCell {
 /// Bit of a cell's profile word: the host is named in `[hosts]`.
 const CONFIGURED: u16 = 1 << 15;
 
-/// Most limits profiles (the defaults and one per `[hosts]` entry): the index leaves the top
-/// bit of the profile word free.
-pub const MAX_PROFILES: usize = CONFIGURED as usize;
+// Every profile index (the defaults, then one per `[hosts]` entry) leaves that bit free.
+const _: () = assert!(crate::config::MAX_HOST_ENTRIES < CONFIGURED as usize);
 
 fn profile_word(profile: u16, configured: bool) -> u16 {
     (profile & !CONFIGURED) | if configured { CONFIGURED } else { 0 }

@@ -11,7 +11,7 @@ mod cell;
 pub mod hints;
 mod light;
 
-pub use cell::{interval_of, rps_of, Decision, HostCell, PauseOrigin, PauseSource, MAX_PROFILES};
+pub use cell::{interval_of, rps_of, Decision, HostCell, PauseOrigin, PauseSource};
 
 use crate::config::Generation;
 use crate::shared::Fleet;

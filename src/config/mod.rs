@@ -28,6 +28,10 @@ use std::path::Path;
 /// The configuration used when no file is given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../conf/default.toml");
 
+/// Most `[hosts]` entries: with the defaults, each is a limits profile, whose index a host's
+/// admission state keeps in 15 bits.
+pub const MAX_HOST_ENTRIES: usize = (1 << 15) - 1;
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {

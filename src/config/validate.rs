@@ -186,7 +186,7 @@ impl Config {
         }
 
         check_limits("defaults", &self.defaults, &mut err);
-        let most = crate::admission::MAX_PROFILES - 1;
+        let most = super::MAX_HOST_ENTRIES;
         if self.hosts.len() > most {
             err(
                 "hosts".into(),
@@ -525,7 +525,7 @@ pub(super) mod tests {
 
     #[test]
     fn hosts_entries_are_bounded_by_what_a_cell_can_name() {
-        let most = crate::admission::MAX_PROFILES - 1;
+        let most = crate::config::MAX_HOST_ENTRIES;
         let toml = |n: usize| {
             (0..n)
                 .map(|i| format!("[hosts.\"h{i}.test\"]\nrps = 1.0\n"))
