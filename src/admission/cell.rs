@@ -154,10 +154,7 @@ pub struct HostCell {
 }
 
 /// Bit of a cell's profile word: the host is named in `[hosts]`.
-const CONFIGURED: u16 = 1 << 15;
-
-// Every profile index (the defaults, then one per `[hosts]` entry) leaves that bit free.
-const _: () = assert!(crate::config::MAX_HOST_ENTRIES < CONFIGURED as usize);
+pub(super) const CONFIGURED: u16 = 1 << 15;
 
 fn profile_word(profile: u16, configured: bool) -> u16 {
     (profile & !CONFIGURED) | if configured { CONFIGURED } else { 0 }

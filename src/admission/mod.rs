@@ -13,6 +13,10 @@ mod light;
 
 pub use cell::{interval_of, rps_of, Decision, HostCell, PauseOrigin, PauseSource};
 
+// Every profile index (the defaults, then one per `[hosts]` entry) leaves a cell's
+// `CONFIGURED` bit free.
+const _: () = assert!(crate::config::MAX_HOST_ENTRIES < cell::CONFIGURED as usize);
+
 use crate::config::Generation;
 use crate::shared::Fleet;
 use light::Light;

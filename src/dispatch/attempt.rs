@@ -26,6 +26,17 @@ pub enum Admit {
     IfFree,
 }
 
+impl Admit {
+    /// How long an attempt admitted this way may wait for its slot: a duplicate never
+    /// queues, it goes only if a slot is free now.
+    fn wait(self, job: &Job<'_>) -> Duration {
+        match self {
+            Admit::IfFree => Duration::ZERO,
+            _ => job.max_wait(),
+        }
+    }
+}
+
 /// A response head from a region, with what is needed to stream its body.
 pub struct Answer {
     pub session: HttpSession,
@@ -71,10 +82,7 @@ pub async fn run(
         (how, None) => match job.cell.as_ref() {
             None => None,
             Some(cell) => {
-                let wait = match how {
-                    Admit::IfFree => Duration::ZERO,
-                    _ => job.max_wait(),
-                };
+                let wait = how.wait(job);
                 Some(
                     admit_attempt(job, cell, wait)
                         .await
@@ -121,16 +129,12 @@ pub async fn run(
         // the request waits out the pause like a new one.
         job.shared
             .upstream
-            .release_http_session(session, &peer, Some(super::respond::UPSTREAM_IDLE))
+            .release_http_session(session, &peer, peer.options.idle_timeout)
             .await;
         // Its in-flight place is given back first (a host with room for one would wait on
         // itself).
         drop(permit.take());
-        // A duplicate never queues: it goes only if a slot is free now.
-        let wait = match admit {
-            Admit::IfFree => Duration::ZERO,
-            _ => job.max_wait(),
-        };
+        let wait = admit.wait(job);
         let look = Instant::now();
         permit = Some(
             admit_attempt(job, cell, wait)
@@ -179,7 +183,7 @@ async fn admit_attempt(
             error::error(
                 r.code(),
                 format!(
-                    "{}: no free slot for another attempt; retry after {secs}s",
+                    "{}: no free slot for the attempt; retry after {secs}s",
                     job.origin.host_port()
                 ),
             )

@@ -17,7 +17,7 @@ use pingora_proxy::Session;
 use std::time::Duration;
 
 /// Idle time of a pooled upstream connection.
-pub(super) const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
 /// Turn the client's request head into the one sent upstream: the upstream path, no
 /// hop-by-hop or control headers, this hop in `Via`, and the destination's `Host`.
