@@ -181,7 +181,7 @@ pub struct Permit {
 
 /// What a request admitted earlier does when it is about to be sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Send {
+pub enum AtSend {
     /// Send it now.
     Go,
     /// The host was paused since its admission: it is admitted again (after the pause).
@@ -489,35 +489,40 @@ impl Admission {
     /// one, and a 429 learned meanwhile did not hold requests that had their slot already.
     /// A host in the compact table needs neither while its sends are on time; a late one
     /// moves it to a full cell, whose sends are then spaced by its send guard.
-    pub async fn before_send(&self, host: &Host, permit: &Permit, generation: &Generation) -> Send {
+    pub async fn before_send(
+        &self,
+        host: &Host,
+        permit: &Permit,
+        generation: &Generation,
+    ) -> AtSend {
         let now = self.clock.now();
         let cell = match host {
             Host::Cell(c) => c.clone(),
             Host::Light { fp, key } => {
                 if self.light.holds(*fp) {
                     if now.saturating_sub(permit.slot) <= self.light.late_after() {
-                        return Send::Go;
+                        return AtSend::Go;
                     }
                     self.make_cell(key, 0, false, generation, 0)
                 } else {
                     match self.cells.pin().get(key.as_str()) {
                         Some(c) => c.clone(),
-                        None => return Send::Go,
+                        None => return AtSend::Go,
                     }
                 }
             }
         };
         if !cell.still_valid(permit.epoch) {
-            return Send::Paused;
+            return AtSend::Paused;
         }
         let at = cell.send_slot(now);
         if at > now {
             tokio::time::sleep(Duration::from_nanos(at - now)).await;
             if !cell.still_valid(permit.epoch) {
-                return Send::Paused;
+                return AtSend::Paused;
             }
         }
-        Send::Go
+        AtSend::Go
     }
 
     /// Take in what a response said: pace statements, exhausted windows, 429 and 503 pauses.
@@ -900,9 +905,9 @@ mod tests {
         // On time, the first would go at once and leave a compact host compact.
         // Late: it is sent at 135 ms, then the second may go only 50 ms after it.
         tokio::time::sleep(Duration::from_millis(85)).await;
-        assert_eq!(adm.before_send(&a, &p0, &g).await, Send::Go);
+        assert_eq!(adm.before_send(&a, &p0, &g).await, AtSend::Go);
         let t = tokio::time::Instant::now();
-        assert_eq!(adm.before_send(&a, &p1, &g).await, Send::Go);
+        assert_eq!(adm.before_send(&a, &p1, &g).await, AtSend::Go);
         assert_eq!(t.elapsed(), Duration::from_millis(50), "spaced at the pace");
         // A third, admitted before a 429 comes back and about to be sent after it: held.
         let p2 = adm.acquire(&a, wait).await.expect("third");
@@ -916,7 +921,7 @@ mod tests {
             ..hints::Hints::default()
         };
         adm.learn(&a, &g, 429, &hints);
-        assert_eq!(sending.await.expect("task"), Send::Paused);
+        assert_eq!(sending.await.expect("task"), AtSend::Paused);
         // Admitted again, it waits out the pause.
         let again = adm.acquire(&a, wait).await.expect("after the pause");
         assert!(
@@ -924,7 +929,7 @@ mod tests {
             "{:?}",
             again.queued
         );
-        assert_eq!(adm.before_send(&a, &again, &g).await, Send::Go);
+        assert_eq!(adm.before_send(&a, &again, &g).await, AtSend::Go);
     }
 
     #[tokio::test(start_paused = true)]
@@ -955,7 +960,7 @@ mod tests {
                 .expect("admitted");
             // A few milliseconds late is within half an interval.
             tokio::time::sleep(Duration::from_millis(5)).await;
-            assert_eq!(adm.before_send(&a, &p, &g).await, Send::Go);
+            assert_eq!(adm.before_send(&a, &p, &g).await, AtSend::Go);
         }
         assert!(matches!(host(&adm, "a.test:443", &g), Host::Light { .. }));
     }

@@ -4,7 +4,7 @@
 
 use super::body::Source;
 use super::Job;
-use crate::admission::{Host, Permit, Send};
+use crate::admission::{AtSend, Host, Permit};
 use crate::error::{self, Code};
 use crate::regions::state::InFlight;
 use crate::regions::Region;
@@ -93,11 +93,10 @@ pub async fn run(
     };
     let r = &job.host.regions[region];
     let in_flight = r.state.enter();
-    let mut started = Instant::now();
     let mut pending = Pending {
         state: &r.state,
         regions: &job.shared.regions,
-        started,
+        started: Instant::now(),
         armed: true,
     };
     let peer = match peer_for(job, r).await {
@@ -120,9 +119,8 @@ pub async fn run(
             .await;
         // Time spent waiting for its place among the host's sends is not the region's
         // latency.
-        started += look.elapsed();
-        pending.started = started;
-        if send == Send::Go {
+        pending.started += look.elapsed();
+        if send == AtSend::Go {
             break session;
         }
         // Paused since it was admitted: the unused connection goes back to the pool while
@@ -141,8 +139,7 @@ pub async fn run(
                 .await
                 .map_err(|e| fail(e, true))?,
         );
-        started += look.elapsed();
-        pending.started = started;
+        pending.started += look.elapsed();
     };
     let read_timeout = job.read_timeout();
     session.set_read_timeout(Some(read_timeout));
@@ -163,7 +160,7 @@ pub async fn run(
         session,
         peer,
         region,
-        started,
+        started: pending.started,
         permit,
         in_flight,
     })
