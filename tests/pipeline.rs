@@ -224,42 +224,40 @@ fn resends_after_429_stop_at_max_attempts() {
     );
 }
 
-/// A raw upstream that reads chunked request bodies to their end, one connection after
-/// another, counting each one's bytes, and answers with the count.
+/// A raw upstream that reads one chunked request body to its end, counting its bytes, and
+/// answers with the count.
 fn counting_upstream() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     std::thread::spawn(move || {
-        'connections: for conn in listener.incoming() {
-            let Ok(mut s) = conn else {
-                return;
-            };
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut seen: Vec<u8> = Vec::new();
-            let mut total = 0usize;
-            // Keep only the tail, to find the chunked terminator.
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => continue 'connections,
-                    Ok(n) => {
-                        total += n;
-                        seen.extend_from_slice(&buf[..n]);
-                        if seen.len() > 16 {
-                            seen.drain(..seen.len() - 16);
-                        }
-                        if seen.ends_with(b"\r\n0\r\n\r\n") {
-                            break;
-                        }
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut seen: Vec<u8> = Vec::new();
+        let mut total = 0usize;
+        // Keep only the tail, to find the chunked terminator.
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    total += n;
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen.len() > 16 {
+                        seen.drain(..seen.len() - 16);
+                    }
+                    if seen.ends_with(b"\r\n0\r\n\r\n") {
+                        break;
                     }
                 }
             }
-            let body = total.to_string();
-            let reply = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            s.write_all(reply.as_bytes()).ok();
         }
+        let body = total.to_string();
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(reply.as_bytes()).ok();
     });
     port
 }
@@ -280,34 +278,13 @@ fn a_large_chunked_upload_to_a_host_with_regions_streams() {
     let sluice = Sluice::start(
         "",
         &format!(
-            "[security]\nallow_cidrs = [\"127.0.0.0/8\"]\nmax_body_bytes = 209715200\n\
+            "[security]\nallow_cidrs = [\"127.0.0.0/8\"]\nmax_body_bytes = 104857600\n\
              [defaults]\nrps = 0.0\n[hosts.\"{HOST}\"]\nregions = [{{ name = \"a\", address = \"127.0.0.1:{port}\" }}]\n"
         ),
     );
-    // A first upload warms what the process keeps between requests (the allocator's
-    // per-thread caches, pooled buffers), whose size varies from run to run by a few MiB.
-    // The second is twice as large: had the first been buffered (raising the high-water
-    // mark by 50 MiB), buffering this one would still raise it by 50 MiB more.
-    upload(&sluice, 50);
     let before = peak_rss_kib(sluice.pid());
-    let during = upload(&sluice, 100);
-    let after = peak_rss_kib(sluice.pid()).max(during);
-    let grew = after.saturating_sub(before);
-    eprintln!(
-        "100 MiB upload after a 50 MiB one: sluice peak RSS {before} -> {after} KiB (+{grew} KiB)"
-    );
-    assert!(
-        grew < 16 * 1024,
-        "peak RSS grew by {grew} KiB for a 100 MiB body: it was buffered"
-    );
-}
-
-/// One chunked upload of `mib` MiB through `sluice` to the counting upstream; the highest
-/// peak RSS seen while it was sent.
-fn upload(sluice: &Sluice, mib: usize) -> u64 {
     const MIB: usize = 1024 * 1024;
-    let total = mib * MIB;
-    let mut during = peak_rss_kib(sluice.pid());
+    const TOTAL: usize = 50 * MIB;
     let mut s = TcpStream::connect(sluice.proxy).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(60))).ok();
     let head = format!(
@@ -316,7 +293,8 @@ fn upload(sluice: &Sluice, mib: usize) -> u64 {
     );
     s.write_all(head.as_bytes()).expect("head");
     let chunk = vec![b'x'; 256 * 1024];
-    for i in 0..(total / chunk.len()) {
+    let mut during = before;
+    for i in 0..(TOTAL / chunk.len()) {
         s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
             .expect("size");
         s.write_all(&chunk).expect("chunk");
@@ -332,10 +310,16 @@ fn upload(sluice: &Sluice, mib: usize) -> u64 {
     assert_eq!(status, 200, "{body}");
     let received: usize = body.trim().parse().expect("count");
     assert!(
-        received > total,
+        received > TOTAL,
         "the upstream got the whole body: {received}"
     );
-    during
+    let after = peak_rss_kib(sluice.pid()).max(during);
+    let grew = after.saturating_sub(before);
+    eprintln!("50 MiB upload: sluice peak RSS {before} -> {after} KiB (+{grew} KiB)");
+    assert!(
+        grew < 16 * 1024,
+        "peak RSS grew by {grew} KiB for a 50 MiB body: it was buffered"
+    );
 }
 
 #[test]
