@@ -2,7 +2,7 @@
 //! without regions): admission, connect, send the head and the body (streamed or replayed),
 //! read the response head. The caller races attempts and streams the winner.
 
-use super::body::Source;
+use super::body::{Piece, Source};
 use super::Job;
 use crate::admission::{AtSend, Host, Permit};
 use crate::error::{self, Code};
@@ -205,6 +205,10 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// Send the head and the whole body, ending the body once, after its last byte. An empty
+/// write would end a chunked body early (pingora-core encodes it as the last chunk), so none
+/// is made. Returns an error, and so never an answer whose connection could be pooled, when
+/// the streamed body stopped before its end.
 async fn send(session: &mut HttpSession, head: RequestHeader, body: Source) -> Result<()> {
     session.write_request_header(Box::new(head)).await?;
     match body {
@@ -213,11 +217,19 @@ async fn send(session: &mut HttpSession, head: RequestHeader, body: Source) -> R
                 session.write_request_body(b, true).await?;
             }
         }
-        Source::Stream(mut rx) => {
-            while let Some(chunk) = rx.recv().await {
-                session.write_request_body(chunk, false).await?;
+        Source::Stream(mut rx) => loop {
+            match rx.recv().await {
+                Some(Piece::Data(b)) if b.is_empty() => {}
+                Some(Piece::Data(b)) => session.write_request_body(b, false).await?,
+                Some(Piece::End) => break,
+                None => {
+                    return Err(error::error(
+                        Code::ClientClosed,
+                        "the request body stopped before its end",
+                    ))
+                }
             }
-        }
+        },
     }
     session.finish_request_body().await
 }

@@ -2,6 +2,12 @@
 //! first attempt through a small channel (so a slow upstream slows the client, and memory stays
 //! bounded), while a bounded replay buffer keeps what a retry or a duplicate must send again.
 //! A body that outgrows the buffer keeps streaming to its one attempt and is never replayed.
+//!
+//! The streamed attempt is told where the body ends ([`Piece::End`]), never left to infer it:
+//! pingora-core hands back empty pieces (a size line or a CRLF alone in a read, the trailer
+//! section), and an empty write upstream is a chunked body's last chunk. Empty pieces are
+//! dropped here; a stream that stops without `End` is a body cut short, and its upstream
+//! connection is never pooled.
 
 use crate::error::{self, Code};
 use bytes::{Bytes, BytesMut};
@@ -12,10 +18,19 @@ use tokio::sync::mpsc;
 /// Chunks in flight between the client and the first attempt.
 const CHANNEL_CHUNKS: usize = 2;
 
+/// One piece of a streamed body.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece {
+    /// Bytes of the body, never empty.
+    Data(Bytes),
+    /// The client sent the whole body: the upstream body may end now.
+    End,
+}
+
 /// What one attempt sends as its body.
 pub enum Source {
-    /// The chunks as they arrive from the client (the first attempt).
-    Stream(mpsc::Receiver<Bytes>),
+    /// The pieces as they arrive from the client (the first attempt).
+    Stream(mpsc::Receiver<Piece>),
     /// The whole body, kept (every later attempt, or a body already complete).
     Whole(Bytes),
 }
@@ -34,7 +49,7 @@ pub struct Upload {
     /// The client sent the whole body.
     pub done: bool,
     /// Toward the streamed attempt, while it listens.
-    tx: Option<mpsc::Sender<Bytes>>,
+    tx: Option<mpsc::Sender<Piece>>,
     /// The floor on the body's pace: (when reading began, bytes/s, grace).
     pace: (std::time::Instant, u64, std::time::Duration),
 }
@@ -94,7 +109,7 @@ impl Upload {
     pub async fn next(
         &self,
         session: &mut Session,
-    ) -> (Option<mpsc::OwnedPermit<Bytes>>, Result<Option<Bytes>>) {
+    ) -> (Option<mpsc::OwnedPermit<Piece>>, Result<Option<Bytes>>) {
         let permit = match self.tx.clone() {
             Some(tx) => tx.reserve_owned().await.ok(),
             None => None,
@@ -122,18 +137,26 @@ impl Upload {
     }
 
     /// Take in a chunk `next` read: count it against `max_body_bytes`, keep it for replay
-    /// while it fits, pass it on. `None` ends the body.
+    /// while it fits, pass it on. `None` ends the body (and tells the streamed attempt so);
+    /// an empty chunk is nothing and is dropped.
     pub fn take(
         &mut self,
-        permit: Option<mpsc::OwnedPermit<Bytes>>,
+        permit: Option<mpsc::OwnedPermit<Piece>>,
         chunk: Option<Bytes>,
     ) -> Result<()> {
         let Some(chunk) = chunk else {
             self.done = true;
             self.tx = None;
+            if let Some(p) = permit {
+                p.send(Piece::End);
+            }
             self.whole = self.replay.take().map(BytesMut::freeze);
             return Ok(());
         };
+        if chunk.is_empty() {
+            // Its reserved place goes back with `permit`.
+            return Ok(());
+        }
         self.read = self.read.saturating_add(chunk.len() as u64);
         if self.read > self.max {
             return Err(error::error(
@@ -148,7 +171,7 @@ impl Upload {
         }
         match permit {
             Some(p) => {
-                p.send(chunk);
+                p.send(Piece::Data(chunk));
             }
             // The streamed attempt is gone; nothing more is sent to it.
             None => self.tx = None,

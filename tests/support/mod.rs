@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod redis;
+pub mod strict;
 pub mod upstream;
 
 #[allow(unused_imports)]
