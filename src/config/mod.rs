@@ -209,6 +209,14 @@ pub struct HostLimits {
     /// Whose quota a 429 (or a 503 with `Retry-After`, or exhausted rate-limit headers) from
     /// one region speaks for: the host's (pause every region) or that region's only.
     pub quota: Quota,
+    /// The request's deadline when the client sends no `Sluice-Timeout`: the wait for a slot,
+    /// the connects and the response head (never a streamed body). 10 minutes by default: a
+    /// non-streamed LLM completion answers its head only once the whole answer is written,
+    /// and the OpenAI and Anthropic SDKs wait as long.
+    pub request_timeout: HumanDuration,
+    /// Longest silence within a response body once its head arrived (a streamed answer while
+    /// the model thinks). Never cut by the deadline.
+    pub body_idle_timeout: HumanDuration,
 }
 
 impl Default for HostLimits {
@@ -228,6 +236,8 @@ impl Default for HostLimits {
             retry_budget: RetryBudget::default(),
             outlier: Outlier::default(),
             quota: Quota::Host,
+            request_timeout: HumanDuration::from_secs(600),
+            body_idle_timeout: HumanDuration::from_secs(300),
         }
     }
 }
@@ -250,6 +260,8 @@ pub struct HostOverride {
     pub retry_budget: Option<RetryBudget>,
     pub outlier: Option<Outlier>,
     pub quota: Option<Quota>,
+    pub request_timeout: Option<HumanDuration>,
+    pub body_idle_timeout: Option<HumanDuration>,
     /// The host's regions; without any, the host is one region: its DNS answer.
     #[serde(default)]
     pub regions: Vec<RegionConfig>,
@@ -274,6 +286,8 @@ impl HostOverride {
             retry_budget: self.retry_budget.unwrap_or(base.retry_budget),
             outlier: self.outlier.unwrap_or(base.outlier),
             quota: self.quota.unwrap_or(base.quota),
+            request_timeout: self.request_timeout.unwrap_or(base.request_timeout),
+            body_idle_timeout: self.body_idle_timeout.unwrap_or(base.body_idle_timeout),
         }
     }
 }
@@ -291,8 +305,10 @@ pub struct Server {
     pub upstream_ca_file: Option<String>,
     /// Time to establish a TCP (and TLS) connection to an upstream.
     pub connect_timeout: HumanDuration,
-    /// Longest wait for each read from an upstream (response header or body chunk).
-    pub read_timeout: HumanDuration,
+    /// A cap on each single read from an upstream (response head or body piece), for every
+    /// host; unset by default, since a host's `request_timeout` bounds the wait for the head
+    /// and its `body_idle_timeout` the silences within a body.
+    pub read_timeout: Option<HumanDuration>,
     /// Longest wait for each write to an upstream.
     pub write_timeout: HumanDuration,
     /// Longest wait for a DNS answer.
@@ -361,7 +377,7 @@ impl Default for Server {
             threads: 0,
             upstream_ca_file: None,
             connect_timeout: HumanDuration::from_secs(5),
-            read_timeout: HumanDuration::from_secs(60),
+            read_timeout: None,
             write_timeout: HumanDuration::from_secs(30),
             dns_timeout: HumanDuration::from_secs(5),
             dns_servers: Vec::new(),

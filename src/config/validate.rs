@@ -148,7 +148,6 @@ impl Config {
         }
         for (key, value) in [
             ("connect_timeout", s.connect_timeout),
-            ("read_timeout", s.read_timeout),
             ("write_timeout", s.write_timeout),
             ("dns_timeout", s.dns_timeout),
             ("header_read_timeout", s.header_read_timeout),
@@ -157,6 +156,12 @@ impl Config {
             if value.get().is_zero() {
                 err(format!("server.{key}"), "must be greater than zero".into());
             }
+        }
+        if s.read_timeout.is_some_and(|t| t.get().is_zero()) {
+            err(
+                "server.read_timeout".into(),
+                "must be greater than zero (or left out: no cap on each read)".into(),
+            );
         }
         if let Some(path) = &s.upstream_ca_file {
             if let Err(m) = check_ca_file(path) {
@@ -337,6 +342,9 @@ impl Config {
     }
 }
 
+/// Longest `request_timeout` or `body_idle_timeout` (as long as a `Sluice-Timeout` may be).
+const MAX_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 fn check_limits(path: &str, l: &super::HostLimits, err: &mut impl FnMut(String, String)) {
     if !(l.rps.is_finite() && l.rps >= 0.0 && l.rps <= 1_000_000.0) {
         err(
@@ -346,6 +354,20 @@ fn check_limits(path: &str, l: &super::HostLimits, err: &mut impl FnMut(String, 
     }
     if l.burst == 0 {
         err(format!("{path}.burst"), "must be at least 1".into());
+    }
+    for (key, t) in [
+        ("request_timeout", l.request_timeout),
+        ("body_idle_timeout", l.body_idle_timeout),
+    ] {
+        if t.get().is_zero() || t.get() > MAX_REQUEST_TIMEOUT {
+            err(
+                format!("{path}.{key}"),
+                format!(
+                    "must be greater than zero and at most {}",
+                    humantime::format_duration(MAX_REQUEST_TIMEOUT)
+                ),
+            );
+        }
     }
     if !(l.max_rps.is_finite() && l.max_rps >= 0.0) {
         err(
@@ -574,6 +596,25 @@ pub(super) mod tests {
         let paths =
             errors_of("[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:1\"\n");
         assert_eq!(paths, vec!["server.admin_listen".to_string()]);
+    }
+
+    #[test]
+    fn timeouts_are_bounded() {
+        let paths = errors_of(
+            "[server]\nread_timeout = \"0s\"\n[defaults]\nrequest_timeout = \"0s\"\n\
+             [hosts.\"a.test\"]\nbody_idle_timeout = \"2h\"\n",
+        );
+        assert_eq!(
+            paths,
+            vec![
+                "server.read_timeout".to_string(),
+                "defaults.request_timeout".to_string(),
+                // The host inherits the default's 0s.
+                "hosts.\"a.test\".request_timeout".to_string(),
+                "hosts.\"a.test\".body_idle_timeout".to_string(),
+            ]
+        );
+        assert!(errors_of("[server]\nread_timeout = \"5s\"\n").is_empty());
     }
 
     #[test]

@@ -20,7 +20,8 @@ pub struct Ctx {
     pub attempts: u32,
     /// The refusal or failure code, when sluice answered instead of the upstream.
     pub error: Option<Code>,
-    /// End-to-end deadline from `Sluice-Timeout`, queueing included.
+    /// End-to-end deadline from `Sluice-Timeout`, else the host's `request_timeout`: the
+    /// wait, the connects and the response head (never a streamed body).
     pub deadline: Option<Instant>,
     /// The destination host's admission state.
     pub cell: Option<Host>,

@@ -126,12 +126,13 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
         };
         exec.go(session, &mut upload, order, first_body, first_permit)
             .await
+            .map(|(answer, attempts)| (answer, attempts, job.body_idle_timeout()))
     };
     ctx.body_bytes = upload.read;
     match result {
-        Ok((answer, attempts)) => {
+        Ok((answer, attempts, body_idle)) => {
             ctx.attempts = attempts;
-            respond::stream(shared, session, ctx, &host, answer).await
+            respond::stream(shared, session, ctx, &host, answer, body_idle).await
         }
         Err((failed, attempts)) => {
             ctx.attempts = attempts;
@@ -167,8 +168,11 @@ struct Deferred {
     delay: Duration,
 }
 
-/// Which endpoint goes next: the route's order, round and round, skipping endpoints taken
-/// out of rotation since the request began (unless the order is already a last resort).
+/// Which endpoint goes next: the route's order, each endpoint once (an endpoint that just
+/// timed out, failed or answered 5xx is not asked again by the same request), skipping
+/// endpoints taken out of rotation since the request began (unless every endpoint of the
+/// order is out: then it is a last resort, tried in order). Only a resend after the host's
+/// quota paused it goes to the same endpoint again ([`Picker::again`]).
 struct Picker {
     order: Vec<usize>,
     used: usize,
@@ -184,21 +188,19 @@ impl Picker {
         }
     }
 
-    /// The next endpoint and how many attempts it had before; `None` when none may take one.
+    /// The next endpoint not tried yet and how many attempts it had before (none); `None`
+    /// when no endpoint is left.
     fn next(&mut self, host: &HostRegions, now: u64) -> Option<(usize, u32)> {
-        let n = self.order.len();
         let any_up = self
             .order
             .iter()
             .any(|&r| host.regions[r].state.available(now));
-        for _ in 0..n {
-            let r = self.order[self.used % n];
-            self.used += 1;
-            if !any_up || host.regions[r].state.available(now) || self.used == 1 {
-                return Some((r, self.again(r)));
-            }
-        }
-        None
+        let first = self.used == 0;
+        let r = self.order.iter().copied().find(|&r| {
+            self.per_region[r] == 0 && (first || !any_up || host.regions[r].state.available(now))
+        })?;
+        self.used += 1;
+        Some((r, self.again(r)))
     }
 
     /// Another attempt to `r`; how many it had before.
@@ -387,7 +389,8 @@ impl Exec<'_, '_> {
                 _ = deadline_sleep, if deadline.is_some() => {
                     return Err((
                         error::error(Code::UpstreamTimeout, format!(
-                            "{}: no answer within Sluice-Timeout",
+                            "{}: no response head within the request's deadline \
+                             (Sluice-Timeout, else the host's request_timeout)",
                             job.origin.host_port()
                         )),
                         sent,
@@ -555,7 +558,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_picker_skips_endpoints_out_of_rotation_unless_all_are() {
+    fn the_picker_asks_each_endpoint_once_and_skips_those_out_of_rotation() {
         let config = crate::config::Config::default();
         let regions = crate::regions::Regions::new(&crate::config::Generation::build(1, config));
         let addrs: Vec<std::net::SocketAddr> = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
@@ -567,14 +570,26 @@ mod tests {
         assert_eq!(p.next(&host, 0), Some((0, 0)));
         host.regions[1].state.hold(0, Duration::from_secs(5));
         assert_eq!(p.next(&host, 1), Some((2, 0)), "1 is held out");
-        assert_eq!(p.next(&host, 1), Some((0, 1)));
-        assert_eq!(p.again(0), 2);
+        assert_eq!(
+            p.next(&host, 1),
+            None,
+            "0 and 2 were tried, 1 is out: none is left"
+        );
+        assert_eq!(p.again(0), 1, "a resend after a pause goes to the same one");
+
+        let mut p = Picker::new(vec![0, 1, 2], 3);
         for r in [0, 2] {
             host.regions[r].state.hold(0, Duration::from_secs(5));
         }
-        assert!(
-            p.next(&host, 1).is_some(),
-            "all out: the order is a last resort"
+        let picks: Vec<_> = std::iter::from_fn(|| p.next(&host, 1)).collect();
+        assert_eq!(
+            picks,
+            vec![(0, 0), (1, 0), (2, 0)],
+            "all out: the order is a last resort, each once"
         );
+
+        let mut single = Picker::new(vec![0], 1);
+        assert_eq!(single.next(&host, 1), Some((0, 0)));
+        assert_eq!(single.next(&host, 1), None, "one endpoint: no retry to it");
     }
 }

@@ -105,11 +105,31 @@ impl Job<'_> {
         Ok(head)
     }
 
-    /// Read timeout of an attempt: the configured one within the deadline.
+    /// How long an attempt may wait on each read before its response head: the time left
+    /// before the deadline, within `server.read_timeout` when one is set.
     pub fn read_timeout(&self) -> Duration {
-        let t = self.ctx.generation.config.server.read_timeout.get();
-        self.ctx
+        let left = self
+            .ctx
             .time_left()
-            .map_or(t, |left| left.min(t).max(Duration::from_millis(1)))
+            .unwrap_or(self.limits.request_timeout.get());
+        self.ctx
+            .generation
+            .config
+            .server
+            .read_timeout
+            .map_or(left, |cap| cap.get().min(left))
+            .max(Duration::from_millis(1))
+    }
+
+    /// How long a response body may be silent: the host's `body_idle_timeout`, within
+    /// `server.read_timeout` when one is set. The deadline does not cut a body.
+    pub fn body_idle_timeout(&self) -> Duration {
+        let idle = self.limits.body_idle_timeout.get();
+        self.ctx
+            .generation
+            .config
+            .server
+            .read_timeout
+            .map_or(idle, |cap| cap.get().min(idle))
     }
 }

@@ -76,6 +76,10 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
     let key = origin.host_port();
     let (profile, named) = generation.profile_for(&origin.host, &key);
     let limits = generation.limits(profile).clone();
+    if ctx.deadline.is_none() {
+        // No `Sluice-Timeout`: the host's own bound, so that no request waits forever.
+        ctx.deadline = ctx.started.checked_add(limits.request_timeout.get());
+    }
     let control = Control::read(req, &limits).map_err(|m| error::error(Code::BadRequest, m))?;
     let configured = (named && generation.has_regions)
         .then(|| shared.regions.get(generation.host_label(profile)))

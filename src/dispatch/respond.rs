@@ -73,6 +73,7 @@ pub async fn stream(
     ctx: &mut Ctx,
     host: &HostRegions,
     answer: Answer,
+    body_idle: Duration,
 ) -> Result<()> {
     let Answer {
         session: mut upstream,
@@ -113,6 +114,8 @@ pub async fn stream(
         }
     }
     session.write_response_header(Box::new(resp), false).await?;
+    // The body is bounded by its silences, never by the deadline (a long stream is not cut).
+    upstream.set_read_timeout(Some(body_idle));
     if switched {
         return relay_upgraded(shared, session, upstream, permit, in_flight).await;
     }
