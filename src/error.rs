@@ -29,6 +29,8 @@ pub enum Code {
     UpstreamClosed,
     UpstreamProtocol,
     ClientClosed,
+    /// A TLS handshake sent to the plain listener (a proxy URL written `https://`).
+    TlsOnPlainListener,
     NoHealthyRegion,
     LoopDetected,
     SharedStateUnavailable,
@@ -42,7 +44,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 30] = [
+    pub const ALL: [Code; 31] = [
         Code::BadRequest,
         Code::BadTarget,
         Code::RateLimited,
@@ -66,6 +68,7 @@ impl Code {
         Code::UpstreamClosed,
         Code::UpstreamProtocol,
         Code::ClientClosed,
+        Code::TlsOnPlainListener,
         Code::NoHealthyRegion,
         Code::LoopDetected,
         Code::SharedStateUnavailable,
@@ -100,6 +103,7 @@ impl Code {
             Code::UpstreamClosed => "upstream_closed",
             Code::UpstreamProtocol => "upstream_protocol",
             Code::ClientClosed => "client_closed",
+            Code::TlsOnPlainListener => "tls_on_plain_listener",
             Code::NoHealthyRegion => "no_healthy_region",
             Code::LoopDetected => "loop_detected",
             Code::SharedStateUnavailable => "shared_state_unavailable",
@@ -131,7 +135,8 @@ impl Code {
             | Code::UpstreamClosed
             | Code::UpstreamProtocol => 502,
             Code::ConnectTimeout | Code::UpstreamTimeout => 504,
-            Code::ClientClosed => 0,
+            // Nothing can be sent: the client is gone, or waits for a TLS answer.
+            Code::ClientClosed | Code::TlsOnPlainListener => 0,
             Code::NoHealthyRegion => 503,
             Code::LoopDetected => 508,
             Code::Internal => 500,

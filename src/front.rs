@@ -26,6 +26,8 @@ const KEEPALIVE_SECS: u64 = 60;
 const MAX_HEADERS: usize = 128;
 /// First allocation for a request head (it grows up to the configured maximum).
 const HEAD_BUFFER: usize = 4096;
+/// The first byte of a TLS record carrying a handshake (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
 
 pub struct Front {
     shared: Arc<Shared>,
@@ -77,6 +79,10 @@ impl Front {
             let mut buf = match head.await {
                 Head::Complete(buf) => buf,
                 Head::Gone => return None,
+                Head::Tls => {
+                    tls_on_plain_listener(&self.shared, tunnel.is_some());
+                    return None;
+                }
                 Head::Refuse(code, why) => {
                     refuse(stream, &self.shared, code, &why).await;
                     return None;
@@ -264,6 +270,8 @@ enum Head {
     Gone,
     /// Refuse with this code and reason, then close.
     Refuse(Code, String),
+    /// A TLS handshake where a head was due: close at once.
+    Tls,
 }
 
 /// Does `buf` hold the end of a head (`\n\r\n` or `\n\n`) at or after `from` (minus the
@@ -340,6 +348,11 @@ async fn read_head(
     match got {
         Ok(n) if n > 0 => {}
         _ => return Head::Gone,
+    }
+    if first[0] == TLS_HANDSHAKE {
+        // No request line starts with this byte: a TLS ClientHello, from a client told to
+        // reach sluice with `https://`. Nothing it could read is sent: closed at once.
+        return Head::Tls;
     }
     let mut buf = BytesMut::with_capacity(HEAD_BUFFER);
     buf.extend_from_slice(&first);
@@ -435,6 +448,20 @@ pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Cod
             }
         } else if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            // A header named in `Connection` is dropped at this hop; a framing header cannot
+            // be (the body would go up without the framing it came with).
+            let named = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+            if let Some(f) = named
+                .split(',')
+                .map(str::trim)
+                .find(|t| *t == "content-length" || *t == "transfer-encoding")
+            {
+                return Err((
+                    Code::BadRequest,
+                    format!("Connection names {f}, a framing header, as hop-by-hop"),
+                ));
+            }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             if te.is_some() {
                 return Err((Code::BadRequest, "repeated Transfer-Encoding".into()));
@@ -561,6 +588,32 @@ async fn linger(stream: &mut Stream) {
     }
 }
 
+/// Count and log a TLS handshake where a request head was due, with what to do about it.
+fn tls_on_plain_listener(shared: &Shared, in_tunnel: bool) {
+    let code = Code::TlsOnPlainListener;
+    shared.metrics.record(
+        crate::target::WayIn::Unknown,
+        crate::metrics::OTHER_HOST,
+        Some(code),
+        0.0,
+    );
+    let reason = if in_tunnel {
+        "a TLS handshake inside an intercepted tunnel's TLS"
+    } else {
+        "a TLS handshake on sluice's plain HTTP listener: write the proxy URL as http:// \
+         (https_proxy=http://host:port); the client's own TLS goes inside the CONNECT tunnel"
+    };
+    if shared.generation().config.server.access_log {
+        tracing::info!(
+            target: "sluice::access",
+            way = "unknown",
+            status = 0,
+            error = code.as_str(),
+            reason,
+        );
+    }
+}
+
 async fn refuse(mut stream: Stream, shared: &Shared, code: Code, message: &str) {
     // Counted and logged before the answer goes out: whoever reads the refusal finds it
     // counted.
@@ -656,6 +709,8 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nX-Folded: one\r\n two\r\n\r\n",
             "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert_eq!(code_of(bad), Some(Code::BadRequest), "{bad:?}");
         }

@@ -104,6 +104,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("warning: {warning}");
         }
         println!("{source}: configuration is valid");
+        let listen = &config.server.listen;
+        println!(
+            "point clients at it with http_proxy=http://{listen} and https_proxy=http://{listen} \
+             (http:// in both: an HTTPS call's own TLS goes inside the CONNECT tunnel)"
+        );
         return Ok(ExitCode::SUCCESS);
     }
     init_logging(&config.server.log_level, config.server.log_format);

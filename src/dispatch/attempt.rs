@@ -244,6 +244,12 @@ pub async fn read_final_head(session: &mut HttpSession) -> Result<()> {
     for _ in 0..=MAX_INTERIM {
         session.read_response_header().await?;
         let status = session.response_header().map_or(0, |h| h.status.as_u16());
+        if !(100..=599).contains(&status) {
+            return Err(error::error(
+                Code::UpstreamProtocol,
+                format!("the upstream answered status {status}, outside 100-599"),
+            ));
+        }
         let asked = match &*session {
             HttpSession::H1(h1) => h1.is_upgrade_req(),
             _ => false,

@@ -113,6 +113,16 @@ pub async fn stream(
             resp.insert_header(http::header::CONNECTION, "upgrade")?;
         }
     }
+    if !switched && close_delimited(session.req_header(), up_head) {
+        // The upstream ends this body by closing, so its end cannot be told from a cut. The
+        // client gets it chunked (HTTP/1.0: close-delimited, the connection not kept), so
+        // a body cut upstream reaches it without a last chunk, never as complete.
+        if session.req_header().version >= http::Version::HTTP_11 {
+            resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        } else {
+            session.set_keepalive(None);
+        }
+    }
     session.write_response_header(Box::new(resp), false).await?;
     // The body is bounded by its silences, never by the deadline (a long stream is not cut).
     upstream.set_read_timeout(Some(body_idle));
@@ -136,6 +146,19 @@ pub async fn stream(
             .await;
     }
     Ok(())
+}
+
+/// Does this response's body end only when the upstream closes (RFC 9112 6.3: a body is
+/// allowed, and neither `Content-Length` nor `Transfer-Encoding` says where it ends)?
+fn close_delimited(req: &RequestHeader, resp: &ResponseHeader) -> bool {
+    let status = resp.status.as_u16();
+    let no_body = req.method == http::Method::HEAD
+        || (100..200).contains(&status)
+        || status == 204
+        || status == 304;
+    !no_body
+        && !resp.headers.contains_key(http::header::CONTENT_LENGTH)
+        && !resp.headers.contains_key(http::header::TRANSFER_ENCODING)
 }
 
 /// After a `101`, the connection is the new protocol's (a WebSocket): bytes both ways until
