@@ -256,16 +256,30 @@ pub async fn serve(
     }
     let queued = permit.queued;
     let metrics = &shared.metrics;
+    let idle = server.tunnel_idle_timeout.get();
+    // Whatever the port, plain HTTP inside a tunnel is served request by request (paced,
+    // learned from, retried); TLS and anything else stay opaque.
+    let prefix = match sniff(&mut stream, &upstream, head.leftover.clone(), idle).await {
+        Sniffed::Http(prefix) => {
+            // Nothing was sent on the connection opened for it: it closes, and each request
+            // inside takes its own admission.
+            drop(upstream);
+            drop(permit);
+            drop(client_permit);
+            return http_inside(shared, stream, &head, prefix, started);
+        }
+        Sniffed::Opaque(prefix) => prefix,
+    };
     metrics.tunnels_opened.inc();
     metrics.tunnels_active.inc();
     let mut up_bytes = 0u64;
-    if !head.leftover.is_empty() {
-        if let Err(e) = upstream.write_all(&head.leftover).await {
+    if !prefix.is_empty() {
+        if let Err(e) = upstream.write_all(&prefix).await {
             tracing::debug!(error = %e, "upstream closed at once");
         }
-        up_bytes = head.leftover.len() as u64;
+        up_bytes = prefix.len() as u64;
     }
-    let (up, down) = relay(&mut stream, &mut upstream, server.tunnel_idle_timeout.get()).await;
+    let (up, down) = relay(&mut stream, &mut upstream, idle).await;
     metrics.tunnels_active.dec();
     metrics
         .tunnel_bytes
@@ -427,6 +441,115 @@ async fn inside(
     })
 }
 
+/// What a tunnel's first bytes say it carries.
+enum Sniffed {
+    /// An HTTP/1 request line: served request by request (the bytes read so far).
+    Http(Vec<u8>),
+    /// Anything else (TLS, a protocol whose server speaks first, a client that sent nothing
+    /// within the idle bound, or left): carried as it is, after the bytes read so far.
+    Opaque(Vec<u8>),
+}
+
+/// Longest method sniffed for (`OPTIONS`, `CONNECT` and the rest fit well within it).
+const MAX_METHOD: usize = 16;
+
+/// Does `prefix` start an HTTP/1 request line (`None`: too few bytes to tell)? A method is
+/// upper-case letters followed by a space; `PRI` is HTTP/2's preface, which stays opaque.
+fn request_line(prefix: &[u8]) -> Option<bool> {
+    for (i, b) in prefix.iter().enumerate() {
+        match b {
+            b'A'..=b'Z' if i < MAX_METHOD => {}
+            b' ' if i > 0 => return Some(&prefix[..i] != b"PRI"),
+            _ => return Some(false),
+        }
+    }
+    None
+}
+
+/// Read the client's first bytes, until they tell HTTP from anything else, while the
+/// upstream has said nothing (a server that speaks first makes the tunnel opaque at once).
+async fn sniff(
+    client: &mut Stream,
+    upstream: &TcpStream,
+    mut prefix: Vec<u8>,
+    idle: Duration,
+) -> Sniffed {
+    let until = tokio::time::Instant::now() + idle;
+    loop {
+        match request_line(&prefix) {
+            Some(true) => return Sniffed::Http(prefix),
+            Some(false) => return Sniffed::Opaque(prefix),
+            None => {}
+        }
+        let mut buf = [0u8; MAX_METHOD];
+        tokio::select! {
+            read = client.read(&mut buf) => match read {
+                Ok(n) if n > 0 => prefix.extend_from_slice(&buf[..n]),
+                _ => return Sniffed::Opaque(prefix),
+            },
+            _ = upstream.readable(), if prefix.is_empty() => return Sniffed::Opaque(prefix),
+            _ = tokio::time::sleep_until(until) => return Sniffed::Opaque(prefix),
+        }
+    }
+}
+
+/// A tunnel whose client speaks plain HTTP: its requests, from `prefix` on, are served by the
+/// front like forward-proxy requests to `http://host:port`.
+fn http_inside(
+    shared: &Arc<Shared>,
+    stream: Stream,
+    head: &ConnectHead,
+    prefix: Vec<u8>,
+    started: Instant,
+) -> Option<Inside> {
+    use crate::intercept::{ClientSide, Rewind, TunnelInfo, Tunneled};
+    let authority = crate::target::host_port(&head.host, head.port);
+    let info = TunnelInfo {
+        scheme: "http",
+        authority: authority.clone(),
+    };
+    let client = ClientSide::of(&stream);
+    let io = Rewind::new(bytes::Bytes::from(prefix), stream);
+    let access_log = shared.generation().config.server.access_log;
+    let log = |error: &str, reason: &str| {
+        if access_log {
+            tracing::info!(
+                target: "sluice::access",
+                way = "connect",
+                host = head.host.as_str(),
+                port = head.port,
+                status = 200,
+                inside = "http",
+                ms = started.elapsed().as_millis() as u64,
+                error,
+                reason,
+            );
+        }
+    };
+    match Tunneled::new(io, client, info) {
+        Ok(t) => {
+            shared
+                .metrics
+                .intercept_tunnels
+                .with_label_values(&["http"])
+                .inc();
+            log("-", "-");
+            Some(Inside {
+                stream: Box::new(t),
+                info: TunnelInfo {
+                    scheme: "http",
+                    authority,
+                },
+                authorization: head.authorization.clone(),
+            })
+        }
+        Err(e) => {
+            log("internal", &e.to_string());
+            None
+        }
+    }
+}
+
 async fn write_and_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
     w.write_all(bytes).await?;
     w.flush().await
@@ -499,6 +622,26 @@ async fn copy_one_way<R, W>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tells_a_request_line_from_other_first_bytes() {
+        for http in [&b"GET "[..], b"POST /x HTTP/1.1", b"OPTIONS * HTTP/1.1"] {
+            assert_eq!(request_line(http), Some(true), "{http:?}");
+        }
+        for other in [
+            &b"\x16\x03\x01"[..],
+            b"SSH-2.0-OpenSSH",
+            b"PRI * HTTP/2.0",
+            b"get / HTTP/1.1",
+            b" GET",
+            b"ABCDEFGHIJKLMNOPQ",
+        ] {
+            assert_eq!(request_line(other), Some(false), "{other:?}");
+        }
+        for undecided in [&b""[..], b"G", b"DELET"] {
+            assert_eq!(request_line(undecided), None, "{undecided:?}");
+        }
+    }
 
     #[test]
     fn parses_heads_and_keeps_early_bytes() {

@@ -184,3 +184,99 @@ fn idle_tunnels_are_closed() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eventually!(sluice.metric("sluice_tunnels_active") == 0.0, "tunnel gone");
 }
+
+/// Read from `conn` until `done` says the bytes so far are enough (bounded by the read
+/// timeout).
+fn read_until(conn: &mut TcpStream, done: impl Fn(&str) -> bool) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !done(&String::from_utf8_lossy(&got)) {
+        let n = conn.read(&mut buf).expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).to_string()
+}
+
+/// Before: with the port allowed, a tunnel carrying plain HTTP was opaque (no pace, no 429
+/// seen, no Sluice-* headers). Now each request inside goes through the pipeline.
+#[test]
+fn plain_http_inside_an_allowed_tunnel_is_served_request_by_request() {
+    let up = FakeUpstream::builder().start();
+    // connect_any_port is on (the test default): the tunnel's port is allowed.
+    let sluice = Sluice::start("", "");
+    let mut conn = TcpStream::connect(sluice.proxy).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let authority = format!("127.0.0.1:{}", up.port());
+    conn.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .expect("connect head");
+    let opened = read_until(&mut conn, |t| t.contains("\r\n\r\n"));
+    assert!(opened.starts_with("HTTP/1.1 200"), "{opened}");
+    for path in ["/one", "/two"] {
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+            .expect("request");
+        // The fake upstream echoes the request's (empty) body: the head is the response.
+        let resp = read_until(&mut conn, |t| t.contains("\r\n\r\n"));
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert_eq!(header_of(&resp, "x-echo-target").as_deref(), Some(path));
+        assert!(
+            resp.to_ascii_lowercase().contains("sluice-attempts: 1"),
+            "served by the pipeline: {resp}"
+        );
+    }
+    let seen = up.requests();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter().all(|r| r.header("via").is_some()),
+        "each request went through sluice's pipeline"
+    );
+    assert_eq!(
+        sluice.metric("sluice_tunnels_opened_total"),
+        0.0,
+        "not an opaque tunnel"
+    );
+}
+
+/// TLS, other protocols, and a server that speaks first stay opaque, bytes as they are.
+#[test]
+fn tls_and_other_protocols_in_a_tunnel_stay_opaque() {
+    let echo = EchoServer::start();
+    let sluice = Sluice::start("", "");
+    for first in [
+        &b"\x16\x03\x01\x00\x05hello"[..],
+        b"SSH-2.0-client\r\n",
+        b"PRI * HTTP/2.0\r\n",
+    ] {
+        let mut conn = TcpStream::connect(sluice.proxy).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        conn.write_all(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", echo.addr).as_bytes())
+            .expect("connect head");
+        read_until(&mut conn, |t| t.contains("\r\n\r\n"));
+        conn.write_all(first).expect("first bytes");
+        let mut back = vec![0u8; first.len()];
+        conn.read_exact(&mut back).expect("echoed");
+        assert_eq!(back, first, "carried as they are");
+    }
+    // A server that speaks first: its banner reaches a client that has sent nothing.
+    let banner = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = banner.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = banner.accept() {
+            s.write_all(b"220 ready\r\n").ok();
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    });
+    let mut conn = TcpStream::connect(sluice.proxy).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn.write_all(format!("CONNECT {addr} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .expect("connect head");
+    let got = read_until(&mut conn, |t| t.contains("220 ready"));
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert_eventually!(
+        sluice.metric("sluice_tunnels_opened_total") == 4.0,
+        "four opaque tunnels"
+    );
+}
