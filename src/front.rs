@@ -8,6 +8,7 @@ use crate::error::{self, Code};
 use crate::framing::{Body, OneAtATime};
 use crate::proxy::SluiceProxy;
 use crate::state::Shared;
+use crate::target::WayIn;
 use crate::tunnel;
 use async_trait::async_trait;
 use bytes::BytesMut;
@@ -64,6 +65,13 @@ impl Front {
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut idle = head_timeout;
         let mut served = false;
+        // A refusal inside a tunnel is the tunnel's way in; on the listener no way is known
+        // before the head parses.
+        let way = if tunnel.is_some() {
+            WayIn::Intercept
+        } else {
+            WayIn::Unknown
+        };
         loop {
             stream.head();
             let open = (&self.shared.connections, max_connections);
@@ -84,7 +92,7 @@ impl Front {
                     return None;
                 }
                 Head::Refuse(code, why) => {
-                    refuse(stream, &self.shared, code, &why).await;
+                    refuse(stream, &self.shared, way, code, &why).await;
                     return None;
                 }
             };
@@ -94,19 +102,19 @@ impl Front {
                 match in_tunnel(&buf, info, authorization.as_deref()) {
                     Ok(rewritten) => buf = BytesMut::from(&rewritten[..]),
                     Err((code, why)) => {
-                        refuse(stream, &self.shared, code, &why).await;
+                        refuse(stream, &self.shared, way, code, &why).await;
                         return None;
                     }
                 }
             }
             match inspect(&buf, max_head, max_uri) {
                 Err((code, why)) => {
-                    refuse(stream, &self.shared, code, &why).await;
+                    refuse(stream, &self.shared, way, code, &why).await;
                     return None;
                 }
                 Ok(Plan::Connect) if tunnel.is_some() => {
                     let why = "CONNECT inside a tunnel";
-                    refuse(stream, &self.shared, Code::BadRequest, why).await;
+                    refuse(stream, &self.shared, way, Code::BadRequest, why).await;
                     return None;
                 }
                 Ok(Plan::Connect) => {
@@ -614,19 +622,18 @@ fn tls_on_plain_listener(shared: &Shared, in_tunnel: bool) {
     }
 }
 
-async fn refuse(mut stream: Stream, shared: &Shared, code: Code, message: &str) {
+/// Refuse a head with `code`, counted and logged under `way` (`unknown` on the listener, as
+/// the way is not known before the head parses; `intercept` inside a tunnel).
+async fn refuse(mut stream: Stream, shared: &Shared, way: WayIn, code: Code, message: &str) {
     // Counted and logged before the answer goes out: whoever reads the refusal finds it
     // counted.
-    shared.metrics.record(
-        crate::target::WayIn::Unknown,
-        crate::metrics::OTHER_HOST,
-        Some(code),
-        0.0,
-    );
+    shared
+        .metrics
+        .record(way, crate::metrics::OTHER_HOST, Some(code), 0.0);
     if shared.generation().config.server.access_log {
         tracing::info!(
             target: "sluice::access",
-            way = "unknown",
+            way = way.as_str(),
             status = code.status(),
             error = code.as_str(),
             reason = message,
@@ -657,7 +664,14 @@ impl ServerApp for Front {
         let _open = Open(&self.shared.connections);
         if open > security.max_connections {
             let why = format!("over {} open connections", security.max_connections);
-            refuse(stream, &self.shared, Code::TooManyConnections, &why).await;
+            refuse(
+                stream,
+                &self.shared,
+                WayIn::Unknown,
+                Code::TooManyConnections,
+                &why,
+            )
+            .await;
             return None;
         }
         let ip = stream
@@ -672,7 +686,14 @@ impl ServerApp for Front {
                         "over {} open connections from {ip} (security.max_connections_per_client)",
                         security.max_connections_per_client
                     );
-                    refuse(stream, &self.shared, Code::TooManyConnections, &why).await;
+                    refuse(
+                        stream,
+                        &self.shared,
+                        WayIn::Unknown,
+                        Code::TooManyConnections,
+                        &why,
+                    )
+                    .await;
                     return None;
                 }
                 Some(from)

@@ -100,7 +100,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .config
             .as_ref()
             .map_or("embedded default".to_string(), |p| p.display().to_string());
-        for warning in config.server.warnings() {
+        for warning in config
+            .server
+            .warnings()
+            .into_iter()
+            .chain(config.intercept.warnings())
+        {
             eprintln!("warning: {warning}");
         }
         println!("{source}: configuration is valid");

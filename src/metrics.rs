@@ -25,11 +25,12 @@ pub fn status_class(status: u16) -> &'static str {
 }
 
 /// The `result` values of `sluice_intercept_tunnels_total`.
-pub const INTERCEPT_RESULTS: [&str; 7] = [
+pub const INTERCEPT_RESULTS: [&str; 8] = [
     "tls",
     "http",
     "sni_mismatch",
     "handshake_failed",
+    "untrusted_ca",
     "leaf_failed",
     "not_http",
     "no_ca",
@@ -514,6 +515,14 @@ impl Metrics {
     }
 
     /// Requests answered by sluice itself, by error code (every way in and host), since start.
+    /// `sluice_intercept_tunnels_total` by result, for `/status`.
+    pub fn intercept_by_result(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        INTERCEPT_RESULTS
+            .iter()
+            .map(|r| (*r, self.intercept_tunnels.with_label_values(&[r]).get()))
+            .collect()
+    }
+
     pub fn refusals_by_code(&self) -> std::collections::BTreeMap<String, u64> {
         use prometheus::core::Collector;
         let mut out = std::collections::BTreeMap::new();

@@ -242,3 +242,39 @@ fn interception_needs_a_ca_whose_key_is_its_own() {
     );
     assert!(out.status.success(), "{}", stderr_of(&out));
 }
+
+/// Before: a CA key of mode 0644 passed `--check` without a word.
+#[test]
+fn check_warns_about_a_ca_key_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["ca", "init"])
+        .arg(dir.path().join("ca"))
+        .output()
+        .expect("sluice ca init");
+    assert!(made.status.success());
+    let (cert, key) = (dir.path().join("ca/ca.pem"), dir.path().join("ca/ca.key"));
+    let config = format!(
+        "[intercept]\nhosts = [\"api.example.test\"]\nca_cert = \"{}\"\nca_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let private = check_config(dir.path(), "private.toml", &config);
+    assert!(private.status.success(), "{}", stderr_of(&private));
+    assert!(
+        !stderr_of(&private).contains("warning"),
+        "{}",
+        stderr_of(&private)
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let open = check_config(dir.path(), "open.toml", &config);
+    assert!(open.status.success(), "valid, only risky");
+    let err = stderr_of(&open);
+    assert!(
+        err.contains("warning: intercept.ca_key")
+            && err.contains("0644")
+            && err.contains("chmod 600"),
+        "{err}"
+    );
+}

@@ -383,3 +383,71 @@ fn plain_http_in_a_tunnel_to_port_80_is_paced_per_request() {
     .expect("answer");
     assert_eq!(split_response(&raw).0, 403);
 }
+
+/// Before: the access line said only `error="handshake_failed" reason="... UnknownCA"`.
+#[test]
+fn a_client_that_does_not_trust_the_ca_is_told_apart_with_the_fix() {
+    let s = setup("");
+    let stranger = TestCa::new();
+    let client = https_client(&s.sluice, &stranger.ca_pem);
+    support::rt().block_on(async {
+        let r = client.get(format!("https://{HOST}/x")).send().await;
+        assert!(r.is_err(), "the client does not trust sluice's leaf");
+    });
+    assert_eventually!(
+        s.sluice
+            .metric("sluice_intercept_tunnels_total{result=\"untrusted_ca\"}")
+            >= 1.0,
+        "counted as untrusted_ca"
+    );
+    let log = s.sluice.log();
+    assert!(
+        log.contains("untrusted_ca") && log.contains("sluice ca init"),
+        "the access line says what happened and what to do: {log}"
+    );
+    let (status, body) = s.sluice.admin_get("/status");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(
+        v["intercept"]["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("sluice ca init")),
+        "{}",
+        v["intercept"]
+    );
+    assert_eq!(s.up.count(), 0);
+}
+
+/// Before: a refusal of a head inside a tunnel was counted and logged with `way="unknown"`.
+#[test]
+fn a_refusal_inside_a_tunnel_is_counted_under_the_tunnels_way() {
+    let up = FakeUpstream::builder().start();
+    let sluice = Sluice::start(
+        "",
+        &format!(
+            "[security]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
+             [resolve]\n\"plain.test:80\" = [\"127.0.0.1:{}\"]\n",
+            up.port()
+        ),
+    );
+    support::rt().block_on(async {
+        let mut tcp = connect(sluice.proxy, "plain.test:80").await;
+        // An absolute target naming another authority than the tunnel's: 400 bad_target.
+        tcp.write_all(b"GET http://elsewhere.test/ HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n")
+            .await
+            .expect("send");
+        let mut got = Vec::new();
+        tcp.read_to_end(&mut got).await.ok();
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    });
+    assert_eventually!(
+        sluice.metric("sluice_requests_total{outcome=\"bad_target\",way=\"intercept\"}") == 1.0,
+        "counted under the tunnel's way"
+    );
+    assert_eq!(
+        sluice.metric("sluice_requests_total{outcome=\"bad_target\",way=\"unknown\"}"),
+        0.0
+    );
+    assert_eq!(up.count(), 0);
+}

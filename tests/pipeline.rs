@@ -289,6 +289,28 @@ fn limited_region() -> FakeUpstream {
         .start()
 }
 
+/// Before: `Sluice-Queued-Ms: 0` on a request that waited about 2 s for the pause before its
+/// resend. The header accounts for every wait of the request, not only its first admission.
+#[test]
+fn queued_ms_counts_the_wait_for_a_pause_before_a_resend() {
+    let a = limited_region();
+    let b = FakeUpstream::builder()
+        .route("/", Reply::text(200, "b"))
+        .start();
+    let sluice = Sluice::start("", &quota_config(a.port(), b.port(), "host"));
+    rt().block_on(async {
+        let (status, h, body, elapsed) =
+            send(&sluice, "GET", "/x", &[("Sluice-Regions", "a,b")], "http").await;
+        assert_eq!((status, body.as_str()), (200, "a"));
+        assert_eq!(header(&h, "sluice-attempts"), "2");
+        let queued: u64 = header(&h, "sluice-queued-ms").parse().expect("a number");
+        assert!(
+            queued >= 1500 && queued <= elapsed.as_millis() as u64,
+            "Sluice-Queued-Ms {queued} for a request that waited the 2 s pause ({elapsed:?})"
+        );
+    });
+}
+
 #[test]
 fn a_429_from_one_region_pauses_the_host_when_the_quota_is_the_hosts() {
     let a = limited_region();

@@ -203,3 +203,29 @@ fn an_upstream_body_cut_by_a_reset_reaches_the_client_as_cut() {
         "{head}{text:?}"
     );
 }
+
+/// Before: a certificate that fails verification was tried three times per request, each
+/// retry waiting for the host's pace. Now the endpoint is not asked again.
+#[test]
+fn an_upstream_certificate_that_fails_verification_is_not_retried_on_the_same_endpoint() {
+    let stranger = TestCa::new();
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(200, "never"))
+        .tls(&stranger)
+        .start();
+    let sluice = Sluice::start("", &pinned(up.port()));
+    let (status, head, body) = exchange(
+        &sluice,
+        &format!(
+            "GET /x HTTP/1.1\r\nHost: sluice\r\nSluice-Target: https://{HOST}\r\n\
+             Connection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 502, "{head}{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        header_of(&head, "sluice-error").as_deref(),
+        Some("upstream_tls")
+    );
+    assert_eq!(up.connections(), 1, "one handshake, not three");
+    assert_eq!(up.count(), 0);
+}

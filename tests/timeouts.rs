@@ -192,3 +192,38 @@ fn a_body_silent_past_body_idle_timeout_is_cut_as_an_error() {
         "cut at its idle bound: {elapsed:?}"
     );
 }
+
+/// Before: a client that cancelled a stream was logged as `ERROR ... Fail to filter request
+/// ... Connection reset by peer`. A client leaving is `client_closed` in the access log.
+#[test]
+fn a_client_that_leaves_mid_stream_is_client_closed_not_an_error() {
+    let port = slow_body_upstream(Duration::from_millis(700));
+    let sluice = Sluice::start("", &pinned(port, ""));
+    let mut s = TcpStream::connect(sluice.proxy).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    s.write_all(
+        format!("GET /x HTTP/1.1\r\nHost: sluice\r\nSluice-Target: http://{HOST}\r\n\r\n")
+            .as_bytes(),
+    )
+    .expect("request");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("first") {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    // Leave with unread bytes pending: a reset, as a cancelled stream does.
+    s.set_nonblocking(true).ok();
+    drop(s);
+    assert_eventually!(
+        sluice.log().contains("client_closed"),
+        "the access line says client_closed: {}",
+        sluice.log()
+    );
+    let log = sluice.log();
+    assert!(
+        !log.lines().any(|l| l.contains("ERROR")),
+        "a client leaving is no error: {log}"
+    );
+}

@@ -123,6 +123,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "hosts": hosts,
         "regions": crate::regions::status_json(&shared.regions),
         "refusals": shared.metrics.refusals_by_code(),
+        "intercept": intercept_json(shared),
         "jobs": shared.jobs.summary(),
         "instance": shared.instance,
     })
@@ -150,4 +151,19 @@ pub fn configured_cells(shared: &Shared) -> Vec<(String, Arc<HostCell>)> {
         }
     }
     out
+}
+
+/// Tunnels served by sluice, by result; when clients rejected sluice's certificate, what to
+/// do about it.
+fn intercept_json(shared: &Shared) -> serde_json::Value {
+    let by_result = shared.metrics.intercept_by_result();
+    let untrusted = by_result.get("untrusted_ca").copied().unwrap_or(0);
+    let hint = (untrusted > 0).then(|| {
+        format!(
+            "clients rejected sluice's certificate {untrusted} times: they do not trust the \
+             interception CA (intercept.ca_cert); `sluice ca init` prints how to make curl, \
+             Python, Node.js and the system store trust it"
+        )
+    });
+    serde_json::json!({ "tunnels": by_result, "hint": hint })
 }

@@ -90,6 +90,25 @@ impl Default for Intercept {
     }
 }
 
+impl Intercept {
+    /// Warnings `--check` prints: a CA key others can read (whoever reads it can make
+    /// certificates every client that trusts the CA accepts).
+    pub fn warnings(&self) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(key) = &self.ca_key else {
+            return Vec::new();
+        };
+        match std::fs::metadata(key) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => vec![format!(
+                "intercept.ca_key {key} is readable by others (mode {:04o}): whoever reads it \
+                 can make certificates the clients trust; chmod 600 it",
+                m.permissions().mode() & 0o7777
+            )],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// Egress policy (checked on resolved addresses) and limits on what clients send.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -118,8 +118,9 @@ pub async fn run(
             .before_send(cell, p, job.generation())
             .await;
         // Time spent waiting for its place among the host's sends is not the region's
-        // latency.
+        // latency: it is the request's wait.
         pending.started += look.elapsed();
+        job.waited(look.elapsed());
         if send == AtSend::Go {
             break session;
         }
@@ -175,6 +176,7 @@ async fn admit_attempt(
 ) -> std::result::Result<Permit, Box<pingora_error::Error>> {
     super::pace::admit(job.shared, cell, wait)
         .await
+        .inspect(|p| job.waited(p.queued))
         .map_err(|r| {
             let secs = r.retry_after_secs();
             error::error(

@@ -99,6 +99,7 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
     } else {
         limits.quota
     };
+    let waited = std::sync::atomic::AtomicU64::new(0);
     let result = {
         let job = Job {
             shared,
@@ -107,6 +108,7 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
             origin: &origin,
             cell: ctx.cell.clone(),
             limits: &limits,
+            waited: &waited,
         };
         let label = ctx.host_label();
         let exec = Exec {
@@ -129,6 +131,7 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
             .map(|(answer, attempts)| (answer, attempts, job.body_idle_timeout()))
     };
     ctx.body_bytes = upload.read;
+    ctx.queued += Duration::from_nanos(waited.into_inner());
     match result {
         Ok((answer, attempts, body_idle)) => {
             ctx.attempts = attempts;

@@ -78,11 +78,21 @@ pub struct Job<'a> {
     pub origin: &'a Origin,
     pub cell: Option<Host>,
     pub limits: &'a HostLimits,
+    /// Time the request's attempts waited after its first admission (a resend's wait for
+    /// the pause, a retry's slot, the send guard), in nanoseconds; added to `Ctx::queued`.
+    pub waited: &'a std::sync::atomic::AtomicU64,
 }
 
 impl Job<'_> {
     pub fn generation(&self) -> &Generation {
         &self.ctx.generation
+    }
+
+    /// Count `d` as time this request waited for its turn.
+    pub fn waited(&self, d: Duration) {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.waited
+            .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Longest wait for admission now: the host's queue wait within the deadline.

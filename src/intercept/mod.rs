@@ -51,6 +51,8 @@ pub enum Refused {
     Handshake(String),
     /// No leaf certificate could be made.
     Leaf(String),
+    /// The client rejected sluice's leaf certificate: it does not trust the interception CA.
+    Untrusted(String),
 }
 
 impl Refused {
@@ -59,6 +61,7 @@ impl Refused {
             Refused::SniMismatch { .. } => "sni_mismatch",
             Refused::Handshake(_) => "handshake_failed",
             Refused::Leaf(_) => "leaf_failed",
+            Refused::Untrusted(_) => "untrusted_ca",
         }
     }
 }
@@ -71,7 +74,32 @@ impl std::fmt::Display for Refused {
             }
             Refused::Handshake(m) => write!(f, "TLS handshake: {m}"),
             Refused::Leaf(m) => write!(f, "leaf certificate: {m}"),
+            Refused::Untrusted(m) => write!(
+                f,
+                "the client rejected sluice's certificate ({m}): it does not trust the \
+                 interception CA; make it trust intercept.ca_cert (`sluice ca init` prints how \
+                 for curl, Python, Node.js and the system store)"
+            ),
         }
+    }
+}
+
+/// A failed handshake, told apart: the client's alert saying it does not trust the leaf
+/// (its CA) is a setup mistake with a known fix, not a broken handshake.
+fn handshake_refused(e: &std::io::Error) -> Refused {
+    use tokio_rustls::rustls::{AlertDescription as A, Error as TlsError};
+    let alert = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<TlsError>())
+        .and_then(|t| match t {
+            TlsError::AlertReceived(a) => Some(*a),
+            _ => None,
+        });
+    match alert {
+        Some(
+            A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::UnsupportedCertificate,
+        ) => Refused::Untrusted(e.to_string()),
+        _ => Refused::Handshake(e.to_string()),
     }
 }
 
@@ -200,7 +228,7 @@ impl Interceptor {
             start
                 .into_stream(config)
                 .await
-                .map_err(|e| Refused::Handshake(e.to_string()))
+                .map_err(|e| handshake_refused(&e))
         };
         match tokio::time::timeout(timeout, handshake).await {
             Ok(r) => r,

@@ -78,10 +78,12 @@ impl ProxyHttp for SluiceProxy {
         }
     }
 
-    /// Refusals sluice decided itself are expected traffic, reported by the access log and
-    /// metrics; only failures of the way to the upstream go to the error log.
+    /// Refusals sluice decided itself are expected traffic, and so is a client that leaves
+    /// (a stream it cancelled): the access log and metrics report them (`client_closed`);
+    /// only failures of the way to the upstream go to the error log.
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
         matches!(e.etype(), pingora_error::ErrorType::CustomCode(..))
+            || Code::of(e) == Code::ClientClosed
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
