@@ -88,7 +88,7 @@ impl Front {
                 Head::Complete(buf) => buf,
                 Head::Gone => return None,
                 Head::Tls => {
-                    tls_on_plain_listener(&self.shared, tunnel.is_some());
+                    tls_on_plain_listener(&self.shared, way);
                     return None;
                 }
                 Head::Refuse(code, why) => {
@@ -597,24 +597,21 @@ async fn linger(stream: &mut Stream) {
 }
 
 /// Count and log a TLS handshake where a request head was due, with what to do about it.
-fn tls_on_plain_listener(shared: &Shared, in_tunnel: bool) {
+fn tls_on_plain_listener(shared: &Shared, way: WayIn) {
     let code = Code::TlsOnPlainListener;
-    shared.metrics.record(
-        crate::target::WayIn::Unknown,
-        crate::metrics::OTHER_HOST,
-        Some(code),
-        0.0,
-    );
-    let reason = if in_tunnel {
-        "a TLS handshake inside an intercepted tunnel's TLS"
-    } else {
+    shared
+        .metrics
+        .record(way, crate::metrics::OTHER_HOST, Some(code), 0.0);
+    let reason = if way == WayIn::Unknown {
         "a TLS handshake on sluice's plain HTTP listener: write the proxy URL as http:// \
          (https_proxy=http://host:port); the client's own TLS goes inside the CONNECT tunnel"
+    } else {
+        "a TLS handshake where sluice serves the tunnel's inside as HTTP"
     };
     if shared.generation().config.server.access_log {
         tracing::info!(
             target: "sluice::access",
-            way = "unknown",
+            way = way.as_str(),
             status = 0,
             error = code.as_str(),
             reason,

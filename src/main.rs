@@ -109,7 +109,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("warning: {warning}");
         }
         println!("{source}: configuration is valid");
-        let listen = &config.server.listen;
+        // A wildcard listener is reached at this machine's own address.
+        let listen = match config.server.listen.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => format!("THIS-HOST:{}", a.port()),
+            _ => config.server.listen.clone(),
+        };
         println!(
             "point clients at it with http_proxy=http://{listen} and https_proxy=http://{listen} \
              (http:// in both: an HTTPS call's own TLS goes inside the CONNECT tunnel)"

@@ -514,7 +514,6 @@ impl Metrics {
         }
     }
 
-    /// Requests answered by sluice itself, by error code (every way in and host), since start.
     /// `sluice_intercept_tunnels_total` by result, for `/status`.
     pub fn intercept_by_result(&self) -> std::collections::BTreeMap<&'static str, u64> {
         INTERCEPT_RESULTS
@@ -523,6 +522,7 @@ impl Metrics {
             .collect()
     }
 
+    /// Requests answered by sluice itself, by error code (every way in and host), since start.
     pub fn refusals_by_code(&self) -> std::collections::BTreeMap<String, u64> {
         use prometheus::core::Collector;
         let mut out = std::collections::BTreeMap::new();

@@ -269,6 +269,27 @@ pub async fn serve(
             return http_inside(shared, stream, &head, prefix, started);
         }
         Sniffed::Opaque(prefix) => prefix,
+        Sniffed::Idle => {
+            if server.access_log {
+                tracing::info!(
+                    target: "sluice::access",
+                    way = "connect",
+                    host = head.host.as_str(),
+                    port = head.port,
+                    status = 200,
+                    ms = started.elapsed().as_millis() as u64,
+                    error = "-",
+                    reason = "nothing sent either way within tunnel_idle_timeout",
+                );
+            }
+            metrics.record(
+                WayIn::Connect,
+                &host_label,
+                None,
+                started.elapsed().as_secs_f64(),
+            );
+            return None;
+        }
     };
     metrics.tunnels_opened.inc();
     metrics.tunnels_active.inc();
@@ -443,52 +464,81 @@ async fn inside(
 
 /// What a tunnel's first bytes say it carries.
 enum Sniffed {
-    /// An HTTP/1 request line: served request by request (the bytes read so far).
+    /// An HTTP/1 request in origin form: served request by request (the bytes read so far).
     Http(Vec<u8>),
-    /// Anything else (TLS, a protocol whose server speaks first, a client that sent nothing
-    /// within the idle bound, or left): carried as it is, after the bytes read so far.
+    /// Anything else (TLS, a protocol whose server speaks first, another protocol that looks
+    /// like HTTP, a CONNECT or an absolute target for a proxy further on, a client that left):
+    /// carried as it is, after the bytes read so far.
     Opaque(Vec<u8>),
+    /// Nothing from either side within the idle bound: the tunnel is closed.
+    Idle,
 }
 
-/// Longest method sniffed for (`OPTIONS`, `CONNECT` and the rest fit well within it).
-const MAX_METHOD: usize = 16;
+/// Most bytes read to find a request line (past it, the tunnel stays opaque).
+const MAX_SNIFF: usize = 8 * 1024;
 
-/// Does `prefix` start an HTTP/1 request line (`None`: too few bytes to tell)? A method is
-/// upper-case letters followed by a space; `PRI` is HTTP/2's preface, which stays opaque.
+/// Does `prefix` start an HTTP/1 request that sluice serves (`None`: too few bytes to tell)?
+/// Only a whole request line counts: an upper-case method other than `CONNECT` (a proxy
+/// further on) and `PRI` (HTTP/2's preface), an origin-form target (`/...`, or `*`), and
+/// `HTTP/1.0` or `HTTP/1.1`. RTSP, SIP and other protocols whose lines look like HTTP's, and
+/// absolute targets (a proxy further on), stay opaque.
 fn request_line(prefix: &[u8]) -> Option<bool> {
-    for (i, b) in prefix.iter().enumerate() {
-        match b {
-            b'A'..=b'Z' if i < MAX_METHOD => {}
-            b' ' if i > 0 => return Some(&prefix[..i] != b"PRI"),
-            _ => return Some(false),
-        }
+    let method_end = prefix.iter().position(|b| !b.is_ascii_uppercase());
+    match method_end {
+        None if prefix.len() < 16 => return None,
+        None => return Some(false),
+        Some(0) => return Some(false),
+        Some(i) if prefix[i] != b' ' => return Some(false),
+        Some(_) => {}
     }
-    None
+    let Some(end) = prefix.iter().position(|&b| b == b'\n') else {
+        return if prefix.len() < MAX_SNIFF {
+            None
+        } else {
+            Some(false)
+        };
+    };
+    let line = prefix[..end].strip_suffix(b"\r").unwrap_or(&prefix[..end]);
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Some(false);
+    };
+    Some(
+        method != b"CONNECT"
+            && method != b"PRI"
+            && (target.starts_with(b"/") || target == b"*")
+            && (version == b"HTTP/1.1" || version == b"HTTP/1.0"),
+    )
 }
 
-/// Read the client's first bytes, until they tell HTTP from anything else, while the
-/// upstream has said nothing (a server that speaks first makes the tunnel opaque at once).
+/// Read the client's first bytes until they tell an HTTP request from anything else, while
+/// the upstream has said nothing (a server that speaks first makes the tunnel opaque).
 async fn sniff(
     client: &mut Stream,
     upstream: &TcpStream,
     mut prefix: Vec<u8>,
     idle: Duration,
 ) -> Sniffed {
-    let until = tokio::time::Instant::now() + idle;
+    let mut until = tokio::time::Instant::now() + idle;
     loop {
         match request_line(&prefix) {
             Some(true) => return Sniffed::Http(prefix),
             Some(false) => return Sniffed::Opaque(prefix),
             None => {}
         }
-        let mut buf = [0u8; MAX_METHOD];
+        let mut buf = [0u8; 1024];
         tokio::select! {
             read = client.read(&mut buf) => match read {
-                Ok(n) if n > 0 => prefix.extend_from_slice(&buf[..n]),
+                Ok(n) if n > 0 => {
+                    prefix.extend_from_slice(&buf[..n]);
+                    until = tokio::time::Instant::now() + idle;
+                }
                 _ => return Sniffed::Opaque(prefix),
             },
-            _ = upstream.readable(), if prefix.is_empty() => return Sniffed::Opaque(prefix),
-            _ = tokio::time::sleep_until(until) => return Sniffed::Opaque(prefix),
+            _ = upstream.readable() => return Sniffed::Opaque(prefix),
+            _ = tokio::time::sleep_until(until) => return Sniffed::Idle,
         }
     }
 }
@@ -625,22 +675,38 @@ mod tests {
 
     #[test]
     fn tells_a_request_line_from_other_first_bytes() {
-        for http in [&b"GET "[..], b"POST /x HTTP/1.1", b"OPTIONS * HTTP/1.1"] {
+        for http in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"POST /x?y=1 HTTP/1.0\r\nHost: a\r\n",
+            b"OPTIONS * HTTP/1.1\n",
+        ] {
             assert_eq!(request_line(http), Some(true), "{http:?}");
         }
         for other in [
             &b"\x16\x03\x01"[..],
             b"SSH-2.0-OpenSSH",
-            b"PRI * HTTP/2.0",
-            b"get / HTTP/1.1",
+            b"PRI * HTTP/2.0\r\n",
+            b"get / HTTP/1.1\r\n",
             b" GET",
             b"ABCDEFGHIJKLMNOPQ",
+            b"CONNECT a.test:443 HTTP/1.1\r\n",
+            b"GET http://other.test/ HTTP/1.1\r\n",
+            b"OPTIONS rtsp://cam/ RTSP/1.0\r\n",
+            b"INVITE sip:bob@b.test SIP/2.0\r\n",
+            b"CAP LS 302\r\n",
+            b"AUTH secret\r\n",
         ] {
             assert_eq!(request_line(other), Some(false), "{other:?}");
         }
-        for undecided in [&b""[..], b"G", b"DELET"] {
+        for undecided in [&b""[..], b"G", b"DELET", b"GET /a-long-path"] {
             assert_eq!(request_line(undecided), None, "{undecided:?}");
         }
+        let long = [&b"GET /"[..], &[b'a'; MAX_SNIFF]].concat();
+        assert_eq!(
+            request_line(&long),
+            Some(false),
+            "no line end within the bound"
+        );
     }
 
     #[test]

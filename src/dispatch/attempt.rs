@@ -54,6 +54,8 @@ pub struct Failed {
     pub error: Box<pingora_error::Error>,
     /// The attempt never reached the upstream (admission refused it, or it could not connect).
     pub unsent: bool,
+    /// It was sent on a kept-alive connection taken from the pool.
+    pub reused: bool,
 }
 
 pub type Outcome = std::result::Result<Answer, Failed>;
@@ -72,6 +74,7 @@ pub async fn run(
         region,
         error,
         unsent,
+        reused: false,
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -103,13 +106,13 @@ pub async fn run(
         Ok(p) => p,
         Err(e) => return Err(fail(e, true)),
     };
-    let mut session = loop {
-        let (session, _reused) = match job.shared.upstream.get_http_session(&peer).await {
+    let (mut session, reused) = loop {
+        let (session, pooled) = match job.shared.upstream.get_http_session(&peer).await {
             Ok(s) => s,
             Err(e) => return Err(fail(e.into_up(), true)),
         };
         let (Some(cell), Some(p)) = (job.cell.as_ref(), permit.as_ref()) else {
-            break session;
+            break (session, pooled);
         };
         let look = Instant::now();
         let send = job
@@ -122,7 +125,7 @@ pub async fn run(
         pending.started += look.elapsed();
         job.waited(look.elapsed());
         if send == AtSend::Go {
-            break session;
+            break (session, pooled);
         }
         // Paused since it was admitted: the unused connection goes back to the pool while
         // the request waits out the pause like a new one.
@@ -142,20 +145,25 @@ pub async fn run(
         );
         pending.started += look.elapsed();
     };
-    let read_timeout = job.read_timeout();
-    session.set_read_timeout(Some(read_timeout));
+    // The deadline bounds the wait for the head (exec's deadline arm); each read only by
+    // `server.read_timeout` when one is set.
+    session.set_read_timeout(job.read_timeout());
     session.set_write_timeout(Some(job.generation().config.server.write_timeout.get()));
     let head = match request_head(job, r, head) {
         Ok(h) => h,
         Err(e) => return Err(fail(e, true)),
     };
+    let sent_fail = |error: Box<pingora_error::Error>| Failed {
+        reused,
+        ..fail(error, false)
+    };
     if let Err(e) = send(&mut session, head, body).await {
-        return Err(fail(e.into_up(), false));
+        return Err(sent_fail(e.into_up()));
     }
     let read = read_final_head(&mut session).await;
     pending.armed = false;
     if let Err(e) = read {
-        return Err(fail(e.into_up(), false));
+        return Err(sent_fail(e.into_up()));
     }
     Ok(Answer {
         session,

@@ -23,6 +23,9 @@ pub struct Ctx {
     /// End-to-end deadline from `Sluice-Timeout`, else the host's `request_timeout`: the
     /// wait, the connects and the response head (never a streamed body).
     pub deadline: Option<Instant>,
+    /// The deadline is the client's `Sluice-Timeout` (else the host's `request_timeout`,
+    /// whose clock stops while the request body streams in).
+    pub deadline_from_client: bool,
     /// The destination host's admission state.
     pub cell: Option<Host>,
     /// The in-flight place of the current attempt.
@@ -73,6 +76,7 @@ impl Ctx {
             attempts: 0,
             error: None,
             deadline: None,
+            deadline_from_client: false,
             cell: None,
             permit: None,
             queued: Duration::ZERO,

@@ -131,7 +131,10 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
             .map(|(answer, attempts)| (answer, attempts, job.body_idle_timeout()))
     };
     ctx.body_bytes = upload.read;
-    ctx.queued += Duration::from_nanos(waited.into_inner());
+    // Concurrent attempts (a hedge, a race) wait side by side: never more than the time
+    // the request has taken.
+    ctx.queued =
+        (ctx.queued + Duration::from_nanos(waited.into_inner())).min(ctx.started.elapsed());
     match result {
         Ok((answer, attempts, body_idle)) => {
             ctx.attempts = attempts;
@@ -211,6 +214,12 @@ impl Picker {
         self.per_region[r] += 1;
         self.per_region[r] - 1
     }
+
+    /// An attempt taken for `r` was not sent after all (admission refused it, or the budget
+    /// did): `r` is as it was before.
+    fn undo(&mut self, r: usize) {
+        self.per_region[r] = self.per_region[r].saturating_sub(1);
+    }
 }
 
 type Failure = (Box<Error>, u32);
@@ -274,7 +283,12 @@ impl Exec<'_, '_> {
         let mut hedge_at = (self.mode == Mode::Hedge)
             .then(|| Instant::now().checked_add(hedge_delay))
             .flatten();
-        let deadline = job.ctx.deadline;
+        let mut deadline = job.ctx.deadline;
+        // The host's own request_timeout (the client sent no Sluice-Timeout) bounds the wait,
+        // the connects and the head, not the client's upload: its clock stops while the body
+        // streams in. A client's Sluice-Timeout bounds everything it asked it to.
+        let stretch = !job.ctx.deadline_from_client;
+        let streaming_since = Instant::now();
         let mut last: Option<Box<Error>> = None;
         let mut fallback: Option<Answer> = None;
         loop {
@@ -332,31 +346,34 @@ impl Exec<'_, '_> {
                                 && upload.replayable()
                                 && deadline.is_none_or(|d| Instant::now() < d)
                                 && !self.paused_past_wait();
+                            // The endpoint is taken only for a retry that goes: one not
+                            // taken now stays free for a later one.
                             let pick = match same {
+                                _ if !can => None,
                                 Some(r) => Some((r, picker.again(r))),
                                 None => picker.next(host, shared.regions.now()),
                             };
-                            match pick {
-                                Some((r, nth)) if can => {
-                                    if extras.take(shared, &job.limits.retry_budget) {
-                                        shared.regions.keep(host);
-                                        m.retries.with_label_values(&[self.label, reason]).inc();
-                                        deferred.push(Deferred {
-                                            why: Why::Retry,
-                                            region: r,
-                                            admit: Admit::Wait,
-                                            delay: backoff(nth),
-                                        });
-                                    } else {
-                                        m.budget_exhausted.with_label_values(&[self.label]).inc();
-                                    }
+                            if let Some((r, nth)) = pick {
+                                if extras.take(shared, &job.limits.retry_budget) {
+                                    shared.regions.keep(host);
+                                    m.retries.with_label_values(&[self.label, reason]).inc();
+                                    deferred.push(Deferred {
+                                        why: Why::Retry,
+                                        region: r,
+                                        admit: Admit::Wait,
+                                        delay: backoff(nth),
+                                    });
+                                } else {
+                                    picker.undo(r);
+                                    m.budget_exhausted.with_label_values(&[self.label]).inc();
                                 }
-                                _ => {}
                             }
                         }
                         Judged::Lost(e) => last = Some(e),
-                        Judged::Refused(e) => {
+                        Judged::Refused(region, e) => {
+                            // Nothing was sent: no attempt, and its endpoint is not used up.
                             sent = sent.saturating_sub(1);
+                            picker.undo(region);
                             last = Some(e);
                         }
                     }
@@ -366,30 +383,35 @@ impl Exec<'_, '_> {
                     if let Err(e) = taken {
                         return Err((e, sent));
                     }
+                    if upload.done && stretch {
+                        deadline = deadline.and_then(|d| d.checked_add(streaming_since.elapsed()));
+                    }
                 }
                 _ = hedge_sleep, if hedge_at.is_some() => {
                     hedge_at = None;
                     let planned = sent + deferred.len() as u32;
-                    if planned < self.max_attempts && upload.replayable() {
+                    let next = (planned < self.max_attempts && upload.replayable())
+                        .then(|| picker.next(host, shared.regions.now()))
+                        .flatten();
+                    if let Some((r, _)) = next {
                         if extras.take(shared, &job.limits.retry_budget) {
-                            if let Some((r, _)) = picker.next(host, shared.regions.now()) {
-                                m.hedges.with_label_values(&[self.label, "fired"]).inc();
-                                deferred.push(Deferred {
-                                    why: Why::Hedge,
-                                    region: r,
-                                    admit: Admit::IfFree,
-                                    delay: Duration::ZERO,
-                                });
-                                if planned + 1 < self.max_attempts {
-                                    hedge_at = Instant::now().checked_add(hedge_delay);
-                                }
+                            m.hedges.with_label_values(&[self.label, "fired"]).inc();
+                            deferred.push(Deferred {
+                                why: Why::Hedge,
+                                region: r,
+                                admit: Admit::IfFree,
+                                delay: Duration::ZERO,
+                            });
+                            if planned + 1 < self.max_attempts {
+                                hedge_at = Instant::now().checked_add(hedge_delay);
                             }
                         } else {
+                            picker.undo(r);
                             m.budget_exhausted.with_label_values(&[self.label]).inc();
                         }
                     }
                 }
-                _ = deadline_sleep, if deadline.is_some() => {
+                _ = deadline_sleep, if deadline.is_some() && (upload.done || !stretch) => {
                     return Err((
                         error::error(Code::UpstreamTimeout, format!(
                             "{}: no response head within the request's deadline \
@@ -457,11 +479,12 @@ impl Exec<'_, '_> {
                 region,
                 error,
                 unsent,
+                reused,
             }) => {
                 let code = Code::of(&error);
                 if unsent && matches!(code, Code::RateLimited | Code::SharedStateUnavailable) {
                     // Admission refused it: nothing was sent, so it is no attempt.
-                    return Judged::Refused(error);
+                    return Judged::Refused(region, error);
                 }
                 self.record.failed(region, code);
                 let (retry, reason) = match code {
@@ -480,12 +503,16 @@ impl Exec<'_, '_> {
                 } else {
                     error.more_context(format!("region {}", r.name))
                 };
+                // A kept-alive connection the upstream closed just as it was reused (the
+                // request may never have reached it): the same endpoint again, on a fresh
+                // connection. Any other failure moves on to an endpoint not tried yet.
+                let same = (reused && code == Code::UpstreamClosed).then_some(region);
                 if retry {
                     Judged::Retry {
                         reason,
                         answer: None,
                         error: Some(error),
-                        same: None,
+                        same,
                     }
                 } else {
                     Judged::Lost(error)
@@ -505,8 +532,9 @@ enum Judged {
         same: Option<usize>,
     },
     Lost(Box<Error>),
-    /// Admission gave no slot for this attempt (a duplicate, or a retry past its wait).
-    Refused(Box<Error>),
+    /// Admission gave no slot for this attempt to this endpoint (a duplicate, or a retry
+    /// past its wait).
+    Refused(usize, Box<Error>),
 }
 
 /// Extra attempts taken from the host's budget by this request, given back when it ends.
@@ -594,5 +622,15 @@ mod tests {
         let mut single = Picker::new(vec![0], 1);
         assert_eq!(single.next(&host, 1), Some((0, 0)));
         assert_eq!(single.next(&host, 1), None, "one endpoint: no retry to it");
+
+        // An attempt refused before it was sent leaves its endpoint free.
+        let fresh = regions.implicit("b.test:80", &addrs).host;
+        let mut p = Picker::new(vec![0, 1, 2], 3);
+        assert_eq!(p.next(&fresh, 1), Some((0, 0)));
+        assert_eq!(p.next(&fresh, 1), Some((1, 0)));
+        p.undo(1);
+        assert_eq!(p.next(&fresh, 1), Some((1, 0)), "1 was never sent to");
+        assert_eq!(p.next(&fresh, 1), Some((2, 0)));
+        assert_eq!(p.next(&fresh, 1), None);
     }
 }

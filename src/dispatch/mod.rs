@@ -115,20 +115,16 @@ impl Job<'_> {
         Ok(head)
     }
 
-    /// How long an attempt may wait on each read before its response head: the time left
-    /// before the deadline, within `server.read_timeout` when one is set.
-    pub fn read_timeout(&self) -> Duration {
-        let left = self
-            .ctx
-            .time_left()
-            .unwrap_or(self.limits.request_timeout.get());
+    /// A cap on each read before the response head: `server.read_timeout` when one is set.
+    /// Otherwise none: the request's deadline bounds the wait for the head (one timer, so a
+    /// timeout is the deadline's, never an attempt's racing it).
+    pub fn read_timeout(&self) -> Option<Duration> {
         self.ctx
             .generation
             .config
             .server
             .read_timeout
-            .map_or(left, |cap| cap.get().min(left))
-            .max(Duration::from_millis(1))
+            .map(|cap| cap.get())
     }
 
     /// How long a response body may be silent: the host's `body_idle_timeout`, within

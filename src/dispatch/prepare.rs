@@ -51,6 +51,7 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
     if let Some(v) = req.headers.get(pace::SLUICE_TIMEOUT) {
         let t = pace::parse_timeout(v).map_err(|m| error::error(Code::BadRequest, m))?;
         ctx.deadline = ctx.started.checked_add(t);
+        ctx.deadline_from_client = true;
     }
     let security = &ctx.generation.config.security;
     if req.raw_path().len() > security.max_uri_bytes {

@@ -57,11 +57,11 @@ pub fn client_head(
 }
 
 /// Timeouts of a connection to an upstream endpoint.
-pub fn peer_options(peer: &mut HttpPeer, generation: &Generation, read_timeout: Duration) {
+pub fn peer_options(peer: &mut HttpPeer, generation: &Generation, read_timeout: Option<Duration>) {
     let server = &generation.config.server;
     peer.options.connection_timeout = Some(server.connect_timeout.get());
     peer.options.total_connection_timeout = Some(server.connect_timeout.get());
-    peer.options.read_timeout = Some(read_timeout);
+    peer.options.read_timeout = read_timeout;
     peer.options.write_timeout = Some(server.write_timeout.get());
     peer.options.idle_timeout = Some(UPSTREAM_IDLE);
 }
@@ -113,7 +113,9 @@ pub async fn stream(
             resp.insert_header(http::header::CONNECTION, "upgrade")?;
         }
     }
-    if !switched && close_delimited(session.req_header(), up_head) {
+    // Decided on the head the client gets: a framing header the upstream named in its own
+    // `Connection` is gone from it.
+    if !switched && close_delimited(session.req_header(), &resp) {
         // The upstream ends this body by closing, so its end cannot be told from a cut. The
         // client gets it chunked (HTTP/1.0: close-delimited, the connection not kept), so
         // a body cut upstream reaches it without a last chunk, never as complete.

@@ -96,9 +96,15 @@ fn handshake_refused(e: &std::io::Error) -> Refused {
             _ => None,
         });
     match alert {
-        Some(
-            A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::UnsupportedCertificate,
-        ) => Refused::Untrusted(e.to_string()),
+        Some(A::UnknownCA) => Refused::Untrusted(e.to_string()),
+        // Some clients (Go's) send these for any verification failure: the CA, the name, the
+        // dates. Said, without claiming which.
+        Some(A::BadCertificate | A::CertificateUnknown | A::UnsupportedCertificate) => {
+            Refused::Handshake(format!(
+                "{e}: the client rejected sluice's certificate; check that it trusts \
+                 intercept.ca_cert (`sluice ca init` prints how)"
+            ))
+        }
         _ => Refused::Handshake(e.to_string()),
     }
 }
