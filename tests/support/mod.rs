@@ -328,8 +328,14 @@ fn ready(child: &mut Child, proxy: SocketAddr, admin: SocketAddr) -> Result<(), 
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("sluice exited with {status}"));
         }
+        // Both ports must be this process's own listening sockets: a port chosen free may
+        // have been taken meanwhile by another test's sluice or upstream, whose answers
+        // would otherwise pass for this one's (and the test would talk to the wrong process).
         if let Ok((200, _, _)) = http_get(admin, "/healthz") {
-            if TcpStream::connect(proxy).is_ok() {
+            if TcpStream::connect(proxy).is_ok()
+                && listens_on(child.id(), proxy.port())
+                && listens_on(child.id(), admin.port())
+            {
                 return Ok(());
             }
         }
@@ -339,6 +345,33 @@ fn ready(child: &mut Child, proxy: SocketAddr, admin: SocketAddr) -> Result<(), 
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// Does process `pid` hold a socket listening on 127.0.0.1:`port`? The listening sockets of
+/// `/proc/net/tcp` on that port, matched by inode against the process's open files.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let wanted = format!(":{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address, state 0A = LISTEN, inode.
+            (f.len() > 9 && f[1].ends_with(&wanted) && f[3] == "0A").then(|| f[9].to_string())
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| {
+            let t = target.to_string_lossy();
+            inodes.iter().any(|i| t == format!("socket:[{i}]"))
+        })
+    })
 }
 
 fn stop(child: &mut Child) {
