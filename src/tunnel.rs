@@ -268,39 +268,25 @@ pub async fn serve(
             drop(client_permit);
             return http_inside(shared, stream, &head, prefix, started);
         }
-        Sniffed::Opaque(prefix) => prefix,
-        Sniffed::Idle => {
-            if server.access_log {
-                tracing::info!(
-                    target: "sluice::access",
-                    way = "connect",
-                    host = head.host.as_str(),
-                    port = head.port,
-                    status = 200,
-                    ms = started.elapsed().as_millis() as u64,
-                    error = "-",
-                    reason = "nothing sent either way within tunnel_idle_timeout",
-                );
-            }
-            metrics.record(
-                WayIn::Connect,
-                &host_label,
-                None,
-                started.elapsed().as_secs_f64(),
-            );
-            return None;
-        }
+        Sniffed::Opaque(prefix) => Some(prefix),
+        // Nothing either way within the idle bound: closed as an idle relay would be.
+        Sniffed::Idle => None,
     };
     metrics.tunnels_opened.inc();
     metrics.tunnels_active.inc();
     let mut up_bytes = 0u64;
-    if !prefix.is_empty() {
-        if let Err(e) = upstream.write_all(&prefix).await {
-            tracing::debug!(error = %e, "upstream closed at once");
+    let (up, down) = match prefix {
+        Some(prefix) => {
+            if !prefix.is_empty() {
+                if let Err(e) = upstream.write_all(&prefix).await {
+                    tracing::debug!(error = %e, "upstream closed at once");
+                }
+                up_bytes = prefix.len() as u64;
+            }
+            relay(&mut stream, &mut upstream, idle).await
         }
-        up_bytes = prefix.len() as u64;
-    }
-    let (up, down) = relay(&mut stream, &mut upstream, idle).await;
+        None => (0, 0),
+    };
     metrics.tunnels_active.dec();
     metrics
         .tunnel_bytes
