@@ -413,21 +413,7 @@ async fn inside(
             }
         }
     } else if is_http {
-        let info = TunnelInfo {
-            scheme: "http",
-            authority: authority.clone(),
-        };
-        let io = Rewind::new(bytes::Bytes::from(prefix), stream);
-        match Tunneled::new(io, client, info) {
-            Ok(t) => {
-                result("http");
-                Box::new(t)
-            }
-            Err(e) => {
-                log(200, "http", "internal", &e.to_string());
-                return None;
-            }
-        }
+        return http_inside(shared, stream, &head, prefix, started);
     } else {
         result("not_http");
         let why = match kind {
@@ -437,11 +423,11 @@ async fn inside(
         log(200, "other", "forbidden_port", why);
         return None;
     };
-    log(200, if is_tls { "tls" } else { "http" }, "-", "-");
+    log(200, "tls", "-", "-");
     Some(Inside {
         stream: wrapped,
         info: TunnelInfo {
-            scheme: if is_tls { "https" } else { "http" },
+            scheme: "https",
             authority,
         },
         authorization: head.authorization.clone(),
