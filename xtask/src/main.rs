@@ -4,8 +4,9 @@
 //! - `cargo xtask run [ARGS]`: install what building and running need (cmake for Pingora's
 //!   zlib-ng, a C compiler, CA roots), then `cargo run --release -- ARGS`.
 //! - `cargo xtask test [ARGS]`: install what the tests need as well (curl, redis-server,
-//!   chromium, promtool from prometheus, Python's venv), then `cargo test ARGS` with Redis and
-//!   those tools required (`SLUICE_REQUIRE_REDIS=1`, `SLUICE_REQUIRE_TOOLS=1`); then the
+//!   chromium, promtool from prometheus, Python's venv), check formatting and lints
+//!   (`cargo fmt --check`, `cargo clippy --all-targets -- -D warnings`), then `cargo test ARGS`
+//!   with Redis and those tools required (`SLUICE_REQUIRE_REDIS=1`, `SLUICE_REQUIRE_TOOLS=1`); then the
 //!   clients' own tests against the binary that built: the Rust middleware's `cargo test`,
 //!   and the Python package's `pytest` in a virtualenv under `target/python-venv` (its
 //!   packages from PyPI).
@@ -100,6 +101,12 @@ fn main() -> ExitCode {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    if what == "test" {
+        let lints = lint(&root, &cargo);
+        if lints != ExitCode::SUCCESS {
+            return lints;
+        }
+    }
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(&root).args(&cargo_args).args(rest);
     for (k, v) in &env {
@@ -122,6 +129,29 @@ fn status(cmd: &mut Command, what: &str) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Formatting and lints, before any test: `cargo fmt --check`, then clippy on every target
+/// with warnings as errors (the lints `Cargo.toml` declares included).
+fn lint(root: &Path, cargo: &str) -> ExitCode {
+    let steps: [(&str, &[&str]); 2] = [
+        ("cargo fmt --check", &["fmt", "--all", "--check"]),
+        (
+            "cargo clippy",
+            &["clippy", "--all-targets", "--", "-D", "warnings"],
+        ),
+    ];
+    for (what, args) in steps {
+        eprintln!("xtask: {what}");
+        let result = status(Command::new(cargo).current_dir(root).args(args), what);
+        if result != ExitCode::SUCCESS {
+            eprintln!(
+                "xtask: {what} failed (without rustfmt or clippy: rustup component add rustfmt clippy)"
+            );
+            return result;
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// The clients' tests, against the sluice binary `cargo test` built.
