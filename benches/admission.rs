@@ -7,7 +7,8 @@
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use governor::{Quota, RateLimiter};
 use sluice::admission::{Admission, Clock, Decision};
-use sluice::config::{Config, Generation};
+use sluice::config::Config;
+use sluice::generation::Generation;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::num::NonZeroU32;

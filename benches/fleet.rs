@@ -4,7 +4,8 @@
 //! cache. Run: `cargo bench --bench fleet` (prints a table; needs `redis-server` on PATH).
 
 use sluice::admission::{Admission, Clock};
-use sluice::config::{Config, Generation};
+use sluice::config::Config;
+use sluice::generation::Generation;
 use sluice::shared::{redis::RedisStore, Fleet, Options};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -12,6 +12,7 @@ use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::listening::Service;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Read buffer of each client connection's stream.
@@ -93,11 +94,19 @@ pub fn build_server(
         "sluice health checks",
         crate::sweeper::HealthChecker::new(shared.clone()),
     );
-    let fleet = pingora_core::services::background::background_service(
-        "sluice fleet",
-        crate::shared::service::FleetService::new(shared.clone()),
-    );
-    let with_fleet = shared.admission.fleet().is_some();
+    // Only with a fleet (`[shared]` needs a restart to change): with the memory backend the
+    // service would stop at once and Pingora would log it as exited, which reads as a fault.
+    let fleet = shared.fleet.clone().map(|fleet| {
+        let (told, left) = (shared.clone(), shared.clone());
+        pingora_core::services::background::background_service(
+            "sluice fleet",
+            crate::shared::service::FleetService::new(
+                fleet,
+                Box::new(move |event| told.admission.apply_event(event)),
+                Box::new(move || left.fleet_left.store(true, Ordering::Release)),
+            ),
+        )
+    });
     let shared_for_exit = shared.clone();
     let shared_for_jobs = shared.clone();
     let grace = shared.generation().config.server.grace_period.get();
@@ -115,9 +124,7 @@ pub fn build_server(
     ));
     server.add_service(hangup);
     server.add_service(health);
-    // Only with a fleet (`[shared]` needs a restart to change): with the memory backend the
-    // service would stop at once and Pingora would log it as exited, which reads as a fault.
-    if with_fleet {
+    if let Some(fleet) = fleet {
         server.add_service(fleet);
     }
     Ok(server)

@@ -601,7 +601,7 @@ fn tls_on_plain_listener(shared: &Shared, way: WayIn) {
     let code = Code::TlsOnPlainListener;
     shared
         .metrics
-        .record(way, crate::metrics::OTHER_HOST, Some(code), 0.0);
+        .record(way, crate::generation::OTHER_HOST, Some(code), 0.0);
     let reason = if way == WayIn::Unknown {
         "a TLS handshake on sluice's plain HTTP listener: write the proxy URL as http:// \
          (https_proxy=http://host:port); the client's own TLS goes inside the CONNECT tunnel"
@@ -626,7 +626,7 @@ async fn refuse(mut stream: Stream, shared: &Shared, way: WayIn, code: Code, mes
     // counted.
     shared
         .metrics
-        .record(way, crate::metrics::OTHER_HOST, Some(code), 0.0);
+        .record(way, crate::generation::OTHER_HOST, Some(code), 0.0);
     if shared.generation().config.server.access_log {
         tracing::info!(
             target: "sluice::access",

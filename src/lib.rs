@@ -3,11 +3,13 @@
 pub mod admin;
 pub mod admission;
 pub mod app;
+pub mod cidr;
 pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod framing;
 pub mod front;
+pub mod generation;
 pub mod intercept;
 pub mod jobs;
 pub mod metrics;

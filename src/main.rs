@@ -51,7 +51,11 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
     let result = match path {
         Some(p) => Config::load(p),
         None => Config::embedded(),
-    };
+    }
+    .and_then(|config| {
+        sluice::intercept::Interceptor::check(&config.intercept)?;
+        Ok(config)
+    });
     result.map_err(|e| {
         let source = path.map_or("embedded default".to_string(), |p| p.display().to_string());
         format!("{source}: invalid configuration:\n{e}")

@@ -2,6 +2,7 @@
 //! passed down by `Arc`; every label value comes from a closed set (way in, error code, class).
 
 use crate::error::Code;
+use crate::generation::OTHER_HOST;
 use crate::target::WayIn;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -10,8 +11,6 @@ use prometheus::{
 
 /// Outcome label when the upstream answered (whatever its status).
 pub const OUTCOME_OK: &str = "ok";
-/// Host label for destinations not named in `[hosts]`.
-pub const OTHER_HOST: &str = "other";
 
 /// `1xx` .. `5xx`.
 pub fn status_class(status: u16) -> &'static str {
@@ -496,7 +495,7 @@ impl Metrics {
     /// Create the series of every `[hosts]` entry and region of `generation`, so that they read
     /// 0 rather than missing (a rate or an alert over them works from the start). Called at
     /// start and on every reload; the label sets are bounded by the configuration.
-    pub fn prepare(&self, generation: &crate::config::Generation) {
+    pub fn prepare(&self, generation: &crate::generation::Generation) {
         for label in &generation.profile_names {
             for event in ["fired", "won"] {
                 self.hedges.with_label_values(&[label, event]);

@@ -2,7 +2,8 @@
 //! new generation, then swap it in atomically. A bad file changes nothing: the reasons are
 //! logged and counted, and the running generation keeps serving.
 
-use crate::config::{Config, Generation};
+use crate::config::Config;
+use crate::generation::Generation;
 use crate::state::Shared;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;

@@ -4,8 +4,9 @@
 //! flight per name however many requests wait for it, and a bound on lookups in flight, past
 //! which a new name fails at once rather than queueing behind a flood.
 
-use crate::config::{Generation, Server};
+use crate::config::Server;
 use crate::error::{error, Code};
+use crate::generation::Generation;
 use crate::metrics::Metrics;
 use crate::target::ip_literal;
 use futures_util::future::{BoxFuture, FutureExt, Shared};

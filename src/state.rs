@@ -2,7 +2,8 @@
 //! configuration generation (swapped atomically) and the metrics.
 
 use crate::admission::{Admission, Clock};
-use crate::config::{Backend, Config, Generation};
+use crate::config::{Backend, Config};
+use crate::generation::Generation;
 use crate::metrics::Metrics;
 use crate::regions::Regions;
 use arc_swap::ArcSwap;
@@ -17,6 +18,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Per-host pacing, pauses and learned limits.
     pub admission: Admission,
+    /// The fleet this node shares pace, pauses and learned limits with (`[shared] backend =
+    /// "redis"`); admission reaches it through its seam.
+    pub fleet: Option<Arc<crate::shared::Fleet>>,
     pub started: Instant,
     /// The file the configuration came from; `None` for the embedded default.
     pub config_path: Option<PathBuf>,
@@ -81,8 +85,13 @@ impl Shared {
         let generation = Generation::build(1, config);
         metrics.config_generation.set(1);
         metrics.prepare(&generation);
-        let admission = Admission::with_fleet(clock, fleet);
-        let alone = admission.fleet().is_none();
+        let admission = Admission::with_fleet(
+            clock,
+            fleet
+                .clone()
+                .map(|f| f as Arc<dyn crate::admission::FleetSeam>),
+        );
+        let alone = fleet.is_none();
         admission.configure(&generation);
         let instance = instance_id();
         Ok(Arc::new(Shared {
@@ -93,6 +102,7 @@ impl Shared {
             current: ArcSwap::from_pointee(generation),
             metrics,
             admission,
+            fleet,
             started: Instant::now(),
             config_path,
             reloading: std::sync::Mutex::new(()),

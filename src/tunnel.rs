@@ -120,7 +120,7 @@ pub async fn serve(
     let started = Instant::now();
     let generation = shared.generation();
     let server = &generation.config.server;
-    let mut host_label = crate::metrics::OTHER_HOST.to_string();
+    let mut host_label = crate::generation::OTHER_HOST.to_string();
     let result = async {
         let head = match parse_head(&head) {
             Ok(Some(h)) => h,

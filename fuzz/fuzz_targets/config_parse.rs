@@ -7,7 +7,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(config) = sluice::config::Config::parse(text) {
             if config.validate().is_ok() {
-                let generation = sluice::config::Generation::build(1, config);
+                let generation = sluice::generation::Generation::build(1, config);
                 let _ = generation.route_for("/x");
             }
         }

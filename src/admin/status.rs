@@ -116,7 +116,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         },
         "hosts_tracked": admission.len(),
         "hosts_listed": listed.len(),
-        "shared": admission.fleet().map_or_else(
+        "shared": shared.fleet.as_ref().map_or_else(
             || serde_json::json!({"backend": "memory"}),
             |f| f.status(),
         ),

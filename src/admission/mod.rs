@@ -2,216 +2,43 @@
 //! so waiting is FIFO per host and no host waits behind another), and where needed has a
 //! concurrency cap and pauses learned from 429s, `Retry-After` and rate-limit headers.
 //!
-//! A host that only follows the default pace lives in a compact table (16 bytes, no
-//! allocation: see `light`); one that needs more (a `[hosts]` entry, a pause, a learned
-//! limit, a concurrency cap, the fleet) has a full [`HostCell`] in a concurrent map with
-//! lock-free reads. Idle hosts are forgotten.
+//! One concept per file: `clock` (the admission clock), `refusal` (why a request is refused),
+//! `table` (hosts: the compact table, full cells, promotion, eviction, status), `cell` and
+//! `light` (a full cell and a compact slot), `wait` (permits, waiting, the send guard),
+//! `learn` (what responses teach), `hints` (rate-limit headers), `fleet` (the seam a fleet
+//! of nodes plugs into).
 
 mod cell;
+mod clock;
+mod fleet;
 pub mod hints;
+mod learn;
 mod light;
+mod refusal;
+mod table;
+mod wait;
 
 pub use cell::{interval_of, rps_of, Decision, HostCell, PauseOrigin, PauseSource};
+pub use clock::Clock;
+pub use fleet::{FleetEvent, FleetSeam, Paced};
+pub use learn::{clamp_learned_rps, Learned, LEARNED_RPS_MAX, LEARNED_RPS_MIN, MIN_429_PAUSE};
+pub use refusal::Refusal;
+pub use table::Host;
+pub(crate) use wait::pace_cell;
+pub use wait::{AtSend, Permit};
 
 // Every profile index (the defaults, then one per `[hosts]` entry) leaves a cell's
 // `CONFIGURED` bit free.
 const _: () = assert!(crate::config::MAX_HOST_ENTRIES < cell::CONFIGURED as usize);
 
-use crate::config::Generation;
-use crate::shared::Fleet;
 use light::Light;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Keys of client pace cells start with this (never a valid `host:port`).
-const CLIENT_PREFIX: &str = "@client/";
-
-/// Slowest pace an upstream can set: one request per `hints::MAX_PAUSE`, so that one
-/// interval never outlasts the longest pause.
-pub const LEARNED_RPS_MIN: f64 = 1.0 / 3600.0;
-/// Fastest pace an upstream can set when the host names no `max_rps`.
-pub const LEARNED_RPS_MAX: f64 = 1000.0;
-/// Shortest pause after a 429, whatever its `Retry-After` says.
-pub const MIN_429_PAUSE: Duration = Duration::from_secs(1);
-
-/// A pace learned from upstream headers, held to [`LEARNED_RPS_MIN`, the host's `max_rps` or
-/// `LEARNED_RPS_MAX`].
-pub fn clamp_learned_rps(rps: f64, max_rps: f64) -> f64 {
-    let hi = if max_rps > 0.0 {
-        max_rps
-    } else {
-        LEARNED_RPS_MAX
-    }
-    .max(LEARNED_RPS_MIN);
-    if rps.is_finite() {
-        rps.clamp(LEARNED_RPS_MIN, hi)
-    } else {
-        hi
-    }
-}
-
-/// The shortest pause a response asks for (zero for none), as `learn` will apply it: a 429
-/// at least `MIN_429_PAUSE`, a 503 its `Retry-After`, exhausted windows their reset.
-fn signalled_pause(status: u16, hints: &hints::Hints) -> Duration {
-    let by_status = match (status, hints.retry_after) {
-        (429, d) => d.unwrap_or(Duration::ZERO).max(MIN_429_PAUSE),
-        (503, Some(d)) => d,
-        _ => Duration::ZERO,
-    };
-    by_status.max(hints.exhausted_for.unwrap_or(Duration::ZERO))
-}
+use table::Map;
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-type Map = papaya::HashMap<Box<str>, Arc<HostCell>, foldhash::fast::RandomState>;
-
-/// Nanoseconds since the admission clock started.
-pub enum Clock {
-    /// The TSC-backed clock: cheap to read on every decision (raw reading at start).
-    Quanta(quanta::Clock, u64),
-    /// Tokio's clock, which tests can pause and advance.
-    Tokio(tokio::time::Instant),
-}
-
-impl Clock {
-    pub fn quanta() -> Clock {
-        let c = quanta::Clock::new();
-        let start = c.raw();
-        Clock::Quanta(c, start)
-    }
-
-    pub fn tokio() -> Clock {
-        Clock::Tokio(tokio::time::Instant::now())
-    }
-
-    #[inline]
-    pub fn now(&self) -> u64 {
-        match self {
-            Clock::Quanta(c, start) => c.delta_as_nanos(*start, c.raw()),
-            Clock::Tokio(start) => start.elapsed().as_nanos() as u64,
-        }
-    }
-}
-
-/// Why admission refused a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    /// The host's pace has no slot within the allowed wait.
-    Pace { retry_after: Duration },
-    /// The host is paused past the allowed wait.
-    Paused { retry_after: Duration },
-    /// No in-flight place freed up within the allowed wait.
-    Concurrency { retry_after: Duration },
-    /// The fleet's shared store is unavailable and `on_error = "throttle"`.
-    Unavailable { retry_after: Duration },
-}
-
-impl Refusal {
-    /// Every `reason()`, for the metric's label set.
-    pub const REASONS: [&'static str; 4] =
-        ["pace", "paused", "concurrency", "shared_state_unavailable"];
-
-    pub fn reason(self) -> &'static str {
-        match self {
-            Refusal::Pace { .. } => "pace",
-            Refusal::Paused { .. } => "paused",
-            Refusal::Concurrency { .. } => "concurrency",
-            Refusal::Unavailable { .. } => "shared_state_unavailable",
-        }
-    }
-
-    /// The `Sluice-Error` code the client receives.
-    pub fn code(self) -> crate::error::Code {
-        match self {
-            Refusal::Unavailable { .. } => crate::error::Code::SharedStateUnavailable,
-            _ => crate::error::Code::RateLimited,
-        }
-    }
-
-    pub fn retry_after(self) -> Duration {
-        match self {
-            Refusal::Pace { retry_after }
-            | Refusal::Paused { retry_after }
-            | Refusal::Concurrency { retry_after }
-            | Refusal::Unavailable { retry_after } => retry_after,
-        }
-    }
-
-    /// `Retry-After` in whole seconds, at least 1.
-    pub fn retry_after_secs(self) -> u64 {
-        let d = self.retry_after();
-        (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
-    }
-}
-
-/// A destination host's admission state, as one request holds it.
-#[derive(Clone)]
-pub enum Host {
-    /// A full cell.
-    Cell(Arc<HostCell>),
-    /// A host at the default pace in the compact table (`key` finds its full cell once it is
-    /// promoted).
-    Light { fp: u64, key: String },
-}
-
-impl Host {
-    /// Index of the limits profile in force for the host.
-    pub fn profile(&self) -> u16 {
-        match self {
-            Host::Cell(c) => c.profile(),
-            Host::Light { .. } => 0,
-        }
-    }
-}
-
-/// An admitted request's in-flight place; given back when dropped.
-pub struct Permit {
-    /// `None` for a host without a full cell (no in-flight count to keep).
-    cell: Option<Arc<HostCell>>,
-    /// Time spent waiting for the slot and the in-flight place.
-    pub queued: Duration,
-    /// The slot's time (ns on the admission clock) and the pause epoch it was taken in
-    /// (0 in the compact table), for the look taken just before sending.
-    slot: u64,
-    epoch: u32,
-}
-
-/// What a request admitted earlier does when it is about to be sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AtSend {
-    /// Send it now.
-    Go,
-    /// The host was paused since its admission: it is admitted again (after the pause).
-    Paused,
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        if let Some(cell) = &self.cell {
-            cell.leave();
-        }
-    }
-}
-
-/// Whether a response teaches anything a compact host cannot hold (then it gets a full cell).
-fn teaches(status: u16, hints: &hints::Hints) -> bool {
-    status == 429
-        || (status == 503 && hints.retry_after.is_some())
-        || hints.rps.is_some()
-        || hints.max_concurrent.is_some()
-        || hints.exhausted_for.is_some()
-}
-
-/// What a response taught sluice about its host.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Learned {
-    /// A pause was started or extended: until (ns on the admission clock) and why.
-    pub paused: Option<(u64, PauseSource)>,
-    pub rps: Option<f64>,
-    pub max_concurrent: Option<u32>,
 }
 
 pub struct Admission {
@@ -223,7 +50,7 @@ pub struct Admission {
     light_on: AtomicBool,
     clock: Arc<Clock>,
     /// The fleet this node shares pace, pauses and learned limits with (`backend = "redis"`).
-    fleet: Option<Arc<Fleet>>,
+    fleet: Option<Arc<dyn FleetSeam>>,
     /// Tests see each cell at the moment its promotion makes it visible to other requests.
     #[cfg(test)]
     on_promote: std::sync::Mutex<Vec<(u64, u64)>>,
@@ -235,7 +62,7 @@ impl Admission {
     }
 
     /// Admission that consults `fleet` (which must run on the same `clock`).
-    pub fn with_fleet(clock: Arc<Clock>, fleet: Option<Arc<Fleet>>) -> Admission {
+    pub fn with_fleet(clock: Arc<Clock>, fleet: Option<Arc<dyn FleetSeam>>) -> Admission {
         Admission {
             // Blocking resizes: with incremental ones, a resize left unfinished (no writes
             // after it) makes every later read search two tables.
@@ -252,507 +79,22 @@ impl Admission {
         }
     }
 
-    /// Take the generation's defaults for hosts without a `[hosts]` entry (at start and on
-    /// every reload).
-    pub fn configure(&self, generation: &Generation) {
-        let limits = generation.limits(0);
-        self.light.set_pace(interval_of(limits.rps), limits.burst);
-        self.light_on.store(
-            self.fleet.is_none() && limits.max_concurrent == 0,
-            Ordering::Relaxed,
-        );
-    }
-
-    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
-        self.fleet.as_ref()
+    /// Whether this node shares its hosts with a fleet.
+    pub fn in_fleet(&self) -> bool {
+        self.fleet.is_some()
     }
 
     pub fn now(&self) -> u64 {
         self.clock.now()
     }
-
-    /// Hosts tracked now.
-    pub fn len(&self) -> usize {
-        self.cells.len() + self.light.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The admission state of `key` (`host:port`) for one request: compact for a host at the
-    /// defaults, else its full cell (made from the generation's limits on first use).
-    pub fn host(&self, key: String, host: &str, generation: &Generation) -> Host {
-        let (profile, configured) = generation.profile_for(host, &key);
-        if profile != 0 || configured || !self.light_on.load(Ordering::Relaxed) {
-            return Host::Cell(self.cell(&key, host, generation));
-        }
-        let fp = self.light.fingerprint(&key);
-        if self.light.promoted(fp) {
-            if let Some(c) = self.cells.pin().get(key.as_str()) {
-                return Host::Cell(c.clone());
-            }
-            // Its full cell was forgotten: back to the compact table.
-            self.light.demote(fp);
-        }
-        Host::Light { fp, key }
-    }
-
-    /// The full cell of `key` (`host:port`), made from the generation's limits on first use.
-    pub fn cell(&self, key: &str, host: &str, generation: &Generation) -> Arc<HostCell> {
-        if let Some(c) = self.cells.pin().get(key) {
-            return c.clone();
-        }
-        let (profile, configured) = generation.profile_for(host, key);
-        self.make_cell(key, profile, configured, generation, 0)
-    }
-
-    /// A full cell for `key`; a host that was in the compact table keeps its pace position.
-    /// The full cell of `key`, made (or found, if another thread made it) and then promoted
-    /// out of the compact table. `paused_until` (0: none) is set on the cell before the
-    /// promotion makes it visible, so no request slips through between the two.
-    fn make_cell(
-        &self,
-        key: &str,
-        profile: u16,
-        configured: bool,
-        generation: &Generation,
-        paused_until: u64,
-    ) -> Arc<HostCell> {
-        let limits = generation.limits(profile);
-        let fresh = Arc::new(HostCell::new(
-            limits.rps,
-            limits.burst,
-            limits.max_concurrent,
-            profile,
-            configured,
-        ));
-        let cell = self.cells.pin().get_or_insert(key.into(), fresh).clone();
-        if paused_until > 0 {
-            cell.pause_until(paused_until);
-        }
-        // Inserted (and paused) before the compact slot says "promoted", so whoever reads
-        // that finds it as it must be.
-        let promoted = self.light.promote(self.light.fingerprint(key));
-        #[cfg(test)]
-        if let Ok(mut seen) = self.on_promote.lock() {
-            seen.push((self.light.fingerprint(key), cell.paused_until()));
-        }
-        if let Some(tat) = promoted {
-            cell.raise_tat(tat);
-        }
-        if let Some(fleet) = &self.fleet {
-            fleet.register(&cell, key);
-        }
-        cell
-    }
-
-    /// The full cell of a host, if it has one.
-    fn full(&self, host: &Host) -> Option<Arc<HostCell>> {
-        match host {
-            Host::Cell(c) => Some(c.clone()),
-            Host::Light { fp, key } => {
-                if self.light.holds(*fp) {
-                    None
-                } else {
-                    self.cells.pin().get(key.as_str()).cloned()
-                }
-            }
-        }
-    }
-
-    /// Until when the host is paused (ns on the admission clock; 0 or past: not paused).
-    pub fn paused_until(&self, host: &Host) -> u64 {
-        match host {
-            Host::Cell(c) => c.paused_until(),
-            Host::Light { .. } => self.full(host).map_or(0, |c| c.paused_until()),
-        }
-    }
-
-    /// The pace cell of an authenticated client (its own limits, across all hosts).
-    pub fn client_cell(&self, name: &str, rps: f64, burst: u32) -> Arc<HostCell> {
-        let key = format!("{CLIENT_PREFIX}{name}");
-        let map = self.cells.pin();
-        if let Some(c) = map.get(key.as_str()) {
-            return c.clone();
-        }
-        map.get_or_insert(key.into(), Arc::new(HostCell::new(rps, burst, 0, 0, true)))
-            .clone()
-    }
-
-    /// The pacing decision alone, for a host at the defaults of the last [`Self::configure`]
-    /// (the hot path measured by the benchmarks: a probe of the compact table and one
-    /// compare-and-swap for a known host).
-    pub fn decide(&self, key: &str, now: u64, max_wait: u64) -> Decision {
-        let fp = self.light.fingerprint(key);
-        match self.light.reserve(fp, now, max_wait) {
-            Some(d) => d,
-            None => match self.cells.pin().get(key) {
-                Some(c) => c.reserve(now, max_wait),
-                None => {
-                    self.light.demote(fp);
-                    self.decide(key, now, max_wait)
-                }
-            },
-        }
-    }
-
-    /// Wait for a slot at the host's pace and an in-flight place, at most `max_wait`.
-    pub async fn acquire(&self, host: &Host, max_wait: Duration) -> Result<Permit, Refusal> {
-        let start = self.clock.now();
-        let deadline = start.saturating_add(max_wait.as_nanos() as u64);
-        let (fp, key) = match host {
-            Host::Cell(cell) => return self.acquire_cell(cell, start, deadline).await,
-            Host::Light { fp, key } => (*fp, key.as_str()),
-        };
-        loop {
-            let now = self.clock.now();
-            let permit = |slot| Permit {
-                cell: None,
-                queued: Duration::from_nanos(self.clock.now().saturating_sub(start)),
-                slot,
-                epoch: 0,
-            };
-            match self.light.reserve(fp, now, deadline.saturating_sub(now)) {
-                Some(Decision::Now) => return Ok(permit(now)),
-                Some(Decision::At { at, .. }) => {
-                    tokio::time::sleep(Duration::from_nanos(at.saturating_sub(now))).await;
-                    // A host promoted while this request waited may have been paused since
-                    // (even a pause already over: it restarted the pace after its end). A
-                    // full cell made by promotion starts at epoch 0 and every pause bumps
-                    // it, so a reservation made here stands while the epoch is 0; otherwise
-                    // it is void and the request takes a slot of the full cell.
-                    let stands = self.light.holds(fp)
-                        || self.cells.pin().get(key).is_none_or(|c| c.still_valid(0));
-                    if stands {
-                        return Ok(permit(at));
-                    }
-                }
-                Some(Decision::Refuse { retry_after }) => {
-                    return Err(Refusal::Pace {
-                        retry_after: Duration::from_nanos(retry_after),
-                    })
-                }
-                None => {
-                    let cell = self.cells.pin().get(key).cloned();
-                    match cell {
-                        Some(cell) => return self.acquire_cell(&cell, start, deadline).await,
-                        None => self.light.demote(fp),
-                    }
-                }
-            }
-        }
-    }
-
-    async fn acquire_cell(
-        &self,
-        cell: &Arc<HostCell>,
-        start: u64,
-        deadline: u64,
-    ) -> Result<Permit, Refusal> {
-        match &self.fleet {
-            Some(fleet) => fleet.pace(cell, deadline).await?,
-            None => pace_cell(cell, &self.clock, deadline).await?,
-        }
-        // Paced: the slot is now, in the epoch now (a pause from here on voids it).
-        let (slot, epoch) = (self.clock.now(), cell.epoch());
-        while !cell.try_enter() {
-            let gate = cell.gate();
-            let notified = gate.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if cell.try_enter() {
-                break;
-            }
-            let left = deadline.saturating_sub(self.clock.now());
-            if tokio::time::timeout(Duration::from_nanos(left), notified)
-                .await
-                .is_err()
-            {
-                return Err(Refusal::Concurrency {
-                    retry_after: Duration::from_secs(1),
-                });
-            }
-        }
-        Ok(Permit {
-            cell: Some(cell.clone()),
-            queued: Duration::from_nanos(self.clock.now().saturating_sub(start)),
-            slot,
-            epoch,
-        })
-    }
-
-    /// The last look before an admitted request is sent (its connection in hand): it waits
-    /// for its place among the host's sends, and it goes back to admission if the host was
-    /// paused since it was admitted. Without it, a request admitted on time but sent late (its
-    /// task starved of CPU, its connection slow) reached the upstream right before the next
-    /// one, and a 429 learned meanwhile did not hold requests that had their slot already.
-    /// A host in the compact table needs neither while its sends are on time; a late one
-    /// moves it to a full cell, whose sends are then spaced by its send guard.
-    pub async fn before_send(
-        &self,
-        host: &Host,
-        permit: &Permit,
-        generation: &Generation,
-    ) -> AtSend {
-        let now = self.clock.now();
-        let cell = match host {
-            Host::Cell(c) => c.clone(),
-            Host::Light { fp, key } => {
-                if self.light.holds(*fp) {
-                    if now.saturating_sub(permit.slot) <= self.light.late_after() {
-                        return AtSend::Go;
-                    }
-                    self.make_cell(key, 0, false, generation, 0)
-                } else {
-                    match self.cells.pin().get(key.as_str()) {
-                        Some(c) => c.clone(),
-                        None => return AtSend::Go,
-                    }
-                }
-            }
-        };
-        if !cell.still_valid(permit.epoch) {
-            return AtSend::Paused;
-        }
-        let at = cell.send_slot(now);
-        if at > now {
-            tokio::time::sleep(Duration::from_nanos(at - now)).await;
-            if !cell.still_valid(permit.epoch) {
-                return AtSend::Paused;
-            }
-        }
-        AtSend::Go
-    }
-
-    /// Take in what a response said: pace statements, exhausted windows, 429 and 503 pauses.
-    /// A compact host that is taught anything gets a full cell.
-    pub fn learn(
-        &self,
-        host: &Host,
-        generation: &Generation,
-        status: u16,
-        hints: &hints::Hints,
-    ) -> Learned {
-        let promoted;
-        let cell = match host {
-            Host::Cell(c) => c,
-            Host::Light { .. } if !teaches(status, hints) => return Learned::default(),
-            Host::Light { key, .. } => {
-                // The pause this response asks for, less a nanosecond so that the pause applied
-                // below (from a later `now`) still counts as the one that started it.
-                let d = signalled_pause(status, hints);
-                let pause = match d.is_zero() {
-                    true => 0,
-                    false => self.clock.now().saturating_add(nanos(d)).saturating_sub(1),
-                };
-                promoted = match self.cells.pin().get(key.as_str()) {
-                    Some(c) => c.clone(),
-                    None => self.make_cell(key, 0, false, generation, pause),
-                };
-                &promoted
-            }
-        };
-        let ceiling_rps = generation.limits(cell.profile()).max_rps;
-        let now = self.clock.now();
-        let mut learned = Learned::default();
-        if let Some(rps) = hints.rps {
-            let rps = clamp_learned_rps(rps, ceiling_rps);
-            cell.set_rps(rps);
-            learned.rps = Some(rps);
-        }
-        if let Some(n) = hints.max_concurrent {
-            cell.set_max_concurrent(n);
-            learned.max_concurrent = Some(n);
-        }
-        let pause = |d: Duration, source: PauseSource| {
-            let until = now.saturating_add(d.as_nanos() as u64);
-            (!d.is_zero() && cell.pause_until_by(until, source.into())).then_some((until, source))
-        };
-        match (status, hints.retry_after) {
-            // A 429 asks to slow down even when it says "now" (`Retry-After: 0` or a date
-            // in the past): it pauses for at least MIN_429_PAUSE.
-            (429, Some(d)) => learned.paused = pause(d.max(MIN_429_PAUSE), PauseSource::RetryAfter),
-            (503, Some(d)) => learned.paused = pause(d, PauseSource::RetryAfter),
-            (429, None) => {
-                let ns = cell.backoff(now);
-                learned.paused = Some((now.saturating_add(ns), PauseSource::Backoff));
-            }
-            (200..=399, _) => cell.succeeded(),
-            _ => {}
-        }
-        if let Some(d) = hints.exhausted_for {
-            if let Some(p) = pause(d, PauseSource::RateLimitHeaders) {
-                learned.paused = Some(p);
-            }
-        }
-        if let Some(fleet) = &self.fleet {
-            let pause = learned.paused.map(|(until, _)| {
-                fleet.paused(cell, until);
-                Duration::from_nanos(until.saturating_sub(now))
-            });
-            fleet.publish(cell, pause, learned.rps, learned.max_concurrent);
-        }
-        learned
-    }
-
-    /// Apply what another node of the fleet told: a pause or learned limits of a host tracked
-    /// here (hosts not tracked read them from the store on first use).
-    pub fn apply_event(&self, event: crate::shared::Event) {
-        use crate::shared::Event;
-        let Some(fleet) = &self.fleet else { return };
-        match event {
-            Event::Pause { host, length } => {
-                fleet.metrics.events.with_label_values(&["pause"]).inc();
-                if let Some(cell) = self.get(&host) {
-                    let until = self.clock.now().saturating_add(length.as_nanos() as u64);
-                    cell.pause_until_by(until, PauseOrigin::Fleet);
-                    fleet.paused(&cell, until);
-                }
-            }
-            Event::Limit {
-                host,
-                interval_us,
-                max_concurrent,
-            } => {
-                fleet.metrics.events.with_label_values(&["limit"]).inc();
-                if let Some(cell) = self.get(&host) {
-                    if let Some(i) = interval_us {
-                        cell.set_rps(1e6 / i as f64);
-                    }
-                    if let Some(n) = max_concurrent {
-                        cell.set_max_concurrent(n);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Drop cells of hosts unused for `idle_for` that hold nothing (configured hosts stay).
-    /// Returns how many were dropped.
-    pub fn evict_idle(&self, idle_for: Duration) -> usize {
-        let now = self.clock.now();
-        let before = (now.saturating_sub(idle_for.as_nanos() as u64) / 1_000_000_000) as u32;
-        let map = self.cells.pin();
-        let start = map.len();
-        map.retain(|key, c| {
-            let keep = c.configured() || !c.idle(now, before);
-            if !keep {
-                if let Some(fleet) = &self.fleet {
-                    fleet.forget(c);
-                }
-                // A promoted host's compact slot is forgotten with it.
-                self.light.forget_promoted(self.light.fingerprint(key));
-            }
-            keep
-        });
-        let cells = start.saturating_sub(map.len());
-        cells
-            + self
-                .light
-                .forget_idle(now.saturating_sub(idle_for.as_nanos() as u64))
-    }
-
-    /// A new configuration is in force: point every tracked host at its new profile, and where
-    /// the configured limits changed, apply them (replacing what was learned). Pace position,
-    /// pauses and in-flight counts carry over.
-    pub fn apply_generation(&self, old: &Generation, new: &Generation) {
-        self.configure(new);
-        let map = self.cells.pin();
-        for (key, cell) in map.iter() {
-            if key.starts_with(CLIENT_PREFIX) {
-                // A client's own pace, not a host's: `[hosts]` does not apply to it.
-                continue;
-            }
-            let host = host_of(key);
-            let (profile, configured) = new.profile_for(host, key);
-            let before = old.limits(cell.profile());
-            let after = new.limits(profile);
-            if before != after {
-                cell.set_rps(after.rps);
-                cell.set_burst(after.burst);
-                cell.set_max_concurrent(after.max_concurrent);
-            }
-            cell.set_profile(profile, configured);
-        }
-    }
-
-    /// Up to `limit` hosts with a full cell (clients' own cells left out), those with the most
-    /// going on first: paused, then by queue depth and requests in flight. For `/status`.
-    pub fn notable(&self, limit: usize) -> Vec<(String, Arc<HostCell>)> {
-        let now = self.clock.now();
-        let mut all: Vec<(String, Arc<HostCell>)> = self
-            .cells
-            .pin()
-            .iter()
-            .filter(|(k, _)| !k.starts_with(CLIENT_PREFIX))
-            .map(|(k, c)| (k.to_string(), c.clone()))
-            .collect();
-        all.sort_by_cached_key(|(k, c)| {
-            (
-                std::cmp::Reverse(c.paused_until() > now),
-                std::cmp::Reverse(c.queued(now)),
-                std::cmp::Reverse(c.in_flight()),
-                k.clone(),
-            )
-        });
-        all.truncate(limit);
-        all
-    }
-
-    /// Hosts paused at `now` (a pause always gives a host a full cell).
-    pub fn paused_count(&self, now: u64) -> usize {
-        self.cells
-            .pin()
-            .iter()
-            .filter(|(k, c)| !k.starts_with(CLIENT_PREFIX) && c.paused_until() > now)
-            .count()
-    }
-
-    /// A snapshot of one host's cell, if tracked.
-    pub fn get(&self, key: &str) -> Option<Arc<HostCell>> {
-        self.cells.pin().get(key).cloned()
-    }
-}
-
-/// Wait for a slot at `cell`'s pace until `deadline` (ns on `clock`) at most.
-pub(crate) async fn pace_cell(
-    cell: &HostCell,
-    clock: &Clock,
-    deadline: u64,
-) -> Result<(), Refusal> {
-    loop {
-        let now = clock.now();
-        match cell.reserve(now, deadline.saturating_sub(now)) {
-            Decision::Now => return Ok(()),
-            Decision::At { at, epoch } => {
-                tokio::time::sleep(Duration::from_nanos(at.saturating_sub(now))).await;
-                if cell.still_valid(epoch) {
-                    return Ok(());
-                }
-            }
-            Decision::Refuse { retry_after } => {
-                let retry_after = Duration::from_nanos(retry_after);
-                return Err(if cell.paused_until() > now {
-                    Refusal::Paused { retry_after }
-                } else {
-                    Refusal::Pace { retry_after }
-                });
-            }
-        }
-    }
-}
-
-/// The host part of a `host:port` key (IPv6 without brackets).
-fn host_of(key: &str) -> &str {
-    let host = key.rsplit_once(':').map_or(key, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 #[cfg(test)]
 mod tests {
+    use super::table::host_of;
     use super::*;
     use crate::config::Config;
+    use crate::generation::Generation;
 
     fn generation(toml: &str) -> Generation {
         let c = Config::parse(toml).expect("valid");

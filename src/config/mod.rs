@@ -6,7 +6,6 @@
 
 mod dispatch;
 mod duration;
-mod generation;
 mod jobs;
 mod shared;
 mod validate;
@@ -16,7 +15,6 @@ pub use dispatch::{
     RetryBudget, RetryOn,
 };
 pub use duration::HumanDuration;
-pub use generation::{Generation, Route};
 pub use jobs::{secret_key, Jobs, Secret, Webhooks};
 pub use shared::{Backend, BreakerConfig, OnError, RedisUrl, RetryConfig, SharedConfig};
 pub use validate::ConfigError;

@@ -1,8 +1,8 @@
 //! Per-request state, created when the request head arrives and dropped after logging.
 
 use crate::admission::{Host, Permit};
-use crate::config::Generation;
 use crate::error::Code;
+use crate::generation::Generation;
 use crate::target::{Origin, WayIn};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,7 +51,7 @@ impl Ctx {
     pub fn host_label(&self) -> &str {
         match &self.cell {
             Some(c) => self.generation.host_label(c.profile()),
-            None => crate::metrics::OTHER_HOST,
+            None => crate::generation::OTHER_HOST,
         }
     }
 

@@ -591,7 +591,8 @@ mod tests {
     #[test]
     fn the_picker_asks_each_endpoint_once_and_skips_those_out_of_rotation() {
         let config = crate::config::Config::default();
-        let regions = crate::regions::Regions::new(&crate::config::Generation::build(1, config));
+        let regions =
+            crate::regions::Regions::new(&crate::generation::Generation::build(1, config));
         let addrs: Vec<std::net::SocketAddr> = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
             .iter()
             .map(|a| a.parse().expect("addr"))

@@ -24,7 +24,8 @@ pub use ctx::Ctx;
 pub use respond::peer_options;
 
 use crate::admission::Host;
-use crate::config::{Generation, HostLimits};
+use crate::config::HostLimits;
+use crate::generation::Generation;
 use crate::jobs::api as jobs;
 use crate::regions::HostRegions;
 use crate::state::Shared;

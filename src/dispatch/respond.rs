@@ -5,8 +5,8 @@
 
 use super::attempt::Answer;
 use super::{headers, pace, Ctx};
-use crate::config::Generation;
 use crate::error::{self, Code};
+use crate::generation::Generation;
 use crate::regions::HostRegions;
 use crate::state::Shared;
 use pingora_core::protocols::http::client::HttpSession;

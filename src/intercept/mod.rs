@@ -10,7 +10,7 @@ pub mod stream;
 pub use ca::Ca;
 pub use stream::{tunnel_of, ClientSide, Rewind, TunnelInfo, Tunneled};
 
-use crate::config::Intercept;
+use crate::config::{ConfigError, Intercept};
 use crate::metrics::Metrics;
 use lru::LruCache;
 use std::num::NonZeroUsize;
@@ -123,6 +123,14 @@ pub struct Interceptor {
 
 impl Interceptor {
     /// The interceptor of `config`, if it names a CA.
+    /// Read the configured CA the way [`Interceptor::from_config`] will, for `--check` and the
+    /// start: what is wrong comes back under its key path.
+    pub fn check(config: &Intercept) -> Result<(), ConfigError> {
+        Interceptor::from_config(config)
+            .map(|_| ())
+            .map_err(|e| ConfigError::single("intercept.ca_cert".into(), e))
+    }
+
     pub fn from_config(config: &Intercept) -> Result<Option<Arc<Interceptor>>, String> {
         let (Some(cert), Some(key)) = (&config.ca_cert, &config.ca_key) else {
             return Ok(None);

@@ -5,8 +5,8 @@
 
 use super::model::{Call, Delivery, Job, Receipt, State};
 use super::{now_ms, spec, Jobs, JobsError};
-use crate::config::Generation;
 use crate::error::{self, Code};
+use crate::generation::Generation;
 use crate::policy::auth::{self, SLUICE_KEY};
 use crate::state::Shared;
 use crate::target::Origin;

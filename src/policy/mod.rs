@@ -3,9 +3,8 @@
 //! host allow/deny lists, CONNECT ports; and client authentication (`auth.rs`).
 
 pub mod auth;
-pub mod cidr;
 
-pub use cidr::{embedded_v4, Cidr};
+pub use crate::cidr::{embedded_v4, Cidr};
 
 use crate::config::Security;
 use crate::error::Code;

@@ -128,7 +128,8 @@ fn build(key: &str, addrs: &[SocketAddr], previous: Option<&HostRegions>, now: u
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{Config, Generation};
+    use crate::config::Config;
+    use crate::generation::Generation;
     use crate::regions::Regions;
     use std::net::SocketAddr;
     use std::sync::Arc;

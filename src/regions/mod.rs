@@ -11,7 +11,8 @@ pub mod state;
 
 pub use implicit::{Route, IMPLICIT_REGION};
 
-use crate::config::{Generation, HealthCheckConfig, RegionConfig};
+use crate::config::{HealthCheckConfig, RegionConfig};
+use crate::generation::Generation;
 use crate::target::Origin;
 use arc_swap::ArcSwap;
 use budget::Budget;

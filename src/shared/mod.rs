@@ -16,13 +16,13 @@ pub mod service;
 
 pub use pacer::FleetHost;
 
-use crate::admission::{Clock, Decision, HostCell, Refusal};
+use crate::admission::{Clock, Decision, FleetEvent, FleetSeam, HostCell, Paced, Refusal};
 use crate::config::{OnError, SharedConfig};
 use async_trait::async_trait;
 use breaker::{Breaker, State};
 use metrics::{FleetMetrics, Op};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 /// What the store answered to a request for tokens.
@@ -97,50 +97,35 @@ pub trait Store: Send + Sync {
     fn calls(&self) -> u64;
 }
 
-/// What another node told the fleet.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Event {
-    Pause {
-        host: String,
-        length: Duration,
-    },
-    Limit {
-        host: String,
-        interval_us: Option<u64>,
-        max_concurrent: Option<u32>,
-    },
-}
-
-impl Event {
-    /// `pause <host> <us>` or `limit <host> <interval us|-> <max_concurrent|->`.
-    pub fn parse(text: &str) -> Option<Event> {
-        let mut parts = text.split(' ');
-        let kind = parts.next()?;
-        let host = parts.next()?.to_string();
-        if host.is_empty() {
-            return None;
-        }
-        let event = match kind {
-            "pause" => Event::Pause {
-                host,
-                length: Duration::from_micros(parts.next()?.parse().ok()?),
-            },
-            "limit" => {
-                let interval = parts.next()?;
-                let mc = parts.next()?;
-                Event::Limit {
-                    host,
-                    interval_us: (interval != "-")
-                        .then(|| interval.parse().ok())
-                        .flatten()
-                        .filter(|i| *i > 0),
-                    max_concurrent: (mc != "-").then(|| mc.parse().ok()).flatten(),
-                }
-            }
-            _ => return None,
-        };
-        parts.next().is_none().then_some(event)
+/// An event another node published: `pause <host> <us>` or
+/// `limit <host> <interval us|-> <max_concurrent|->`.
+pub fn parse_event(text: &str) -> Option<FleetEvent> {
+    let mut parts = text.split(' ');
+    let kind = parts.next()?;
+    let host = parts.next()?.to_string();
+    if host.is_empty() {
+        return None;
     }
+    let event = match kind {
+        "pause" => FleetEvent::Pause {
+            host,
+            length: Duration::from_micros(parts.next()?.parse().ok()?),
+        },
+        "limit" => {
+            let interval = parts.next()?;
+            let mc = parts.next()?;
+            FleetEvent::Limit {
+                host,
+                interval_us: (interval != "-")
+                    .then(|| interval.parse().ok())
+                    .flatten()
+                    .filter(|i| *i > 0),
+                max_concurrent: (mc != "-").then(|| mc.parse().ok()).flatten(),
+            }
+        }
+        _ => return None,
+    };
+    parts.next().is_none().then_some(event)
 }
 
 /// How shared pacing saves calls to the store (both on in service; the benchmark turns them
@@ -184,6 +169,9 @@ pub struct Fleet {
     probe_at: AtomicU64,
     /// Each tracked host's local side, by the address of its admission cell.
     hosts: papaya::HashMap<usize, Arc<FleetHost>, foldhash::fast::RandomState>,
+    /// This fleet itself, for the background work a request starts (a token pump, sharing
+    /// what was learned).
+    me: Weak<Fleet>,
 }
 
 /// The fleet identity of an admission cell.
@@ -201,12 +189,13 @@ impl Fleet {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos();
-        Ok(Arc::new(Fleet {
+        let metrics = FleetMetrics::new()?;
+        Ok(Arc::new_cyclic(|me| Fleet {
             on_error: config.on_error,
             config: config.clone(),
             options,
             node_id: format!("{}-{:x}", std::process::id(), started & 0xffff_ffff_ffff),
-            metrics: FleetMetrics::new()?,
+            metrics,
             timeout: config.timeout.get(),
             clock,
             store: OnceLock::new(),
@@ -217,6 +206,7 @@ impl Fleet {
             hosts: papaya::HashMap::builder()
                 .hasher(foldhash::fast::RandomState::default())
                 .build(),
+            me: me.clone(),
         }))
     }
 
@@ -247,19 +237,6 @@ impl Fleet {
     pub fn set_live_nodes(&self, n: u32) {
         self.nodes.store(n.max(1), Ordering::Relaxed);
         self.metrics.live_nodes.set(i64::from(n.max(1)));
-    }
-
-    /// Track `cell` (the cell of `key`, a `host:port`) in the fleet.
-    pub fn register(&self, cell: &Arc<HostCell>, key: &str) {
-        let hosts = self.hosts.pin();
-        if hosts.get(&cell_id(cell)).is_none() {
-            hosts.get_or_insert_with(cell_id(cell), || Arc::new(FleetHost::new(key)));
-        }
-    }
-
-    /// Stop tracking a cell (it was evicted).
-    pub fn forget(&self, cell: &HostCell) {
-        self.hosts.pin().remove(&cell_id(cell));
     }
 
     fn host(&self, cell: &HostCell) -> Option<Arc<FleetHost>> {
@@ -398,7 +375,7 @@ impl Fleet {
     /// Pace one request to `cell`'s host for the fleet, waiting until `deadline` (ns on the
     /// admission clock) at most. Pauses known here are waited out first; then a fleet token
     /// is taken, or, when the store fails, the `on_error` policy decides.
-    pub async fn pace(
+    async fn pace_shared(
         self: &Arc<Self>,
         cell: &Arc<HostCell>,
         deadline: u64,
@@ -476,53 +453,6 @@ impl Fleet {
         }
     }
 
-    /// A pause reached this node (learned here or pushed by another node): tokens leased
-    /// before it are void, and the store is not asked again before it ends.
-    pub fn paused(&self, cell: &HostCell, until: u64) {
-        if let Some(host) = self.host(cell) {
-            host.void(until);
-        }
-    }
-
-    /// Tell the fleet what this node learned about `cell`'s host (in the background: no
-    /// request waits for it).
-    pub fn publish(
-        self: &Arc<Self>,
-        cell: &HostCell,
-        pause: Option<Duration>,
-        rps: Option<f64>,
-        max_concurrent: Option<u32>,
-    ) {
-        let Some(host) = self.host(cell) else { return };
-        let Some(store) = self.store.get().cloned() else {
-            return;
-        };
-        if !self.allow(self.clock.now()) {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let fleet = self.clone();
-        let interval_us = interval_us(cell);
-        let burst = cell.burst();
-        runtime.spawn(async move {
-            if let Some(length) = pause {
-                let call = || store.pause(&host.key, length, interval_us, burst);
-                if let Err(e) = fleet.call(Op::Pause, call).await {
-                    tracing::warn!(host = &*host.key, error = %e, "could not share a pause");
-                }
-            }
-            if rps.is_some() || max_concurrent.is_some() {
-                let learned = rps.map(|r| (1e6 / r).round().max(1.0) as u64);
-                let call = || store.learn(&host.key, learned, max_concurrent);
-                if let Err(e) = fleet.call(Op::Learn, call).await {
-                    tracing::warn!(host = &*host.key, error = %e, "could not share a learned limit");
-                }
-            }
-        });
-    }
-
     /// The fleet part of `/status`.
     pub fn status(&self) -> serde_json::Value {
         let calls = self.store.get().map_or(0, |s| s.calls());
@@ -551,6 +481,81 @@ impl Fleet {
     }
 }
 
+/// Admission's seam, as this fleet fills it.
+impl FleetSeam for Fleet {
+    /// Track `cell` (the cell of `key`, a `host:port`) in the fleet.
+    fn register(&self, cell: &Arc<HostCell>, key: &str) {
+        let hosts = self.hosts.pin();
+        if hosts.get(&cell_id(cell)).is_none() {
+            hosts.get_or_insert_with(cell_id(cell), || Arc::new(FleetHost::new(key)));
+        }
+    }
+
+    /// Stop tracking a cell (it was evicted).
+    fn forget(&self, cell: &HostCell) {
+        self.hosts.pin().remove(&cell_id(cell));
+    }
+
+    fn pace<'a>(&'a self, cell: &'a Arc<HostCell>, deadline: u64) -> Paced<'a> {
+        Box::pin(async move {
+            match self.me.upgrade() {
+                Some(fleet) => fleet.pace_shared(cell, deadline).await,
+                // The fleet is being dropped (shutdown): this node's own pace.
+                None => crate::admission::pace_cell(cell, &self.clock, deadline).await,
+            }
+        })
+    }
+
+    /// A pause reached this node (learned here or pushed by another node): tokens leased
+    /// before it are void, and the store is not asked again before it ends.
+    fn paused(&self, cell: &HostCell, until: u64) {
+        if let Some(host) = self.host(cell) {
+            host.void(until);
+        }
+    }
+
+    /// Tell the fleet what this node learned about `cell`'s host (in the background: no
+    /// request waits for it).
+    fn publish(
+        &self,
+        cell: &HostCell,
+        pause: Option<Duration>,
+        rps: Option<f64>,
+        max_concurrent: Option<u32>,
+    ) {
+        let Some(host) = self.host(cell) else { return };
+        let Some(store) = self.store.get().cloned() else {
+            return;
+        };
+        if !self.allow(self.clock.now()) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Some(fleet) = self.me.upgrade() else {
+            return;
+        };
+        let interval_us = interval_us(cell);
+        let burst = cell.burst();
+        runtime.spawn(async move {
+            if let Some(length) = pause {
+                let call = || store.pause(&host.key, length, interval_us, burst);
+                if let Err(e) = fleet.call(Op::Pause, call).await {
+                    tracing::warn!(host = &*host.key, error = %e, "could not share a pause");
+                }
+            }
+            if rps.is_some() || max_concurrent.is_some() {
+                let learned = rps.map(|r| (1e6 / r).round().max(1.0) as u64);
+                let call = || store.learn(&host.key, learned, max_concurrent);
+                if let Err(e) = fleet.call(Op::Learn, call).await {
+                    tracing::warn!(host = &*host.key, error = %e, "could not share a learned limit");
+                }
+            }
+        });
+    }
+}
+
 /// The cell's pace in microseconds per request.
 pub fn interval_us(cell: &HostCell) -> u64 {
     let rps = cell.rps();
@@ -568,15 +573,15 @@ mod tests {
     #[test]
     fn events_parse_and_reject_garbage() {
         assert_eq!(
-            Event::parse("pause api.test:443 2000000"),
-            Some(Event::Pause {
+            parse_event("pause api.test:443 2000000"),
+            Some(FleetEvent::Pause {
                 host: "api.test:443".into(),
                 length: Duration::from_secs(2)
             })
         );
         assert_eq!(
-            Event::parse("limit [::1]:8080 100000 -"),
-            Some(Event::Limit {
+            parse_event("limit [::1]:8080 100000 -"),
+            Some(FleetEvent::Limit {
                 host: "[::1]:8080".into(),
                 interval_us: Some(100_000),
                 max_concurrent: None
@@ -591,7 +596,7 @@ mod tests {
             "resume h 1",
             "limit h 1",
         ] {
-            assert_eq!(Event::parse(bad), None, "{bad:?}");
+            assert_eq!(parse_event(bad), None, "{bad:?}");
         }
     }
 }

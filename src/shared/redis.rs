@@ -5,7 +5,8 @@
 //!
 //! Timeouts and the breaker are the caller's business (`super::Fleet`); this module only talks.
 
-use super::{Event, Grant, Store, StoreError};
+use super::{parse_event, Grant, Store, StoreError};
+use crate::admission::FleetEvent;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
@@ -148,7 +149,10 @@ impl RedisStore {
     }
 
     /// Follow the event channel until the connection ends (then the caller subscribes again).
-    pub async fn follow(&self, on_event: &(dyn Fn(Event) + Send + Sync)) -> Result<(), StoreError> {
+    pub async fn follow(
+        &self,
+        on_event: &(dyn Fn(FleetEvent) + Send + Sync),
+    ) -> Result<(), StoreError> {
         use futures_util::StreamExt;
         let connect = self.subscribe_to.get_async_pubsub();
         let mut pubsub = tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), connect)
@@ -166,7 +170,7 @@ impl RedisStore {
                     continue;
                 }
             };
-            match Event::parse(&text) {
+            match parse_event(&text) {
                 Some(event) => on_event(event),
                 None => tracing::debug!(event = text.as_str(), "unknown fleet event"),
             }

@@ -4,8 +4,8 @@
 
 use super::metrics::Op;
 use super::redis::RedisStore;
-use super::Store;
-use crate::state::Shared;
+use super::{Fleet, Store};
+use crate::admission::FleetEvent;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
@@ -16,22 +16,32 @@ use std::time::Duration;
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
 
 pub struct FleetService {
-    shared: Arc<Shared>,
+    fleet: Arc<Fleet>,
+    /// Applies what another node told (to this node's admission).
+    on_event: Box<dyn Fn(FleetEvent) + Send + Sync>,
+    /// Says this node has left the fleet (the early exit on shutdown waits for it).
+    on_left: Box<dyn Fn() + Send + Sync>,
 }
 
 impl FleetService {
-    pub fn new(shared: Arc<Shared>) -> FleetService {
-        FleetService { shared }
+    pub fn new(
+        fleet: Arc<Fleet>,
+        on_event: Box<dyn Fn(FleetEvent) + Send + Sync>,
+        on_left: Box<dyn Fn() + Send + Sync>,
+    ) -> FleetService {
+        FleetService {
+            fleet,
+            on_event,
+            on_left,
+        }
     }
 }
 
 #[async_trait]
 impl BackgroundService for FleetService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let _left = Left(&self.shared);
-        let Some(fleet) = self.shared.admission.fleet().cloned() else {
-            return;
-        };
+        let _left = Left(&*self.on_left);
+        let fleet = &self.fleet;
         let config = &fleet.config;
         let ca_pem = match &config.tls_ca_file {
             None => None,
@@ -74,8 +84,14 @@ impl BackgroundService for FleetService {
                 }
             }
         };
-        let shared = self.shared.clone();
-        let on_event = move |event| shared.admission.apply_event(event);
+        let on_event = |event: FleetEvent| {
+            fleet
+                .metrics
+                .events
+                .with_label_values(&[event.kind()])
+                .inc();
+            (self.on_event)(event)
+        };
         let events = async {
             loop {
                 if let Err(e) = store.follow(&on_event).await {
@@ -99,12 +115,10 @@ impl BackgroundService for FleetService {
 
 /// Says, when the service ends however it ends, that this node no longer takes part in the
 /// fleet (the early exit on shutdown waits for it).
-struct Left<'a>(&'a Shared);
+struct Left<'a>(&'a (dyn Fn() + Send + Sync));
 
 impl Drop for Left<'_> {
     fn drop(&mut self) {
-        self.0
-            .fleet_left
-            .store(true, std::sync::atomic::Ordering::Release);
+        (self.0)()
     }
 }

@@ -1,10 +1,14 @@
-//! A compiled, immutable configuration generation: what a request reads while it runs.
+//! A compiled, immutable configuration generation: what a request reads while it runs (the
+//! validated `Config` with its routes, host profiles, egress policy and clients compiled).
 
-use super::{Config, HostLimits};
+use crate::config::{Config, HostLimits};
 use crate::target::Origin;
-pub use crate::target::Route;
+use crate::target::Route;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+
+/// Host label for destinations not named in `[hosts]` (metrics, the access log).
+pub const OTHER_HOST: &str = "other";
 
 /// One validated configuration with its lookup tables. Requests hold an `Arc` of the
 /// generation they started on, so a reload never changes a request in flight.
@@ -56,7 +60,7 @@ impl Generation {
             })
             .collect();
         let mut profiles = vec![config.defaults.clone()];
-        let mut profile_names = vec![crate::metrics::OTHER_HOST.to_string()];
+        let mut profile_names = vec![OTHER_HOST.to_string()];
         let mut exact_hosts = HashMap::new();
         let mut wildcard_hosts = Vec::new();
         for (name, o) in &config.hosts {
@@ -114,7 +118,7 @@ impl Generation {
     pub fn host_label(&self, profile: u16) -> &str {
         self.profile_names
             .get(usize::from(profile))
-            .map_or(crate::metrics::OTHER_HOST, String::as_str)
+            .map_or(OTHER_HOST, String::as_str)
     }
 
     /// The limits of a profile index (the defaults if out of range).

@@ -1,0 +1,57 @@
+//! The seam between admission and a fleet of sluice nodes sharing pace, pauses and learned
+//! limits (`[shared] backend = "redis"`). Admission declares what it needs here; the fleet
+//! module implements it, so admission never names the store, its breaker or its wire format.
+
+use super::{HostCell, Refusal};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A request being paced for the fleet.
+pub type Paced<'a> = Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send + 'a>>;
+
+/// What admission asks of the fleet. Every time is in nanoseconds on the admission clock,
+/// which the fleet shares.
+pub trait FleetSeam: Send + Sync {
+    /// `cell` (the full cell of `key`, a `host:port`) was made on this node: the fleet
+    /// tracks its host from now on.
+    fn register(&self, cell: &Arc<HostCell>, key: &str);
+    /// `cell` was forgotten here (idle): the fleet stops tracking it.
+    fn forget(&self, cell: &HostCell);
+    /// Pace one request to `cell`'s host for the whole fleet, until `deadline` at most.
+    fn pace<'a>(&'a self, cell: &'a Arc<HostCell>, deadline: u64) -> Paced<'a>;
+    /// `cell`'s host is paused until `until` (learned here or told by another node).
+    fn paused(&self, cell: &HostCell, until: u64);
+    /// Tell the other nodes what this node learned about `cell`'s host.
+    fn publish(
+        &self,
+        cell: &HostCell,
+        pause: Option<Duration>,
+        rps: Option<f64>,
+        max_concurrent: Option<u32>,
+    );
+}
+
+/// What another node of the fleet told this one.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FleetEvent {
+    /// The host is paused for `length` from now.
+    Pause { host: String, length: Duration },
+    /// The host's learned pace (microseconds per request) and concurrency cap.
+    Limit {
+        host: String,
+        interval_us: Option<u64>,
+        max_concurrent: Option<u32>,
+    },
+}
+
+impl FleetEvent {
+    /// The event's kind, a bounded metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FleetEvent::Pause { .. } => "pause",
+            FleetEvent::Limit { .. } => "limit",
+        }
+    }
+}
