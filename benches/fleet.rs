@@ -5,8 +5,8 @@
 
 use sluice::admission::{Admission, Clock};
 use sluice::config::Config;
+use sluice::fleet::{redis::RedisStore, Fleet, Options};
 use sluice::generation::Generation;
-use sluice::shared::{redis::RedisStore, Fleet, Options};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -100,7 +100,7 @@ pub fn build_server(
         let (told, left) = (shared.clone(), shared.clone());
         pingora_core::services::background::background_service(
             "sluice fleet",
-            crate::shared::service::FleetService::new(
+            crate::fleet::service::FleetService::new(
                 fleet,
                 Box::new(move |event| told.admission.apply_event(event)),
                 Box::new(move || left.fleet_left.store(true, Ordering::Release)),

@@ -112,12 +112,12 @@ impl Front {
                     refuse(stream, &self.shared, way, code, &why).await;
                     return None;
                 }
-                Ok(Plan::Connect) if tunnel.is_some() => {
+                Ok(HeadAction::Connect) if tunnel.is_some() => {
                     let why = "CONNECT inside a tunnel";
                     refuse(stream, &self.shared, way, Code::BadRequest, why).await;
                     return None;
                 }
-                Ok(Plan::Connect) => {
+                Ok(HeadAction::Connect) => {
                     buf.unsplit(rest);
                     // Boxed, like the HTTP session below, so that the state of an idle
                     // connection's task is only what waiting for its next head needs.
@@ -125,8 +125,8 @@ impl Front {
                     let tunnel = Some((inside.info, inside.authorization));
                     return Box::pin(self.serve_http(inside.stream, shutdown, tunnel)).await;
                 }
-                Ok(Plan::Http(None, body)) => stream.serve(rest, body),
-                Ok(Plan::Http(Some(rewritten), body)) => {
+                Ok(HeadAction::Http(None, body)) => stream.serve(rest, body),
+                Ok(HeadAction::Http(Some(rewritten), body)) => {
                     buf = BytesMut::from(&rewritten[..]);
                     stream.serve(rest, body);
                 }
@@ -388,7 +388,7 @@ async fn read_head(
 }
 
 /// What the head says to do.
-pub enum Plan {
+pub enum HeadAction {
     Connect,
     /// Serve as HTTP; with a head rewritten to carry the absolute target's authority as its
     /// one `Host` (RFC 9112 3.2.2), when the client's `Host` said otherwise; and how the
@@ -411,7 +411,7 @@ fn head_error(e: Option<httparse::Error>) -> (Code, String) {
 /// Check a complete head: well formed, target length, and unambiguous body framing
 /// (no `Content-Length` with `Transfer-Encoding`, no repeated or malformed
 /// `Content-Length`, `chunked` last in `Transfer-Encoding`).
-pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Code, String)> {
+pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<HeadAction, (Code, String)> {
     // Uninitialised slots: httparse fills only as many as the head has.
     let mut headers = [std::mem::MaybeUninit::uninit(); MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -434,7 +434,7 @@ pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Cod
         ));
     }
     if req.method == Some("CONNECT") {
-        return Ok(Plan::Connect);
+        return Ok(HeadAction::Connect);
     }
     let mut lengths = 0;
     let mut length = 0u64;
@@ -510,7 +510,7 @@ pub fn inspect(buf: &[u8], max_head: usize, max_uri: usize) -> Result<Plan, (Cod
         (_, _, true) => Body::Length(length),
         _ => Body::None,
     };
-    Ok(Plan::Http(rewritten, body))
+    Ok(HeadAction::Http(rewritten, body))
 }
 
 /// The authority of an absolute-form `http(s)://` target, if the target is one.
@@ -738,7 +738,7 @@ mod tests {
         assert_eq!(code_of(&big), Some(Code::HeadTooLarge));
         assert!(matches!(
             inspect(b"CONNECT a.test:443 HTTP/1.1\r\n\r\n", 65536, 8192),
-            Ok(Plan::Connect)
+            Ok(HeadAction::Connect)
         ));
     }
 

@@ -31,14 +31,14 @@ const MIN_TTL: Duration = Duration::from_secs(1);
 const MAX_TTL: Duration = Duration::from_secs(3600);
 
 /// What a lookup found: addresses (IPv4 first), or why none.
-type Answer = Result<Arc<Vec<IpAddr>>, Arc<str>>;
+type DnsAnswer = Result<Arc<Vec<IpAddr>>, Arc<str>>;
 
 struct Entry {
-    answer: Answer,
+    answer: DnsAnswer,
     until: Instant,
 }
 
-type Lookup = Shared<BoxFuture<'static, Answer>>;
+type DnsLookup = Shared<BoxFuture<'static, DnsAnswer>>;
 
 /// The DNS side of sluice: hickory's resolver, sluice's cache of its answers and the
 /// lookups in flight.
@@ -49,7 +49,7 @@ pub struct Dns {
 struct Inner {
     resolver: TokioResolver,
     cache: Mutex<LruCache<String, Entry>>,
-    in_flight: Mutex<HashMap<String, Lookup>>,
+    in_flight: Mutex<HashMap<String, DnsLookup>>,
     max_in_flight: usize,
 }
 
@@ -148,7 +148,7 @@ impl Dns {
 }
 
 impl Inner {
-    fn cached(&self, name: &str) -> Option<Answer> {
+    fn cached(&self, name: &str) -> Option<DnsAnswer> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         match cache.get(name) {
             Some(e) if e.until > Instant::now() => Some(e.answer.clone()),
@@ -163,7 +163,7 @@ impl Inner {
     /// The lookup of `name` in flight, joined, or a new one (if under the bound). A new one
     /// runs to its end in its own task, whoever still waits: it fills the cache, then leaves
     /// the table of lookups in flight.
-    fn lookup(inner: &Arc<Inner>, name: &str, metrics: &Metrics) -> Result<Lookup, Box<Error>> {
+    fn lookup(inner: &Arc<Inner>, name: &str, metrics: &Metrics) -> Result<DnsLookup, Box<Error>> {
         let mut in_flight = inner.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = in_flight.get(name) {
             metrics.dns_cache.with_label_values(&["coalesced"]).inc();
@@ -212,7 +212,7 @@ impl Inner {
 
     /// One question to the resolver: the answer, until when it holds, and the metric's
     /// result label.
-    async fn ask(&self, name: &str) -> (Answer, Instant, &'static str) {
+    async fn ask(&self, name: &str) -> (DnsAnswer, Instant, &'static str) {
         let now = Instant::now();
         match self.resolver.lookup_ip(format!("{name}.")).await {
             Ok(found) => {

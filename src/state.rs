@@ -2,7 +2,7 @@
 //! configuration generation (swapped atomically) and the metrics.
 
 use crate::admission::{Admission, Clock};
-use crate::config::{Backend, Config};
+use crate::config::{Config, FleetBackend};
 use crate::generation::Generation;
 use crate::metrics::Metrics;
 use crate::regions::Regions;
@@ -20,7 +20,7 @@ pub struct Shared {
     pub admission: Admission,
     /// The fleet this node shares pace, pauses and learned limits with (`[shared] backend =
     /// "redis"`); admission reaches it through its seam.
-    pub fleet: Option<Arc<crate::shared::Fleet>>,
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
     pub started: Instant,
     /// The file the configuration came from; `None` for the embedded default.
     pub config_path: Option<PathBuf>,
@@ -57,12 +57,12 @@ impl Shared {
     ) -> Result<Arc<Shared>, String> {
         let clock = Arc::new(Clock::quanta());
         let fleet = match config.shared.backend {
-            Backend::Memory => None,
-            Backend::Redis => {
-                let fleet = crate::shared::Fleet::new(
+            FleetBackend::Memory => None,
+            FleetBackend::Redis => {
+                let fleet = crate::fleet::Fleet::new(
                     &config.shared,
                     clock.clone(),
-                    crate::shared::Options::default(),
+                    crate::fleet::Options::default(),
                 )
                 .map_err(|e| format!("shared metrics: {e}"))?;
                 for c in fleet.metrics.collectors() {

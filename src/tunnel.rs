@@ -150,7 +150,7 @@ pub async fn serve(
             }
         }
         let egress = &generation.egress;
-        let policy = |(c, m): crate::policy::Refusal| (c, m, None);
+        let policy = |(c, m): crate::policy::Denial| (c, m, None);
         egress.check_host(&head.host).map_err(policy)?;
         let port = egress.check_connect_port(head.port);
         let kind = if crate::intercept::wanted(&generation.config.intercept, &head.host)

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 /// `[jobs]`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct Jobs {
+pub struct JobsConfig {
     /// The jobs API (`/_sluice/v1/jobs`) and `Prefer: respond-async`; off: both answer 404.
     pub enabled: bool,
     /// Job calls and webhook deliveries in flight at once.
@@ -29,9 +29,9 @@ pub struct Jobs {
     pub claim_after: HumanDuration,
 }
 
-impl Default for Jobs {
+impl Default for JobsConfig {
     fn default() -> Self {
-        Jobs {
+        JobsConfig {
             enabled: true,
             workers: 32,
             max_submission_bytes: 1024 * 1024,
@@ -106,7 +106,7 @@ pub fn secret_key(value: &str) -> Result<Vec<u8>, String> {
     Ok(key)
 }
 
-pub(super) fn check(jobs: &Jobs, hooks: &Webhooks, err: &mut impl FnMut(String, String)) {
+pub(super) fn check(jobs: &JobsConfig, hooks: &Webhooks, err: &mut impl FnMut(String, String)) {
     if jobs.workers == 0 || jobs.workers > 10_000 {
         err("jobs.workers".into(), "must be 1 to 10000".into());
     }

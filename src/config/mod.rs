@@ -6,8 +6,8 @@
 
 mod dispatch;
 mod duration;
+mod fleet;
 mod jobs;
-mod shared;
 mod validate;
 
 pub use dispatch::{
@@ -15,8 +15,8 @@ pub use dispatch::{
     RetryBudget, RetryOn,
 };
 pub use duration::HumanDuration;
-pub use jobs::{secret_key, Jobs, Secret, Webhooks};
-pub use shared::{Backend, BreakerConfig, OnError, RedisUrl, RetryConfig, SharedConfig};
+pub use fleet::{BreakerConfig, FleetBackend, FleetConfig, OnError, RedisUrl, RetryConfig};
+pub use jobs::{secret_key, JobsConfig, Secret, Webhooks};
 pub use validate::ConfigError;
 
 use serde::{Deserialize, Serialize};
@@ -47,11 +47,11 @@ pub struct Config {
     /// Clients allowed to use sluice; when any is listed, every request must authenticate.
     pub clients: Vec<ClientConfig>,
     /// State shared by a fleet of sluice processes (Redis), and what to do when it fails.
-    pub shared: SharedConfig,
+    pub shared: FleetConfig,
     /// TLS interception of CONNECT tunnels to chosen hosts (off unless hosts are listed).
     pub intercept: Intercept,
     /// Calls taken now and made later, their results delivered to webhooks.
-    pub jobs: Jobs,
+    pub jobs: JobsConfig,
     /// Signing secrets and delivery policy of job webhooks.
     pub webhooks: Webhooks,
 }

@@ -3,7 +3,7 @@
 //! read the response head. The caller races attempts and streams the winner.
 
 use super::body::{Piece, Source};
-use super::Job;
+use super::Outbound;
 use crate::admission::{AtSend, Host, Permit};
 use crate::error::{self, Code};
 use crate::regions::state::InFlight;
@@ -29,7 +29,7 @@ pub enum Admit {
 impl Admit {
     /// How long an attempt admitted this way may wait for its slot: a duplicate never
     /// queues, it goes only if a slot is free now.
-    fn wait(self, job: &Job<'_>) -> Duration {
+    fn wait(self, job: &Outbound<'_>) -> Duration {
         match self {
             Admit::IfFree => Duration::ZERO,
             _ => job.max_wait(),
@@ -62,7 +62,7 @@ pub type Outcome = std::result::Result<Answer, Failed>;
 
 /// Run one attempt to `region` (index into the host's regions) after `delay` (backoff).
 pub async fn run(
-    job: &Job<'_>,
+    job: &Outbound<'_>,
     region: usize,
     admit: Admit,
     permit: Option<Permit>,
@@ -178,7 +178,7 @@ pub async fn run(
 /// Admission for an attempt that has none yet (a retry, a duplicate, or one whose host was
 /// paused since its first admission), at most `wait`.
 async fn admit_attempt(
-    job: &Job<'_>,
+    job: &Outbound<'_>,
     cell: &Host,
     wait: Duration,
 ) -> std::result::Result<Permit, Box<pingora_error::Error>> {
@@ -284,7 +284,7 @@ pub async fn read_final_head(session: &mut HttpSession) -> Result<()> {
 }
 
 /// The peer for one attempt: the region's next address, or the peer sluice of a `via` region.
-pub async fn peer_for(job: &Job<'_>, r: &Region) -> Result<HttpPeer> {
+pub async fn peer_for(job: &Outbound<'_>, r: &Region) -> Result<HttpPeer> {
     let server = &job.generation().config.server;
     let mut peer = match &r.via {
         Some(via) => {
@@ -326,7 +326,7 @@ pub async fn peer_for(job: &Job<'_>, r: &Region) -> Result<HttpPeer> {
 
 /// The head sent to a region: the cleaned request, or for a `via` region the same request
 /// addressed to the peer sluice, pinned to its own copy of the region.
-fn request_head(job: &Job<'_>, r: &Region, mut head: RequestHeader) -> Result<RequestHeader> {
+fn request_head(job: &Outbound<'_>, r: &Region, mut head: RequestHeader) -> Result<RequestHeader> {
     if r.via.is_some() {
         let target = format!(
             "{}://{}",

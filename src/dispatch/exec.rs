@@ -10,7 +10,7 @@ use super::body::{Source, Upload};
 use super::prepare::Plan;
 use super::record::Recorder;
 use super::timing::{backoff, hedge_from_percentiles};
-use super::{pace, respond, Ctx, Job};
+use super::{pace, respond, Ctx, Outbound};
 use crate::config::{HedgeAfter, Mode, Quota, RetryOn};
 use crate::error::{self, Code};
 use crate::regions::budget::Budget;
@@ -101,7 +101,7 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
     };
     let waited = std::sync::atomic::AtomicU64::new(0);
     let result = {
-        let job = Job {
+        let job = Outbound {
             shared,
             ctx,
             host: &host,
@@ -148,7 +148,7 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
 }
 
 struct Exec<'a, 'j> {
-    job: &'a Job<'j>,
+    job: &'a Outbound<'j>,
     mode: Mode,
     retry_on: RetryOn,
     max_attempts: u32,
@@ -571,7 +571,7 @@ impl Drop for Extras<'_> {
 /// An attempt that says why it was sent (one future type for every kind).
 async fn tagged(
     why: Why,
-    job: &Job<'_>,
+    job: &Outbound<'_>,
     region: usize,
     admit: Admit,
     permit: Option<crate::admission::Permit>,

@@ -72,7 +72,7 @@ pub async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Res
 }
 
 /// What every attempt of one request shares.
-pub struct Job<'a> {
+pub struct Outbound<'a> {
     pub shared: &'a Shared,
     pub ctx: &'a Ctx,
     pub host: &'a Arc<HostRegions>,
@@ -84,7 +84,7 @@ pub struct Job<'a> {
     pub waited: &'a std::sync::atomic::AtomicU64,
 }
 
-impl Job<'_> {
+impl Outbound<'_> {
     pub fn generation(&self) -> &Generation {
         &self.ctx.generation
     }

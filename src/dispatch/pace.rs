@@ -95,7 +95,7 @@ pub async fn before_attempt(shared: &Shared, ctx: &mut Ctx) -> pingora_error::Re
 
 /// What a response head did to the host's or the region's pause.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Learned {
+pub enum PauseEffect {
     Nothing,
     /// The host is paused (for every region and every caller).
     HostPaused,
@@ -106,9 +106,9 @@ pub enum Learned {
 /// Take in what a response head says about its host (pace statements, pauses). With
 /// `host_quota` off, a pause signal speaks for the answering region only: the host's pace is
 /// still learned, its pause is not.
-pub fn learn(shared: &Shared, ctx: &Ctx, resp: &ResponseHeader, host_quota: bool) -> Learned {
+pub fn learn(shared: &Shared, ctx: &Ctx, resp: &ResponseHeader, host_quota: bool) -> PauseEffect {
     let Some(cell) = &ctx.cell else {
-        return Learned::Nothing;
+        return PauseEffect::Nothing;
     };
     let mut status = resp.status.as_u16();
     let mut h = hints::parse(&resp.headers, SystemTime::now());
@@ -140,9 +140,9 @@ pub fn learn(shared: &Shared, ctx: &Ctx, resp: &ResponseHeader, host_quota: bool
         m.pauses.with_label_values(&[source.as_str()]).inc();
     }
     match region_pause {
-        Some(d) => Learned::RegionPaused(d),
-        None if !pause_left(shared, cell).is_zero() => Learned::HostPaused,
-        None => Learned::Nothing,
+        Some(d) => PauseEffect::RegionPaused(d),
+        None if !pause_left(shared, cell).is_zero() => PauseEffect::HostPaused,
+        None => PauseEffect::Nothing,
     }
 }
 

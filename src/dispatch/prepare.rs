@@ -6,7 +6,7 @@ use super::{headers, pace, Control, Ctx};
 use crate::config::HostLimits;
 use crate::error::{self, Code};
 use crate::policy::auth::{self, SLUICE_KEY};
-use crate::regions::Route;
+use crate::regions::HostRoute;
 use crate::state::Shared;
 use crate::target::{self, Origin, WayIn};
 use pingora_error::Result;
@@ -17,7 +17,7 @@ pub struct Plan {
     pub origin: Origin,
     pub limits: HostLimits,
     pub control: Control,
-    pub route: Route,
+    pub route: HostRoute,
 }
 
 pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<Plan> {
@@ -87,7 +87,7 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         .flatten();
     let route = match configured {
         // Configured regions carry their own addresses (trusted as configured).
-        Some(host) => Route { host },
+        Some(host) => HostRoute { host },
         None => {
             let timeout = generation.config.server.dns_timeout.get();
             let addrs = shared

@@ -42,13 +42,13 @@ impl Recorder<'_> {
         if let Some(h) = head {
             let host_quota = self.quota == Quota::Host;
             match pace::learn(self.shared, ctx, h, host_quota) {
-                pace::Learned::HostPaused => paused = pace::pause_signal(h),
-                pace::Learned::RegionPaused(d) => {
+                pace::PauseEffect::HostPaused => paused = pace::pause_signal(h),
+                pace::PauseEffect::RegionPaused(d) => {
                     r.state.hold(self.shared.regions.now(), d);
                     tracing::info!(host = %self.host.host, region = %r.name, held_for = ?d,
                         "region paused by its own rate-limit signal (quota = \"region\")");
                 }
-                pace::Learned::Nothing => {}
+                pace::PauseEffect::Nothing => {}
             }
         }
         if (500..600).contains(&status) {

@@ -2,27 +2,27 @@
 //! (`fleet.rs`). The same three operations on either; the embedded store's blocking calls
 //! run off the async workers.
 
-use super::fleet::FleetStore;
+use super::fleet::RedisJobStore;
 use super::model::Job;
 use super::spec;
-use super::store::{Store, StoreError};
+use super::store::{JobStore, JobStoreError};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub enum Backend {
-    Local(Arc<Store>),
-    Fleet(Arc<FleetStore>),
+    Local(Arc<JobStore>),
+    Fleet(Arc<RedisJobStore>),
 }
 
 /// Run an embedded store call off the async workers.
 pub async fn blocking<R: Send + 'static>(
-    store: &Arc<Store>,
-    f: impl FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
-) -> Result<R, StoreError> {
+    store: &Arc<JobStore>,
+    f: impl FnOnce(&JobStore) -> Result<R, JobStoreError> + Send + 'static,
+) -> Result<R, JobStoreError> {
     let store = store.clone();
     match tokio::task::spawn_blocking(move || f(&store)).await {
         Ok(r) => r,
-        Err(e) => Err(StoreError::from_message(format!(
+        Err(e) => Err(JobStoreError::from_message(format!(
             "job store call ended: {e}"
         ))),
     }
@@ -34,14 +34,14 @@ impl Backend {
     }
 
     /// Store a new job, or find the one its idempotency key already names (`false`).
-    pub async fn insert(&self, job: Job) -> Result<(Job, bool), StoreError> {
+    pub async fn insert(&self, job: Job) -> Result<(Job, bool), JobStoreError> {
         match self {
             Backend::Local(s) => s.insert(job).await,
             Backend::Fleet(f) => f.insert(&job).await,
         }
     }
 
-    pub async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+    pub async fn get(&self, id: &str) -> Result<Option<Job>, JobStoreError> {
         match self {
             Backend::Local(s) => {
                 let id = id.to_string();
@@ -59,7 +59,7 @@ impl Backend {
         now: u64,
         retention: Duration,
         f: impl FnMut(&mut Job) -> Option<R> + Send + 'static,
-    ) -> Result<Option<(Job, R)>, StoreError> {
+    ) -> Result<Option<(Job, R)>, JobStoreError> {
         match self {
             Backend::Local(s) => {
                 let expires = now.saturating_add(spec::millis(retention));

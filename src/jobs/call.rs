@@ -4,7 +4,7 @@
 //! queue until the pause ends; any other answer ends the call; a failure after the request
 //! may have reached the upstream is `outcome_unknown` unless the call is replayable.
 
-use super::model::{Answer, Delivery, Job, Receipt, State};
+use super::model::{Delivery, Job, Receipt, State, StoredAnswer};
 use super::{now_ms, sign, spec, JobsError, Task, JOB_CLIENT, JOB_TOKEN};
 use crate::state::Shared;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -281,7 +281,7 @@ impl Caller {
                 } else {
                     State::Failed
                 };
-                let answer = Answer {
+                let answer = StoredAnswer {
                     status,
                     headers,
                     body,

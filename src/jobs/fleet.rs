@@ -7,7 +7,7 @@
 //! nodes never overwrite each other's.
 
 use super::model::Job;
-use super::store::StoreError;
+use super::store::JobStoreError;
 use super::Task;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::streams::{
@@ -20,11 +20,11 @@ use std::time::Duration;
 
 const GROUP: &str = "sluice";
 
-fn redis_error(e: redis::RedisError) -> StoreError {
-    StoreError::from_message(format!("redis: {e}"))
+fn redis_error(e: redis::RedisError) -> JobStoreError {
+    JobStoreError::from_message(format!("redis: {e}"))
 }
 
-pub struct FleetStore {
+pub struct RedisJobStore {
     client: redis::Client,
     conn: ConnectionManager,
     /// Key of one job: `{prefix}:jobs:job:{id}`. Every key shares the `{prefix}:jobs` hash tag.
@@ -39,13 +39,13 @@ pub struct FleetStore {
     mover: Script,
 }
 
-impl FleetStore {
+impl RedisJobStore {
     pub async fn connect(
         url: &str,
         prefix: &str,
         consumer: &str,
         claim_after: Duration,
-    ) -> Result<FleetStore, StoreError> {
+    ) -> Result<RedisJobStore, JobStoreError> {
         let client = redis::Client::open(url).map_err(redis_error)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -53,7 +53,7 @@ impl FleetStore {
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(redis_error)?;
-        let store = FleetStore {
+        let store = RedisJobStore {
             client,
             conn,
             prefix: format!("{{{prefix}:jobs}}"),
@@ -100,7 +100,7 @@ impl FleetStore {
         }
     }
 
-    pub async fn insert(&self, job: &Job) -> Result<(Job, bool), StoreError> {
+    pub async fn insert(&self, job: &Job) -> Result<(Job, bool), JobStoreError> {
         let json = serde_json::to_string(job)?;
         let (new, stored): (i64, String) = self
             .insert
@@ -115,7 +115,7 @@ impl FleetStore {
         Ok((serde_json::from_str(&stored)?, new == 1))
     }
 
-    pub async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+    pub async fn get(&self, id: &str) -> Result<Option<Job>, JobStoreError> {
         let text: Option<String> = self
             .conn
             .clone()
@@ -132,7 +132,7 @@ impl FleetStore {
         id: &str,
         retention: Duration,
         mut f: impl FnMut(&mut Job) -> Option<R>,
-    ) -> Result<Option<(Job, R)>, StoreError> {
+    ) -> Result<Option<(Job, R)>, JobStoreError> {
         for _ in 0..32 {
             let key = self.job_key(id);
             let old: Option<String> = self.conn.clone().get(&key).await.map_err(redis_error)?;
@@ -160,13 +160,13 @@ impl FleetStore {
                 return Ok(Some((job, r)));
             }
         }
-        Err(StoreError::from_message(format!(
+        Err(JobStoreError::from_message(format!(
             "job {id}: too many concurrent changes"
         )))
     }
 
     /// Make `task` due at `at` (Unix ms): in the stream now, or in the sorted set until then.
-    pub async fn schedule(&self, at: u64, now: u64, task: &Task) -> Result<(), StoreError> {
+    pub async fn schedule(&self, at: u64, now: u64, task: &Task) -> Result<(), JobStoreError> {
         let text = encode(task);
         let mut c = self.conn.clone();
         if at <= now {
@@ -181,7 +181,7 @@ impl FleetStore {
     }
 
     /// Move tasks that are due into the stream.
-    pub async fn move_due(&self, now: u64) -> Result<usize, StoreError> {
+    pub async fn move_due(&self, now: u64) -> Result<usize, JobStoreError> {
         self.mover
             .key(self.due())
             .key(self.stream())
@@ -194,7 +194,7 @@ impl FleetStore {
 
     /// A connection of its own for blocking reads (a blocked read would hold up every other
     /// command on the shared one).
-    pub async fn reader(&self) -> Result<MultiplexedConnection, StoreError> {
+    pub async fn reader(&self) -> Result<MultiplexedConnection, JobStoreError> {
         self.client
             .get_multiplexed_async_connection()
             .await
@@ -207,7 +207,7 @@ impl FleetStore {
         conn: &mut MultiplexedConnection,
         count: usize,
         block: Duration,
-    ) -> Result<Vec<(String, Task)>, StoreError> {
+    ) -> Result<Vec<(String, Task)>, JobStoreError> {
         let options = StreamReadOptions::default()
             .group(GROUP, &self.consumer)
             .count(count)
@@ -230,7 +230,10 @@ impl FleetStore {
     }
 
     /// Tasks another node took and left unacknowledged for `claim_after` (it died).
-    pub async fn claim_abandoned(&self, count: usize) -> Result<Vec<(String, Task)>, StoreError> {
+    pub async fn claim_abandoned(
+        &self,
+        count: usize,
+    ) -> Result<Vec<(String, Task)>, JobStoreError> {
         let reply: StreamAutoClaimReply = self
             .conn
             .clone()
@@ -256,7 +259,7 @@ impl FleetStore {
     }
 
     /// Keep this node's tasks in progress its own (their idle time starts again).
-    pub async fn keep(&self) -> Result<(), StoreError> {
+    pub async fn keep(&self) -> Result<(), JobStoreError> {
         let ids: Vec<String> = match self.in_flight.lock() {
             Ok(s) => s.iter().cloned().collect(),
             Err(_) => return Ok(()),
@@ -277,7 +280,7 @@ impl FleetStore {
         Ok(())
     }
 
-    pub async fn ack(&self, entry: &str) -> Result<(), StoreError> {
+    pub async fn ack(&self, entry: &str) -> Result<(), JobStoreError> {
         let mut c = self.conn.clone();
         let _: i64 = c
             .xack(self.stream(), GROUP, &[entry])
@@ -288,7 +291,7 @@ impl FleetStore {
     }
 
     /// Tasks waiting in the fleet: in the stream (not yet acknowledged) and due later.
-    pub async fn backlog(&self) -> Result<(u64, u64), StoreError> {
+    pub async fn backlog(&self) -> Result<(u64, u64), JobStoreError> {
         let mut c = self.conn.clone();
         let now: u64 = c.xlen(self.stream()).await.map_err(redis_error)?;
         let later: u64 = c.zcard(self.due()).await.map_err(redis_error)?;

@@ -24,7 +24,7 @@ pub use metrics::JobMetrics;
 use model::Receipt;
 pub use model::{Job, State};
 pub use service::{fleet_url, Service};
-use store::{Store, StoreError};
+use store::{JobStore, JobStoreError};
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
@@ -106,11 +106,11 @@ fn index(s: State) -> usize {
 #[derive(Debug)]
 pub enum JobsError {
     Unavailable(String),
-    Store(StoreError),
+    Store(JobStoreError),
 }
 
-impl From<StoreError> for JobsError {
-    fn from(e: StoreError) -> Self {
+impl From<JobStoreError> for JobsError {
+    fn from(e: JobStoreError) -> Self {
         JobsError::Store(e)
     }
 }
@@ -146,7 +146,7 @@ impl Jobs {
     /// Open the embedded store in `dir` now (at start, before the listeners take requests).
     /// An error leaves it to the service, which tries again until the holder lets go.
     pub fn open_dir(&self, dir: &std::path::Path) -> Result<(), String> {
-        let store = Store::open(dir, STORE_CACHE_BYTES).map_err(|e| e.to_string())?;
+        let store = JobStore::open(dir, STORE_CACHE_BYTES).map_err(|e| e.to_string())?;
         self.open(Backend::Local(Arc::new(store)));
         Ok(())
     }
@@ -169,7 +169,7 @@ impl Jobs {
     }
 
     /// The embedded store (recovery and retention are its own; Redis does both itself).
-    fn local(&self) -> Option<&Arc<Store>> {
+    fn local(&self) -> Option<&Arc<JobStore>> {
         match self.backend.get() {
             Some(Backend::Local(s)) => Some(s),
             _ => None,
@@ -484,7 +484,7 @@ impl Jobs {
         &self,
         id: &str,
         state: State,
-        answer: Option<model::Answer>,
+        answer: Option<model::StoredAnswer>,
         outcome: Option<String>,
         now: u64,
         retention: Duration,

@@ -92,7 +92,7 @@ impl Call {
 
 /// The upstream's answer, as kept.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Answer {
+pub struct StoredAnswer {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     #[serde(with = "b64")]
@@ -146,7 +146,7 @@ pub struct Job {
     /// `Sluice-Error` code).
     pub outcome: Option<String>,
     pub call: Call,
-    pub answer: Option<Answer>,
+    pub answer: Option<StoredAnswer>,
     pub quorum: usize,
     pub deliveries: Vec<Delivery>,
     pub metadata: serde_json::Value,

@@ -5,10 +5,10 @@
 
 use super::backend::Backend;
 use super::call::Caller;
-use super::fleet::FleetStore;
-use super::store::Store;
+use super::fleet::RedisJobStore;
+use super::store::JobStore;
 use super::{now_ms, Task};
-use crate::config::{Backend as SharedBackend, RedisUrl};
+use crate::config::{FleetBackend, RedisUrl};
 use crate::state::Shared;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,7 +29,7 @@ impl Service {
 /// each node's embedded store).
 pub fn fleet_url(config: &crate::config::Config) -> Option<String> {
     match (&config.shared.backend, &config.shared.redis_url) {
-        (SharedBackend::Redis, RedisUrl::One(url)) => Some(url.clone()),
+        (FleetBackend::Redis, RedisUrl::One(url)) => Some(url.clone()),
         _ => None,
     }
 }
@@ -42,7 +42,7 @@ async fn open(shared: &Shared, shutdown: &mut pingora_core::server::ShutdownWatc
     let mut logged = false;
     while !jobs.is_open() {
         let opened = match fleet_url(&config) {
-            Some(url) => FleetStore::connect(
+            Some(url) => RedisJobStore::connect(
                 &url,
                 &config.shared.key_prefix,
                 &shared.instance,
@@ -52,11 +52,13 @@ async fn open(shared: &Shared, shutdown: &mut pingora_core::server::ShutdownWatc
             .map(|f| Backend::Fleet(Arc::new(f))),
             None => {
                 let d = dir.clone();
-                match tokio::task::spawn_blocking(move || Store::open(&d, super::STORE_CACHE_BYTES))
-                    .await
+                match tokio::task::spawn_blocking(move || {
+                    JobStore::open(&d, super::STORE_CACHE_BYTES)
+                })
+                .await
                 {
                     Ok(r) => r.map(|s| Backend::Local(Arc::new(s))),
-                    Err(e) => Err(super::StoreError::from_message(e.to_string())),
+                    Err(e) => Err(super::JobStoreError::from_message(e.to_string())),
                 }
             }
         };
@@ -151,7 +153,7 @@ impl pingora_core::services::background::BackgroundService for Service {
 
 /// In a fleet: move due tasks into the stream, read this node's share (no more than it has
 /// free workers), claim tasks of dead nodes, keep this node's own, until stopping.
-async fn feed(shared: &Shared, fleet: &FleetStore, tx: mpsc::Sender<(String, Task)>) {
+async fn feed(shared: &Shared, fleet: &RedisJobStore, tx: mpsc::Sender<(String, Task)>) {
     let jobs = &shared.jobs;
     let mut reader = None;
     let mut last_claim = Instant::now();
@@ -159,7 +161,7 @@ async fn feed(shared: &Shared, fleet: &FleetStore, tx: mpsc::Sender<(String, Tas
     let keep_every = (fleet.claim_after / 3).max(Duration::from_millis(100));
     let mut failing = false;
     while !jobs.stopping.load(Ordering::Acquire) {
-        let round: Result<(), super::StoreError> = async {
+        let round: Result<(), super::JobStoreError> = async {
             let now = now_ms();
             // Tasks kept here while Redis was away.
             for (at, task) in jobs.take_due(u64::MAX) {

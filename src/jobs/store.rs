@@ -18,25 +18,25 @@ const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
 /// The store could not be read or written.
 #[derive(Debug, thiserror::Error)]
 #[error("job store: {0}")]
-pub struct StoreError(String);
+pub struct JobStoreError(String);
 
-impl StoreError {
-    pub fn from_message(m: impl Into<String>) -> StoreError {
-        StoreError(m.into())
+impl JobStoreError {
+    pub fn from_message(m: impl Into<String>) -> JobStoreError {
+        JobStoreError(m.into())
     }
 }
 
-impl From<redb::Error> for StoreError {
+impl From<redb::Error> for JobStoreError {
     fn from(e: redb::Error) -> Self {
-        StoreError(e.to_string())
+        JobStoreError(e.to_string())
     }
 }
 
 macro_rules! store_errors {
     ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
+        impl From<$t> for JobStoreError {
             fn from(e: $t) -> Self {
-                StoreError(redb::Error::from(e).to_string())
+                JobStoreError(redb::Error::from(e).to_string())
             }
         }
     )*};
@@ -49,13 +49,13 @@ store_errors!(
     redb::CommitError
 );
 
-impl From<serde_json::Error> for StoreError {
+impl From<serde_json::Error> for JobStoreError {
     fn from(e: serde_json::Error) -> Self {
-        StoreError(format!("a stored job does not parse: {e}"))
+        JobStoreError(format!("a stored job does not parse: {e}"))
     }
 }
 
-pub struct Store {
+pub struct JobStore {
     db: Arc<Database>,
     /// Changes go to one writer thread, which commits every change waiting at once in one
     /// transaction (a group commit: one disk sync for many submissions).
@@ -63,7 +63,7 @@ pub struct Store {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Drop for Store {
+impl Drop for JobStore {
     /// The writer finishes what was queued and lets go of the file.
     fn drop(&mut self) {
         self.writer = None;
@@ -81,9 +81,9 @@ trait Op: Send {
     fn run(
         self: Box<Self>,
         txn: &WriteTransaction,
-    ) -> Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+    ) -> Box<dyn FnOnce(Result<(), JobStoreError>) + Send>;
     /// No transaction could be begun.
-    fn fail(self: Box<Self>, e: StoreError);
+    fn fail(self: Box<Self>, e: JobStoreError);
 }
 
 struct Pending<F, D> {
@@ -94,19 +94,19 @@ struct Pending<F, D> {
 impl<R, F, D> Op for Pending<F, D>
 where
     R: Send + 'static,
-    F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send,
-    D: FnOnce(Result<R, StoreError>) + Send + 'static,
+    F: FnOnce(&WriteTransaction) -> Result<R, JobStoreError> + Send,
+    D: FnOnce(Result<R, JobStoreError>) + Send + 'static,
 {
     fn run(
         self: Box<Self>,
         txn: &WriteTransaction,
-    ) -> Box<dyn FnOnce(Result<(), StoreError>) + Send> {
+    ) -> Box<dyn FnOnce(Result<(), JobStoreError>) + Send> {
         let result = (self.change)(txn);
         let done = self.done;
         Box::new(move |committed| done(committed.and(result)))
     }
 
-    fn fail(self: Box<Self>, e: StoreError) {
+    fn fail(self: Box<Self>, e: JobStoreError) {
         (self.done)(Err(e))
     }
 }
@@ -125,18 +125,18 @@ fn write_loop(db: Arc<Database>, ops: std::sync::mpsc::Receiver<Box<dyn Op>>) {
         }
         match db.begin_write() {
             Err(e) => {
-                let e = StoreError::from(e);
+                let e = JobStoreError::from(e);
                 for op in batch {
-                    op.fail(StoreError(e.0.clone()));
+                    op.fail(JobStoreError(e.0.clone()));
                 }
             }
             Ok(txn) => {
                 let answers: Vec<_> = batch.into_iter().map(|op| op.run(&txn)).collect();
-                let committed = txn.commit().map_err(StoreError::from);
+                let committed = txn.commit().map_err(JobStoreError::from);
                 for answer in answers {
                     answer(match &committed {
                         Ok(()) => Ok(()),
-                        Err(e) => Err(StoreError(e.0.clone())),
+                        Err(e) => Err(JobStoreError(e.0.clone())),
                     });
                 }
             }
@@ -152,7 +152,7 @@ fn key_of(client: Option<&str>, key: &str) -> String {
 fn read_job(
     jobs: &impl ReadableTable<&'static str, &'static [u8]>,
     id: &str,
-) -> Result<Option<Job>, StoreError> {
+) -> Result<Option<Job>, JobStoreError> {
     let stored = jobs.get(id)?;
     Ok(stored
         .map(|v| serde_json::from_slice::<Job>(v.value()))
@@ -162,7 +162,7 @@ fn read_job(
 /// Store a new job, unless its idempotency key already names one: then that job is returned
 /// and nothing is stored (`false`). In the writer's one transaction, so two racing
 /// submissions with one key get one job.
-fn insert_in(txn: &WriteTransaction, job: &Job) -> Result<(Job, bool), StoreError> {
+fn insert_in(txn: &WriteTransaction, job: &Job) -> Result<(Job, bool), JobStoreError> {
     let mut jobs = txn.open_table(JOBS)?;
     let mut keys = txn.open_table(KEYS)?;
     let key = job
@@ -193,7 +193,7 @@ fn update_in<R>(
     id: &str,
     expires_at: u64,
     mut f: impl FnMut(&mut Job) -> Option<R>,
-) -> Result<Option<(Job, R)>, StoreError> {
+) -> Result<Option<(Job, R)>, JobStoreError> {
     let mut jobs = txn.open_table(JOBS)?;
     let Some(mut job) = read_job(&jobs, id)? else {
         return Ok(None);
@@ -210,7 +210,7 @@ fn update_in<R>(
 }
 
 /// Delete jobs whose retention ended before `now` (Unix ms); their states.
-fn purge_in(txn: &WriteTransaction, now: u64) -> Result<Vec<super::model::State>, StoreError> {
+fn purge_in(txn: &WriteTransaction, now: u64) -> Result<Vec<super::model::State>, JobStoreError> {
     let mut expiry = txn.open_table(EXPIRY)?;
     let mut jobs = txn.open_table(JOBS)?;
     let mut keys = txn.open_table(KEYS)?;
@@ -235,12 +235,12 @@ fn purge_in(txn: &WriteTransaction, now: u64) -> Result<Vec<super::model::State>
     Ok(gone)
 }
 
-impl Store {
+impl JobStore {
     /// Open (or make) the store in `dir`, its page cache at most `cache_bytes`. Fails while
     /// another process holds it.
-    pub fn open(dir: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path, cache_bytes: usize) -> Result<JobStore, JobStoreError> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError(format!("cannot make {}: {e}", dir.display())))?;
+            .map_err(|e| JobStoreError(format!("cannot make {}: {e}", dir.display())))?;
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create(dir.join("jobs.redb"))?;
@@ -255,8 +255,8 @@ impl Store {
         let thread = std::thread::Builder::new()
             .name("sluice-job-store".into())
             .spawn(move || write_loop(for_writer, ops))
-            .map_err(|e| StoreError(format!("cannot start the store's writer: {e}")))?;
-        Ok(Store {
+            .map_err(|e| JobStoreError(format!("cannot start the store's writer: {e}")))?;
+        Ok(JobStore {
             db,
             writer: Some(writer),
             thread: Some(thread),
@@ -265,8 +265,8 @@ impl Store {
 
     fn queue<R: Send + 'static>(
         &self,
-        change: impl FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
-        done: impl FnOnce(Result<R, StoreError>) + Send + 'static,
+        change: impl FnOnce(&WriteTransaction) -> Result<R, JobStoreError> + Send + 'static,
+        done: impl FnOnce(Result<R, JobStoreError>) + Send + 'static,
     ) {
         let op: Box<dyn Op> = Box::new(Pending { change, done });
         let sent = match &self.writer {
@@ -274,39 +274,39 @@ impl Store {
             None => Err(op),
         };
         if let Err(op) = sent {
-            op.fail(StoreError("the store's writer has stopped".into()));
+            op.fail(JobStoreError("the store's writer has stopped".into()));
         }
     }
 
     /// A change, committed (with whatever else is waiting) before it answers.
     pub async fn write<R: Send + 'static>(
         &self,
-        change: impl FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
-    ) -> Result<R, StoreError> {
+        change: impl FnOnce(&WriteTransaction) -> Result<R, JobStoreError> + Send + 'static,
+    ) -> Result<R, JobStoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.queue(change, move |r| {
             // The caller may have gone; the change stands either way.
             let _ = tx.send(r);
         });
         rx.await
-            .map_err(|_| StoreError("the store's writer dropped a change".into()))?
+            .map_err(|_| JobStoreError("the store's writer dropped a change".into()))?
     }
 
     /// As `write`, for a blocking caller.
     #[cfg(test)]
     pub fn write_blocking<R: Send + 'static>(
         &self,
-        change: impl FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
-    ) -> Result<R, StoreError> {
+        change: impl FnOnce(&WriteTransaction) -> Result<R, JobStoreError> + Send + 'static,
+    ) -> Result<R, JobStoreError> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.queue(change, move |r| {
             let _ = tx.send(r);
         });
         rx.recv()
-            .map_err(|_| StoreError("the store's writer dropped a change".into()))?
+            .map_err(|_| JobStoreError("the store's writer dropped a change".into()))?
     }
 
-    pub async fn insert(&self, job: Job) -> Result<(Job, bool), StoreError> {
+    pub async fn insert(&self, job: Job) -> Result<(Job, bool), JobStoreError> {
         self.write(move |txn| insert_in(txn, &job)).await
     }
 
@@ -315,24 +315,24 @@ impl Store {
         id: &str,
         expires_at: u64,
         f: impl FnMut(&mut Job) -> Option<R> + Send + 'static,
-    ) -> Result<Option<(Job, R)>, StoreError> {
+    ) -> Result<Option<(Job, R)>, JobStoreError> {
         let id = id.to_string();
         self.write(move |txn| update_in(txn, &id, expires_at, f))
             .await
     }
 
-    pub async fn purge(&self, now: u64) -> Result<Vec<super::model::State>, StoreError> {
+    pub async fn purge(&self, now: u64) -> Result<Vec<super::model::State>, JobStoreError> {
         self.write(move |txn| purge_in(txn, now)).await
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+    pub fn get(&self, id: &str) -> Result<Option<Job>, JobStoreError> {
         let txn = self.db.begin_read()?;
         let jobs = txn.open_table(JOBS)?;
         read_job(&jobs, id)
     }
 
     /// Every job (to take up again after a start).
-    pub fn all(&self) -> Result<Vec<Job>, StoreError> {
+    pub fn all(&self) -> Result<Vec<Job>, JobStoreError> {
         let txn = self.db.begin_read()?;
         let jobs = txn.open_table(JOBS)?;
         let mut out = Vec::new();
@@ -381,9 +381,9 @@ mod tests {
     fn one_job_per_idempotency_key_and_changes_survive_a_reopen() {
         let dir = tempfile::tempdir().expect("dir");
         let insert =
-            |s: &Store, j: Job| s.write_blocking(move |t| insert_in(t, &j)).expect("insert");
+            |s: &JobStore, j: Job| s.write_blocking(move |t| insert_in(t, &j)).expect("insert");
         {
-            let s = Store::open(dir.path(), 1 << 20).expect("open");
+            let s = JobStore::open(dir.path(), 1 << 20).expect("open");
             assert!(insert(&s, job("a", Some("k"))).1);
             let (same, new) = insert(&s, job("b", Some("k")));
             assert_eq!((same.id.as_str(), new), ("a", false));
@@ -397,11 +397,11 @@ mod tests {
             })
             .expect("update");
         }
-        let s = Store::open(dir.path(), 1 << 20).expect("reopen");
+        let s = JobStore::open(dir.path(), 1 << 20).expect("reopen");
         let all = s.all().expect("all");
         assert_eq!(all.len(), 2);
         assert_eq!(s.get("a").expect("get").expect("a").state, State::Failed);
-        let purge = |s: &Store, now| s.write_blocking(move |t| purge_in(t, now)).expect("purge");
+        let purge = |s: &JobStore, now| s.write_blocking(move |t| purge_in(t, now)).expect("purge");
         assert!(purge(&s, 50).is_empty(), "kept until its retention ends");
         assert_eq!(purge(&s, 101), vec![State::Failed]);
         assert!(s.get("a").expect("get").is_none());
@@ -411,7 +411,7 @@ mod tests {
     #[test]
     fn many_changes_waiting_at_once_are_one_commit_and_each_gets_its_answer() {
         let dir = tempfile::tempdir().expect("dir");
-        let s = std::sync::Arc::new(Store::open(dir.path(), 1 << 20).expect("open"));
+        let s = std::sync::Arc::new(JobStore::open(dir.path(), 1 << 20).expect("open"));
         let threads: Vec<_> = (0..8)
             .map(|t| {
                 let s = s.clone();

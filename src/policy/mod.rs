@@ -52,7 +52,7 @@ pub struct Egress {
 }
 
 /// Why a destination was refused: the code and a reason for the client.
-pub type Refusal = (Code, String);
+pub type Denial = (Code, String);
 
 fn matches_host(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix("*.") {
@@ -92,7 +92,7 @@ impl Egress {
     }
 
     /// May requests go to this host name at all (before resolving it)?
-    pub fn check_host(&self, host: &str) -> Result<(), Refusal> {
+    pub fn check_host(&self, host: &str) -> Result<(), Denial> {
         if self.deny_hosts.iter().any(|p| matches_host(p, host)) {
             return Err((
                 Code::ForbiddenHost,
@@ -109,7 +109,7 @@ impl Egress {
     }
 
     /// May a CONNECT tunnel open this port?
-    pub fn check_connect_port(&self, port: u16) -> Result<(), Refusal> {
+    pub fn check_connect_port(&self, port: u16) -> Result<(), Denial> {
         if self.connect_any_port || self.connect_ports.contains(&port) {
             Ok(())
         } else {
@@ -147,7 +147,7 @@ impl Egress {
     }
 
     /// Keep the allowed addresses; refuse when none is left.
-    pub fn filter(&self, host: &str, addrs: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, Refusal> {
+    pub fn filter(&self, host: &str, addrs: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, Denial> {
         let total = addrs.len();
         let allowed: Vec<SocketAddr> = addrs.into_iter().filter(|a| self.allows(a.ip())).collect();
         if allowed.is_empty() {

@@ -20,7 +20,7 @@ pub const IMPLICIT_REGION: &str = "default";
 pub const MAX_KEPT: usize = 4096;
 
 /// The route one request takes: a configured host's regions, or an implicit route.
-pub struct Route {
+pub struct HostRoute {
     pub host: Arc<HostRegions>,
 }
 
@@ -36,11 +36,11 @@ impl Regions {
     /// The route of a host without configured regions over `addrs` (DNS order). A kept route
     /// is used while the DNS answer is the same; a changed answer keeps the state of the
     /// addresses still in it.
-    pub fn implicit(&self, key: &str, addrs: &[SocketAddr]) -> Route {
+    pub fn implicit(&self, key: &str, addrs: &[SocketAddr]) -> HostRoute {
         let now = self.now();
         let map = self.implicit.map.pin();
         let Some(kept) = map.get(key) else {
-            return Route {
+            return HostRoute {
                 host: Arc::new(build(key, addrs, None, now)),
             };
         };
@@ -52,11 +52,11 @@ impl Regions {
                 .zip(addrs)
                 .all(|(r, a)| r.addrs.first() == Some(a));
         if same {
-            return Route { host: kept.clone() };
+            return HostRoute { host: kept.clone() };
         }
         let host = Arc::new(build(key, addrs, Some(kept), now));
         map.insert(key.to_string(), host.clone());
-        Route { host }
+        HostRoute { host }
     }
 
     /// Remember an implicit route (an address failed, or a duplicate drew on its budget), so

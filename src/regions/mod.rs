@@ -9,7 +9,7 @@ pub mod health;
 mod implicit;
 pub mod state;
 
-pub use implicit::{Route, IMPLICIT_REGION};
+pub use implicit::{HostRoute, IMPLICIT_REGION};
 
 use crate::config::{HealthCheckConfig, RegionConfig};
 use crate::generation::Generation;

@@ -20,11 +20,11 @@ enum Step {
     /// Nobody waits for a token.
     Idle,
     /// The store failed or is not to be asked (breaker open).
-    Failed,
+    TakeError,
 }
 
 /// Why a request got no fleet token.
-pub enum Failed {
+pub enum TakeError {
     /// Refused by the pace (no token within the allowed wait).
     Refused(Refusal),
     /// The store failed while this request waited: the caller applies `on_error`.
@@ -133,7 +133,7 @@ impl FleetHost {
         fleet: &Arc<Fleet>,
         cell: &Arc<HostCell>,
         deadline: u64,
-    ) -> Result<(), Failed> {
+    ) -> Result<(), TakeError> {
         if self.try_take() {
             return Ok(());
         }
@@ -141,7 +141,7 @@ impl FleetHost {
         let due = self.next_due.load(Ordering::Acquire);
         if due > deadline {
             // The next token is not due within the allowed wait: refused without asking.
-            return Err(Failed::Refused(Refusal::Pace {
+            return Err(TakeError::Refused(Refusal::Pace {
                 retry_after: Duration::from_nanos(due - now),
             }));
         }
@@ -160,14 +160,14 @@ impl FleetHost {
                     self.handed.fetch_sub(1, Ordering::AcqRel);
                     Ok(())
                 }
-                Err(_) => Err(Failed::Store),
+                Err(_) => Err(TakeError::Store),
             },
-            _ = failed.changed() => Err(Failed::Store),
+            _ = failed.changed() => Err(TakeError::Store),
             _ = tokio::time::sleep(wait) => {
                 let now = fleet.now();
                 let due = self.next_due.load(Ordering::Acquire).saturating_sub(now);
                 let retry_after = Duration::from_nanos(due.max(cell_interval_ns(cell)));
-                Err(Failed::Refused(Refusal::Pace { retry_after }))
+                Err(TakeError::Refused(Refusal::Pace { retry_after }))
             }
         }
     }
@@ -180,9 +180,9 @@ impl FleetHost {
         fleet: &Arc<Fleet>,
         cell: &Arc<HostCell>,
         deadline: u64,
-    ) -> Result<(), Failed> {
+    ) -> Result<(), TakeError> {
         let Some(store) = fleet.store().cloned() else {
-            return Err(Failed::Store);
+            return Err(TakeError::Store);
         };
         let _waiting = Waiting::new(&self.waiting);
         loop {
@@ -201,7 +201,7 @@ impl FleetHost {
             let grant = fleet
                 .call(Op::Acquire, call)
                 .await
-                .map_err(|_| Failed::Store)?;
+                .map_err(|_| TakeError::Store)?;
             fleet.metrics.tokens_leased.inc_by(u64::from(grant.granted));
             if grant.granted > 0 {
                 self.hand(grant.granted as usize - 1);
@@ -210,7 +210,7 @@ impl FleetHost {
             let now = fleet.now();
             let at = now.saturating_add(grant.due.as_nanos() as u64);
             if at > deadline {
-                return Err(Failed::Refused(Refusal::Pace {
+                return Err(TakeError::Refused(Refusal::Pace {
                     retry_after: grant.due,
                 }));
             }
@@ -236,7 +236,7 @@ impl FleetHost {
         loop {
             match self.step(fleet, cell).await {
                 Step::Again => continue,
-                Step::Failed => {
+                Step::TakeError => {
                     // Stop first, then tell the waiting requests: one that starts waiting
                     // after this starts a new task, which asks (or fails) for it.
                     self.pumping.store(false, Ordering::Release);
@@ -287,10 +287,10 @@ impl FleetHost {
             return Step::Again;
         }
         if !fleet.allow(now) {
-            return Step::Failed;
+            return Step::TakeError;
         }
         let Some(store) = fleet.store().cloned() else {
-            return Step::Failed;
+            return Step::TakeError;
         };
         let rps = cell.rps();
         if rps == 0.0 {
@@ -309,7 +309,7 @@ impl FleetHost {
         let grant = match fleet.call(Op::Acquire, call).await {
             Ok(g) => g,
             Err(_) => {
-                return Step::Failed;
+                return Step::TakeError;
             }
         };
         let now = fleet.now();

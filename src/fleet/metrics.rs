@@ -2,7 +2,7 @@
 //! leased tokens, requests paced by the fallback, events received. Registered once into the
 //! process registry; every label comes from a closed set.
 
-use super::breaker::State;
+use super::breaker::BreakerState;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 /// Kinds of calls to the shared store (metric labels).
@@ -123,10 +123,10 @@ impl FleetMetrics {
                 &["op"],
             )?,
         };
-        for s in State::ALL {
+        for s in BreakerState::ALL {
             m.breaker_state
                 .with_label_values(&[s.as_str()])
-                .set(i64::from(s == State::Closed));
+                .set(i64::from(s == BreakerState::Closed));
             m.breaker_transitions.with_label_values(&[s.as_str()]);
         }
         for op in Op::ALL {
@@ -161,8 +161,8 @@ impl FleetMetrics {
         ]
     }
 
-    pub fn set_state(&self, state: State) {
-        for s in State::ALL {
+    pub fn set_state(&self, state: BreakerState) {
+        for s in BreakerState::ALL {
             self.breaker_state
                 .with_label_values(&[s.as_str()])
                 .set(i64::from(s == state));

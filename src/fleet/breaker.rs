@@ -8,43 +8,47 @@
 use crate::config::BreakerConfig;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State {
+pub enum BreakerState {
     Closed,
     Open,
     HalfOpen,
 }
 
-impl State {
-    pub const ALL: [State; 3] = [State::Closed, State::Open, State::HalfOpen];
+impl BreakerState {
+    pub const ALL: [BreakerState; 3] = [
+        BreakerState::Closed,
+        BreakerState::Open,
+        BreakerState::HalfOpen,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            State::Closed => "closed",
-            State::Open => "open",
-            State::HalfOpen => "half_open",
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
         }
     }
 
     pub fn as_u8(self) -> u8 {
         match self {
-            State::Closed => 0,
-            State::Open => 1,
-            State::HalfOpen => 2,
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
         }
     }
 
-    pub fn from_u8(v: u8) -> State {
+    pub fn from_u8(v: u8) -> BreakerState {
         match v {
-            1 => State::Open,
-            2 => State::HalfOpen,
-            _ => State::Closed,
+            1 => BreakerState::Open,
+            2 => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
         }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct Breaker {
-    state: State,
+    state: BreakerState,
     failure_threshold: u32,
     success_threshold: u32,
     recovery_ns: u64,
@@ -59,7 +63,7 @@ pub struct Breaker {
 impl Breaker {
     pub fn new(config: &BreakerConfig) -> Breaker {
         Breaker {
-            state: State::Closed,
+            state: BreakerState::Closed,
             failure_threshold: config.failure_threshold.max(1),
             success_threshold: config.success_threshold.max(1),
             recovery_ns: config.recovery_timeout.get().as_nanos() as u64,
@@ -69,7 +73,7 @@ impl Breaker {
         }
     }
 
-    pub fn state(&self) -> State {
+    pub fn state(&self) -> BreakerState {
         self.state
     }
 
@@ -77,10 +81,10 @@ impl Breaker {
     /// recovery timeout has passed.
     pub fn allow(&mut self, now: u64) -> bool {
         match self.state {
-            State::Closed | State::HalfOpen => true,
-            State::Open => {
+            BreakerState::Closed | BreakerState::HalfOpen => true,
+            BreakerState::Open => {
                 if now.saturating_sub(self.opened_at) >= self.recovery_ns {
-                    self.state = State::HalfOpen;
+                    self.state = BreakerState::HalfOpen;
                     self.successes = 0;
                     true
                 } else {
@@ -93,35 +97,35 @@ impl Breaker {
     /// A call succeeded.
     pub fn success(&mut self, _now: u64) {
         match self.state {
-            State::Closed => self.failures = 0,
-            State::HalfOpen => {
+            BreakerState::Closed => self.failures = 0,
+            BreakerState::HalfOpen => {
                 self.successes += 1;
                 if self.successes >= self.success_threshold {
-                    self.state = State::Closed;
+                    self.state = BreakerState::Closed;
                     self.failures = 0;
                 }
             }
             // A call let through before the breaker opened; it proves little.
-            State::Open => {}
+            BreakerState::Open => {}
         }
     }
 
     /// A call failed or timed out.
     pub fn failure(&mut self, now: u64) {
         match self.state {
-            State::Closed => {
+            BreakerState::Closed => {
                 self.failures += 1;
                 if self.failures >= self.failure_threshold {
                     self.open(now);
                 }
             }
-            State::HalfOpen => self.open(now),
-            State::Open => {}
+            BreakerState::HalfOpen => self.open(now),
+            BreakerState::Open => {}
         }
     }
 
     fn open(&mut self, now: u64) {
-        self.state = State::Open;
+        self.state = BreakerState::Open;
         self.opened_at = now;
         self.successes = 0;
         self.failures = 0;
@@ -151,9 +155,13 @@ mod tests {
         b.success(0);
         b.failure(0);
         b.failure(0);
-        assert_eq!(b.state(), State::Closed, "a success resets the count");
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "a success resets the count"
+        );
         b.failure(S);
-        assert_eq!(b.state(), State::Open);
+        assert_eq!(b.state(), BreakerState::Open);
         assert!(!b.allow(S));
         assert!(
             !b.allow(S + 30 * S - 1),
@@ -168,15 +176,15 @@ mod tests {
             b.failure(10 * S);
         }
         assert!(b.allow(40 * S));
-        assert_eq!(b.state(), State::HalfOpen);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
         b.success(40 * S);
-        assert_eq!(b.state(), State::HalfOpen, "one success of two");
+        assert_eq!(b.state(), BreakerState::HalfOpen, "one success of two");
         b.success(41 * S);
-        assert_eq!(b.state(), State::Closed);
+        assert_eq!(b.state(), BreakerState::Closed);
         // Closed again: it takes the full threshold to open.
         b.failure(42 * S);
         b.failure(42 * S);
-        assert_eq!(b.state(), State::Closed);
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[test]
@@ -188,10 +196,10 @@ mod tests {
         assert!(b.allow(30 * S));
         b.success(30 * S);
         b.failure(31 * S);
-        assert_eq!(b.state(), State::Open);
+        assert_eq!(b.state(), BreakerState::Open);
         assert!(!b.allow(60 * S), "the timeout counts from the new opening");
         assert!(b.allow(61 * S));
-        assert_eq!(b.state(), State::HalfOpen);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
     }
 
     #[test]
@@ -202,7 +210,7 @@ mod tests {
         }
         b.success(S);
         b.failure(2 * S);
-        assert_eq!(b.state(), State::Open);
+        assert_eq!(b.state(), BreakerState::Open);
         assert!(
             b.allow(30 * S),
             "opened at 0, not moved by the late failure"

@@ -1,16 +1,16 @@
 //! `[shared]`: where a fleet of sluice processes keeps the state they share (host pace, pauses,
 //! learned limits), and what each node does when that store fails. Types, defaults and checks;
-//! the store itself lives in `crate::shared`.
+//! the store itself lives in `crate::fleet`.
 
 use super::HumanDuration;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct SharedConfig {
+pub struct FleetConfig {
     /// "memory": this process alone (the default); "redis": shared with every node on the
     /// same Redis.
-    pub backend: Backend,
+    pub backend: FleetBackend,
     /// `redis://` or `rediss://` URL; a list of URLs names the seed nodes of a Redis Cluster.
     pub redis_url: RedisUrl,
     /// What a node does while Redis is unreachable (the breaker is open).
@@ -51,10 +51,10 @@ impl Default for RetryConfig {
     }
 }
 
-impl Default for SharedConfig {
+impl Default for FleetConfig {
     fn default() -> Self {
         Self {
-            backend: Backend::Memory,
+            backend: FleetBackend::Memory,
             redis_url: RedisUrl::One("redis://127.0.0.1:6379".into()),
             on_error: OnError::Local,
             breaker: BreakerConfig::default(),
@@ -69,7 +69,7 @@ impl Default for SharedConfig {
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum Backend {
+pub enum FleetBackend {
     Memory,
     Redis,
 }
@@ -134,7 +134,7 @@ impl Default for BreakerConfig {
     }
 }
 
-impl SharedConfig {
+impl FleetConfig {
     /// Report every problem with its key path.
     pub fn check(&self, err: &mut impl FnMut(String, String)) {
         let urls = self.redis_url.urls();
@@ -235,7 +235,7 @@ mod tests {
         )
         .expect("valid");
         c.validate().expect("valid");
-        assert_eq!(c.shared.backend, super::Backend::Redis);
+        assert_eq!(c.shared.backend, super::FleetBackend::Redis);
         assert_eq!(c.shared.on_error, super::OnError::Throttle);
         assert_eq!(c.shared.breaker.failure_threshold, 3);
         let cluster = Config::parse(

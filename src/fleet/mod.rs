@@ -1,4 +1,4 @@
-//! State shared by a fleet of sluice processes (`[shared] backend = "redis"`): each host's pace
+//! BreakerState shared by a fleet of sluice processes (`[shared] backend = "redis"`): each host's pace
 //! as one bucket for the whole fleet (taken in small leases, with a local retry-after cache so
 //! Redis calls do not grow with the offered load), pauses and learned limits pushed to every
 //! node, and a circuit breaker with a fallback (`on_error`) for when the store fails.
@@ -17,9 +17,9 @@ pub mod service;
 pub use pacer::FleetHost;
 
 use crate::admission::{Clock, Decision, FleetEvent, FleetSeam, HostCell, Paced, Refusal};
-use crate::config::{OnError, SharedConfig};
+use crate::config::{FleetConfig, OnError};
 use async_trait::async_trait;
-use breaker::{Breaker, State};
+use breaker::{Breaker, BreakerState};
 use metrics::{FleetMetrics, Op};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -151,7 +151,7 @@ impl Default for Options {
 /// One node's view of the fleet.
 pub struct Fleet {
     pub on_error: OnError,
-    pub config: SharedConfig,
+    pub config: FleetConfig,
     pub options: Options,
     pub node_id: String,
     pub metrics: FleetMetrics,
@@ -181,7 +181,7 @@ fn cell_id(cell: &HostCell) -> usize {
 
 impl Fleet {
     pub fn new(
-        config: &SharedConfig,
+        config: &FleetConfig,
         clock: Arc<Clock>,
         options: Options,
     ) -> Result<Arc<Fleet>, prometheus::Error> {
@@ -200,7 +200,7 @@ impl Fleet {
             clock,
             store: OnceLock::new(),
             breaker: Mutex::new(Breaker::new(&config.breaker)),
-            state: AtomicU8::new(State::Closed.as_u8()),
+            state: AtomicU8::new(BreakerState::Closed.as_u8()),
             nodes: AtomicU32::new(1),
             probe_at: AtomicU64::new(0),
             hosts: papaya::HashMap::builder()
@@ -225,8 +225,8 @@ impl Fleet {
         self.clock.now()
     }
 
-    pub fn breaker_state(&self) -> State {
-        State::from_u8(self.state.load(Ordering::Acquire))
+    pub fn breaker_state(&self) -> BreakerState {
+        BreakerState::from_u8(self.state.load(Ordering::Acquire))
     }
 
     /// Live nodes at the last heartbeat (the last known count while the store is away).
@@ -250,14 +250,14 @@ impl Fleet {
             return false;
         }
         match self.breaker_state() {
-            State::Closed => true,
-            State::HalfOpen => self.take_probe(now),
-            State::Open => {
+            BreakerState::Closed => true,
+            BreakerState::HalfOpen => self.take_probe(now),
+            BreakerState::Open => {
                 let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
                 let allowed = b.allow(now);
                 let after = b.state();
                 drop(b);
-                self.note_state(State::Open, after);
+                self.note_state(BreakerState::Open, after);
                 allowed && self.take_probe(now)
             }
         }
@@ -285,12 +285,12 @@ impl Fleet {
         let after = b.state();
         drop(b);
         self.note_state(before, after);
-        if before != State::Closed {
+        if before != BreakerState::Closed {
             self.probe_at.store(0, Ordering::Release);
         }
     }
 
-    fn note_state(&self, before: State, after: State) {
+    fn note_state(&self, before: BreakerState, after: BreakerState) {
         self.state.store(after.as_u8(), Ordering::Release);
         if before != after {
             self.metrics.set_state(after);
@@ -299,12 +299,14 @@ impl Fleet {
                 .with_label_values(&[after.as_str()])
                 .inc();
             match after {
-                State::Open => tracing::warn!(
+                BreakerState::Open => tracing::warn!(
                     on_error = self.on_error.as_str(),
                     "shared store unavailable: breaker open"
                 ),
-                State::HalfOpen => tracing::info!("shared store: breaker half-open, trying again"),
-                State::Closed => {
+                BreakerState::HalfOpen => {
+                    tracing::info!("shared store: breaker half-open, trying again")
+                }
+                BreakerState::Closed => {
                     tracing::info!("shared store back: breaker closed");
                     // Requests holding local slots go back to the shared path.
                     let now = self.clock.now();
@@ -330,10 +332,10 @@ impl Fleet {
         let retry = &self.config.retry;
         let mut delay = retry.delay.get();
         let mut retries_left = match self.breaker_state() {
-            State::Closed => retry.max_retries,
+            BreakerState::Closed => retry.max_retries,
             _ => 0,
         };
-        if self.breaker_state() != State::Closed {
+        if self.breaker_state() != BreakerState::Closed {
             if let Some(store) = self.store.get() {
                 store.reset().await;
             }
@@ -401,8 +403,8 @@ impl Fleet {
             if self.allow(self.clock.now()) {
                 match host.take(self, cell, deadline).await {
                     Ok(()) => return Ok(()),
-                    Err(pacer::Failed::Refused(r)) => return Err(r),
-                    Err(pacer::Failed::Store) => {}
+                    Err(pacer::TakeError::Refused(r)) => return Err(r),
+                    Err(pacer::TakeError::Store) => {}
                 }
             }
             if let Some(done) = self.fallback(&host, cell, deadline).await {
