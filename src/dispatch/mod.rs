@@ -14,6 +14,7 @@ mod ctx;
 mod exec;
 pub mod headers;
 pub mod pace;
+mod policy;
 mod prepare;
 mod record;
 mod respond;
