@@ -147,8 +147,8 @@ impl Code {
     /// they carry, Pingora's by their type and source.
     pub fn of(e: &Error) -> Code {
         use ErrorType::*;
-        if let Some(Failure(code)) = e.root_cause().downcast_ref::<Failure>() {
-            return *code;
+        if let Some(f) = e.root_cause().downcast_ref::<Failure>() {
+            return f.code;
         }
         let upstream = e.esource() == &ErrorSource::Upstream;
         match e.etype() {
@@ -180,14 +180,18 @@ impl Code {
     }
 }
 
-/// The code of a failure sluice decided itself, carried as the cause of its Pingora error so
-/// that the edge reads it back by type (no code is ever recovered from a name).
+/// The code of a failure sluice decided itself (and the `Retry-After` of a refusal by
+/// admission), carried as the cause of its Pingora error so that the edge reads it back by
+/// type (no code is ever recovered from a name).
 #[derive(Debug)]
-struct Failure(Code);
+struct Failure {
+    code: Code,
+    retry_after: Option<u64>,
+}
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0.as_str())
+        f.write_str(self.code.as_str())
     }
 }
 
@@ -200,12 +204,29 @@ pub fn error(code: Code, message: impl Into<String>) -> Box<Error> {
 
 /// As `error`, with a status other than the code's usual one (401 instead of 407).
 pub fn error_with_status(code: Code, status: u16, message: impl Into<String>) -> Box<Error> {
+    refusal(code, status, message, None)
+}
+
+/// As `error_with_status`, with the `Retry-After` (seconds) its answer carries.
+pub fn refusal(
+    code: Code,
+    status: u16,
+    message: impl Into<String>,
+    retry_after: Option<u64>,
+) -> Box<Error> {
     Error::create(
         ErrorType::CustomCode(code.as_str(), status),
         ErrorSource::Unset,
         Some(message.into().into()),
-        Some(Box::new(Failure(code))),
+        Some(Box::new(Failure { code, retry_after })),
     )
+}
+
+/// The `Retry-After` (seconds) a refusal carries.
+pub fn retry_after_of(e: &Error) -> Option<u64> {
+    e.root_cause()
+        .downcast_ref::<Failure>()
+        .and_then(|f| f.retry_after)
 }
 
 /// The status to answer an error with.

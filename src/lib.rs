@@ -10,6 +10,7 @@ pub mod error;
 pub mod fleet;
 pub mod framing;
 pub mod front;
+pub mod gate;
 pub mod generation;
 pub mod intercept;
 pub mod jobs;

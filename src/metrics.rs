@@ -406,7 +406,7 @@ impl Metrics {
                 upstream_responses.with_label_values(&[way.as_str(), class]);
             }
         }
-        for reason in crate::admission::Refusal::REASONS {
+        for reason in crate::admission::Rejection::REASONS {
             rejections.with_label_values(&[reason]);
         }
         for source in crate::admission::PauseSource::ALL {

@@ -2,8 +2,8 @@
 //! connect, answer `200` (and flush), then carry bytes both ways until both sides close or the
 //! tunnel sits idle too long. Failures are answered with a status and `Sluice-Error`.
 
-use crate::dispatch::pace;
-use crate::error::{self, Code};
+use crate::error::Code;
+use crate::gate::{self, Refusal};
 use crate::state::Shared;
 use crate::target::{parse_authority, WayIn};
 use pingora_core::protocols::Stream;
@@ -107,8 +107,6 @@ enum Kind {
     HttpOnly,
 }
 
-type Refusal = (Code, String, Option<u64>);
-
 /// Serve one CONNECT on `stream`; `head` holds the bytes already read (the whole CONNECT
 /// head, and anything the client sent right after it). A plain tunnel or a refusal is served
 /// to the end here; a tunnel whose inside is HTTP comes back as `Inside`.
@@ -124,35 +122,26 @@ pub async fn serve(
     let result = async {
         let head = match parse_head(&head) {
             Ok(Some(h)) => h,
-            Ok(None) => return Err((Code::BadRequest, "incomplete CONNECT head".into(), None)),
-            Err((c, m)) => return Err((c, m, None)),
+            Ok(None) => return Err(Refusal::new(Code::BadRequest, "incomplete CONNECT head")),
+            Err((c, m)) => return Err(Refusal::new(c, m)),
         };
-        if crate::dispatch::headers::via_names(head.via.iter().map(Vec::as_slice), &shared.instance)
-        {
-            let why = format!(
-                "this CONNECT already passed through this sluice (instance {}): a peer loop",
-                shared.instance
-            );
-            return Err((Code::LoopDetected, why, None));
-        }
+        gate::not_a_loop(head.via.iter().map(Vec::as_slice), shared, "CONNECT")?;
         let mut client_cell = None;
         if generation.clients.enabled() {
-            let client = crate::policy::auth::authenticate(
-                &generation.clients,
-                true,
-                head.authorization.as_deref(),
-                None,
-            )
-            .map_err(|(code, _, m)| (code, m.to_string(), None))?;
+            let client =
+                gate::authenticate(&generation, true, head.authorization.as_deref(), None)?;
             if let Some(l) = &client.limits {
                 let cell = shared.admission.client_cell(&client.name, l.rps, l.burst);
-                client_cell = Some((crate::admission::Host::Cell(cell), l.max_queue_wait.get()));
+                let who = format!("client {}", client.name);
+                client_cell = Some((
+                    crate::admission::Host::Cell(cell),
+                    l.max_queue_wait.get(),
+                    who,
+                ));
             }
         }
-        let egress = &generation.egress;
-        let policy = |(c, m): crate::policy::Denial| (c, m, None);
-        egress.check_host(&head.host).map_err(policy)?;
-        let port = egress.check_connect_port(head.port);
+        gate::check_host(&generation, &head.host)?;
+        let port = generation.egress.check_connect_port(head.port);
         let kind = if crate::intercept::wanted(&generation.config.intercept, &head.host)
             && (port.is_ok() || head.port == 80)
         {
@@ -160,66 +149,37 @@ pub async fn serve(
         } else if head.port == 80 && port.is_err() {
             Kind::HttpOnly
         } else {
-            port.map_err(policy)?;
+            port.map_err(|(c, m)| Refusal::new(c, m))?;
             Kind::Plain
         };
-        let addrs = shared
-            .dns
-            .resolve(
-                &generation,
-                &shared.metrics,
-                &head.host,
-                head.port,
-                server.dns_timeout.get(),
-            )
-            .await
-            .map_err(|e| (Code::of(&e), error::message_of(&e), None))?;
-        let addrs = egress.filter(&head.host, addrs).map_err(policy)?;
+        let addrs = gate::addresses(shared, &generation, &head.host, head.port).await?;
         if !matches!(kind, Kind::Plain) {
             // Each request inside is admitted (client pace included) and sent by the
             // pipeline; a destination the egress policy refuses was refused just above.
             return Ok(Err((head, kind)));
         }
         let client_permit = match client_cell {
-            Some((cell, wait)) => Some(pace::admit(shared, &cell, wait).await.map_err(|r| {
-                let secs = r.retry_after_secs();
-                (
-                    Code::RateLimited,
-                    format!("client pace: no slot within the allowed wait; retry after {secs}s"),
-                    Some(secs),
-                )
-            })?),
+            Some((cell, wait, who)) => Some(gate::admit(shared, &who, &cell, wait).await?),
             None => None,
         };
         let key = crate::target::host_port(&head.host, head.port);
-        let cell = shared.admission.host(key, &head.host, &generation);
+        let cell = shared.admission.host(key.clone(), &head.host, &generation);
         host_label = generation.host_label(cell.profile()).to_string();
         let max_wait = generation.limits(cell.profile()).max_queue_wait.get();
-        let permit = pace::admit(shared, &cell, max_wait).await.map_err(|r| {
-            let secs = r.retry_after_secs();
-            (
-                r.code(),
-                format!(
-                    "{}: no admission within the allowed wait ({}); retry after {secs}s",
-                    crate::target::host_port(&head.host, head.port),
-                    r.reason()
-                ),
-                Some(secs),
-            )
-        })?;
+        let permit = gate::admit(shared, &key, &cell, max_wait).await?;
         let upstream = connect(&addrs, server.connect_timeout.get())
             .await
-            .map_err(|(c, m)| (c, m, None))?;
+            .map_err(|(c, m)| Refusal::new(c, m))?;
         Ok::<_, Refusal>(Ok((head, upstream, (permit, client_permit))))
     }
     .await;
     let (head, mut upstream, (permit, client_permit)) = match result {
         Ok(Ok(open)) => open,
         Ok(Err((head, kind))) => return inside(shared, stream, head, kind, started).await,
-        Err((code, message, retry_after)) => {
+        Err(refusal) => {
+            let (code, message) = (refusal.code, refusal.message.as_str());
             if code.status() > 0 {
-                let raw = error::raw_response_with(code, &message, retry_after);
-                if let Err(e) = write_and_flush(&mut stream, &raw).await {
+                if let Err(e) = write_and_flush(&mut stream, &refusal.raw()).await {
                     tracing::debug!(error = %e, "could not send CONNECT refusal");
                 }
             }
@@ -230,7 +190,7 @@ pub async fn serve(
                     status = code.status(),
                     ms = started.elapsed().as_millis() as u64,
                     error = code.as_str(),
-                    reason = message.as_str(),
+                    reason = message,
                 );
             }
             shared.metrics.record(

@@ -2,14 +2,14 @@
 //! limits (`[shared] backend = "redis"`). Admission declares what it needs here; the fleet
 //! module implements it, so admission never names the store, its breaker or its wire format.
 
-use super::{HostCell, Refusal};
+use super::{HostCell, Rejection};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// A request being paced for the fleet.
-pub type Paced<'a> = Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send + 'a>>;
+pub type Paced<'a> = Pin<Box<dyn Future<Output = Result<(), Rejection>> + Send + 'a>>;
 
 /// What admission asks of the fleet. Every time is in nanoseconds on the admission clock,
 /// which the fleet shares.

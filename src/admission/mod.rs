@@ -2,7 +2,7 @@
 //! so waiting is FIFO per host and no host waits behind another), and where needed has a
 //! concurrency cap and pauses learned from 429s, `Retry-After` and rate-limit headers.
 //!
-//! One concept per file: `clock` (the admission clock), `refusal` (why a request is refused),
+//! One concept per file: `clock` (the admission clock), `rejection` (why it turned one away),
 //! `table` (hosts: the compact table, full cells, promotion, eviction, status), `cell` and
 //! `light` (a full cell and a compact slot), `wait` (permits, waiting, the send guard),
 //! `learn` (what responses teach), `hints` (rate-limit headers), `fleet` (the seam a fleet
@@ -14,7 +14,7 @@ mod fleet;
 pub mod hints;
 mod learn;
 mod light;
-mod refusal;
+mod rejection;
 mod table;
 mod wait;
 
@@ -22,7 +22,7 @@ pub use cell::{interval_of, rps_of, Decision, HostCell, PauseOrigin, PauseSource
 pub use clock::Clock;
 pub use fleet::{FleetEvent, FleetSeam, Paced};
 pub use learn::{clamp_learned_rps, Learned, LEARNED_RPS_MAX, LEARNED_RPS_MIN, MIN_429_PAUSE};
-pub use refusal::Refusal;
+pub use rejection::Rejection;
 pub use table::Host;
 pub(crate) use wait::pace_cell;
 pub use wait::{AtSend, Permit};
@@ -138,7 +138,7 @@ mod tests {
         // The next slot is 100 ms away: with 50 ms allowed, refused at once without waiting.
         let before = tokio::time::Instant::now();
         let r = adm.acquire(&a, Duration::from_millis(50)).await;
-        assert!(matches!(r, Err(Refusal::Pace { .. })));
+        assert!(matches!(r, Err(Rejection::Pace { .. })));
         assert_eq!(before.elapsed(), Duration::ZERO);
         assert_eq!(adm.len(), 1);
     }
@@ -393,7 +393,7 @@ mod tests {
             .await
             .expect("first");
         let refused = adm.acquire(&a, Duration::from_millis(200)).await;
-        assert!(matches!(refused, Err(Refusal::Concurrency { .. })));
+        assert!(matches!(refused, Err(Rejection::Concurrency { .. })));
         let waiter = {
             let (adm, a) = (adm.clone(), a.clone());
             tokio::spawn(async move { adm.acquire(&a, Duration::from_secs(5)).await })

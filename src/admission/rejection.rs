@@ -1,11 +1,11 @@
-//! Why admission refused a request, with the `Retry-After` it carries. How a refusal is told
-//! to a client (status, `Sluice-Error`, header) is the edge's business, not this file's.
+//! Why admission turned a request away, with the wait it suggests. What the client is told
+//! (status, `Sluice-Error`, `Retry-After`) is the gate's business (`gate::Refusal`).
 
 use std::time::Duration;
 
 /// Why admission refused a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
+pub enum Rejection {
     /// The host's pace has no slot within the allowed wait.
     Pace { retry_after: Duration },
     /// The host is paused past the allowed wait.
@@ -16,34 +16,34 @@ pub enum Refusal {
     Unavailable { retry_after: Duration },
 }
 
-impl Refusal {
+impl Rejection {
     /// Every `reason()`, for the metric's label set.
     pub const REASONS: [&'static str; 4] =
         ["pace", "paused", "concurrency", "shared_state_unavailable"];
 
     pub fn reason(self) -> &'static str {
         match self {
-            Refusal::Pace { .. } => "pace",
-            Refusal::Paused { .. } => "paused",
-            Refusal::Concurrency { .. } => "concurrency",
-            Refusal::Unavailable { .. } => "shared_state_unavailable",
+            Rejection::Pace { .. } => "pace",
+            Rejection::Paused { .. } => "paused",
+            Rejection::Concurrency { .. } => "concurrency",
+            Rejection::Unavailable { .. } => "shared_state_unavailable",
         }
     }
 
     /// The `Sluice-Error` code the client receives.
     pub fn code(self) -> crate::error::Code {
         match self {
-            Refusal::Unavailable { .. } => crate::error::Code::SharedStateUnavailable,
+            Rejection::Unavailable { .. } => crate::error::Code::SharedStateUnavailable,
             _ => crate::error::Code::RateLimited,
         }
     }
 
     pub fn retry_after(self) -> Duration {
         match self {
-            Refusal::Pace { retry_after }
-            | Refusal::Paused { retry_after }
-            | Refusal::Concurrency { retry_after }
-            | Refusal::Unavailable { retry_after } => retry_after,
+            Rejection::Pace { retry_after }
+            | Rejection::Paused { retry_after }
+            | Rejection::Concurrency { retry_after }
+            | Rejection::Unavailable { retry_after } => retry_after,
         }
     }
 

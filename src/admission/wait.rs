@@ -2,7 +2,7 @@
 //! per host), the permit that holds the place, and the last look before a request is sent
 //! (`before_send`: the send guard and a pause learned since).
 
-use super::{Admission, Clock, Decision, Host, HostCell, Refusal};
+use super::{Admission, Clock, Decision, Host, HostCell, Rejection};
 use crate::generation::Generation;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +38,7 @@ impl Drop for Permit {
 
 impl Admission {
     /// Wait for a slot at the host's pace and an in-flight place, at most `max_wait`.
-    pub async fn acquire(&self, host: &Host, max_wait: Duration) -> Result<Permit, Refusal> {
+    pub async fn acquire(&self, host: &Host, max_wait: Duration) -> Result<Permit, Rejection> {
         let start = self.clock.now();
         let deadline = start.saturating_add(max_wait.as_nanos() as u64);
         let (fp, key) = match host {
@@ -69,7 +69,7 @@ impl Admission {
                     }
                 }
                 Some(Decision::Refuse { retry_after }) => {
-                    return Err(Refusal::Pace {
+                    return Err(Rejection::Pace {
                         retry_after: Duration::from_nanos(retry_after),
                     })
                 }
@@ -89,7 +89,7 @@ impl Admission {
         cell: &Arc<HostCell>,
         start: u64,
         deadline: u64,
-    ) -> Result<Permit, Refusal> {
+    ) -> Result<Permit, Rejection> {
         match &self.fleet {
             Some(fleet) => fleet.pace(cell, deadline).await?,
             None => pace_cell(cell, &self.clock, deadline).await?,
@@ -109,7 +109,7 @@ impl Admission {
                 .await
                 .is_err()
             {
-                return Err(Refusal::Concurrency {
+                return Err(Rejection::Concurrency {
                     retry_after: Duration::from_secs(1),
                 });
             }
@@ -171,7 +171,7 @@ pub(crate) async fn pace_cell(
     cell: &HostCell,
     clock: &Clock,
     deadline: u64,
-) -> Result<(), Refusal> {
+) -> Result<(), Rejection> {
     loop {
         let now = clock.now();
         match cell.reserve(now, deadline.saturating_sub(now)) {
@@ -185,9 +185,9 @@ pub(crate) async fn pace_cell(
             Decision::Refuse { retry_after } => {
                 let retry_after = Duration::from_nanos(retry_after);
                 return Err(if cell.paused_until() > now {
-                    Refusal::Paused { retry_after }
+                    Rejection::Paused { retry_after }
                 } else {
-                    Refusal::Pace { retry_after }
+                    Rejection::Pace { retry_after }
                 });
             }
         }

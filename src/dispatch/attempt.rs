@@ -182,19 +182,10 @@ async fn admit_attempt(
     cell: &Host,
     wait: Duration,
 ) -> std::result::Result<Permit, Box<pingora_error::Error>> {
-    super::pace::admit(job.shared, cell, wait)
+    crate::gate::admit(job.shared, &job.origin.host_port(), cell, wait)
         .await
         .inspect(|p| job.waited(p.queued))
-        .map_err(|r| {
-            let secs = r.retry_after_secs();
-            error::error(
-                r.code(),
-                format!(
-                    "{}: no free slot for the attempt; retry after {secs}s",
-                    job.origin.host_port()
-                ),
-            )
-        })
+        .map_err(crate::gate::Refusal::into_error)
 }
 
 /// While armed, dropping it (the attempt was cancelled) records the time waited as a lower

@@ -32,8 +32,6 @@ pub struct Ctx {
     pub permit: Option<Permit>,
     /// Total time spent waiting for admission, over all attempts.
     pub queued: Duration,
-    /// `Retry-After` (seconds) to send with a 429 from sluice.
-    pub retry_after: Option<u64>,
     /// The authenticated client's name.
     pub client: Option<String>,
     /// The client's own pace cell, until its admission is taken (first attempt).
@@ -80,7 +78,6 @@ impl Ctx {
             cell: None,
             permit: None,
             queued: Duration::ZERO,
-            retry_after: None,
             client: None,
             client_cell: None,
             client_permit: None,

@@ -17,9 +17,6 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
-/// The `Via` pseudonym prefix; each process adds `1.1 sluice-<instance>`.
-pub const VIA_PREFIX: &str = "sluice-";
-
 /// Names to drop from `headers`: the fixed hop-by-hop set, those listed in `Connection`, and,
 /// when `control` is set, every `sluice-*` header.
 fn names_to_drop(headers: &HeaderMap, control: bool) -> Vec<HeaderName> {
@@ -81,31 +78,6 @@ pub fn clean_response(resp: &mut ResponseHeader, via: &str) {
     }
 }
 
-/// Did this request already pass through this process (`Via` names its instance)?
-pub fn came_through(req: &RequestHeader, instance: &str) -> bool {
-    via_names(
-        req.headers
-            .get_all(http::header::VIA)
-            .iter()
-            .map(|v| v.as_bytes()),
-        instance,
-    )
-}
-
-/// Does any of these `Via` values name this instance? Shared by HTTP and CONNECT heads.
-pub fn via_names<'a>(values: impl IntoIterator<Item = &'a [u8]>, instance: &str) -> bool {
-    values.into_iter().any(|v| {
-        std::str::from_utf8(v).is_ok_and(|text| {
-            text.split(',').any(|hop| {
-                hop.split_whitespace()
-                    .nth(1)
-                    .and_then(|by| by.strip_prefix(VIA_PREFIX))
-                    .is_some_and(|id| id.eq_ignore_ascii_case(instance))
-            })
-        })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,16 +108,6 @@ mod tests {
             req.headers.get("via").map(|v| v.as_bytes()),
             Some(&b"1.1 sluice-ab12"[..])
         );
-    }
-
-    #[test]
-    fn a_request_that_came_back_is_recognised() {
-        let mut req = RequestHeader::build("GET", b"/", None).expect("req");
-        assert!(!came_through(&req, "ab12"));
-        req.append_header("Via", "1.1 cdn, 1.1 sluice-ab12")
-            .expect("h");
-        assert!(came_through(&req, "ab12"));
-        assert!(!came_through(&req, "cd34"));
     }
 
     #[test]

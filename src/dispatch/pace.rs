@@ -1,12 +1,11 @@
 //! The request side of admission: wait for the destination host's slot (and the client's)
 //! before an attempt, and learn from each response head what it says about the host's pace
-//! and pauses. Whether to send again is `exec`'s decision.
+//! and pauses. Whether to send again is the dispatch policy's decision (`policy.rs`).
 
 use super::Ctx;
-use crate::admission::{hints, Host, Permit, Refusal};
-use crate::error;
+use crate::admission::{hints, Host};
+use crate::gate::{self, Refusal};
 use crate::state::Shared;
-use pingora_error::Error;
 use pingora_http::ResponseHeader;
 use std::time::{Duration, SystemTime};
 
@@ -19,44 +18,13 @@ const REGION_PAUSE_DEFAULT: Duration = Duration::from_secs(1);
 /// Longest a region is held out by its own signal.
 const REGION_PAUSE_MAX: Duration = Duration::from_secs(3600);
 
-/// Wait for a slot and an in-flight place, at most `max_wait`; count the outcome.
-pub async fn admit(shared: &Shared, cell: &Host, max_wait: Duration) -> Result<Permit, Refusal> {
-    let result = shared.admission.acquire(cell, max_wait).await;
-    match &result {
-        Ok(p) => shared.metrics.queue_wait.observe(p.queued.as_secs_f64()),
-        Err(r) => shared
-            .metrics
-            .rejections
-            .with_label_values(&[r.reason()])
-            .inc(),
-    }
-    result
-}
-
-/// The refusal as an error for `fail_to_proxy`, remembering its `Retry-After`.
-pub fn refusal_error(ctx: &mut Ctx, host: &str, r: Refusal) -> Box<Error> {
-    let secs = r.retry_after_secs();
-    ctx.retry_after = Some(secs);
-    let why = match r {
-        Refusal::Pace { .. } => "its pace has no free slot",
-        Refusal::Paused { .. } => "it is paused after a rate-limit signal",
-        Refusal::Concurrency { .. } => "its in-flight limit is reached",
-        Refusal::Unavailable { .. } => {
-            "the fleet's shared state is unavailable (on_error = throttle)"
-        }
-    };
-    error::error(
-        r.code(),
-        format!("{host}: {why} within the allowed wait; retry after {secs}s"),
-    )
-}
-
 /// How long this request may wait for admission now.
 pub fn max_wait(ctx: &Ctx, cell: &Host) -> Duration {
     ctx.within_deadline(ctx.generation.limits(cell.profile()).max_queue_wait.get())
 }
 
-/// Before a request's first attempt: take the client's admission, then the host's.
+/// Before a request's first attempt: take the client's admission, then the host's (both
+/// through the gate, as a CONNECT's).
 pub async fn before_attempt(shared: &Shared, ctx: &mut Ctx) -> pingora_error::Result<()> {
     if let Some(cell) = ctx.client_cell.take() {
         let name = ctx.client.clone().unwrap_or_default();
@@ -66,31 +34,23 @@ pub async fn before_attempt(shared: &Shared, ctx: &mut Ctx) -> pingora_error::Re
             .limits_of(&name)
             .map_or(Duration::ZERO, |l| l.max_queue_wait.get());
         let wait = ctx.within_deadline(wait);
-        match admit(shared, &cell, wait).await {
-            Ok(p) => {
-                ctx.queued += p.queued;
-                ctx.client_permit = Some(p);
-            }
-            Err(r) => return Err(refusal_error(ctx, &format!("client {name}"), r)),
-        }
+        let p = gate::admit(shared, &format!("client {name}"), &cell, wait)
+            .await
+            .map_err(Refusal::into_error)?;
+        ctx.queued += p.queued;
+        ctx.client_permit = Some(p);
     }
     ctx.permit = None;
     let Some(cell) = ctx.cell.take() else {
         return Ok(());
     };
-    let admitted = admit(shared, &cell, max_wait(ctx, &cell)).await;
+    let host = ctx.origin.as_ref().map_or("-".into(), |o| o.host_port());
+    let admitted = gate::admit(shared, &host, &cell, max_wait(ctx, &cell)).await;
     ctx.cell = Some(cell);
-    match admitted {
-        Ok(p) => {
-            ctx.queued += p.queued;
-            ctx.permit = Some(p);
-            Ok(())
-        }
-        Err(r) => {
-            let host = ctx.origin.as_ref().map_or("-".into(), |o| o.host_port());
-            Err(refusal_error(ctx, &host, r))
-        }
-    }
+    let p = admitted.map_err(Refusal::into_error)?;
+    ctx.queued += p.queued;
+    ctx.permit = Some(p);
+    Ok(())
 }
 
 /// What a response head did to the host's or the region's pause.

@@ -2,9 +2,10 @@
 //! limits and controls, and over which route (configured regions, or the DNS answers that
 //! pass the egress policy). Every refusal here is answered before any wait or upstream byte.
 
-use super::{headers, pace, Control, Ctx};
+use super::{pace, Control, Ctx};
 use crate::config::HostLimits;
 use crate::error::{self, Code};
+use crate::gate::{self, Refusal};
 use crate::policy::auth::{self, SLUICE_KEY};
 use crate::regions::HostRoute;
 use crate::state::Shared;
@@ -22,15 +23,9 @@ pub struct Plan {
 
 pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<Plan> {
     let req = session.req_header();
-    if headers::came_through(req, &shared.instance) {
-        return Err(error::error(
-            Code::LoopDetected,
-            format!(
-                "this request already passed through this sluice (instance {}): a peer loop",
-                shared.instance
-            ),
-        ));
-    }
+    let via = req.headers.get_all(http::header::VIA);
+    gate::not_a_loop(via.iter().map(|v| v.as_bytes()), shared, "request")
+        .map_err(Refusal::into_error)?;
     let dest = match target::destination(req, &ctx.generation.routes) {
         Ok(d) => d,
         Err((way, code, message)) => {
@@ -69,11 +64,8 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         }
     }
     let generation = ctx.generation.clone();
-    let egress = &generation.egress;
     let origin = dest.origin;
-    egress
-        .check_host(&origin.host)
-        .map_err(|(code, m)| error::error(code, m))?;
+    gate::check_host(&generation, &origin.host).map_err(Refusal::into_error)?;
     let key = origin.host_port();
     let (profile, named) = generation.profile_for(&origin.host, &key);
     let limits = generation.limits(profile).clone();
@@ -89,20 +81,9 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         // Configured regions carry their own addresses (trusted as configured).
         Some(host) => HostRoute { host },
         None => {
-            let timeout = generation.config.server.dns_timeout.get();
-            let addrs = shared
-                .dns
-                .resolve(
-                    &generation,
-                    &shared.metrics,
-                    &origin.host,
-                    origin.port,
-                    timeout,
-                )
-                .await?;
-            let addrs = egress
-                .filter(&origin.host, addrs)
-                .map_err(|(code, m)| error::error(code, m))?;
+            let addrs = gate::addresses(shared, &generation, &origin.host, origin.port)
+                .await
+                .map_err(Refusal::into_error)?;
             shared.regions.implicit(&key, &addrs)
         }
     };
@@ -138,14 +119,14 @@ fn authenticate(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<()>
             )
         })?
     } else {
-        auth::authenticate(
-            &ctx.generation.clients,
+        gate::authenticate(
+            &ctx.generation,
             proxy_way,
             h.get(http::header::PROXY_AUTHORIZATION)
                 .map(|v| v.as_bytes()),
             h.get(SLUICE_KEY).map(|v| v.as_bytes()),
         )
-        .map_err(|(code, status, m)| error::error_with_status(code, status, m))?
+        .map_err(Refusal::into_error)?
     };
     if let Some(l) = &client.limits {
         let cell = shared.admission.client_cell(&client.name, l.rps, l.burst);

@@ -16,7 +16,7 @@ pub mod service;
 
 pub use pacer::FleetHost;
 
-use crate::admission::{Clock, Decision, FleetEvent, FleetSeam, HostCell, Paced, Refusal};
+use crate::admission::{Clock, Decision, FleetEvent, FleetSeam, HostCell, Paced, Rejection};
 use crate::config::{FleetConfig, OnError};
 use async_trait::async_trait;
 use breaker::{Breaker, BreakerState};
@@ -381,7 +381,7 @@ impl Fleet {
         self: &Arc<Self>,
         cell: &Arc<HostCell>,
         deadline: u64,
-    ) -> Result<(), Refusal> {
+    ) -> Result<(), Rejection> {
         let Some(host) = self.host(cell) else {
             return crate::admission::pace_cell(cell, &self.clock, deadline).await;
         };
@@ -391,7 +391,7 @@ impl Fleet {
             let paused = cell.paused_until();
             if paused > now {
                 if paused > deadline {
-                    return Err(Refusal::Paused {
+                    return Err(Rejection::Paused {
                         retry_after: Duration::from_nanos(paused - now),
                     });
                 }
@@ -421,14 +421,14 @@ impl Fleet {
         host: &FleetHost,
         cell: &HostCell,
         deadline: u64,
-    ) -> Option<Result<(), Refusal>> {
+    ) -> Option<Result<(), Rejection>> {
         self.metrics
             .fallback
             .with_label_values(&[self.on_error.as_str()])
             .inc();
         match self.on_error {
             OnError::Allow => Some(Ok(())),
-            OnError::Throttle => Some(Err(Refusal::Unavailable {
+            OnError::Throttle => Some(Err(Rejection::Unavailable {
                 retry_after: self.config.breaker.recovery_timeout.get(),
             })),
             OnError::Local => {
@@ -447,7 +447,7 @@ impl Fleet {
                         tokio::time::sleep(Duration::from_nanos(at.saturating_sub(now))).await;
                         own.still_valid(epoch).then_some(Ok(()))
                     }
-                    Decision::Refuse { retry_after } => Some(Err(Refusal::Pace {
+                    Decision::Refuse { retry_after } => Some(Err(Rejection::Pace {
                         retry_after: Duration::from_nanos(retry_after),
                     })),
                 }

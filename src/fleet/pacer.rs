@@ -5,7 +5,7 @@
 //! node makes per host are bounded by the host's pace, not by the offered load.
 
 use super::{interval_us, lease, Fleet, Op};
-use crate::admission::{HostCell, Refusal};
+use crate::admission::{HostCell, Rejection};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +26,7 @@ enum Step {
 /// Why a request got no fleet token.
 pub enum TakeError {
     /// Refused by the pace (no token within the allowed wait).
-    Refused(Refusal),
+    Refused(Rejection),
     /// The store failed while this request waited: the caller applies `on_error`.
     Store,
 }
@@ -141,7 +141,7 @@ impl FleetHost {
         let due = self.next_due.load(Ordering::Acquire);
         if due > deadline {
             // The next token is not due within the allowed wait: refused without asking.
-            return Err(TakeError::Refused(Refusal::Pace {
+            return Err(TakeError::Refused(Rejection::Pace {
                 retry_after: Duration::from_nanos(due - now),
             }));
         }
@@ -167,7 +167,7 @@ impl FleetHost {
                 let now = fleet.now();
                 let due = self.next_due.load(Ordering::Acquire).saturating_sub(now);
                 let retry_after = Duration::from_nanos(due.max(cell_interval_ns(cell)));
-                Err(TakeError::Refused(Refusal::Pace { retry_after }))
+                Err(TakeError::Refused(Rejection::Pace { retry_after }))
             }
         }
     }
@@ -210,7 +210,7 @@ impl FleetHost {
             let now = fleet.now();
             let at = now.saturating_add(grant.due.as_nanos() as u64);
             if at > deadline {
-                return Err(TakeError::Refused(Refusal::Pace {
+                return Err(TakeError::Refused(Rejection::Pace {
                     retry_after: grant.due,
                 }));
             }

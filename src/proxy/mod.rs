@@ -64,7 +64,7 @@ impl ProxyHttp for SluiceProxy {
             .is_some_and(|r| !r.status.is_informational());
         if status > 0 && !answered {
             let message = error::message_of(e);
-            let retry_after = ctx.retry_after.filter(|_| code == Code::RateLimited);
+            let retry_after = error::retry_after_of(e).filter(|_| code == Code::RateLimited);
             if let Err(werr) = write_error(session, code, status, &message, retry_after, ctx).await
             {
                 tracing::debug!(error = %werr, "could not send error response");
