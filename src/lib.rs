@@ -1,5 +1,6 @@
 //! sluice: an egress proxy that paces, shares and routes outbound API calls.
 
+pub mod access;
 pub mod admin;
 pub mod admission;
 pub mod app;

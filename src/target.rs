@@ -56,7 +56,7 @@ pub struct Origin {
 }
 
 /// The way a request came in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum WayIn {
     /// Absolute-URI request to sluice as an HTTP proxy.
     Forward,
@@ -72,6 +72,7 @@ pub enum WayIn {
     /// A request to sluice's own jobs API (`/_sluice/v1/`).
     Jobs,
     /// Not (yet) known: the request failed before its way in was clear.
+    #[default]
     Unknown,
 }
 

@@ -2,6 +2,7 @@
 //! connect, answer `200` (and flush), then carry bytes both ways until both sides close or the
 //! tunnel sits idle too long. Failures are answered with a status and `Sluice-Error`.
 
+use crate::access;
 use crate::error::Code;
 use crate::gate::{self, Refusal};
 use crate::state::Shared;
@@ -177,28 +178,20 @@ pub async fn serve(
         Ok(Ok(open)) => open,
         Ok(Err((head, kind))) => return inside(shared, stream, head, kind, started).await,
         Err(refusal) => {
-            let (code, message) = (refusal.code, refusal.message.as_str());
-            if code.status() > 0 {
+            if refusal.code.status() > 0 {
                 if let Err(e) = write_and_flush(&mut stream, &refusal.raw()).await {
                     tracing::debug!(error = %e, "could not send CONNECT refusal");
                 }
             }
-            if server.access_log {
-                tracing::info!(
-                    target: "sluice::access",
-                    way = "connect",
-                    status = code.status(),
-                    ms = started.elapsed().as_millis() as u64,
-                    error = code.as_str(),
-                    reason = message,
-                );
+            access::Line {
+                way: WayIn::Connect,
+                status: refusal.code.status(),
+                elapsed: started.elapsed(),
+                error: Some(refusal.code),
+                reason: Some(&refusal.message),
+                ..Default::default()
             }
-            shared.metrics.record(
-                WayIn::Connect,
-                &host_label,
-                Some(code),
-                started.elapsed().as_secs_f64(),
-            );
+            .finish(shared, &generation, &host_label);
             return None;
         }
     };
@@ -256,28 +249,20 @@ pub async fn serve(
         .tunnel_bytes
         .with_label_values(&["down"])
         .inc_by(down);
-    metrics.record(
-        WayIn::Connect,
-        &host_label,
-        None,
-        started.elapsed().as_secs_f64(),
-    );
     drop(permit);
     drop(client_permit);
-    if server.access_log {
-        tracing::info!(
-            target: "sluice::access",
-            way = "connect",
-            host = head.host.as_str(),
-            port = head.port,
-            status = 200,
-            queued_ms = queued.as_millis() as u64,
-            ms = started.elapsed().as_millis() as u64,
-            bytes_in = up + up_bytes,
-            bytes_out = down,
-            error = "-",
-        );
+    access::Line {
+        way: WayIn::Connect,
+        host: Some(&head.host),
+        port: Some(head.port),
+        status: 200,
+        queued,
+        elapsed: started.elapsed(),
+        bytes_in: up + up_bytes,
+        bytes_out: down,
+        ..Default::default()
     }
+    .finish(shared, &generation, &host_label);
     None
 }
 
@@ -297,19 +282,18 @@ async fn inside(
     let metrics = &shared.metrics;
     let result = |r: &str| metrics.intercept_tunnels.with_label_values(&[r]).inc();
     let log = |status: u16, kind: &str, error: &str, reason: &str| {
-        if server.access_log {
-            tracing::info!(
-                target: "sluice::access",
-                way = "connect",
-                host = head.host.as_str(),
-                port = head.port,
-                status,
-                inside = kind,
-                ms = started.elapsed().as_millis() as u64,
-                error,
-                reason,
-            );
+        access::Line {
+            way: WayIn::Connect,
+            host: Some(&head.host),
+            port: Some(head.port),
+            status,
+            inside: Some(kind),
+            elapsed: started.elapsed(),
+            error_name: (error != "-").then_some(error),
+            reason: (reason != "-").then_some(reason),
+            ..Default::default()
         }
+        .write(&generation)
     };
     if let Err(e) =
         write_and_flush(&mut stream, b"HTTP/1.1 200 Connection Established\r\n\r\n").await
@@ -492,21 +476,20 @@ fn http_inside(
     };
     let client = ClientSide::of(&stream);
     let io = Rewind::new(bytes::Bytes::from(prefix), stream);
-    let access_log = shared.generation().config.server.access_log;
+    let generation = shared.generation();
     let log = |error: &str, reason: &str| {
-        if access_log {
-            tracing::info!(
-                target: "sluice::access",
-                way = "connect",
-                host = head.host.as_str(),
-                port = head.port,
-                status = 200,
-                inside = "http",
-                ms = started.elapsed().as_millis() as u64,
-                error,
-                reason,
-            );
+        access::Line {
+            way: WayIn::Connect,
+            host: Some(&head.host),
+            port: Some(head.port),
+            status: 200,
+            inside: Some("http"),
+            elapsed: started.elapsed(),
+            error_name: (error != "-").then_some(error),
+            reason: (reason != "-").then_some(reason),
+            ..Default::default()
         }
+        .write(&generation)
     };
     match Tunneled::new(io, client, info) {
         Ok(t) => {

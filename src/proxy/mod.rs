@@ -87,28 +87,21 @@ impl ProxyHttp for SluiceProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        let outcome = ctx.error.or_else(|| e.map(Code::of));
-        let elapsed = ctx.started.elapsed();
-        self.shared
-            .metrics
-            .record(ctx.way, ctx.host_label(), outcome, elapsed.as_secs_f64());
-        if ctx.generation.config.server.access_log {
-            let status = session.response_written().map_or(0, |r| r.status.as_u16());
-            tracing::info!(
-                target: "sluice::access",
-                way = ctx.way.as_str(),
-                host = ctx.origin.as_ref().map_or("-", |o| o.host.as_str()),
-                region = ctx.region.as_deref().unwrap_or("-"),
-                method = session.req_header().method.as_str(),
-                status,
-                attempts = ctx.attempts,
-                queued_ms = ctx.queued.as_millis() as u64,
-                ms = elapsed.as_millis() as u64,
-                bytes_in = session.body_bytes_read(),
-                bytes_out = session.body_bytes_sent(),
-                error = outcome.map_or("-", Code::as_str),
-            );
+        crate::access::Line {
+            way: ctx.way,
+            host: ctx.origin.as_ref().map(|o| o.host.as_str()),
+            region: ctx.region.as_deref(),
+            method: Some(session.req_header().method.as_str()),
+            status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            attempts: ctx.attempts,
+            queued: ctx.queued,
+            elapsed: ctx.started.elapsed(),
+            bytes_in: session.body_bytes_read() as u64,
+            bytes_out: session.body_bytes_sent() as u64,
+            error: ctx.error.or_else(|| e.map(Code::of)),
+            ..Default::default()
         }
+        .finish(&self.shared, &ctx.generation, ctx.host_label());
     }
 }
 
