@@ -82,17 +82,11 @@ pub async fn run(
     let mut permit = match (admit, permit) {
         (Admit::Held, p) => p,
         (_, Some(p)) => Some(p),
-        (how, None) => match job.cell.as_ref() {
-            None => None,
-            Some(cell) => {
-                let wait = how.wait(job);
-                Some(
-                    admit_attempt(job, cell, wait)
-                        .await
-                        .map_err(|e| fail(e, true))?,
-                )
-            }
-        },
+        (how, None) => Some(
+            admit_attempt(job, job.cell, how.wait(job))
+                .await
+                .map_err(|e| fail(e, true))?,
+        ),
     };
     let r = &job.host.regions[region];
     let in_flight = r.state.enter();
@@ -111,9 +105,10 @@ pub async fn run(
             Ok(s) => s,
             Err(e) => return Err(fail(e.into_up(), true)),
         };
-        let (Some(cell), Some(p)) = (job.cell.as_ref(), permit.as_ref()) else {
+        let Some(p) = permit.as_ref() else {
             break (session, pooled);
         };
+        let cell = job.cell;
         let look = Instant::now();
         let send = job
             .shared

@@ -6,6 +6,7 @@
 
 use super::attempt::{self, Answer, Failed, Outcome};
 use super::body::{Source, Upload};
+use super::pace::Admitted;
 use super::policy::{Action, Count, Ended, Env, Failure, Policy, Rules, Send, Why};
 use super::prepare::Plan;
 use super::record::Recorder;
@@ -22,37 +23,22 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Send the request over its route and stream the winning answer to the client.
-pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Plan) -> Result<()> {
+/// Send the admitted request over its route and stream the winning answer to the client.
+pub async fn run(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    plan: &Plan,
+    admitted: Admitted,
+) -> Result<()> {
     let Plan {
         origin,
         limits,
         control,
         route,
+        ..
     } = plan;
-    let host = route.host;
-    let now = shared.regions.now();
-    let only = if host.implicit {
-        None
-    } else {
-        control.regions.as_deref()
-    };
-    let mut order = host.order(now, only);
-    if order.is_empty() && host.implicit {
-        // Every DNS answer is ejected: try them in DNS order rather than refuse, as a client
-        // with no proxy would.
-        order = (0..host.regions.len()).collect();
-    }
-    if order.is_empty() {
-        let which = match &control.regions {
-            Some(names) => format!("of {}", names.join(",")),
-            None => "at all".to_string(),
-        };
-        return Err(error::error(
-            Code::NoHealthyRegion,
-            format!("{}: no healthy region {which}", origin.host_port()),
-        ));
-    }
+    let host = &route.host;
     let req = session.req_header();
     // May this request be sent more than once?
     let duplicable = req.method.is_idempotent()
@@ -72,9 +58,14 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
     );
     if rules.mode != Mode::Single {
         // Duplicates draw on the route's budget and rank by its latency: remember it.
-        shared.regions.keep(&host);
+        shared.regions.keep(host);
     }
-    pace::before_attempt(shared, ctx).await?;
+    // The client's place is held until the answer is streamed.
+    let Admitted {
+        permit: first_permit,
+        client: _client_permit,
+        ..
+    } = admitted;
     let security = &ctx.generation.config.security;
     let (mut upload, first_body) = Upload::start(
         session,
@@ -88,7 +79,6 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
     if expect_continue && !upload.done {
         session.write_continue_response().await?;
     }
-    let first_permit = ctx.permit.take();
     let quota = if host.implicit {
         Quota::Host
     } else {
@@ -99,10 +89,11 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
         let job = Outbound {
             shared,
             ctx,
-            host: &host,
-            origin: &origin,
-            cell: ctx.cell.clone(),
-            limits: &limits,
+            plan,
+            host,
+            origin,
+            cell: &plan.cell,
+            limits,
             waited: &waited,
         };
         let label = ctx.host_label();
@@ -113,15 +104,22 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
             label,
             record: Recorder {
                 shared,
-                host: &host,
+                host,
+                cell: &plan.cell,
                 label,
                 outlier: limits.outlier,
                 quota,
             },
         };
-        exec.go(session, &mut upload, order, first_body, first_permit)
-            .await
-            .map(|(answer, attempts)| (answer, attempts, job.body_idle_timeout()))
+        exec.go(
+            session,
+            &mut upload,
+            plan.order.clone(),
+            first_body,
+            Some(first_permit),
+        )
+        .await
+        .map(|(answer, attempts)| (answer, attempts, job.body_idle_timeout()))
     };
     ctx.body_bytes = upload.read;
     // Concurrent attempts (a hedge, a race) wait side by side: never more than the time
@@ -131,7 +129,7 @@ pub async fn run(shared: &Shared, session: &mut Session, ctx: &mut Ctx, plan: Pl
     match result {
         Ok((answer, attempts, body_idle)) => {
             ctx.attempts = attempts;
-            respond::stream(shared, session, ctx, &host, answer, body_idle).await
+            respond::stream(shared, session, ctx, host, &plan.cell, answer, body_idle).await
         }
         Err((failed, attempts)) => {
             ctx.attempts = attempts;
@@ -180,8 +178,8 @@ impl Exec<'_, '_> {
             self.rules,
             order,
             host.regions.len(),
-            job.ctx.deadline.map(Instant::from_std),
-            !job.ctx.deadline_from_client,
+            job.plan.deadline.map(Instant::from_std),
+            !job.plan.deadline_from_client,
             upload.done,
         );
         let mut running = FuturesUnordered::new();
@@ -354,9 +352,7 @@ impl Env for Live<'_, '_, '_> {
 
     fn paused_past_wait(&self) -> bool {
         let job = self.exec.job;
-        job.cell
-            .as_ref()
-            .is_some_and(|c| pace::pause_left(job.shared, c) > job.max_wait())
+        pace::pause_left(job.shared, job.cell) > job.max_wait()
     }
 
     fn hedge_delay(&self, r: usize) -> Duration {

@@ -22,6 +22,7 @@ mod timing;
 
 pub use control::Control;
 pub use ctx::Ctx;
+pub use prepare::Plan;
 pub use respond::peer_options;
 
 use crate::admission::Host;
@@ -47,11 +48,10 @@ pub async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Res
     let webhooks = jobs::webhooks_of(session.req_header());
     let plan = prepare::prepare(shared, session, ctx).await?;
     if webhooks.is_empty() {
-        return exec::run(shared, session, ctx, plan).await;
+        return admit_and_run(shared, session, ctx, &plan).await;
     }
-    let origin = plan.origin.clone();
     if !jobs::prefers_async(session.req_header()) {
-        match exec::run(shared, session, ctx, plan).await {
+        match admit_and_run(shared, session, ctx, &plan).await {
             Err(e)
                 if crate::error::Code::of(&e) == crate::error::Code::RateLimited
                     && ctx.attempts == 0
@@ -65,20 +65,33 @@ pub async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Res
         session,
         &generation,
         ctx.client.clone(),
-        &origin,
-        &ctx.upstream_path,
+        &plan.origin,
+        &plan.upstream_path,
         webhooks,
     )
     .await
+}
+
+/// The stages after the plan: admission, then the attempts.
+async fn admit_and_run(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    plan: &Plan,
+) -> Result<()> {
+    let admitted = pace::admit(shared, plan).await?;
+    ctx.queued += admitted.queued;
+    exec::run(shared, session, ctx, plan, admitted).await
 }
 
 /// What every attempt of one request shares.
 pub struct Outbound<'a> {
     pub shared: &'a Shared,
     pub ctx: &'a Ctx,
+    pub plan: &'a Plan,
     pub host: &'a Arc<HostRegions>,
     pub origin: &'a Origin,
-    pub cell: Option<Host>,
+    pub cell: &'a Host,
     pub limits: &'a HostLimits,
     /// Time the request's attempts waited after its first admission (a resend's wait for
     /// the pause, a retry's slot, the send guard), in nanoseconds; added to `Ctx::queued`.
@@ -99,14 +112,14 @@ impl Outbound<'_> {
 
     /// Longest wait for admission now: the host's queue wait within the deadline.
     pub fn max_wait(&self) -> Duration {
-        self.ctx.within_deadline(self.limits.max_queue_wait.get())
+        self.plan.max_wait()
     }
 
     /// The head an attempt sends: the client's, made ready for upstream. Each attempt gets
     /// its own, built when it starts (the first one takes the request's without a copy).
     pub fn upstream_head(&self, req: &RequestHeader) -> Result<RequestHeader> {
         let mut head = req.clone();
-        respond::upstream_head(&mut head, self.ctx, &self.shared.via)?;
+        respond::upstream_head(&mut head, self.plan, &self.shared.via)?;
         // sluice answers the client's `Expect` itself, once the request is admitted.
         head.remove_header(&http::header::EXPECT);
         // An upgrade the client asked for (WebSocket) is asked of the upstream too.

@@ -1,10 +1,11 @@
-//! The request side of admission: wait for the destination host's slot (and the client's)
-//! before an attempt, and learn from each response head what it says about the host's pace
+//! The request side of admission: wait for the client's and the destination host's slots
+//! before the first attempt (`admit`: a plan in, an admitted request or a refusal out), and learn from each response head what it says about the host's pace
 //! and pauses. Whether to send again is the dispatch policy's decision (`policy.rs`).
 
-use super::Ctx;
-use crate::admission::{hints, Host};
+use super::prepare::Plan;
+use crate::admission::{hints, Host, Permit};
 use crate::gate::{self, Refusal};
+use crate::generation::Generation;
 use crate::state::Shared;
 use pingora_http::ResponseHeader;
 use std::time::{Duration, SystemTime};
@@ -18,39 +19,44 @@ const REGION_PAUSE_DEFAULT: Duration = Duration::from_secs(1);
 /// Longest a region is held out by its own signal.
 const REGION_PAUSE_MAX: Duration = Duration::from_secs(3600);
 
-/// How long this request may wait for admission now.
-pub fn max_wait(ctx: &Ctx, cell: &Host) -> Duration {
-    ctx.within_deadline(ctx.generation.limits(cell.profile()).max_queue_wait.get())
+/// An admitted request: its places at the host's pace and at its client's, held while it
+/// runs, and the time it waited for them.
+pub struct Admitted {
+    pub permit: Permit,
+    pub client: Option<Permit>,
+    pub queued: Duration,
 }
 
-/// Before a request's first attempt: take the client's admission, then the host's (both
-/// through the gate, as a CONNECT's).
-pub async fn before_attempt(shared: &Shared, ctx: &mut Ctx) -> pingora_error::Result<()> {
-    if let Some(cell) = ctx.client_cell.take() {
-        let name = ctx.client.clone().unwrap_or_default();
-        let wait = ctx
-            .generation
-            .clients
-            .limits_of(&name)
-            .map_or(Duration::ZERO, |l| l.max_queue_wait.get());
-        let wait = ctx.within_deadline(wait);
-        let p = gate::admit(shared, &format!("client {name}"), &cell, wait)
-            .await
-            .map_err(Refusal::into_error)?;
-        ctx.queued += p.queued;
-        ctx.client_permit = Some(p);
-    }
-    ctx.permit = None;
-    let Some(cell) = ctx.cell.take() else {
-        return Ok(());
+/// Admission, before a request's first attempt: the client's own pace, then the host's (both
+/// through the gate, as for a CONNECT). A refusal carries its `Retry-After`.
+pub async fn admit(shared: &Shared, plan: &Plan) -> pingora_error::Result<Admitted> {
+    let mut queued = Duration::ZERO;
+    let client = match &plan.client {
+        Some(c) => {
+            let wait = plan.within_deadline(c.wait);
+            let who = format!("client {}", c.name);
+            let p = gate::admit(shared, &who, &c.cell, wait)
+                .await
+                .map_err(Refusal::into_error)?;
+            queued += p.queued;
+            Some(p)
+        }
+        None => None,
     };
-    let host = ctx.origin.as_ref().map_or("-".into(), |o| o.host_port());
-    let admitted = gate::admit(shared, &host, &cell, max_wait(ctx, &cell)).await;
-    ctx.cell = Some(cell);
-    let p = admitted.map_err(Refusal::into_error)?;
-    ctx.queued += p.queued;
-    ctx.permit = Some(p);
-    Ok(())
+    let permit = gate::admit(
+        shared,
+        &plan.origin.host_port(),
+        &plan.cell,
+        plan.max_wait(),
+    )
+    .await
+    .map_err(Refusal::into_error)?;
+    queued += permit.queued;
+    Ok(Admitted {
+        permit,
+        client,
+        queued,
+    })
 }
 
 /// What a response head did to the host's or the region's pause.
@@ -66,10 +72,13 @@ pub enum PauseEffect {
 /// Take in what a response head says about its host (pace statements, pauses). With
 /// `host_quota` off, a pause signal speaks for the answering region only: the host's pace is
 /// still learned, its pause is not.
-pub fn learn(shared: &Shared, ctx: &Ctx, resp: &ResponseHeader, host_quota: bool) -> PauseEffect {
-    let Some(cell) = &ctx.cell else {
-        return PauseEffect::Nothing;
-    };
+pub fn learn(
+    shared: &Shared,
+    cell: &Host,
+    generation: &Generation,
+    resp: &ResponseHeader,
+    host_quota: bool,
+) -> PauseEffect {
     let mut status = resp.status.as_u16();
     let mut h = hints::parse(&resp.headers, SystemTime::now());
     let m = &shared.metrics;
@@ -89,7 +98,7 @@ pub fn learn(shared: &Shared, ctx: &Ctx, resp: &ResponseHeader, host_quota: bool
         // Neither a success nor the host's 429.
         status = 0;
     }
-    let learned = shared.admission.learn(cell, &ctx.generation, status, &h);
+    let learned = shared.admission.learn(cell, generation, status, &h);
     if learned.rps.is_some() {
         m.learned.with_label_values(&["rps"]).inc();
     }

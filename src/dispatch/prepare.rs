@@ -1,8 +1,11 @@
 //! From a request head to a plan: which destination, may this client go there, under which
-//! limits and controls, and over which route (configured regions, or the DNS answers that
-//! pass the egress policy). Every refusal here is answered before any wait or upstream byte.
+//! limits, controls and deadline, and over which route (configured regions, or the DNS
+//! answers that pass the egress policy), its endpoints in order. Every refusal here is
+//! answered before any wait or upstream byte. The plan is the whole request as the next
+//! stages see it: admission (`pace::admit`) and the attempts (`exec::run`) only read it.
 
 use super::{pace, Control, Ctx};
+use crate::admission::Host;
 use crate::config::HostLimits;
 use crate::error::{self, Code};
 use crate::gate::{self, Refusal};
@@ -12,13 +15,51 @@ use crate::state::Shared;
 use crate::target::{self, Origin, WayIn};
 use pingora_error::Result;
 use pingora_proxy::Session;
+use std::time::{Duration, Instant};
 
-/// A request ready for its attempts.
+/// A request ready for admission and its attempts.
 pub struct Plan {
     pub origin: Origin,
+    /// The path and query to send upstream.
+    pub upstream_path: String,
     pub limits: HostLimits,
     pub control: Control,
     pub route: HostRoute,
+    /// The route's endpoints to try, best first.
+    pub order: Vec<usize>,
+    /// The destination host's admission state.
+    pub cell: Host,
+    /// The authenticated client's own pace, when its `[[clients]]` entry sets one.
+    pub client: Option<ClientPace>,
+    /// End-to-end deadline from `Sluice-Timeout`, else the host's `request_timeout`: the
+    /// wait, the connects and the response head (never a streamed body).
+    pub deadline: Option<Instant>,
+    /// The deadline is the client's `Sluice-Timeout` (else the host's `request_timeout`,
+    /// whose clock stops while the request body streams in).
+    pub deadline_from_client: bool,
+}
+
+/// A client's own pace (across all hosts).
+pub struct ClientPace {
+    pub name: String,
+    pub cell: Host,
+    /// Its `max_queue_wait`.
+    pub wait: Duration,
+}
+
+impl Plan {
+    /// `limit`, cut to the time left before the deadline.
+    pub fn within_deadline(&self, limit: Duration) -> Duration {
+        self.deadline.map_or(limit, |d| {
+            d.saturating_duration_since(Instant::now()).min(limit)
+        })
+    }
+
+    /// How long the request may wait for its host's admission now: the host's
+    /// `max_queue_wait`, within the deadline.
+    pub fn max_wait(&self) -> Duration {
+        self.within_deadline(self.limits.max_queue_wait.get())
+    }
 }
 
 pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<Plan> {
@@ -40,14 +81,16 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         ctx.way = WayIn::Intercept;
     }
     ctx.origin = Some(dest.origin.clone());
-    if ctx.generation.clients.enabled() {
-        authenticate(shared, session, ctx)?;
-    }
+    let client = match ctx.generation.clients.enabled() {
+        true => authenticate(shared, session, ctx)?,
+        false => None,
+    };
+    let mut deadline = None;
     if let Some(v) = req.headers.get(pace::SLUICE_TIMEOUT) {
         let t = pace::parse_timeout(v).map_err(|m| error::error(Code::BadRequest, m))?;
-        ctx.deadline = ctx.started.checked_add(t);
-        ctx.deadline_from_client = true;
+        deadline = ctx.started.checked_add(t);
     }
+    let deadline_from_client = deadline.is_some();
     let security = &ctx.generation.config.security;
     if req.raw_path().len() > security.max_uri_bytes {
         return Err(error::error(
@@ -69,9 +112,9 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
     let key = origin.host_port();
     let (profile, named) = generation.profile_for(&origin.host, &key);
     let limits = generation.limits(profile).clone();
-    if ctx.deadline.is_none() {
+    if deadline.is_none() {
         // No `Sluice-Timeout`: the host's own bound, so that no request waits forever.
-        ctx.deadline = ctx.started.checked_add(limits.request_timeout.get());
+        deadline = ctx.started.checked_add(limits.request_timeout.get());
     }
     let control = Control::read(req, &limits).map_err(|m| error::error(Code::BadRequest, m))?;
     let configured = (named && generation.has_regions)
@@ -87,18 +130,58 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
             shared.regions.implicit(&key, &addrs)
         }
     };
-    ctx.upstream_path = dest.path;
-    ctx.cell = Some(shared.admission.host(key, &origin.host, &generation));
+    let order = endpoints(shared, &route, &control, &origin)?;
+    let cell = shared.admission.host(key, &origin.host, &generation);
+    ctx.profile = Some(cell.profile());
     Ok(Plan {
         origin,
+        upstream_path: dest.path,
         limits,
         control,
         route,
+        order,
+        cell,
+        client,
+        deadline,
+        deadline_from_client,
     })
 }
 
-/// Authenticate the client (see `policy::auth::authenticate`) and take its pace cell.
-fn authenticate(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<()> {
+/// The route's endpoints to try, best first: those in rotation (of the regions
+/// `Sluice-Region` names, when it names some). With every DNS answer ejected, all of them in
+/// DNS order, as a client with no proxy would; with no configured region left, a refusal.
+fn endpoints(
+    shared: &Shared,
+    route: &HostRoute,
+    control: &Control,
+    origin: &Origin,
+) -> Result<Vec<usize>> {
+    let host = &route.host;
+    let only = if host.implicit {
+        None
+    } else {
+        control.regions.as_deref()
+    };
+    let mut order = host.order(shared.regions.now(), only);
+    if order.is_empty() && host.implicit {
+        order = (0..host.regions.len()).collect();
+    }
+    if order.is_empty() {
+        let which = match &control.regions {
+            Some(names) => format!("of {}", names.join(",")),
+            None => "at all".to_string(),
+        };
+        return Err(error::error(
+            Code::NoHealthyRegion,
+            format!("{}: no healthy region {which}", origin.host_port()),
+        ));
+    }
+    Ok(order)
+}
+
+/// Authenticate the client (see `policy::auth::authenticate`): its name, and its own pace
+/// when it has one.
+fn authenticate(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<Option<ClientPace>> {
     let h = &session.req_header().headers;
     let proxy_way = matches!(ctx.way, WayIn::Forward | WayIn::Connect | WayIn::Intercept);
     let job = h
@@ -128,12 +211,12 @@ fn authenticate(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<()>
         )
         .map_err(Refusal::into_error)?
     };
-    if let Some(l) = &client.limits {
-        let cell = shared.admission.client_cell(&client.name, l.rps, l.burst);
-        ctx.client_cell = Some(crate::admission::Host::Cell(cell));
-    }
     ctx.client = Some(client.name.clone());
-    Ok(())
+    Ok(client.limits.as_ref().map(|l| ClientPace {
+        name: client.name.clone(),
+        cell: Host::Cell(shared.admission.client_cell(&client.name, l.rps, l.burst)),
+        wait: l.max_queue_wait.get(),
+    }))
 }
 
 /// The request's declared body length.

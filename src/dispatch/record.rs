@@ -15,6 +15,8 @@ use std::time::Instant;
 pub struct Recorder<'a> {
     pub shared: &'a Shared,
     pub host: &'a Arc<HostRegions>,
+    /// The destination host's admission state, which responses teach.
+    pub cell: &'a crate::admission::Host,
     pub label: &'a str,
     pub outlier: crate::config::Outlier,
     pub quota: Quota,
@@ -41,7 +43,7 @@ impl Recorder<'_> {
         let mut paused = false;
         if let Some(h) = head {
             let host_quota = self.quota == Quota::Host;
-            match pace::learn(self.shared, ctx, h, host_quota) {
+            match pace::learn(self.shared, self.cell, &ctx.generation, h, host_quota) {
                 pace::PauseEffect::HostPaused => paused = pace::pause_signal(h),
                 pace::PauseEffect::RegionPaused(d) => {
                     r.state.hold(self.shared.regions.now(), d);

@@ -4,6 +4,7 @@
 //! in `Retry-After`), and the winning answer's body streamed to the client.
 
 use super::attempt::Answer;
+use super::prepare::Plan;
 use super::{headers, pace, Ctx};
 use crate::error::{self, Code};
 use crate::generation::Generation;
@@ -21,19 +22,16 @@ const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
 /// Turn the client's request head into the one sent upstream: the upstream path, no
 /// hop-by-hop or control headers, this hop in `Via`, and the destination's `Host`.
-pub fn upstream_head(upstream: &mut RequestHeader, ctx: &Ctx, via: &str) -> Result<()> {
-    let Some(origin) = ctx.origin.as_ref() else {
-        return Err(error::error(Code::Internal, "no destination chosen"));
-    };
-    let uri = http::Uri::try_from(ctx.upstream_path.as_str()).map_err(|e| {
+pub fn upstream_head(upstream: &mut RequestHeader, plan: &Plan, via: &str) -> Result<()> {
+    let uri = http::Uri::try_from(plan.upstream_path.as_str()).map_err(|e| {
         error::error(
             Code::BadTarget,
-            format!("invalid upstream path {:?}: {e}", ctx.upstream_path),
+            format!("invalid upstream path {:?}: {e}", plan.upstream_path),
         )
     })?;
     upstream.set_uri(uri);
     headers::clean_request(upstream, via);
-    upstream.insert_header(http::header::HOST, origin.host_header())?;
+    upstream.insert_header(http::header::HOST, plan.origin.host_header())?;
     Ok(())
 }
 
@@ -72,6 +70,7 @@ pub async fn stream(
     session: &mut Session,
     ctx: &mut Ctx,
     host: &HostRegions,
+    cell: &crate::admission::Host,
     answer: Answer,
     body_idle: Duration,
 ) -> Result<()> {
@@ -90,17 +89,15 @@ pub async fn stream(
         ));
     };
     let mut resp: ResponseHeader = up_head.clone();
-    if let Some(cell) = &ctx.cell {
-        if pace::pause_signal(&resp) {
-            if resp.status.as_u16() == 429 {
-                shared
-                    .metrics
-                    .upstream_429
-                    .with_label_values(&["passed"])
-                    .inc();
-            }
-            pace::set_retry_after(&mut resp, pace::pause_left(shared, cell))?;
+    if pace::pause_signal(&resp) {
+        if resp.status.as_u16() == 429 {
+            shared
+                .metrics
+                .upstream_429
+                .with_label_values(&["passed"])
+                .inc();
         }
+        pace::set_retry_after(&mut resp, pace::pause_left(shared, cell))?;
     }
     let name = &host.regions[region].name;
     client_head(shared, &mut resp, ctx, name)?;

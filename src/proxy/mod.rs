@@ -146,7 +146,7 @@ async fn write_error(
     if let Some(secs) = retry_after {
         resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
     }
-    if ctx.cell.is_some() {
+    if ctx.profile.is_some() {
         resp.insert_header("Sluice-Queued-Ms", ctx.queued.as_millis().to_string())?;
     }
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
