@@ -89,7 +89,14 @@ fn try_reload(shared: &Shared) -> Result<u64, String> {
             "sluice runs on the embedded default; start it with --config FILE to reload".into(),
         );
     };
-    let config = Config::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let config = Config::load(path)
+        .and_then(|config| {
+            // The CA files are read as at start, so that a reload never accepts what a
+            // restart would refuse.
+            crate::intercept::Interceptor::check(&config.intercept)?;
+            Ok(config)
+        })
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let current = shared.generation();
     let restart = restart_only_changes(&current.config, &config);
     if !restart.is_empty() {

@@ -22,7 +22,7 @@ pub use cell::{interval_of, rps_of, Decision, HostCell, PauseOrigin, PauseSource
 pub use clock::Clock;
 pub use fleet::{FleetEvent, FleetSeam, Paced};
 pub use learn::{clamp_learned_rps, Learned, LEARNED_RPS_MAX, LEARNED_RPS_MIN, MIN_429_PAUSE};
-pub use rejection::Rejection;
+pub use rejection::{retry_after_secs, Rejection};
 pub use table::Host;
 pub(crate) use wait::pace_cell;
 pub use wait::{AtSend, Permit};

@@ -49,7 +49,12 @@ impl Rejection {
 
     /// `Retry-After` in whole seconds, at least 1.
     pub fn retry_after_secs(self) -> u64 {
-        let d = self.retry_after();
-        (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+        retry_after_secs(self.retry_after()).max(1)
     }
+}
+
+/// A wait as `Retry-After` says it: whole seconds, rounded up (a client that comes back after
+/// it finds the wait over).
+pub fn retry_after_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }

@@ -7,7 +7,7 @@
 use super::attempt::{self, Answer, Failed, Outcome};
 use super::body::{Source, Upload};
 use super::pace::Admitted;
-use super::policy::{Action, Count, Ended, Env, Failure, Policy, Rules, Send, Why};
+use super::policy::{Action, Count, Ended, Env, Launch, Policy, Rules, Unanswered, Why};
 use super::prepare::Plan;
 use super::record::Recorder;
 use super::timing::hedge_from_percentiles;
@@ -64,7 +64,6 @@ pub async fn run(
     let Admitted {
         permit: first_permit,
         client: _client_permit,
-        ..
     } = admitted;
     let security = &ctx.generation.config.security;
     let (mut upload, first_body) = Upload::start(
@@ -189,9 +188,10 @@ impl Exec<'_, '_> {
             for action in actions.drain(..) {
                 match action {
                     Action::Send(send) => {
+                        // Not sent after all: not an attempt.
                         let head = job
                             .upstream_head(session.req_header())
-                            .map_err(|e| (e, policy.attempts()))?;
+                            .map_err(|e| (e, policy.attempts().saturating_sub(1)))?;
                         let (body, permit) = match (send.why, first.take()) {
                             (Why::First, Some(first)) => first,
                             (_, taken) => {
@@ -212,8 +212,8 @@ impl Exec<'_, '_> {
                     Action::Deliver { answer, attempts } => return Ok((answer, attempts)),
                     Action::Fail { failure, attempts } => {
                         let error = match failure {
-                            Failure::Last(e) => e,
-                            Failure::Deadline => error::error(
+                            Unanswered::Last(e) => e,
+                            Unanswered::Deadline => error::error(
                                 Code::UpstreamTimeout,
                                 format!(
                                     "{}: no response head within the request's deadline \
@@ -221,7 +221,7 @@ impl Exec<'_, '_> {
                                     job.origin.host_port()
                                 ),
                             ),
-                            Failure::NoAttempt => {
+                            Unanswered::NoAttempt => {
                                 error::error(Code::Internal, "no attempt was made")
                             }
                         };
@@ -398,11 +398,11 @@ impl Drop for Extras<'_> {
 
 /// An attempt that says what it was sent as (one future type for every kind).
 async fn tagged(
-    send: Send,
+    send: Launch,
     job: &Outbound<'_>,
     permit: Option<crate::admission::Permit>,
     (head, body): (pingora_http::RequestHeader, Source),
-) -> (Send, Outcome) {
+) -> (Launch, Outcome) {
     let outcome = attempt::run(job, send.region, send.admit, permit, send.delay, head, body).await;
     (send, outcome)
 }

@@ -1,11 +1,34 @@
 //! The one pipeline every HTTP request takes, whatever its way in (forward, explicit target,
-//! route) and whether or not its host lists regions:
-//! destination -> policy -> admission -> route -> attempts -> learn -> respond.
+//! route, inside a tunnel) and whether or not its host lists regions. Its stages hand each
+//! other values: `prepare` -> [`Plan`] -> `pace::admit` -> `Admitted` -> `exec::run` -> the
+//! answer streamed, or a typed failure that `proxy::fail_to_proxy` answers.
 //!
 //! A host's route is its configured regions or one implicit region made of its DNS answers
 //! (each address an endpoint), so `single` / `hedge` / `race`, `retry_on`, `max_attempts`, the
 //! retry budget, ejection and the deadline mean the same for every host. `proxy/` owns the
 //! downstream session and calls [`serve`] once per request; nothing here imports `proxy/`.
+//!
+//! Where to look, per question:
+//! - **Is this request paced, and how long may it wait?** `pace::admit` (the client's pace,
+//!   then the host's, through `gate::admit`); the wait itself is
+//!   `admission::Admission::acquire` (`admission/wait.rs`), the limits
+//!   `Generation::profile_for` and `Plan::max_wait`. The last look before sending (the send
+//!   guard, a pause learned since) is `Admission::before_send`.
+//! - **Routed where?** `prepare::prepare`: configured regions (`regions::Regions::get`) or
+//!   the DNS answers the egress policy allows (`gate::addresses`, then
+//!   `regions::Regions::implicit`); their order in `prepare::endpoints`; which endpoint each
+//!   attempt takes in `policy::Picker::next`.
+//! - **Hedged or raced?** `policy::Policy::start` (the race's fan-out, the hedge timer) and
+//!   `Policy::hedge_timer`; whether a request may be duplicated at all, `policy::Rules::new`.
+//! - **Retried?** `policy::Policy::ended`, then `Policy::retry` (every condition in one
+//!   place); what counts as connect, timeout or reset, `policy::FailKind::of`.
+//! - **Why 429 or 503?** sluice's own refusals are `gate::Refusal`s: `gate::admit` (429
+//!   `rate_limited`, 503 `shared_state_unavailable`), `gate::authenticate`,
+//!   `gate::check_host`, `gate::addresses`; no region in rotation is `prepare::endpoints`
+//!   (503 `no_healthy_region`). They are answered in `proxy::fail_to_proxy` (a CONNECT's in
+//!   `tunnel::serve`, `Refusal::raw`). An upstream's own 429 or 503 goes back through
+//!   `respond::stream`, with the pause it started as `Retry-After`; what it taught is
+//!   `pace::learn` and `admission::Admission::learn`.
 
 mod attempt;
 mod body;
@@ -79,8 +102,8 @@ async fn admit_and_run(
     ctx: &mut Ctx,
     plan: &Plan,
 ) -> Result<()> {
-    let admitted = pace::admit(shared, plan).await?;
-    ctx.queued += admitted.queued;
+    plan.endpoints_left()?;
+    let admitted = pace::admit(shared, plan, &mut ctx.queued).await?;
     exec::run(shared, session, ctx, plan, admitted).await
 }
 

@@ -20,17 +20,20 @@ const REGION_PAUSE_DEFAULT: Duration = Duration::from_secs(1);
 const REGION_PAUSE_MAX: Duration = Duration::from_secs(3600);
 
 /// An admitted request: its places at the host's pace and at its client's, held while it
-/// runs, and the time it waited for them.
+/// runs.
 pub struct Admitted {
     pub permit: Permit,
     pub client: Option<Permit>,
-    pub queued: Duration,
 }
 
 /// Admission, before a request's first attempt: the client's own pace, then the host's (both
-/// through the gate, as for a CONNECT). A refusal carries its `Retry-After`.
-pub async fn admit(shared: &Shared, plan: &Plan) -> pingora_error::Result<Admitted> {
-    let mut queued = Duration::ZERO;
+/// through the gate, as for a CONNECT). A refusal carries its `Retry-After`. Each wait is
+/// added to `queued` as it ends (a refusal by the host still counts the client's wait).
+pub async fn admit(
+    shared: &Shared,
+    plan: &Plan,
+    queued: &mut Duration,
+) -> pingora_error::Result<Admitted> {
     let client = match &plan.client {
         Some(c) => {
             let wait = plan.within_deadline(c.wait);
@@ -38,7 +41,7 @@ pub async fn admit(shared: &Shared, plan: &Plan) -> pingora_error::Result<Admitt
             let p = gate::admit(shared, &who, &c.cell, wait)
                 .await
                 .map_err(Refusal::into_error)?;
-            queued += p.queued;
+            *queued += p.queued;
             Some(p)
         }
         None => None,
@@ -51,12 +54,8 @@ pub async fn admit(shared: &Shared, plan: &Plan) -> pingora_error::Result<Admitt
     )
     .await
     .map_err(Refusal::into_error)?;
-    queued += permit.queued;
-    Ok(Admitted {
-        permit,
-        client,
-        queued,
-    })
+    *queued += permit.queued;
+    Ok(Admitted { permit, client })
 }
 
 /// What a response head did to the host's or the region's pause.
@@ -128,7 +127,7 @@ pub fn set_retry_after(
 ) -> pingora_error::Result<()> {
     let status = resp.status.as_u16();
     if (status == 429 || status == 503) && !pause_left.is_zero() {
-        let secs = pause_left.as_secs() + u64::from(pause_left.subsec_nanos() > 0);
+        let secs = crate::admission::retry_after_secs(pause_left);
         resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
     }
     Ok(())

@@ -147,7 +147,7 @@ impl<A, E> Ended<A, E> {
 
 /// An attempt to start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Send {
+pub struct Launch {
     pub why: Why,
     pub region: usize,
     pub admit: Admit,
@@ -169,7 +169,7 @@ pub enum Count {
 
 /// Why the request failed.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Failure<E> {
+pub enum Unanswered<E> {
     /// The last attempt's error.
     Last(E),
     /// No response head within the deadline.
@@ -181,7 +181,7 @@ pub enum Failure<E> {
 /// What the driver does next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action<A, E> {
-    Send(Send),
+    Send(Launch),
     Count(Count),
     /// Stream this answer to the client; `attempts` were sent.
     Deliver {
@@ -189,7 +189,7 @@ pub enum Action<A, E> {
         attempts: u32,
     },
     Fail {
-        failure: Failure<E>,
+        failure: Unanswered<E>,
         attempts: u32,
     },
 }
@@ -244,7 +244,7 @@ impl Picker {
 
 /// The request body as the policy sees it.
 #[derive(Clone, Copy, Debug)]
-struct Body {
+struct BodyState {
     /// Read to its end.
     complete: bool,
     /// Another attempt can still get all of it (it fits the replay buffer).
@@ -260,7 +260,7 @@ pub struct Policy<A, E> {
     /// Attempts started and not ended.
     running: usize,
     /// Attempts decided but waiting for the whole body (they replay it).
-    waiting: Vec<Send>,
+    waiting: Vec<Launch>,
     hedge_delay: Duration,
     hedge_at: Option<Instant>,
     deadline: Option<Instant>,
@@ -268,7 +268,7 @@ pub struct Policy<A, E> {
     /// not the client's `Sluice-Timeout`).
     stretch: bool,
     started: Instant,
-    body: Body,
+    body: BodyState,
     /// The best answer so far that asked for a retry (a 429, a retryable 5xx): delivered if
     /// no better one comes.
     fallback: Option<A>,
@@ -298,7 +298,7 @@ impl<A, E> Policy<A, E> {
             deadline,
             stretch,
             started: Instant::now(),
-            body: Body {
+            body: BodyState {
                 complete: body_complete,
                 replayable: true,
             },
@@ -313,7 +313,7 @@ impl<A, E> Policy<A, E> {
         let mut out = Vec::new();
         let first = self.picker.next(env).map_or(0, |(r, _)| r);
         self.launch(
-            Send {
+            Launch {
                 why: Why::First,
                 region: first,
                 admit: Admit::Held,
@@ -331,7 +331,7 @@ impl<A, E> Policy<A, E> {
                 let Some((r, _)) = self.picker.next(env) else {
                     break;
                 };
-                self.waiting.push(Send {
+                self.waiting.push(Launch {
                     why: Why::Race,
                     region: r,
                     admit: Admit::IfFree,
@@ -434,7 +434,7 @@ impl<A, E> Policy<A, E> {
                 .deadline
                 .and_then(|d| d.checked_add(self.started.elapsed()));
         }
-        self.body = Body {
+        self.body = BodyState {
             complete,
             replayable,
         };
@@ -452,7 +452,7 @@ impl<A, E> Policy<A, E> {
             if let Some((r, _)) = self.picker.next(env) {
                 if env.take_extra() {
                     out.push(Action::Count(Count::HedgeFired));
-                    self.waiting.push(Send {
+                    self.waiting.push(Launch {
                         why: Why::Hedge,
                         region: r,
                         admit: Admit::IfFree,
@@ -476,7 +476,7 @@ impl<A, E> Policy<A, E> {
         let mut out = Vec::new();
         self.finish(
             Action::Fail {
-                failure: Failure::Deadline,
+                failure: Unanswered::Deadline,
                 attempts: self.sent,
             },
             &mut out,
@@ -514,7 +514,7 @@ impl<A, E> Policy<A, E> {
         let Some((r, nth)) = pick else { return };
         if env.take_extra() {
             out.push(Action::Count(Count::Retry(reason)));
-            self.waiting.push(Send {
+            self.waiting.push(Launch {
                 why: Why::Retry,
                 region: r,
                 admit: Admit::Wait,
@@ -542,11 +542,11 @@ impl<A, E> Policy<A, E> {
             let end = match (self.fallback.take(), self.last.take()) {
                 (Some(answer), _) => Action::Deliver { answer, attempts },
                 (None, Some(e)) => Action::Fail {
-                    failure: Failure::Last(e),
+                    failure: Unanswered::Last(e),
                     attempts,
                 },
                 (None, None) => Action::Fail {
-                    failure: Failure::NoAttempt,
+                    failure: Unanswered::NoAttempt,
                     attempts,
                 },
             };
@@ -554,7 +554,7 @@ impl<A, E> Policy<A, E> {
         }
     }
 
-    fn launch(&mut self, send: Send, out: &mut Vec<Action<A, E>>) {
+    fn launch(&mut self, send: Launch, out: &mut Vec<Action<A, E>>) {
         self.sent += 1;
         self.running += 1;
         out.push(Action::Send(send));
@@ -630,7 +630,7 @@ mod tests {
     }
 
     fn send(why: Why, region: usize, admit: Admit) -> Action<&'static str, &'static str> {
-        Action::Send(Send {
+        Action::Send(Launch {
             why,
             region,
             admit,
@@ -722,7 +722,7 @@ mod tests {
                 assert_eq!(
                     acts,
                     vec![Action::Fail {
-                        failure: Failure::Last("lost"),
+                        failure: Unanswered::Last("lost"),
                         attempts: 1
                     }],
                     "{kind:?} with {tokens:?}"
@@ -794,7 +794,7 @@ mod tests {
         assert_eq!(
             acts,
             vec![Action::Fail {
-                failure: Failure::Last("timed out"),
+                failure: Unanswered::Last("timed out"),
                 attempts: 1
             }]
         );
@@ -1070,7 +1070,7 @@ mod tests {
         assert_eq!(
             p.deadline_passed(),
             vec![Action::Fail {
-                failure: Failure::Deadline,
+                failure: Unanswered::Deadline,
                 attempts: 1
             }]
         );

@@ -25,7 +25,8 @@ pub struct Plan {
     pub limits: HostLimits,
     pub control: Control,
     pub route: HostRoute,
-    /// The route's endpoints to try, best first.
+    /// The route's endpoints to try, best first (none: no configured region is in rotation,
+    /// refused before admission by [`Plan::endpoints_left`]).
     pub order: Vec<usize>,
     /// The destination host's admission state.
     pub cell: Host,
@@ -53,6 +54,22 @@ impl Plan {
         self.deadline.map_or(limit, |d| {
             d.saturating_duration_since(Instant::now()).min(limit)
         })
+    }
+
+    /// Refuse a request none of whose configured regions is in rotation (`Sluice-Region`
+    /// may have narrowed them), before it waits for admission.
+    pub fn endpoints_left(&self) -> Result<()> {
+        if !self.order.is_empty() {
+            return Ok(());
+        }
+        let which = match &self.control.regions {
+            Some(names) => format!("of {}", names.join(",")),
+            None => "at all".to_string(),
+        };
+        Err(error::error(
+            Code::NoHealthyRegion,
+            format!("{}: no healthy region {which}", self.origin.host_port()),
+        ))
     }
 
     /// How long the request may wait for its host's admission now: the host's
@@ -130,9 +147,9 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
             shared.regions.implicit(&key, &addrs)
         }
     };
-    let order = endpoints(shared, &route, &control, &origin)?;
     let cell = shared.admission.host(key, &origin.host, &generation);
     ctx.profile = Some(cell.profile());
+    let order = endpoints(shared, &route, &control);
     Ok(Plan {
         origin,
         upstream_path: dest.path,
@@ -149,13 +166,8 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
 
 /// The route's endpoints to try, best first: those in rotation (of the regions
 /// `Sluice-Region` names, when it names some). With every DNS answer ejected, all of them in
-/// DNS order, as a client with no proxy would; with no configured region left, a refusal.
-fn endpoints(
-    shared: &Shared,
-    route: &HostRoute,
-    control: &Control,
-    origin: &Origin,
-) -> Result<Vec<usize>> {
+/// DNS order, as a client with no proxy would; with no configured region left, none.
+fn endpoints(shared: &Shared, route: &HostRoute, control: &Control) -> Vec<usize> {
     let host = &route.host;
     let only = if host.implicit {
         None
@@ -166,17 +178,7 @@ fn endpoints(
     if order.is_empty() && host.implicit {
         order = (0..host.regions.len()).collect();
     }
-    if order.is_empty() {
-        let which = match &control.regions {
-            Some(names) => format!("of {}", names.join(",")),
-            None => "at all".to_string(),
-        };
-        return Err(error::error(
-            Code::NoHealthyRegion,
-            format!("{}: no healthy region {which}", origin.host_port()),
-        ));
-    }
-    Ok(order)
+    order
 }
 
 /// Authenticate the client (see `policy::auth::authenticate`): its name, and its own pace
