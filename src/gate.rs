@@ -140,10 +140,10 @@ pub async fn addresses(
 }
 
 /// Wait for `cell`'s slot and in-flight place, at most `wait`; counted either way. `who` names
-/// what was waited for in a refusal (`api.example.com:443`, `client ci`).
+/// what was waited for in a refusal (`api.example.com:443`, `client ci`), made only then.
 pub async fn admit(
     shared: &Shared,
-    who: &str,
+    who: impl FnOnce() -> String,
     cell: &Host,
     wait: Duration,
 ) -> Result<Permit, Refusal> {
@@ -173,7 +173,10 @@ pub async fn admit(
         retry_after: Some(secs),
         ..Refusal::new(
             r.code(),
-            format!("{who}: {why} within the allowed wait; retry after {secs}s"),
+            format!(
+                "{}: {why} within the allowed wait; retry after {secs}s",
+                who()
+            ),
         )
     })
 }

@@ -132,6 +132,25 @@ impl Shared {
     }
 }
 
+/// The jobs' seam to the process.
+impl crate::jobs::Process for Shared {
+    fn jobs(&self) -> &crate::jobs::Jobs {
+        &self.jobs
+    }
+    fn generation(&self) -> Arc<Generation> {
+        Shared::generation(self)
+    }
+    fn instance(&self) -> &str {
+        &self.instance
+    }
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    fn dns(&self) -> &crate::resolve::Dns {
+        &self.dns
+    }
+}
+
 /// A short id for this process: 8 hex digits from a randomly keyed hash of the pid and time.
 fn instance_id() -> String {
     use std::hash::{BuildHasher, Hasher};

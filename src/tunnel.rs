@@ -160,14 +160,14 @@ pub async fn serve(
             return Ok(Err((head, kind)));
         }
         let client_permit = match client_cell {
-            Some((cell, wait, who)) => Some(gate::admit(shared, &who, &cell, wait).await?),
+            Some((cell, wait, who)) => Some(gate::admit(shared, || who, &cell, wait).await?),
             None => None,
         };
         let key = crate::target::host_port(&head.host, head.port);
         let cell = shared.admission.host(key.clone(), &head.host, &generation);
         host_label = generation.host_label(cell.profile()).to_string();
         let max_wait = generation.limits(cell.profile()).max_queue_wait.get();
-        let permit = gate::admit(shared, &key, &cell, max_wait).await?;
+        let permit = gate::admit(shared, || key.clone(), &cell, max_wait).await?;
         let upstream = connect(&addrs, server.connect_timeout.get())
             .await
             .map_err(|(c, m)| Refusal::new(c, m))?;

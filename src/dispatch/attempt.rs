@@ -177,7 +177,7 @@ async fn admit_attempt(
     cell: &Host,
     wait: Duration,
 ) -> std::result::Result<Permit, Box<pingora_error::Error>> {
-    crate::gate::admit(job.shared, &job.origin.host_port(), cell, wait)
+    crate::gate::admit(job.shared, || job.origin.host_port(), cell, wait)
         .await
         .inspect(|p| job.waited(p.queued))
         .map_err(crate::gate::Refusal::into_error)

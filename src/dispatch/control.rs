@@ -3,7 +3,12 @@
 
 use crate::config::{HedgeAfter, HostLimits, Mode, RetryOn};
 use pingora_http::RequestHeader;
+use std::time::Duration;
 
+/// Header a client uses to bound the whole request, queueing included.
+pub const SLUICE_TIMEOUT: &str = "sluice-timeout";
+/// Longest `Sluice-Timeout` a client may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const SLUICE_MODE: &str = "sluice-mode";
 pub const SLUICE_REGIONS: &str = "sluice-regions";
 pub const SLUICE_HEDGE_AFTER: &str = "sluice-hedge-after";
@@ -75,6 +80,24 @@ impl Control {
             retry_on,
             max_attempts: limits.max_attempts,
         })
+    }
+}
+
+/// Parse `Sluice-Timeout` ("5s", "150ms").
+pub fn parse_timeout(value: &http::HeaderValue) -> Result<Duration, String> {
+    let text = value
+        .to_str()
+        .map_err(|_| "Sluice-Timeout is not ASCII".to_string())?;
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if d > MAX_TIMEOUT => Err(format!(
+            "Sluice-Timeout {text:?} is over the longest allowed, {}",
+            humantime::format_duration(MAX_TIMEOUT)
+        )),
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("Sluice-Timeout must be greater than zero".into()),
+        Err(e) => Err(format!(
+            "Sluice-Timeout {text:?}: {e} (write e.g. \"5s\" or \"250ms\")"
+        )),
     }
 }
 

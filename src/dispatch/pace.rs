@@ -10,10 +10,6 @@ use crate::state::Shared;
 use pingora_http::ResponseHeader;
 use std::time::{Duration, SystemTime};
 
-/// Header a client uses to bound the whole request, queueing included.
-pub const SLUICE_TIMEOUT: &str = "sluice-timeout";
-/// Longest `Sluice-Timeout` a client may ask for.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// A region paused by its own signal that names no time is held out this long.
 const REGION_PAUSE_DEFAULT: Duration = Duration::from_secs(1);
 /// Longest a region is held out by its own signal.
@@ -37,8 +33,8 @@ pub async fn admit(
     let client = match &plan.client {
         Some(c) => {
             let wait = plan.within_deadline(c.wait);
-            let who = format!("client {}", c.name);
-            let p = gate::admit(shared, &who, &c.cell, wait)
+            let who = || format!("client {}", c.name);
+            let p = gate::admit(shared, who, &c.cell, wait)
                 .await
                 .map_err(Refusal::into_error)?;
             *queued += p.queued;
@@ -48,7 +44,7 @@ pub async fn admit(
     };
     let permit = gate::admit(
         shared,
-        &plan.origin.host_port(),
+        || plan.origin.host_port(),
         &plan.cell,
         plan.max_wait(),
     )
@@ -137,22 +133,4 @@ pub fn set_retry_after(
 pub fn pause_signal(resp: &ResponseHeader) -> bool {
     let status = resp.status.as_u16();
     status == 429 || (status == 503 && resp.headers.contains_key(http::header::RETRY_AFTER))
-}
-
-/// Parse `Sluice-Timeout` ("5s", "150ms").
-pub fn parse_timeout(value: &http::HeaderValue) -> Result<Duration, String> {
-    let text = value
-        .to_str()
-        .map_err(|_| "Sluice-Timeout is not ASCII".to_string())?;
-    match humantime::parse_duration(text.trim()) {
-        Ok(d) if d > MAX_TIMEOUT => Err(format!(
-            "Sluice-Timeout {text:?} is over the longest allowed, {}",
-            humantime::format_duration(MAX_TIMEOUT)
-        )),
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err("Sluice-Timeout must be greater than zero".into()),
-        Err(e) => Err(format!(
-            "Sluice-Timeout {text:?}: {e} (write e.g. \"5s\" or \"250ms\")"
-        )),
-    }
 }

@@ -4,7 +4,7 @@
 //! answered before any wait or upstream byte. The plan is the whole request as the next
 //! stages see it: admission (`pace::admit`) and the attempts (`exec::run`) only read it.
 
-use super::{pace, Control, Ctx};
+use super::{control, Control, Ctx};
 use crate::admission::Host;
 use crate::config::HostLimits;
 use crate::error::{self, Code};
@@ -103,8 +103,8 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         false => None,
     };
     let mut deadline = None;
-    if let Some(v) = req.headers.get(pace::SLUICE_TIMEOUT) {
-        let t = pace::parse_timeout(v).map_err(|m| error::error(Code::BadRequest, m))?;
+    if let Some(v) = req.headers.get(control::SLUICE_TIMEOUT) {
+        let t = control::parse_timeout(v).map_err(|m| error::error(Code::BadRequest, m))?;
         deadline = ctx.started.checked_add(t);
     }
     let deadline_from_client = deadline.is_some();

@@ -4,11 +4,11 @@
 //! get sluice's `429`). Errors are returned for the proxy's error page (`Sluice-Error`).
 
 use super::model::{Call, Delivery, Job, Receipt, State};
+use super::Process;
 use super::{now_ms, spec, Jobs, JobsError};
 use crate::error::{self, Code};
 use crate::generation::Generation;
 use crate::policy::auth::{self, SLUICE_KEY};
-use crate::state::Shared;
 use crate::target::Origin;
 use bytes::Bytes;
 use pingora_error::Result;
@@ -44,7 +44,11 @@ fn status_url(id: &str) -> String {
 }
 
 /// Serve an API request.
-pub async fn serve(shared: &Shared, session: &mut Session, generation: &Generation) -> Result<()> {
+pub async fn serve(
+    shared: &dyn Process,
+    session: &mut Session,
+    generation: &Generation,
+) -> Result<()> {
     if !generation.config.jobs.enabled {
         return Err(error::error(
             Code::NotFound,
@@ -55,7 +59,7 @@ pub async fn serve(shared: &Shared, session: &mut Session, generation: &Generati
     let req = session.req_header();
     let path = req.uri.path()[PREFIX.len()..].to_string();
     let method = req.method.as_str().to_string();
-    let jobs = &shared.jobs;
+    let jobs = &shared.jobs();
     match (
         method.as_str(),
         path.split('/').collect::<Vec<_>>().as_slice(),
@@ -154,7 +158,7 @@ async fn read_body(session: &mut Session, generation: &Generation) -> Result<Vec
 
 /// Check the webhooks' destinations against the egress policy, store the job, answer `202`.
 async fn accept(
-    shared: &Shared,
+    shared: &dyn Process,
     session: &mut Session,
     generation: &Generation,
     job: Job,
@@ -164,7 +168,7 @@ async fn accept(
             .await
             .map_err(|m| error::error(Code::BadRequest, format!("webhooks[{i}].url: {m}")))?;
     }
-    let (job, new) = shared.jobs.submit(job).await.map_err(jobs_error)?;
+    let (job, new) = shared.jobs().submit(job).await.map_err(jobs_error)?;
     let body = serde_json::json!({
         "id": job.id,
         "status_url": status_url(&job.id),
@@ -177,7 +181,7 @@ async fn accept(
 /// May sluice send to this URL? The same policy as every request: names denied or not
 /// allowed, and addresses in denied ranges (resolved now; checked again when sent).
 async fn allowed(
-    shared: &Shared,
+    shared: &dyn Process,
     generation: &Generation,
     url: &str,
 ) -> std::result::Result<(), String> {
@@ -186,10 +190,10 @@ async fn allowed(
     egress.check_host(&origin.host).map_err(|(_, m)| m)?;
     let timeout = generation.config.server.dns_timeout.get();
     let addrs = shared
-        .dns
+        .dns()
         .resolve(
             generation,
-            &shared.metrics,
+            shared.metrics(),
             &origin.host,
             origin.port,
             timeout,
@@ -229,7 +233,7 @@ pub fn prefers_async(req: &RequestHeader) -> bool {
 /// A proxied request taken as a job: its destination already passed the policy and its
 /// client is authenticated; its body is read here (at most `jobs.max_submission_bytes`).
 pub async fn accept_proxied(
-    shared: &Shared,
+    shared: &dyn Process,
     session: &mut Session,
     generation: &Generation,
     client: Option<String>,

@@ -5,8 +5,8 @@
 //! may have reached the upstream is `outcome_unknown` unless the call is replayable.
 
 use super::model::{Delivery, Job, Receipt, State, StoredAnswer};
+use super::Process;
 use super::{now_ms, sign, spec, JobsError, Task, JOB_CLIENT, JOB_TOKEN};
-use crate::state::Shared;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ enum Sent {
 }
 
 impl Caller {
-    pub fn new(shared: &Shared, workers: usize) -> Result<Caller, String> {
+    pub fn new(shared: &dyn Process, workers: usize) -> Result<Caller, String> {
         let listen = &shared.generation().config.server.listen;
         let addr: SocketAddr = listen
             .parse()
@@ -60,7 +60,7 @@ impl Caller {
         })
     }
 
-    pub async fn run(&self, shared: &Shared, task: Task) {
+    pub async fn run(&self, shared: &dyn Process, task: Task) {
         let result = match &task {
             Task::Call(id) => self.call(shared, id).await,
             Task::Deliver(id, n) => self.deliver(shared, id, *n).await,
@@ -69,7 +69,7 @@ impl Caller {
             // The store failed: try the task again shortly rather than lose it.
             tracing::warn!(target: "sluice::jobs", error = ?e, ?task, "job task failed; again in 1 s");
             shared
-                .jobs
+                .jobs()
                 .schedule(now_ms().saturating_add(1000), task)
                 .await;
         }
@@ -80,7 +80,7 @@ impl Caller {
     #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
-        shared: &Shared,
+        shared: &dyn Process,
         client: Option<&str>,
         method: &str,
         url: &str,
@@ -105,7 +105,7 @@ impl Caller {
                 "sluice-timeout",
                 format!("{}ms", spec::millis(timeout).max(1)),
             )
-            .header(JOB_TOKEN, shared.jobs.token.as_str())
+            .header(JOB_TOKEN, shared.jobs().token.as_str())
             // The pipeline's own timeout answers first; this only stops a stuck connection.
             .timeout(timeout.saturating_add(Duration::from_secs(5)))
             .body(body);
@@ -170,8 +170,8 @@ impl Caller {
         }
     }
 
-    async fn call(&self, shared: &Shared, id: &str) -> Result<(), JobsError> {
-        let jobs = &shared.jobs;
+    async fn call(&self, shared: &dyn Process, id: &str) -> Result<(), JobsError> {
+        let jobs = &shared.jobs();
         let config = shared.generation().config.clone();
         let retention = config.jobs.retention.get();
         let now = now_ms();
@@ -305,8 +305,8 @@ impl Caller {
         }
     }
 
-    async fn deliver(&self, shared: &Shared, id: &str, n: usize) -> Result<(), JobsError> {
-        let jobs = &shared.jobs;
+    async fn deliver(&self, shared: &dyn Process, id: &str, n: usize) -> Result<(), JobsError> {
+        let jobs = &shared.jobs();
         let generation = shared.generation();
         let config = &generation.config;
         let hooks = &config.webhooks;

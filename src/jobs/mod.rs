@@ -6,7 +6,8 @@
 //! no second way to an upstream. The durable state is the embedded store (`store.rs`); the
 //! schedule of what is due when is in memory, rebuilt from the store at start.
 //!
-//! Nothing here imports `dispatch/` or `proxy/`; the API (`api.rs`) is called by `proxy/`.
+//! Nothing here imports `dispatch/`, `proxy/` or the process state: what the jobs need of the
+//! process is the [`Process`] seam; the API (`api.rs`) is called by `proxy/`.
 
 pub mod api;
 mod backend;
@@ -41,6 +42,20 @@ pub(crate) const STORE_CACHE_BYTES: usize = 16 * 1024 * 1024;
 pub const JOB_TOKEN: &str = "sluice-job-token";
 /// With it, the client whose job it is (its limits apply).
 pub const JOB_CLIENT: &str = "sluice-job-client";
+
+/// What the jobs need of the process they run in; the process state implements it, so that
+/// jobs never import it.
+pub trait Process: Send + Sync {
+    fn jobs(&self) -> &Jobs;
+    /// The configuration generation in force.
+    fn generation(&self) -> Arc<crate::generation::Generation>;
+    /// This process's id (its `Via` pseudonym, its name in the fleet's job streams).
+    fn instance(&self) -> &str;
+    fn metrics(&self) -> &crate::metrics::Metrics;
+    /// The resolver (a webhook's host is checked against the egress policy when a job is
+    /// taken).
+    fn dns(&self) -> &crate::resolve::Dns;
+}
 
 /// Something due at a time.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]

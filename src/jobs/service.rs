@@ -7,20 +7,20 @@ use super::backend::Backend;
 use super::call::Caller;
 use super::fleet::RedisJobStore;
 use super::store::JobStore;
+use super::Process;
 use super::{now_ms, Task};
 use crate::config::{FleetBackend, RedisUrl};
-use crate::state::Shared;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 pub struct Service {
-    shared: Arc<Shared>,
+    shared: Arc<dyn Process>,
 }
 
 impl Service {
-    pub fn new(shared: Arc<Shared>) -> Service {
+    pub fn new(shared: Arc<dyn Process>) -> Service {
         Service { shared }
     }
 }
@@ -35,9 +35,9 @@ pub fn fleet_url(config: &crate::config::Config) -> Option<String> {
 }
 
 /// Open the backend, trying again every 250 ms until it opens or shutdown.
-async fn open(shared: &Shared, shutdown: &mut pingora_core::server::ShutdownWatch) -> bool {
+async fn open(shared: &dyn Process, shutdown: &mut pingora_core::server::ShutdownWatch) -> bool {
     let config = shared.generation().config.clone();
-    let jobs = &shared.jobs;
+    let jobs = &shared.jobs();
     let dir = std::path::PathBuf::from(&config.server.state_dir);
     let mut logged = false;
     while !jobs.is_open() {
@@ -45,7 +45,7 @@ async fn open(shared: &Shared, shutdown: &mut pingora_core::server::ShutdownWatc
             Some(url) => RedisJobStore::connect(
                 &url,
                 &config.shared.key_prefix,
-                &shared.instance,
+                shared.instance(),
                 config.jobs.claim_after.get(),
             )
             .await
@@ -86,10 +86,10 @@ impl pingora_core::services::background::BackgroundService for Service {
     async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
         let shared = &self.shared;
         let config = shared.generation().config.clone();
-        if !config.jobs.enabled || !open(shared, &mut shutdown).await {
+        if !config.jobs.enabled || !open(&**shared, &mut shutdown).await {
             return;
         }
-        let jobs = &shared.jobs;
+        let jobs = &shared.jobs();
         let retention = config.jobs.retention.get();
         let fleet = match jobs.backend.get() {
             Some(Backend::Fleet(f)) => {
@@ -102,7 +102,7 @@ impl pingora_core::services::background::BackgroundService for Service {
         if let Err(e) = jobs.recover(retention).await {
             tracing::error!(target: "sluice::jobs", error = ?e, "could not take up stored jobs");
         }
-        let client = match Caller::new(shared, config.jobs.workers) {
+        let client = match Caller::new(&**shared, config.jobs.workers) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!(target: "sluice::jobs", error = %e, "jobs cannot run");
@@ -113,15 +113,15 @@ impl pingora_core::services::background::BackgroundService for Service {
         for _ in 0..config.jobs.workers {
             let (shared, client) = (shared.clone(), client.clone());
             workers.spawn(async move {
-                while let Some((task, entry)) = shared.jobs.next_task().await {
-                    client.run(&shared, task).await;
-                    shared.jobs.done(entry).await;
+                while let Some((task, entry)) = shared.jobs().next_task().await {
+                    client.run(&*shared, task).await;
+                    shared.jobs().done(entry).await;
                 }
             });
         }
         if let Some((fleet, tx)) = fleet {
             let shared = shared.clone();
-            workers.spawn(async move { feed(&shared, &fleet, tx).await });
+            workers.spawn(async move { feed(&*shared, &fleet, tx).await });
         }
         let mut purge = tokio::time::interval(
             Duration::from_secs(1).max(retention.min(Duration::from_secs(60))),
@@ -153,8 +153,8 @@ impl pingora_core::services::background::BackgroundService for Service {
 
 /// In a fleet: move due tasks into the stream, read this node's share (no more than it has
 /// free workers), claim tasks of dead nodes, keep this node's own, until stopping.
-async fn feed(shared: &Shared, fleet: &RedisJobStore, tx: mpsc::Sender<(String, Task)>) {
-    let jobs = &shared.jobs;
+async fn feed(shared: &dyn Process, fleet: &RedisJobStore, tx: mpsc::Sender<(String, Task)>) {
+    let jobs = &shared.jobs();
     let mut reader = None;
     let mut last_claim = Instant::now();
     let mut last_keep = Instant::now();

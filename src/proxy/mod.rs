@@ -39,7 +39,7 @@ impl ProxyHttp for SluiceProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         if crate::jobs::api::claims(session.req_header()) {
             ctx.way = crate::target::WayIn::Jobs;
-            crate::jobs::api::serve(&self.shared, session, &ctx.generation.clone()).await?;
+            crate::jobs::api::serve(&*self.shared, session, &ctx.generation.clone()).await?;
             return Ok(true);
         }
         dispatch::serve(&self.shared, session, ctx).await?;
