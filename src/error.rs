@@ -304,11 +304,6 @@ pub fn json_body(code: Code, message: &str) -> Vec<u8> {
     body
 }
 
-/// A whole HTTP/1.1 error response, for paths that write raw bytes (CONNECT).
-pub fn raw_response(code: Code, message: &str) -> Vec<u8> {
-    raw_response_with(code, message, None)
-}
-
 /// A whole HTTP/1.1 error response with an optional `Retry-After` (seconds).
 pub fn raw_response_with(code: Code, message: &str, retry_after: Option<u64>) -> Vec<u8> {
     let status = code.status();
@@ -377,7 +372,8 @@ mod tests {
                 serde_json::from_slice(&json_body(code, "why")).expect("json");
             assert_eq!(body["error"], code.as_str());
         }
-        let raw = String::from_utf8(raw_response(Code::ConnectRefused, "no")).expect("utf8");
+        let raw =
+            String::from_utf8(raw_response_with(Code::ConnectRefused, "no", None)).expect("utf8");
         assert!(raw.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
         assert!(raw.contains("Sluice-Error: connect_refused\r\n"));
     }

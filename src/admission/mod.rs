@@ -79,11 +79,6 @@ impl Admission {
         }
     }
 
-    /// Whether this node shares its hosts with a fleet.
-    pub fn in_fleet(&self) -> bool {
-        self.fleet.is_some()
-    }
-
     pub fn now(&self) -> u64 {
         self.clock.now()
     }

@@ -8,7 +8,7 @@ mod head;
 
 pub use head::{inspect, HeadAction};
 
-use crate::error::{self, Code};
+use crate::error::Code;
 use crate::framing::OneAtATime;
 use crate::generation::OTHER_HOST;
 use crate::proxy::SluiceProxy;
@@ -412,7 +412,7 @@ async fn refuse(mut stream: Stream, shared: &Shared, way: WayIn, code: Code, mes
         ..Default::default()
     }
     .finish(shared, &shared.generation(), OTHER_HOST);
-    let raw = error::raw_response(code, message);
+    let raw = crate::gate::Refusal::new(code, message).raw();
     let written = async {
         stream.write_all(&raw).await?;
         stream.flush().await
