@@ -7,7 +7,7 @@
 use super::attempt::{self, Answer, Failed, Outcome};
 use super::body::{Source, Upload};
 use super::pace::Admitted;
-use super::policy::{Action, Count, Ended, Env, Launch, Policy, Rules, Unanswered, Why};
+use super::policy::{self, Action, Count, Ended, Env, Launch, Policy, Rules, Unanswered, Why};
 use super::prepare::Plan;
 use super::record::Recorder;
 use super::timing::hedge_from_percentiles;
@@ -40,10 +40,7 @@ pub async fn run(
     } = plan;
     let host = &route.host;
     let req = session.req_header();
-    // May this request be sent more than once?
-    let duplicable = req.method.is_idempotent()
-        || req.headers.contains_key("idempotency-key")
-        || limits.duplicate_unsafe;
+    let duplicable = policy::duplicable(req, limits.duplicate_unsafe);
     let expect_continue = req
         .headers
         .get(http::header::EXPECT)

@@ -12,21 +12,26 @@
 //! - **Is this request paced, and how long may it wait?** `pace::admit` (the client's pace,
 //!   then the host's, through `gate::admit`); the wait itself is
 //!   `admission::Admission::acquire` (`admission/wait.rs`), the limits
-//!   `Generation::profile_for` and `Plan::max_wait`. The last look before sending (the send
-//!   guard, a pause learned since) is `Admission::before_send`.
+//!   `Generation::profile_for` and `Plan::max_wait`. A retry waits for its own slot, a
+//!   duplicate only takes a free one (`attempt::Admit`); the last look before sending (the
+//!   send guard, a pause learned since) is `Admission::before_send`.
 //! - **Routed where?** `prepare::prepare`: configured regions (`regions::Regions::get`) or
 //!   the DNS answers the egress policy allows (`gate::addresses`, then
 //!   `regions::Regions::implicit`); their order in `prepare::endpoints`; which endpoint each
 //!   attempt takes in `policy::Picker::next`.
 //! - **Hedged or raced?** `policy::Policy::start` (the race's fan-out, the hedge timer) and
-//!   `Policy::hedge_timer`; whether a request may be duplicated at all, `policy::Rules::new`.
+//!   `Policy::hedge_timer`; whether a request may be duplicated at all, `policy::duplicable`
+//!   and `policy::Rules::new`. A hedge stops with the request's end (`Policy::finish`), at
+//!   `max_attempts`, with no endpoint left, a body too large to replay, or an empty budget.
 //! - **Retried?** `policy::Policy::ended`, then `Policy::retry` (every condition in one
 //!   place); what counts as connect, timeout or reset, `policy::FailKind::of`.
 //! - **Why 429 or 503?** sluice's own refusals are `gate::Refusal`s: `gate::admit` (429
 //!   `rate_limited`, 503 `shared_state_unavailable`), `gate::authenticate`,
 //!   `gate::check_host`, `gate::addresses`; no region in rotation is `prepare::endpoints`
 //!   (503 `no_healthy_region`). They are answered in `proxy::fail_to_proxy` (a CONNECT's in
-//!   `tunnel::serve`, `Refusal::raw`). An upstream's own 429 or 503 goes back through
+//!   `tunnel::serve`, `Refusal::raw`). Before any of this, the listener itself refuses with
+//!   503 `too_many_connections` (`front::Front`), and the jobs API with 503
+//!   `jobs_unavailable` (`jobs::api`). Every code's status is `error::Code::status`. An upstream's own 429 or 503 goes back through
 //!   `respond::stream`, with the pause it started as `Retry-After`; what it taught is
 //!   `pace::learn` and `admission::Admission::learn`.
 

@@ -60,6 +60,13 @@ impl Rules {
     }
 }
 
+/// May this request be sent more than once? An idempotent method, or an `Idempotency-Key`
+/// (the upstream recognises a repeat), or a host that allows duplicating unsafe requests
+/// (`duplicate_unsafe`).
+pub fn duplicable(req: &pingora_http::RequestHeader, duplicate_unsafe: bool) -> bool {
+    req.method.is_idempotent() || req.headers.contains_key("idempotency-key") || duplicate_unsafe
+}
+
 /// What the policy asks of the world it runs in.
 pub trait Env {
     /// Is endpoint `r` in rotation now (not ejected, not held out)?
@@ -768,6 +775,22 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_request_may_be_sent_twice_when_idempotent_keyed_or_allowed() {
+        let req = |method: &str, key: bool| {
+            let mut r = pingora_http::RequestHeader::build(method, b"/", None).expect("req");
+            if key {
+                r.insert_header("Idempotency-Key", "k1").expect("header");
+            }
+            r
+        };
+        assert!(duplicable(&req("GET", false), false));
+        assert!(duplicable(&req("PUT", false), false));
+        assert!(!duplicable(&req("POST", false), false));
+        assert!(duplicable(&req("POST", true), false));
+        assert!(duplicable(&req("POST", false), true), "duplicate_unsafe");
     }
 
     #[tokio::test(start_paused = true)]

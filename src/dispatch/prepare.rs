@@ -56,7 +56,7 @@ impl Plan {
         })
     }
 
-    /// Refuse a request none of whose configured regions is in rotation (`Sluice-Region`
+    /// Refuse a request none of whose configured regions is in rotation (`Sluice-Regions`
     /// may have narrowed them), before it waits for admission.
     pub fn endpoints_left(&self) -> Result<()> {
         if !self.order.is_empty() {
@@ -165,7 +165,7 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
 }
 
 /// The route's endpoints to try, best first: those in rotation (of the regions
-/// `Sluice-Region` names, when it names some). With every DNS answer ejected, all of them in
+/// `Sluice-Regions` names, when it names some). With every DNS answer ejected, all of them in
 /// DNS order, as a client with no proxy would; with no configured region left, none.
 fn endpoints(shared: &Shared, route: &HostRoute, control: &Control) -> Vec<usize> {
     let host = &route.host;
