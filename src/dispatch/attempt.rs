@@ -32,7 +32,7 @@ impl Admit {
     fn wait(self, job: &Outbound<'_>) -> Duration {
         match self {
             Admit::IfFree => Duration::ZERO,
-            _ => job.max_wait(),
+            _ => job.plan.max_wait(),
         }
     }
 }
@@ -83,12 +83,12 @@ pub async fn run(
         (Admit::Held, p) => p,
         (_, Some(p)) => Some(p),
         (how, None) => Some(
-            admit_attempt(job, job.cell, how.wait(job))
+            admit_attempt(job, &job.plan.cell, how.wait(job))
                 .await
                 .map_err(|e| fail(e, true))?,
         ),
     };
-    let r = &job.host.regions[region];
+    let r = &job.plan.route.host.regions[region];
     let in_flight = r.state.enter();
     let mut pending = Pending {
         state: &r.state,
@@ -108,7 +108,7 @@ pub async fn run(
         let Some(p) = permit.as_ref() else {
             break (session, pooled);
         };
-        let cell = job.cell;
+        let cell = &job.plan.cell;
         let look = Instant::now();
         let send = job
             .shared
@@ -177,7 +177,7 @@ async fn admit_attempt(
     cell: &Host,
     wait: Duration,
 ) -> std::result::Result<Permit, Box<pingora_error::Error>> {
-    crate::gate::admit(job.shared, || job.origin.host_port(), cell, wait)
+    crate::gate::admit(job.shared, || job.plan.origin.host_port(), cell, wait)
         .await
         .inspect(|p| job.waited(p.queued))
         .map_err(crate::gate::Refusal::into_error)
@@ -301,8 +301,11 @@ pub async fn peer_for(job: &Outbound<'_>, r: &Region) -> Result<HttpPeer> {
                     format!("region {} has no address", r.name),
                 ));
             };
-            let tls = r.tls.unwrap_or(job.origin.scheme.is_tls());
-            let sni = r.sni.clone().unwrap_or_else(|| job.origin.host.clone());
+            let tls = r.tls.unwrap_or(job.plan.origin.scheme.is_tls());
+            let sni = r
+                .sni
+                .clone()
+                .unwrap_or_else(|| job.plan.origin.host.clone());
             HttpPeer::new(*addr, tls, sni)
         }
     };
@@ -316,8 +319,8 @@ fn request_head(job: &Outbound<'_>, r: &Region, mut head: RequestHeader) -> Resu
     if r.via.is_some() {
         let target = format!(
             "{}://{}",
-            job.origin.scheme.as_str(),
-            job.origin.host_port()
+            job.plan.origin.scheme.as_str(),
+            job.plan.origin.host_port()
         );
         head.insert_header("Sluice-Target", target)?;
         head.insert_header(

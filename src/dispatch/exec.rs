@@ -32,7 +32,6 @@ pub async fn run(
     admitted: Admitted,
 ) -> Result<()> {
     let Plan {
-        origin,
         limits,
         control,
         route,
@@ -86,10 +85,6 @@ pub async fn run(
             shared,
             ctx,
             plan,
-            host,
-            origin,
-            cell: &plan.cell,
-            limits,
             waited: &waited,
         };
         let label = ctx.host_label();
@@ -159,7 +154,7 @@ impl Exec<'_, '_> {
     ) -> std::result::Result<(Answer, u32), GaveUp> {
         let job = self.job;
         let shared = job.shared;
-        let host = job.host;
+        let host = &job.plan.route.host;
         if let Ok(mut b) = host.budget.lock() {
             b.request(shared.regions.now());
         }
@@ -180,7 +175,9 @@ impl Exec<'_, '_> {
         );
         let mut running = FuturesUnordered::new();
         let mut first = Some((first_body, first_permit));
-        let mut actions = policy.start(&mut env);
+        // One buffer for every event's actions, drained and reused.
+        let mut actions = Vec::new();
+        policy.start(&mut env, &mut actions);
         loop {
             for action in actions.drain(..) {
                 match action {
@@ -215,7 +212,7 @@ impl Exec<'_, '_> {
                                 format!(
                                     "{}: no response head within the request's deadline \
                                      (Sluice-Timeout, else the host's request_timeout)",
-                                    job.origin.host_port()
+                                    job.plan.origin.host_port()
                                 ),
                             ),
                             Unanswered::NoAttempt => {
@@ -245,20 +242,20 @@ impl Exec<'_, '_> {
                 done = running.next(), if !running.is_empty() => {
                     let Some((send, outcome)) = done else { continue };
                     let ended = self.judge(outcome);
-                    actions = policy.ended(send.why, send.region, ended, &mut env);
+                    policy.ended(send.why, send.region, ended, &mut env, &mut actions);
                 }
                 (permit, chunk) = upload.next(session), if !upload.done => {
                     let taken = chunk.and_then(|c| upload.take(permit, c));
                     if let Err(e) = taken {
                         return Err((e, policy.attempts()));
                     }
-                    actions = policy.body(upload.done, upload.replayable());
+                    policy.body(upload.done, upload.replayable(), &mut actions);
                 }
                 _ = hedge_sleep, if hedge_at.is_some() => {
-                    actions = policy.hedge_timer(&mut env);
+                    policy.hedge_timer(&mut env, &mut actions);
                 }
                 _ = deadline_sleep, if deadline.is_some() => {
-                    actions = policy.deadline_passed();
+                    policy.deadline_passed(&mut actions);
                 }
             }
         }
@@ -270,7 +267,7 @@ impl Exec<'_, '_> {
         let label = self.label;
         match count {
             Count::Retry(reason) => {
-                self.job.shared.regions.keep(self.job.host);
+                self.job.shared.regions.keep(&self.job.plan.route.host);
                 m.retries.with_label_values(&[label, reason]).inc();
             }
             Count::HedgeFired => m.hedges.with_label_values(&[label, "fired"]).inc(),
@@ -309,8 +306,8 @@ impl Exec<'_, '_> {
                         error,
                     } => {
                         self.record.failed(region, code);
-                        let r = &job.host.regions[region];
-                        let error = if job.host.implicit {
+                        let r = &job.plan.route.host.regions[region];
+                        let error = if job.plan.route.host.implicit {
                             error.more_context(format!("address {}", r.addrs[0]))
                         } else {
                             error.more_context(format!("region {}", r.name))
@@ -337,26 +334,26 @@ struct Live<'a, 'e, 'j> {
 impl Env for Live<'_, '_, '_> {
     fn available(&self, r: usize) -> bool {
         let job = self.exec.job;
-        job.host.regions[r]
+        job.plan.route.host.regions[r]
             .state
             .available(job.shared.regions.now())
     }
 
     fn take_extra(&mut self) -> bool {
         let job = self.exec.job;
-        self.extras.take(job.shared, &job.limits.retry_budget)
+        self.extras.take(job.shared, &job.plan.limits.retry_budget)
     }
 
     fn paused_past_wait(&self) -> bool {
         let job = self.exec.job;
-        pace::pause_left(job.shared, job.cell) > job.max_wait()
+        pace::pause_left(job.shared, &job.plan.cell) > job.plan.max_wait()
     }
 
     fn hedge_delay(&self, r: usize) -> Duration {
         match self.exec.hedge_after {
             HedgeAfter::Fixed(d) => d,
             HedgeAfter::Percentile(p) => {
-                hedge_from_percentiles(&self.exec.job.host.regions[r].state, p)
+                hedge_from_percentiles(&self.exec.job.plan.route.host.regions[r].state, p)
             }
         }
     }

@@ -53,17 +53,12 @@ pub use ctx::Ctx;
 pub use prepare::Plan;
 pub use respond::peer_options;
 
-use crate::admission::Host;
-use crate::config::HostLimits;
 use crate::generation::Generation;
 use crate::jobs::api as jobs;
-use crate::regions::HostRegions;
 use crate::state::Shared;
-use crate::target::Origin;
 use pingora_error::Result;
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Serve one request from its head to the end of its answer. An error before the answer's
@@ -117,10 +112,6 @@ pub struct Outbound<'a> {
     pub shared: &'a Shared,
     pub ctx: &'a Ctx,
     pub plan: &'a Plan,
-    pub host: &'a Arc<HostRegions>,
-    pub origin: &'a Origin,
-    pub cell: &'a Host,
-    pub limits: &'a HostLimits,
     /// Time the request's attempts waited after its first admission (a resend's wait for
     /// the pause, a retry's slot, the send guard), in nanoseconds; added to `Ctx::queued`.
     pub waited: &'a std::sync::atomic::AtomicU64,
@@ -138,13 +129,8 @@ impl Outbound<'_> {
             .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Longest wait for admission now: the host's queue wait within the deadline.
-    pub fn max_wait(&self) -> Duration {
-        self.plan.max_wait()
-    }
-
     /// The head an attempt sends: the client's, made ready for upstream. Each attempt gets
-    /// its own, built when it starts (the first one takes the request's without a copy).
+    /// its own, built from the client's when it starts.
     pub fn upstream_head(&self, req: &RequestHeader) -> Result<RequestHeader> {
         let mut head = req.clone();
         respond::upstream_head(&mut head, self.plan, &self.shared.via)?;
@@ -173,7 +159,7 @@ impl Outbound<'_> {
     /// How long a response body may be silent: the host's `body_idle_timeout`, within
     /// `server.read_timeout` when one is set. The deadline does not cut a body.
     pub fn body_idle_timeout(&self) -> Duration {
-        let idle = self.limits.body_idle_timeout.get();
+        let idle = self.plan.limits.body_idle_timeout.get();
         self.ctx
             .generation
             .config

@@ -5,7 +5,8 @@
 //! schedule and the deadline.
 //!
 //! Events go in (an attempt ended, the body progressed, the hedge timer or the deadline fired)
-//! and [`Action`]s come out (send an attempt, count something, deliver, fail). `exec.rs`
+//! and [`Action`]s come out (send an attempt, count something, deliver, fail), pushed onto a
+//! buffer the driver drains and reuses. `exec.rs`
 //! drives it with real attempts; the tests below drive it on paused time without a socket.
 
 use super::attempt::Admit;
@@ -316,8 +317,7 @@ impl<A, E> Policy<A, E> {
     }
 
     /// The first attempt (admitted already), the race's fan-out, the hedge timer.
-    pub fn start(&mut self, env: &mut impl Env) -> Vec<Action<A, E>> {
-        let mut out = Vec::new();
+    pub fn start(&mut self, env: &mut impl Env, out: &mut Vec<Action<A, E>>) {
         let first = self.picker.next(env).map_or(0, |(r, _)| r);
         self.launch(
             Launch {
@@ -326,7 +326,7 @@ impl<A, E> Policy<A, E> {
                 admit: Admit::Held,
                 delay: Duration::ZERO,
             },
-            &mut out,
+            out,
         );
         if self.rules.mode == Mode::Race {
             out.push(Action::Count(Count::Raced));
@@ -350,8 +350,7 @@ impl<A, E> Policy<A, E> {
             self.hedge_delay = env.hedge_delay(first);
             self.hedge_at = Instant::now().checked_add(self.hedge_delay);
         }
-        self.release(&mut out);
-        out
+        self.release(out);
     }
 
     /// When the hedge timer fires next (none: no hedge to come).
@@ -378,8 +377,8 @@ impl<A, E> Policy<A, E> {
         region: usize,
         ended: Ended<A, E>,
         env: &mut impl Env,
-    ) -> Vec<Action<A, E>> {
-        let mut out = Vec::new();
+        out: &mut Vec<Action<A, E>>,
+    ) {
         self.running = self.running.saturating_sub(1);
         match ended {
             Ended::Answered {
@@ -392,7 +391,7 @@ impl<A, E> Policy<A, E> {
                 // answer the same). A region's own quota: on to another one now.
                 let same = host_paused.then_some(region);
                 self.fallback = Some(answer);
-                self.retry(reason, same, env, &mut out);
+                self.retry(reason, same, env, out);
             }
             Ended::Answered { answer, .. } => {
                 if why == Why::Hedge {
@@ -403,9 +402,9 @@ impl<A, E> Policy<A, E> {
                         answer,
                         attempts: self.sent,
                     },
-                    &mut out,
+                    out,
                 );
-                return out;
+                return;
             }
             Ended::Failed {
                 kind,
@@ -418,7 +417,7 @@ impl<A, E> Policy<A, E> {
                     FailKind::Timeout | FailKind::Reset => self.rules.retry_on.timeout,
                 };
                 if retry {
-                    self.retry(kind.reason(), same_again.then_some(region), env, &mut out);
+                    self.retry(kind.reason(), same_again.then_some(region), env, out);
                 }
             }
             Ended::Refused { error } => {
@@ -428,13 +427,11 @@ impl<A, E> Policy<A, E> {
                 self.last = Some(error);
             }
         }
-        self.release(&mut out);
-        out
+        self.release(out);
     }
 
     /// The body read on: `complete` at its end; `replayable` while it fits the replay buffer.
-    pub fn body(&mut self, complete: bool, replayable: bool) -> Vec<Action<A, E>> {
-        let mut out = Vec::new();
+    pub fn body(&mut self, complete: bool, replayable: bool, out: &mut Vec<Action<A, E>>) {
         if complete && !self.body.complete && self.stretch {
             // The deadline's clock stood still while the body streamed in.
             self.deadline = self
@@ -445,14 +442,12 @@ impl<A, E> Policy<A, E> {
             complete,
             replayable,
         };
-        self.release(&mut out);
-        out
+        self.release(out);
     }
 
     /// The hedge timer fired: a duplicate to the next endpoint, if the rules and the budget
     /// allow, and the timer again for the one after.
-    pub fn hedge_timer(&mut self, env: &mut impl Env) -> Vec<Action<A, E>> {
-        let mut out = Vec::new();
+    pub fn hedge_timer(&mut self, env: &mut impl Env, out: &mut Vec<Action<A, E>>) {
         self.hedge_at = None;
         let planned = self.planned();
         if planned < self.rules.max_attempts && self.body.replayable {
@@ -474,21 +469,18 @@ impl<A, E> Policy<A, E> {
                 }
             }
         }
-        self.release(&mut out);
-        out
+        self.release(out);
     }
 
     /// The deadline passed with no answer delivered.
-    pub fn deadline_passed(&mut self) -> Vec<Action<A, E>> {
-        let mut out = Vec::new();
+    pub fn deadline_passed(&mut self, out: &mut Vec<Action<A, E>>) {
         self.finish(
             Action::Fail {
                 failure: Unanswered::Deadline,
                 attempts: self.sent,
             },
-            &mut out,
+            out,
         );
-        out
     }
 
     /// Attempts sent or waiting to be.
@@ -620,6 +612,42 @@ mod tests {
     type P = Policy<&'static str, &'static str>;
     type Acts = Vec<Action<&'static str, &'static str>>;
 
+    fn start(p: &mut P, w: &mut World) -> Acts {
+        let mut out = Vec::new();
+        p.start(w, &mut out);
+        out
+    }
+
+    fn ended(
+        p: &mut P,
+        why: Why,
+        region: usize,
+        e: Ended<&'static str, &'static str>,
+        w: &mut World,
+    ) -> Acts {
+        let mut out = Vec::new();
+        p.ended(why, region, e, w, &mut out);
+        out
+    }
+
+    fn body(p: &mut P, complete: bool, replayable: bool) -> Acts {
+        let mut out = Vec::new();
+        p.body(complete, replayable, &mut out);
+        out
+    }
+
+    fn hedge_timer(p: &mut P, w: &mut World) -> Acts {
+        let mut out = Vec::new();
+        p.hedge_timer(w, &mut out);
+        out
+    }
+
+    fn deadline_passed(p: &mut P) -> Acts {
+        let mut out = Vec::new();
+        p.deadline_passed(&mut out);
+        out
+    }
+
     fn retry_on(tokens: &[&str]) -> RetryOn {
         RetryOn::parse(tokens.iter().copied()).expect("retry_on")
     }
@@ -675,11 +703,14 @@ mod tests {
     async fn a_retryable_status_is_retried_on_the_next_endpoint_and_its_answer_delivered() {
         let mut w = World::new(3);
         let mut p = policy(Mode::Single, &["5xx"], 3, 3);
-        assert_eq!(p.start(&mut w), vec![send(Why::First, 0, Admit::Held)]);
-        let acts = p.ended(Why::First, 0, answered(503, "503 from 0"), &mut w);
+        assert_eq!(
+            start(&mut p, &mut w),
+            vec![send(Why::First, 0, Admit::Held)]
+        );
+        let acts = ended(&mut p, Why::First, 0, answered(503, "503 from 0"), &mut w);
         assert_eq!(acts[0], Action::Count(Count::Retry("status")));
         assert_eq!(sends(&acts), vec![(Why::Retry, 1, Admit::Wait)]);
-        let acts = p.ended(Why::Retry, 1, answered(200, "200 from 1"), &mut w);
+        let acts = ended(&mut p, Why::Retry, 1, answered(200, "200 from 1"), &mut w);
         assert_eq!(
             acts,
             vec![Action::Deliver {
@@ -693,8 +724,8 @@ mod tests {
     async fn a_status_not_in_retry_on_is_delivered_at_once() {
         let mut w = World::new(2);
         let mut p = policy(Mode::Single, &["connect"], 3, 2);
-        p.start(&mut w);
-        let acts = p.ended(Why::First, 0, answered(503, "503"), &mut w);
+        start(&mut p, &mut w);
+        let acts = ended(&mut p, Why::First, 0, answered(503, "503"), &mut w);
         assert_eq!(
             acts,
             vec![Action::Deliver {
@@ -716,8 +747,8 @@ mod tests {
         ] {
             let mut w = World::new(2);
             let mut p = policy(Mode::Single, tokens, 3, 2);
-            p.start(&mut w);
-            let acts = p.ended(Why::First, 0, failed(kind, "lost"), &mut w);
+            start(&mut p, &mut w);
+            let acts = ended(&mut p, Why::First, 0, failed(kind, "lost"), &mut w);
             if retried {
                 assert_eq!(
                     acts[0],
@@ -805,10 +836,11 @@ mod tests {
         assert_eq!(rules.mode, Mode::Single);
         let mut w = World::new(3);
         let mut p: P = Policy::new(rules, vec![0, 1, 2], 3, None, false, true);
-        p.start(&mut w);
+        start(&mut p, &mut w);
         assert_eq!(p.hedge_at(), None, "no hedge for an unsafe request");
         // A 5xx and a timeout may have been processed: not sent again.
-        let acts = p.ended(
+        let acts = ended(
+            &mut p,
             Why::First,
             0,
             failed(FailKind::Timeout, "timed out"),
@@ -822,15 +854,21 @@ mod tests {
             }]
         );
         let mut p: P = Policy::new(rules, vec![0, 1, 2], 3, None, false, true);
-        p.start(&mut w);
-        let acts = p.ended(Why::First, 0, answered(502, "502"), &mut w);
+        start(&mut p, &mut w);
+        let acts = ended(&mut p, Why::First, 0, answered(502, "502"), &mut w);
         assert!(matches!(acts[..], [Action::Deliver { .. }]), "{acts:?}");
         // A connection never made, and a 429, are.
         let mut p: P = Policy::new(rules, vec![0, 1, 2], 3, None, false, true);
-        p.start(&mut w);
-        let acts = p.ended(Why::First, 0, failed(FailKind::Connect, "refused"), &mut w);
+        start(&mut p, &mut w);
+        let acts = ended(
+            &mut p,
+            Why::First,
+            0,
+            failed(FailKind::Connect, "refused"),
+            &mut w,
+        );
         assert_eq!(sends(&acts), vec![(Why::Retry, 1, Admit::Wait)]);
-        let acts = p.ended(Why::Retry, 1, answered(429, "429"), &mut w);
+        let acts = ended(&mut p, Why::Retry, 1, answered(429, "429"), &mut w);
         assert_eq!(sends(&acts), vec![(Why::Retry, 2, Admit::Wait)]);
         // An upgrade is never duplicated, though it may be retried.
         let upgrade = Rules::new(Mode::Race, retry_on(&["timeout"]), 3, true, true);
@@ -843,8 +881,8 @@ mod tests {
         let mut w = World::new(3);
         w.extras = 0;
         let mut p = policy(Mode::Single, &["5xx"], 3, 3);
-        p.start(&mut w);
-        let acts = p.ended(Why::First, 0, answered(503, "503"), &mut w);
+        start(&mut p, &mut w);
+        let acts = ended(&mut p, Why::First, 0, answered(503, "503"), &mut w);
         assert_eq!(
             acts,
             vec![
@@ -861,9 +899,9 @@ mod tests {
     async fn max_attempts_bounds_retries() {
         let mut w = World::new(3);
         let mut p = policy(Mode::Single, &["5xx"], 2, 3);
-        p.start(&mut w);
-        p.ended(Why::First, 0, answered(503, "first"), &mut w);
-        let acts = p.ended(Why::Retry, 1, answered(503, "second"), &mut w);
+        start(&mut p, &mut w);
+        ended(&mut p, Why::First, 0, answered(503, "first"), &mut w);
+        let acts = ended(&mut p, Why::Retry, 1, answered(503, "second"), &mut w);
         assert_eq!(
             acts,
             vec![Action::Deliver {
@@ -879,8 +917,9 @@ mod tests {
         // One endpoint: a timeout is not retried on it.
         let mut w = World::new(1);
         let mut p = policy(Mode::Single, &["timeout"], 3, 1);
-        p.start(&mut w);
-        let acts = p.ended(
+        start(&mut p, &mut w);
+        let acts = ended(
+            &mut p,
             Why::First,
             0,
             failed(FailKind::Timeout, "timed out"),
@@ -889,23 +928,23 @@ mod tests {
         assert!(matches!(acts[..], [Action::Fail { .. }]), "{acts:?}");
         // A 429 that paused the host's quota: the same endpoint, after the pause.
         let mut p = policy(Mode::Single, &["429"], 3, 1);
-        p.start(&mut w);
+        start(&mut p, &mut w);
         let paused = Ended::Answered {
             status: 429,
             host_paused: true,
             answer: "429",
         };
-        let acts = p.ended(Why::First, 0, paused, &mut w);
+        let acts = ended(&mut p, Why::First, 0, paused, &mut w);
         assert_eq!(sends(&acts), vec![(Why::Retry, 0, Admit::Wait)]);
         // A kept-alive connection closed as it was reused: the same endpoint again.
         let mut p = policy(Mode::Single, &["timeout"], 3, 2);
-        p.start(&mut w);
+        start(&mut p, &mut w);
         let closed = Ended::Failed {
             kind: FailKind::Reset,
             same_again: true,
             error: "closed",
         };
-        let acts = p.ended(Why::First, 0, closed, &mut w);
+        let acts = ended(&mut p, Why::First, 0, closed, &mut w);
         assert_eq!(sends(&acts), vec![(Why::Retry, 0, Admit::Wait)]);
     }
 
@@ -913,11 +952,11 @@ mod tests {
     async fn endpoints_out_of_rotation_are_skipped_unless_all_are_out() {
         let mut w = World::new(3);
         let mut p = policy(Mode::Single, &["5xx"], 3, 3);
-        p.start(&mut w);
+        start(&mut p, &mut w);
         w.up[1] = false;
-        let acts = p.ended(Why::First, 0, answered(503, "a"), &mut w);
+        let acts = ended(&mut p, Why::First, 0, answered(503, "a"), &mut w);
         assert_eq!(sends(&acts), vec![(Why::Retry, 2, Admit::Wait)], "1 is out");
-        let acts = p.ended(Why::Retry, 2, answered(503, "b"), &mut w);
+        let acts = ended(&mut p, Why::Retry, 2, answered(503, "b"), &mut w);
         assert_eq!(
             acts,
             vec![Action::Deliver {
@@ -930,8 +969,8 @@ mod tests {
         let mut w = World::new(2);
         w.up = vec![false, false];
         let mut p = policy(Mode::Single, &["5xx"], 3, 2);
-        p.start(&mut w);
-        let acts = p.ended(Why::First, 0, answered(503, "a"), &mut w);
+        start(&mut p, &mut w);
+        let acts = ended(&mut p, Why::First, 0, answered(503, "a"), &mut w);
         assert_eq!(sends(&acts), vec![(Why::Retry, 1, Admit::Wait)]);
     }
 
@@ -939,16 +978,22 @@ mod tests {
     async fn an_attempt_refused_by_admission_is_no_attempt_and_leaves_its_endpoint_free() {
         let mut w = World::new(2);
         let mut p = policy(Mode::Race, &["5xx"], 2, 2);
-        let acts = p.start(&mut w);
+        let acts = start(&mut p, &mut w);
         assert_eq!(
             sends(&acts),
             vec![(Why::First, 0, Admit::Held), (Why::Race, 1, Admit::IfFree)]
         );
-        let acts = p.ended(Why::Race, 1, Ended::Refused { error: "no slot" }, &mut w);
+        let acts = ended(
+            &mut p,
+            Why::Race,
+            1,
+            Ended::Refused { error: "no slot" },
+            &mut w,
+        );
         assert!(acts.is_empty(), "the first still runs: {acts:?}");
         assert_eq!(p.attempts(), 1);
         // The first's 503 is retried on the endpoint the refused duplicate never reached.
-        let acts = p.ended(Why::First, 0, answered(503, "503"), &mut w);
+        let acts = ended(&mut p, Why::First, 0, answered(503, "503"), &mut w);
         assert_eq!(sends(&acts), vec![(Why::Retry, 1, Admit::Wait)]);
     }
 
@@ -956,10 +1001,10 @@ mod tests {
     async fn a_retry_waits_for_a_duplicate_still_running() {
         let mut w = World::new(3);
         let mut p = policy(Mode::Race, &["5xx"], 3, 3);
-        p.start(&mut w);
-        let acts = p.ended(Why::First, 0, answered(503, "503"), &mut w);
+        start(&mut p, &mut w);
+        let acts = ended(&mut p, Why::First, 0, answered(503, "503"), &mut w);
         assert!(acts.is_empty(), "two raced attempts still run: {acts:?}");
-        let acts = p.ended(Why::Race, 1, answered(200, "200"), &mut w);
+        let acts = ended(&mut p, Why::Race, 1, answered(200, "200"), &mut w);
         assert_eq!(
             acts,
             vec![Action::Deliver {
@@ -969,7 +1014,10 @@ mod tests {
             "the first good answer wins; the third is cancelled with the policy done"
         );
         assert_eq!(p.hedge_at(), None);
-        assert!(p.hedge_timer(&mut w).is_empty(), "nothing after the end");
+        assert!(
+            hedge_timer(&mut p, &mut w).is_empty(),
+            "nothing after the end"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -977,24 +1025,24 @@ mod tests {
         let mut w = World::new(4);
         let rules = Rules::new(Mode::Race, retry_on(&["5xx"]), 3, true, false);
         let mut p: P = Policy::new(rules, vec![0, 1, 2, 3], 4, None, false, false);
-        let acts = p.start(&mut w);
+        let acts = start(&mut p, &mut w);
         assert!(acts.contains(&Action::Count(Count::Raced)));
         assert_eq!(
             sends(&acts),
             vec![(Why::First, 0, Admit::Held)],
             "the duplicates replay the body: they wait for all of it"
         );
-        assert!(p.body(false, true).is_empty());
-        let acts = p.body(true, true);
+        assert!(body(&mut p, false, true).is_empty());
+        let acts = body(&mut p, true, true);
         assert_eq!(
             sends(&acts),
             vec![(Why::Race, 1, Admit::IfFree), (Why::Race, 2, Admit::IfFree)]
         );
         // A body too large to replay: the duplicates never go, the first one stands alone.
         let mut p: P = Policy::new(rules, vec![0, 1, 2, 3], 4, None, false, false);
-        p.start(&mut w);
-        assert!(p.body(true, false).is_empty());
-        let acts = p.ended(Why::First, 0, answered(503, "503"), &mut w);
+        start(&mut p, &mut w);
+        assert!(body(&mut p, true, false).is_empty());
+        let acts = ended(&mut p, Why::First, 0, answered(503, "503"), &mut w);
         assert_eq!(
             acts,
             vec![Action::Deliver {
@@ -1009,11 +1057,11 @@ mod tests {
     async fn a_hedge_fires_after_its_delay_and_again_until_max_attempts() {
         let mut w = World::new(3);
         let mut p = policy(Mode::Hedge, &["5xx"], 3, 3);
-        p.start(&mut w);
+        start(&mut p, &mut w);
         let first = p.hedge_at().expect("a hedge is scheduled");
         assert_eq!(first, Instant::now() + Duration::from_millis(100));
         tokio::time::advance(Duration::from_millis(100)).await;
-        let acts = p.hedge_timer(&mut w);
+        let acts = hedge_timer(&mut p, &mut w);
         assert_eq!(acts[0], Action::Count(Count::HedgeFired));
         assert_eq!(sends(&acts), vec![(Why::Hedge, 1, Admit::IfFree)]);
         assert_eq!(
@@ -1022,10 +1070,10 @@ mod tests {
             "a third attempt is allowed: the timer again"
         );
         tokio::time::advance(Duration::from_millis(100)).await;
-        let acts = p.hedge_timer(&mut w);
+        let acts = hedge_timer(&mut p, &mut w);
         assert_eq!(sends(&acts), vec![(Why::Hedge, 2, Admit::IfFree)]);
         assert_eq!(p.hedge_at(), None, "max_attempts reached");
-        let acts = p.ended(Why::Hedge, 2, answered(200, "hedge"), &mut w);
+        let acts = ended(&mut p, Why::Hedge, 2, answered(200, "hedge"), &mut w);
         assert_eq!(
             acts,
             vec![
@@ -1042,10 +1090,10 @@ mod tests {
     async fn a_hedge_is_cancelled_by_an_answer_before_its_delay() {
         let mut w = World::new(2);
         let mut p = policy(Mode::Hedge, &["5xx"], 3, 2);
-        p.start(&mut w);
+        start(&mut p, &mut w);
         assert!(p.hedge_at().is_some());
         tokio::time::advance(Duration::from_millis(40)).await;
-        let acts = p.ended(Why::First, 0, answered(200, "fast"), &mut w);
+        let acts = ended(&mut p, Why::First, 0, answered(200, "fast"), &mut w);
         assert!(matches!(acts[..], [Action::Deliver { attempts: 1, .. }]));
         assert_eq!(p.hedge_at(), None, "the hedge timer is off");
     }
@@ -1055,14 +1103,14 @@ mod tests {
         let mut w = World::new(2);
         w.extras = 0;
         let mut p = policy(Mode::Hedge, &["5xx"], 3, 2);
-        p.start(&mut w);
+        start(&mut p, &mut w);
         tokio::time::advance(Duration::from_millis(100)).await;
         assert_eq!(
-            p.hedge_timer(&mut w),
+            hedge_timer(&mut p, &mut w),
             vec![Action::Count(Count::BudgetExhausted)]
         );
         w.extras = 1;
-        let acts = p.ended(Why::First, 0, answered(503, "503"), &mut w);
+        let acts = ended(&mut p, Why::First, 0, answered(503, "503"), &mut w);
         assert_eq!(
             sends(&acts),
             vec![(Why::Retry, 1, Admit::Wait)],
@@ -1076,10 +1124,10 @@ mod tests {
         let rules = Rules::new(Mode::Single, retry_on(&["5xx"]), 3, true, false);
         let deadline = Instant::now() + Duration::from_secs(1);
         let mut p: P = Policy::new(rules, vec![0, 1, 2], 3, Some(deadline), false, true);
-        p.start(&mut w);
+        start(&mut p, &mut w);
         assert_eq!(p.deadline(), Some(deadline));
         tokio::time::advance(Duration::from_secs(1)).await;
-        let acts = p.ended(Why::First, 0, answered(503, "late 503"), &mut w);
+        let acts = ended(&mut p, Why::First, 0, answered(503, "late 503"), &mut w);
         assert_eq!(
             acts,
             vec![Action::Deliver {
@@ -1089,9 +1137,9 @@ mod tests {
             "past the deadline: the answer in hand, no retry"
         );
         let mut p: P = Policy::new(rules, vec![0, 1, 2], 3, Some(deadline), false, true);
-        p.start(&mut w);
+        start(&mut p, &mut w);
         assert_eq!(
-            p.deadline_passed(),
+            deadline_passed(&mut p),
             vec![Action::Fail {
                 failure: Unanswered::Deadline,
                 attempts: 1
@@ -1106,17 +1154,17 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(1);
         // The host's request_timeout: not armed while the body streams, moved by its time.
         let mut p: P = Policy::new(rules, vec![0], 1, Some(deadline), true, false);
-        p.start(&mut w);
+        start(&mut p, &mut w);
         assert_eq!(p.deadline(), None);
         tokio::time::advance(Duration::from_secs(5)).await;
-        p.body(true, true);
+        body(&mut p, true, true);
         assert_eq!(p.deadline(), Some(deadline + Duration::from_secs(5)));
         // The client's Sluice-Timeout: armed all along, never moved.
         let mut p: P = Policy::new(rules, vec![0], 1, Some(deadline), false, false);
-        p.start(&mut w);
+        start(&mut p, &mut w);
         assert_eq!(p.deadline(), Some(deadline));
         tokio::time::advance(Duration::from_secs(5)).await;
-        p.body(true, true);
+        body(&mut p, true, true);
         assert_eq!(p.deadline(), Some(deadline));
     }
 
@@ -1125,8 +1173,8 @@ mod tests {
         let mut w = World::new(2);
         w.paused_past_wait = true;
         let mut p = policy(Mode::Single, &["429"], 3, 2);
-        p.start(&mut w);
-        let acts = p.ended(Why::First, 0, answered(429, "429"), &mut w);
+        start(&mut p, &mut w);
+        let acts = ended(&mut p, Why::First, 0, answered(429, "429"), &mut w);
         assert_eq!(
             acts,
             vec![Action::Deliver {
@@ -1140,8 +1188,14 @@ mod tests {
     async fn a_retry_waits_its_backoff_only_on_an_endpoint_already_asked() {
         let mut w = World::new(2);
         let mut p = policy(Mode::Single, &["timeout"], 3, 2);
-        p.start(&mut w);
-        let acts = p.ended(Why::First, 0, failed(FailKind::Timeout, "t"), &mut w);
+        start(&mut p, &mut w);
+        let acts = ended(
+            &mut p,
+            Why::First,
+            0,
+            failed(FailKind::Timeout, "t"),
+            &mut w,
+        );
         let delays: Vec<_> = acts
             .iter()
             .filter_map(|a| match a {
@@ -1155,7 +1209,7 @@ mod tests {
             same_again: true,
             error: "closed",
         };
-        let acts = p.ended(Why::Retry, 1, closed, &mut w);
+        let acts = ended(&mut p, Why::Retry, 1, closed, &mut w);
         let delay = acts.iter().find_map(|a| match a {
             Action::Send(s) => Some(s.delay),
             _ => None,
