@@ -6,11 +6,13 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use governor::{Quota, RateLimiter};
-use sluice::admission::{Admission, Clock, Decision};
+use sluice::admission::{Admission, Ask, Caller, Clock, Decision};
 use sluice::config::Config;
+use sluice::config::Priority;
 use sluice::generation::Generation;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
+use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
@@ -181,6 +183,33 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let now = adm.now();
             black_box(!matches!(held.reserve(now, 0), Decision::Refuse { .. }))
+        })
+    });
+    // The whole uncontended admission of a request (`Admission::acquire` with a caller, for
+    // a host in the compact table): its future is ready at the first poll, so it is polled
+    // once without a runtime. Compare with `sluice/1t/1`, the decision alone.
+    let adm = Admission::new(Clock::quanta());
+    adm.configure(&generation());
+    let key = "one.example.com:443";
+    let host = adm.host(key.to_string(), "one.example.com", &generation());
+    let caller = Caller {
+        name: std::sync::Arc::from("billing"),
+        weight: 1,
+        priority: Priority::Normal,
+        cap: 0,
+        max_per_host: 64,
+        client: true,
+    };
+    let ask = Ask {
+        caller: Some(&caller),
+        max_wait: Duration::from_secs(30),
+        slot_within: Some(Duration::from_secs(10)),
+    };
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    g.bench_function("sluice_acquire_uncontended/1t/1", |b| {
+        b.iter(|| {
+            let fut = std::pin::pin!(adm.acquire(&host, &ask));
+            black_box(matches!(fut.poll(&mut cx), std::task::Poll::Ready(Ok(_))))
         })
     });
     g.finish();

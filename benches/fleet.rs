@@ -3,7 +3,7 @@
 //! request at 1x and 10x the host's limit, with and without token leases and the retry-after
 //! cache. Run: `cargo bench --bench fleet` (prints a table; needs `redis-server` on PATH).
 
-use sluice::admission::{Admission, Clock};
+use sluice::admission::{Admission, Ask, Clock};
 use sluice::config::Config;
 use sluice::fleet::{redis::RedisStore, Fleet, Options};
 use sluice::generation::Generation;
@@ -100,7 +100,7 @@ fn run(
         let max_wait = Duration::from_millis(500);
         let mut tasks = Vec::new();
         let one = move |admission: Arc<Admission>, cell: Arc<_>, d: Arc<AtomicU64>, a: Arc<AtomicU64>| async move {
-            let ok = admission.acquire(&cell, max_wait).await.is_ok();
+            let ok = admission.acquire(&cell, &Ask::plain(max_wait)).await.is_ok();
             d.fetch_add(1, Ordering::Relaxed);
             if ok {
                 a.fetch_add(1, Ordering::Relaxed);

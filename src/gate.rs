@@ -8,14 +8,14 @@
 //! (`proxy::fail_to_proxy`, through [`Refusal::into_error`]) or as raw bytes on a client
 //! stream (a CONNECT refused before its tunnel opens, [`Refusal::raw`]).
 
-use crate::admission::{Host, Permit};
+use crate::admission::{Ask, Caller, Host, Permit, OTHER};
 use crate::error::{self, Code};
 use crate::generation::Generation;
 use crate::policy::auth::{self, Client};
 use crate::state::Shared;
 use pingora_error::Error;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
 
 /// Why sluice refused a caller, with everything its answer needs.
 #[derive(Debug, PartialEq, Eq)]
@@ -112,6 +112,95 @@ pub fn authenticate<'g>(
     })
 }
 
+/// Names a caller by itself (`Sluice-Caller`) when clients do not authenticate.
+pub const SLUICE_CALLER: &str = "sluice-caller";
+/// A request's class at a contended host: `high`, `normal` or `low`.
+pub const SLUICE_PRIORITY: &str = "sluice-priority";
+/// Longest `Sluice-Caller` value.
+const MAX_CALLER_NAME: usize = 64;
+
+/// What a request says of its caller, read before admission.
+#[derive(Default)]
+pub struct Who<'a> {
+    /// The authenticated client.
+    pub client: Option<&'a Client>,
+    /// One of sluice's own job requests (its client, if any, is `client`).
+    pub job: bool,
+    /// `Sluice-Caller` and `Sluice-Priority`, as sent.
+    pub caller_header: Option<&'a [u8]>,
+    pub priority_header: Option<&'a [u8]>,
+    /// The client's address.
+    pub addr: Option<std::net::IpAddr>,
+}
+
+/// The caller of a request at a host whose limits are `limits`, as `[callers]` says to tell
+/// callers apart: the authenticated client; else one of sluice's own jobs (`jobs`); else
+/// `Sluice-Caller`, then the client's address (`by = "auto"`); or only the address
+/// (`"address"`); or one caller for all (`"none"`). Its class is `Sluice-Priority`, else its
+/// client's `priority`, else `low` for a job and `normal` for the rest.
+pub fn caller(
+    generation: &Generation,
+    limits: &crate::config::HostLimits,
+    who: &Who<'_>,
+) -> Result<Caller, Refusal> {
+    use crate::config::{CallerBy, Priority};
+    let bad = |m: String| Refusal::new(Code::BadRequest, m);
+    let priority = match who.priority_header {
+        Some(v) => Some(
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| Priority::parse(v.trim()))
+                .ok_or_else(|| bad("Sluice-Priority must be high, normal or low".into()))?,
+        ),
+        None => None,
+    };
+    let header = match who.caller_header {
+        Some(v) if valid_caller(v) => std::str::from_utf8(v).ok(),
+        Some(_) => {
+            return Err(bad(format!(
+                "Sluice-Caller must be 1-{MAX_CALLER_NAME} letters, digits, '.', '_' or '-'"
+            )))
+        }
+        None => None,
+    };
+    let by = generation.config.callers.by;
+    let (name, weight, client_priority, client): (Arc<str>, u32, Option<Priority>, bool) =
+        match (who.client, by) {
+            (_, CallerBy::None) => (Arc::from(OTHER), 1, None, false),
+            (Some(c), _) => (Arc::from(c.name.as_str()), c.weight, Some(c.priority), true),
+            (None, CallerBy::Auto) if who.job => (Arc::from("jobs"), 1, None, false),
+            (None, CallerBy::Auto) if header.is_some() => {
+                (Arc::from(header.unwrap_or(OTHER)), 1, None, false)
+            }
+            (None, _) => match who.addr {
+                Some(ip) => (Arc::from(ip.to_string()), 1, None, false),
+                None => (Arc::from(OTHER), 1, None, false),
+            },
+        };
+    let default = if who.job {
+        Priority::Low
+    } else {
+        Priority::Normal
+    };
+    Ok(Caller {
+        name,
+        weight,
+        priority: priority
+            .or(if who.job { None } else { client_priority })
+            .unwrap_or(default),
+        cap: limits.max_concurrent_per_caller,
+        max_per_host: generation.config.callers.max_per_host,
+        client,
+    })
+}
+
+/// A `Sluice-Caller` value: a short token.
+fn valid_caller(v: &[u8]) -> bool {
+    (1..=MAX_CALLER_NAME).contains(&v.len())
+        && v.iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// The egress policy on the host's name (before any lookup).
 pub fn check_host(generation: &Generation, host: &str) -> Result<(), Refusal> {
     generation
@@ -139,32 +228,52 @@ pub async fn addresses(
         .map_err(|(code, message)| Refusal::new(code, message))
 }
 
-/// Wait for `cell`'s slot and in-flight place, at most `wait`; counted either way. `who` names
+/// Wait for `cell`'s slot and in-flight place, as `ask` allows; counted either way. `who` names
 /// what was waited for in a refusal (`api.example.com:443`, `client ci`), made only then.
 pub async fn admit(
     shared: &Shared,
     who: impl FnOnce() -> String,
     cell: &Host,
-    wait: Duration,
+    ask: &Ask<'_>,
 ) -> Result<Permit, Refusal> {
-    let result = shared.admission.acquire(cell, wait).await;
+    let m = &shared.metrics;
+    let label = ask.caller.filter(|c| c.client).map_or(OTHER, |c| &*c.name);
+    let waiting = ask
+        .caller
+        .map(|_| m.caller_waiting.with_label_values(&[label]));
+    if let Some(w) = &waiting {
+        w.inc();
+    }
+    let result = shared.admission.acquire(cell, ask).await;
+    if let Some(w) = &waiting {
+        w.dec();
+    }
     let r = match result {
         Ok(p) => {
-            shared.metrics.queue_wait.observe(p.queued.as_secs_f64());
+            m.queue_wait.observe(p.queued.as_secs_f64());
+            if let Some(c) = ask.caller {
+                m.caller_queue_wait
+                    .with_label_values(&[label, c.priority.as_str()])
+                    .observe(p.queued.as_secs_f64());
+            }
             return Ok(p);
         }
         Err(r) => r,
     };
-    shared
-        .metrics
-        .rejections
-        .with_label_values(&[r.reason()])
-        .inc();
+    m.rejections.with_label_values(&[r.reason()]).inc();
+    if ask.caller.is_some() {
+        m.caller_rejections
+            .with_label_values(&[label, r.reason()])
+            .inc();
+    }
     let secs = r.retry_after_secs();
     let why = match r {
         crate::admission::Rejection::Pace { .. } => "its pace has no free slot",
         crate::admission::Rejection::Paused { .. } => "it is paused after a rate-limit signal",
         crate::admission::Rejection::Concurrency { .. } => "its in-flight limit is reached",
+        crate::admission::Rejection::Deadline { .. } => {
+            "no slot leaves time for an answer before the request's deadline"
+        }
         crate::admission::Rejection::Unavailable { .. } => {
             "the fleet's shared state is unavailable (on_error = throttle)"
         }
@@ -197,6 +306,67 @@ mod tests {
             "in a later Via line"
         );
         assert!(!via(&["1.1 cdn, 1.1 sluice-ab12"], "cd34"));
+    }
+
+    #[test]
+    fn callers_are_named_by_client_job_header_or_address() {
+        use crate::config::{Config, Priority};
+        let g = |toml: &str| Generation::build(1, Config::parse(toml).expect("valid"));
+        let auto = g("");
+        let limits = auto.limits(0).clone();
+        let addr = Some(std::net::IpAddr::from([10, 0, 0, 7]));
+        let named = |g: &Generation, who: Who<'_>| caller(g, &limits, &who).map(|c| c.name);
+        let by_header = Who {
+            caller_header: Some(b"batch-7"),
+            addr,
+            ..Who::default()
+        };
+        assert_eq!(named(&auto, by_header).expect("ok").as_ref(), "batch-7");
+        let by_addr = Who {
+            addr,
+            ..Who::default()
+        };
+        assert_eq!(named(&auto, by_addr).expect("ok").as_ref(), "10.0.0.7");
+        let job = Who {
+            job: true,
+            caller_header: Some(b"x"),
+            ..Who::default()
+        };
+        let c = caller(&auto, &limits, &job).expect("ok");
+        assert_eq!((c.name.as_ref(), c.priority), ("jobs", Priority::Low));
+        let high_job = Who {
+            job: true,
+            priority_header: Some(b"high"),
+            ..Who::default()
+        };
+        let c = caller(&auto, &limits, &high_job).expect("ok");
+        assert_eq!(c.priority, Priority::High, "the header wins");
+        let address_only = g("[callers]\nby = \"address\"\n");
+        let spoof = Who {
+            caller_header: Some(b"someone-else"),
+            addr,
+            ..Who::default()
+        };
+        assert_eq!(
+            named(&address_only, spoof).expect("ok").as_ref(),
+            "10.0.0.7"
+        );
+        for bad in [&b""[..], b"has space", &[b'a'; 65]] {
+            let who = Who {
+                caller_header: Some(bad),
+                ..Who::default()
+            };
+            let r = caller(&auto, &limits, &who).expect_err("refused");
+            assert_eq!(r.code, Code::BadRequest);
+        }
+        let who = Who {
+            priority_header: Some(b"urgent"),
+            ..Who::default()
+        };
+        assert_eq!(
+            caller(&auto, &limits, &who).expect_err("refused").status,
+            400
+        );
     }
 
     #[test]

@@ -60,6 +60,13 @@ pub struct Metrics {
     pub queue_wait: prometheus::Histogram,
     /// `sluice_admission_rejections_total{reason="pace|paused|concurrency"}`.
     pub rejections: IntCounterVec,
+    /// `sluice_caller_waiting{caller}`: requests waiting for admission now, by caller (a
+    /// configured client's name, else `other`).
+    pub caller_waiting: IntGaugeVec,
+    /// `sluice_caller_queue_wait_seconds{caller,priority}`: time admitted requests waited.
+    pub caller_queue_wait: HistogramVec,
+    /// `sluice_caller_rejections_total{caller,reason}`: refusals by admission, by caller.
+    pub caller_rejections: IntCounterVec,
     /// `sluice_pauses_total{source="retry_after|backoff|ratelimit_headers"}`.
     pub pauses: IntCounterVec,
     /// `sluice_upstream_429_total{action="passed"}`: 429s handed to the client (a resend is a
@@ -179,6 +186,30 @@ impl Metrics {
                 "Requests answered 429 by sluice because no slot was free in time, by reason",
             ),
             &["reason"],
+        )?;
+        let caller_waiting = IntGaugeVec::new(
+            Opts::new(
+                "sluice_caller_waiting",
+                "Requests waiting for their host's admission now, by caller",
+            ),
+            &["caller"],
+        )?;
+        let caller_queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_caller_queue_wait_seconds",
+                "Time admitted requests waited for their host's admission, by caller and priority",
+            )
+            .buckets(vec![
+                0.0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+            ]),
+            &["caller", "priority"],
+        )?;
+        let caller_rejections = IntCounterVec::new(
+            Opts::new(
+                "sluice_caller_rejections_total",
+                "Requests refused by admission, by caller and reason",
+            ),
+            &["caller", "reason"],
         )?;
         let pauses = IntCounterVec::new(
             Opts::new(
@@ -360,6 +391,10 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(queue_wait.clone()))?;
+        registry.register(Box::new(caller_waiting.clone()))?;
+        registry.register(Box::new(caller_queue_wait.clone()))?;
+        registry.register(Box::new(caller_rejections.clone()))?;
+        caller_waiting.with_label_values(&[crate::admission::OTHER]);
         registry.register(Box::new(hosts_tracked.clone()))?;
         registry.register(Box::new(host_pace.clone()))?;
         registry.register(Box::new(host_queued.clone()))?;
@@ -432,6 +467,9 @@ impl Metrics {
             config_reloads,
             queue_wait,
             rejections,
+            caller_waiting,
+            caller_queue_wait,
+            caller_rejections,
             pauses,
             upstream_429,
             learned,

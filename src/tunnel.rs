@@ -3,6 +3,7 @@
 //! tunnel sits idle too long. Failures are answered with a status and `Sluice-Error`.
 
 use crate::access;
+use crate::admission::Ask;
 use crate::error::Code;
 use crate::gate::{self, Refusal};
 use crate::state::Shared;
@@ -119,6 +120,9 @@ pub async fn serve(
     let started = Instant::now();
     let generation = shared.generation();
     let server = &generation.config.server;
+    let peer = stream
+        .get_socket_digest()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
     let mut host_label = crate::generation::OTHER_HOST.to_string();
     let result = async {
         let head = match parse_head(&head) {
@@ -128,12 +132,13 @@ pub async fn serve(
         };
         gate::not_a_loop(head.via.iter().map(Vec::as_slice), shared, "CONNECT")?;
         let mut client_cell = None;
+        let mut client = None;
         if generation.clients.enabled() {
-            let client =
-                gate::authenticate(&generation, true, head.authorization.as_deref(), None)?;
-            if let Some(l) = &client.limits {
-                let cell = shared.admission.client_cell(&client.name, l.rps, l.burst);
-                let who = format!("client {}", client.name);
+            let c = gate::authenticate(&generation, true, head.authorization.as_deref(), None)?;
+            client = Some(c);
+            if let Some(l) = &c.limits {
+                let cell = shared.admission.client_cell(&c.name, l.rps, l.burst);
+                let who = format!("client {}", c.name);
                 client_cell = Some((
                     crate::admission::Host::Cell(cell),
                     l.max_queue_wait.get(),
@@ -160,14 +165,27 @@ pub async fn serve(
             return Ok(Err((head, kind)));
         }
         let client_permit = match client_cell {
-            Some((cell, wait, who)) => Some(gate::admit(shared, || who, &cell, wait).await?),
+            Some((cell, wait, who)) => {
+                Some(gate::admit(shared, || who, &cell, &Ask::plain(wait)).await?)
+            }
             None => None,
         };
         let key = crate::target::host_port(&head.host, head.port);
         let cell = shared.admission.host(key.clone(), &head.host, &generation);
         host_label = generation.host_label(cell.profile()).to_string();
-        let max_wait = generation.limits(cell.profile()).max_queue_wait.get();
-        let permit = gate::admit(shared, || key.clone(), &cell, max_wait).await?;
+        let limits = generation.limits(cell.profile());
+        let who = gate::Who {
+            client,
+            addr: peer,
+            ..gate::Who::default()
+        };
+        let caller = gate::caller(&generation, limits, &who)?;
+        let ask = Ask {
+            caller: Some(&caller),
+            max_wait: limits.max_queue_wait.get(),
+            slot_within: None,
+        };
+        let permit = gate::admit(shared, || key.clone(), &cell, &ask).await?;
         let upstream = connect(&addrs, server.connect_timeout.get())
             .await
             .map_err(|(c, m)| Refusal::new(c, m))?;

@@ -154,6 +154,81 @@ fn three_nodes_hold_one_limit_together() {
     }
 }
 
+/// What fair shares between callers mean in a fleet: each node hands the slots it gets from
+/// the fleet in fair order among its own callers. Caller `a` sends through all three nodes,
+/// caller `b` through node 0 only, with the same demand on node 0.
+#[test]
+fn callers_share_each_nodes_slots_fairly_in_a_fleet() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::builder().start();
+    let nodes = fleet(&redis, &up, "");
+    let clients: Vec<reqwest::Client> = nodes.iter().map(|n| proxied_client(n, None)).collect();
+    let url = format!("http://127.0.0.1:{}/work", up.port());
+    let started = Instant::now();
+    let run = Duration::from_secs(10);
+    let answers = runtime(2).block_on(async {
+        let stop = Instant::now() + run;
+        let mut tasks = Vec::new();
+        let mut spawn = |client: reqwest::Client, node: usize, caller: &'static str| {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while Instant::now() < stop {
+                    let r = client
+                        .get(&url)
+                        .header("x-node", node.to_string())
+                        .header("x-caller", caller)
+                        .header("Sluice-Caller", caller)
+                        .header("Sluice-Timeout", "5s")
+                        .send()
+                        .await;
+                    statuses.push(r.map_or(0, |r| r.status().as_u16()));
+                }
+                statuses
+            }));
+        };
+        for (i, client) in clients.iter().enumerate() {
+            for _ in 0..6 {
+                spawn(client.clone(), i, "a");
+            }
+        }
+        for _ in 0..6 {
+            spawn(clients[0].clone(), 0, "b");
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("client task"));
+        }
+        all
+    });
+    let other: Vec<&u16> = answers
+        .iter()
+        .filter(|s| **s != 200 && **s != 429)
+        .collect();
+    assert!(other.is_empty(), "no answer but 200 or 429: {other:?}");
+    let seen = up.requests();
+    let count = |node: &str, caller: &str| {
+        seen.iter()
+            .filter(|r| {
+                r.at.saturating_duration_since(started) >= Duration::from_secs(1)
+                    && r.header("x-node") == Some(node)
+                    && r.header("x-caller") == Some(caller)
+            })
+            .count()
+    };
+    let (a0, b0) = (count("0", "a"), count("0", "b"));
+    let a_all = a0 + count("1", "a") + count("2", "a");
+    eprintln!("figure: node 0: a {a0}, b {b0}; fleet: a {a_all}, b {b0} (a on 3 nodes, b on 1)");
+    // On node 0, a and b split that node's slots evenly.
+    assert!(
+        a0.abs_diff(b0) * 4 <= a0 + b0,
+        "node 0 splits fairly: a {a0}, b {b0}"
+    );
+    // Across the fleet, a caller on three nodes gets a share on each.
+    assert!(a_all > 2 * b0, "a {a_all}, b {b0}");
+}
+
 #[test]
 fn a_429_at_one_node_pauses_the_whole_fleet() {
     let _serial = serial();

@@ -56,6 +56,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             "max_queue_wait_ms": l.max_queue_wait.get().as_millis() as u64,
             "queued": cell.queued(now),
             "in_flight": cell.in_flight(),
+            "callers": callers(cell),
             "paused_for_ms": paused_for_ms,
             "pause_source": (paused_for_ms > 0)
                 .then(|| cell.pause_origin().map(|o| o.as_str()))
@@ -88,6 +89,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             "max_queue_wait_ms": l.max_queue_wait.get().as_millis() as u64,
             "queued": 0,
             "in_flight": 0,
+            "callers": [],
             "paused_for_ms": 0,
             "pause_source": null,
             "used": false,
@@ -166,4 +168,23 @@ fn intercept_json(shared: &Shared) -> serde_json::Value {
         )
     });
     serde_json::json!({ "tunnels": by_result, "hint": hint })
+}
+
+/// Callers listed per host in `/status`, busiest first.
+const LISTED_CALLERS: usize = 10;
+
+/// A contended host's queue by caller: who waits, and who holds places under a per-caller cap.
+fn callers(cell: &HostCell) -> serde_json::Value {
+    let lines = cell.room_if_any().map(|r| r.lines()).unwrap_or_default();
+    lines
+        .iter()
+        .take(LISTED_CALLERS)
+        .map(|l| {
+            serde_json::json!({
+                "caller": &*l.caller,
+                "waiting": l.waiting,
+                "in_flight": l.in_flight,
+            })
+        })
+        .collect()
 }

@@ -7,10 +7,10 @@
 //! A pause moves the TAT past its end and bumps `epoch`: reservations made before it are void,
 //! and their holders reserve again after the pause, so traffic resumes at the pace.
 
+use super::room::Room;
 use arc_swap::ArcSwapOption;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use tokio::sync::Notify;
 
 /// What the cell says about one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,8 +149,9 @@ pub struct HostCell {
     /// `CONFIGURED`: named in `[hosts]`, never evicted. One word, so that the cell fits in a
     /// cache line.
     profile: AtomicU16,
-    /// Wakes requests waiting for an in-flight place; made on first need.
-    gate: ArcSwapOption<Notify>,
+    /// Where requests wait when the host is contended (its fair queue, and the gate of its
+    /// in-flight places); made on first need.
+    room: ArcSwapOption<Room>,
 }
 
 /// Bit of a cell's profile word: the host is named in `[hosts]`.
@@ -391,50 +392,80 @@ impl HostCell {
 
     pub fn leave(&self) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if let Some(gate) = self.gate.load().as_ref() {
-            gate.notify_one();
+        if let Some(room) = self.room.load().as_ref() {
+            room.gate.notify_one();
         }
     }
 
-    /// The notifier for requests waiting on the concurrency limit.
-    pub fn gate(&self) -> Arc<Notify> {
-        if let Some(g) = self.gate.load_full() {
-            return g;
+    /// The host's waiting room (its fair queue and the gate of its in-flight places).
+    pub fn room(&self) -> Arc<Room> {
+        if let Some(r) = self.room.load_full() {
+            return r;
         }
-        let fresh = Arc::new(Notify::new());
+        let fresh = Arc::new(Room::default());
         let prev = self
-            .gate
-            .compare_and_swap(&None::<Arc<Notify>>, Some(fresh.clone()));
+            .room
+            .compare_and_swap(&None::<Arc<Room>>, Some(fresh.clone()));
         match prev.as_ref() {
             Some(existing) => existing.clone(),
             None => fresh,
         }
     }
 
+    /// The waiting room, if the host was ever contended.
+    pub fn room_if_any(&self) -> Option<Arc<Room>> {
+        self.room.load_full()
+    }
+
+    /// The time of the next free slot at the pace (at least `now`; a pause's end while
+    /// paused), without taking it.
+    pub fn next_slot(&self, now: u64) -> u64 {
+        let interval = self.interval.load(Ordering::Relaxed);
+        let paused = self.paused_until.load(Ordering::Acquire);
+        if interval == 0 {
+            return paused.max(now);
+        }
+        let window = interval.saturating_mul(u64::from(self.burst.load(Ordering::Relaxed)));
+        let tat = self.tat.load(Ordering::Acquire);
+        tat.max(now)
+            .saturating_add(interval)
+            .saturating_sub(window)
+            .max(now)
+    }
+
+    /// Nanoseconds between requests at the pace now (0: not paced).
+    pub fn interval(&self) -> u64 {
+        self.interval.load(Ordering::Relaxed)
+    }
+
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Acquire)
     }
 
-    /// Requests holding a reserved slot later than `now` (an estimate from the TAT). While
+    /// Requests waiting for a slot at `now`: those in the waiting room, or those holding a
+    /// reserved slot later than `now` (an estimate from the TAT), whichever is more. While
     /// paused, the TAT starts at the pause's end (`pause_until`), so only the reservations
     /// past it count, not the pause itself.
     pub fn queued(&self, now: u64) -> u64 {
+        let waiting = self.room.load().as_ref().map_or(0, |r| r.len() as u64);
         let interval = self.interval.load(Ordering::Relaxed);
         let tat = self.tat.load(Ordering::Acquire);
         let paused_until = self.paused_until();
         let burst = u64::from(self.burst());
-        if interval == 0 || tat <= now {
-            return 0;
-        }
-        if paused_until > now {
-            return (tat.saturating_sub(paused_until) / interval).saturating_sub(burst - 1);
-        }
-        ((tat - now) / interval).saturating_sub(burst)
+        let reserved = if interval == 0 || tat <= now {
+            0
+        } else if paused_until > now {
+            (tat.saturating_sub(paused_until) / interval).saturating_sub(burst - 1)
+        } else {
+            ((tat - now) / interval).saturating_sub(burst)
+        };
+        reserved.max(waiting)
     }
 
     /// Idle: nothing in flight, nothing reserved or paused ahead, unused since `before_secs`.
     pub fn idle(&self, now: u64, before_secs: u32) -> bool {
         self.in_flight() == 0
+            && self.room.load().as_ref().is_none_or(|r| r.is_empty())
             && self.tat.load(Ordering::Acquire) <= now
             && self.paused_until() <= now
             && self.last_used.load(Ordering::Relaxed) < before_secs

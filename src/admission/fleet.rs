@@ -19,8 +19,13 @@ pub trait FleetSeam: Send + Sync {
     fn register(&self, cell: &Arc<HostCell>, key: &str);
     /// `cell` was forgotten here (idle): the fleet stops tracking it.
     fn forget(&self, cell: &HostCell);
+    /// A slot for one request to `cell`'s host at once, if this node holds one (a token
+    /// leased from the fleet, the host not paused); never waits, never asks the store.
+    fn try_now(&self, cell: &Arc<HostCell>) -> bool;
     /// Pace one request to `cell`'s host for the whole fleet, until `deadline` at most.
-    fn pace<'a>(&'a self, cell: &'a Arc<HostCell>, deadline: u64) -> Paced<'a>;
+    /// `demand`: how many requests wait here for the host's slots (the fleet may lease
+    /// tokens for all of them in one call).
+    fn pace<'a>(&'a self, cell: &'a Arc<HostCell>, deadline: u64, demand: u32) -> Paced<'a>;
     /// `cell`'s host is paused until `until` (learned here or told by another node).
     fn paused(&self, cell: &HostCell, until: u64);
     /// Tell the other nodes what this node learned about `cell`'s host.

@@ -128,6 +128,14 @@ impl Light {
         self.burst.store(burst.max(1), Ordering::Relaxed);
     }
 
+    /// The pace every host here follows: nanoseconds between requests, and burst.
+    pub fn pace(&self) -> (u64, u32) {
+        (
+            self.interval.load(Ordering::Relaxed),
+            self.burst.load(Ordering::Relaxed),
+        )
+    }
+
     /// How late after its slot a request here may still be sent without the send guard of a
     /// full cell: half the burst's window. Sends are then at most that much closer than the
     /// pace; a later one moves the host to a full cell (`Admission::before_send`).

@@ -5,16 +5,19 @@
 //! One concept per file: `clock` (the admission clock), `rejection` (why it turned one away),
 //! `table` (hosts: the compact table, full cells, promotion, eviction, status), `cell` and
 //! `light` (a full cell and a compact slot), `wait` (permits, waiting, the send guard),
+//! `room` and `fair` (a contended host's waiting room and its fair order between callers),
 //! `learn` (what responses teach), `hints` (rate-limit headers), `fleet` (the seam a fleet
 //! of nodes plugs into).
 
 mod cell;
 mod clock;
+mod fair;
 mod fleet;
 pub mod hints;
 mod learn;
 mod light;
 mod rejection;
+mod room;
 mod table;
 mod wait;
 
@@ -23,9 +26,10 @@ pub use clock::Clock;
 pub use fleet::{FleetEvent, FleetSeam, Paced};
 pub use learn::{clamp_learned_rps, Learned, LEARNED_RPS_MAX, LEARNED_RPS_MIN, MIN_429_PAUSE};
 pub use rejection::{retry_after_secs, Rejection};
+pub use room::{CallerLine, OTHER};
 pub use table::Host;
 pub(crate) use wait::pace_cell;
-pub use wait::{AtSend, Permit};
+pub use wait::{Ask, AtSend, Caller, Permit};
 
 // Every profile index (the defaults, then one per `[hosts]` entry) leaves a cell's
 // `CONFIGURED` bit free.
@@ -46,7 +50,7 @@ pub struct Admission {
     /// Hosts at the default pace.
     light: Light,
     /// Whether new hosts at the defaults go to `light` (not with a fleet or a default
-    /// concurrency cap, which need full cells).
+    /// concurrency cap, host's or caller's, which need full cells).
     light_on: AtomicBool,
     clock: Arc<Clock>,
     /// The fleet this node shares pace, pauses and learned limits with (`backend = "redis"`).
@@ -107,6 +111,123 @@ mod tests {
         adm.host(key.to_string(), host_of(key), g)
     }
 
+    fn caller(name: &str, weight: u32, cap: u32) -> Caller {
+        Caller {
+            name: Arc::from(name),
+            weight,
+            priority: crate::config::Priority::Normal,
+            cap,
+            max_per_host: 64,
+            client: false,
+        }
+    }
+
+    fn ask(c: &Caller, wait: Duration) -> Ask<'_> {
+        Ask {
+            caller: Some(c),
+            max_wait: wait,
+            slot_within: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_caller_does_not_wait_behind_another_callers_backlog() {
+        let g = generation("[defaults]\nrps = 2.0\nburst = 1\n");
+        let adm = admission(Clock::tokio(), &g);
+        let h = host(&adm, "a.test:443", &g);
+        let wait = Duration::from_secs(60);
+        let mut a = Vec::new();
+        for _ in 0..10 {
+            let (adm, h) = (adm.clone(), h.clone());
+            a.push(tokio::spawn(async move {
+                let c = caller("a", 1, 0);
+                adm.acquire(&h, &ask(&c, wait)).await.map(|p| p.queued)
+            }));
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let b = caller("b", 1, 0);
+        let p = adm.acquire(&h, &ask(&b, wait)).await.expect("b");
+        // The slot at 500 ms goes to a's second request (same tag, earlier), the next to b.
+        assert_eq!(p.queued, Duration::from_millis(800));
+        let mut queued = Vec::new();
+        for t in a {
+            queued.push(t.await.expect("task").expect("a").as_millis());
+        }
+        assert_eq!(
+            queued,
+            [0, 500, 1500, 2000, 2500, 3000, 3500, 4000, 4500, 5000],
+            "a's own order is kept, one slot later"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_rule_refuses_at_once_a_slot_that_leaves_no_time() {
+        let g = generation("[defaults]\nrps = 10.0\nburst = 1\n");
+        let adm = admission(Clock::tokio(), &g);
+        let h = host(&adm, "a.test:443", &g);
+        let c = caller("a", 1, 0);
+        drop(adm.acquire(&h, &ask(&c, Duration::from_secs(1))).await);
+        // The next slot is 100 ms away; the answer needs the deadline's last 60 ms of 150.
+        let tight = Ask {
+            slot_within: Some(Duration::from_millis(90)),
+            ..ask(&c, Duration::from_millis(150))
+        };
+        let before = tokio::time::Instant::now();
+        match adm.acquire(&h, &tight).await {
+            Err(Rejection::Deadline { retry_after }) => {
+                assert_eq!(retry_after, Duration::from_millis(100))
+            }
+            other => panic!(
+                "refused by the deadline rule, not {:?}",
+                other.map(|p| p.queued)
+            ),
+        }
+        assert_eq!(before.elapsed(), Duration::ZERO, "at once");
+        // A slot past the wait itself is the pace's refusal, as before.
+        let beyond = Ask {
+            slot_within: Some(Duration::from_millis(40)),
+            ..ask(&c, Duration::from_millis(50))
+        };
+        assert!(matches!(
+            adm.acquire(&h, &beyond).await,
+            Err(Rejection::Pace { .. })
+        ));
+        let room = Ask {
+            slot_within: Some(Duration::from_millis(110)),
+            ..ask(&c, Duration::from_millis(150))
+        };
+        let p = adm.acquire(&h, &room).await.expect("its slot leaves time");
+        assert_eq!(p.queued, Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_callers_cap_holds_its_requests_and_not_another_callers() {
+        let g =
+            generation("[defaults]\nrps = 1000.0\nburst = 100\nmax_concurrent_per_caller = 1\n");
+        let adm = admission(Clock::tokio(), &g);
+        let h = host(&adm, "a.test:443", &g);
+        assert!(matches!(h, Host::Cell(_)), "a cap needs a full cell");
+        let (a, b) = (caller("a", 1, 1), caller("b", 1, 1));
+        let wait = Duration::from_secs(5);
+        let first = adm.acquire(&h, &ask(&a, wait)).await.expect("a's first");
+        let second = {
+            let (adm, h, a) = (adm.clone(), h.clone(), a.clone());
+            tokio::spawn(async move { adm.acquire(&h, &ask(&a, wait)).await.map(|p| p.queued) })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!second.is_finished(), "a is at its cap");
+        let pb = adm.acquire(&h, &ask(&b, wait)).await.expect("b");
+        assert_eq!(pb.queued, Duration::ZERO, "b is not held by a's cap");
+        drop(first);
+        let queued = second.await.expect("task").expect("a's second");
+        assert_eq!(queued, Duration::from_millis(300));
+        // The place is given back with the permit.
+        let Host::Cell(cell) = h else { unreachable!() };
+        drop(pb);
+        assert!(cell.room().lines().iter().all(|l| l.caller.as_ref() != "b"));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn waits_in_order_and_refuses_beyond_the_wait() {
         let g = generation("[defaults]\nrps = 10.0\nburst = 1\n");
@@ -119,7 +240,7 @@ mod tests {
             let a = a.clone();
             tasks.push(tokio::spawn(async move {
                 let p = adm
-                    .acquire(&a, Duration::from_secs(1))
+                    .acquire(&a, &Ask::plain(Duration::from_secs(1)))
                     .await
                     .expect("admitted");
                 (i, p.queued)
@@ -132,7 +253,9 @@ mod tests {
         }
         // The next slot is 100 ms away: with 50 ms allowed, refused at once without waiting.
         let before = tokio::time::Instant::now();
-        let r = adm.acquire(&a, Duration::from_millis(50)).await;
+        let r = adm
+            .acquire(&a, &Ask::plain(Duration::from_millis(50)))
+            .await;
         assert!(matches!(r, Err(Rejection::Pace { .. })));
         assert_eq!(before.elapsed(), Duration::ZERO);
         assert_eq!(adm.len(), 1);
@@ -145,14 +268,14 @@ mod tests {
         let a = host(&adm, "a.test:443", &g);
         let b = host(&adm, "b.test:443", &g);
         let first = adm
-            .acquire(&a, Duration::from_secs(30))
+            .acquire(&a, &Ask::plain(Duration::from_secs(30)))
             .await
             .expect("first");
         drop(first);
         // Reserved in the compact table, 50 ms ahead.
         let waiting = {
             let (adm, a) = (adm.clone(), a.clone());
-            tokio::spawn(async move { adm.acquire(&a, Duration::from_secs(30)).await })
+            tokio::spawn(async move { adm.acquire(&a, &Ask::plain(Duration::from_secs(30))).await })
         };
         tokio::task::yield_now().await;
         // The first response was a 429 with Retry-After: 2: the host gets a full cell.
@@ -173,7 +296,7 @@ mod tests {
             "seen through the old handle"
         );
         let pb = adm
-            .acquire(&b, Duration::from_secs(30))
+            .acquire(&b, &Ask::plain(Duration::from_secs(30)))
             .await
             .expect("other host");
         assert_eq!(
@@ -188,7 +311,7 @@ mod tests {
         assert_eq!(pa.queued, Duration::from_secs(2));
         // After the pause, the pace (not a burst): the next slot is 50 ms later.
         let next = adm
-            .acquire(&a, Duration::from_secs(30))
+            .acquire(&a, &Ask::plain(Duration::from_secs(30)))
             .await
             .expect("next");
         assert_eq!(next.queued, Duration::from_millis(50));
@@ -204,7 +327,7 @@ mod tests {
         let adm = admission(Clock::tokio(), &g);
         let a = host(&adm, "a.test:443", &g);
         drop(
-            adm.acquire(&a, Duration::from_secs(1))
+            adm.acquire(&a, &Ask::plain(Duration::from_secs(1)))
                 .await
                 .expect("first"),
         );
@@ -236,8 +359,8 @@ mod tests {
         let adm = admission(Clock::tokio(), &g);
         let a = host(&adm, "a.test:443", &g);
         let wait = Duration::from_secs(30);
-        let p0 = adm.acquire(&a, wait).await.expect("first");
-        let p1 = adm.acquire(&a, wait).await.expect("second");
+        let p0 = adm.acquire(&a, &Ask::plain(wait)).await.expect("first");
+        let p1 = adm.acquire(&a, &Ask::plain(wait)).await.expect("second");
         assert_eq!(p1.queued, Duration::from_millis(50));
         // On time, the first would go at once and leave a compact host compact.
         // Late: it is sent at 135 ms, then the second may go only 50 ms after it.
@@ -247,7 +370,7 @@ mod tests {
         assert_eq!(adm.before_send(&a, &p1, &g).await, AtSend::Go);
         assert_eq!(t.elapsed(), Duration::from_millis(50), "spaced at the pace");
         // A third, admitted before a 429 comes back and about to be sent after it: held.
-        let p2 = adm.acquire(&a, wait).await.expect("third");
+        let p2 = adm.acquire(&a, &Ask::plain(wait)).await.expect("third");
         let sending = {
             let (adm, a, g) = (adm.clone(), a.clone(), g.clone());
             tokio::spawn(async move { adm.before_send(&a, &p2, &g).await })
@@ -260,7 +383,10 @@ mod tests {
         adm.learn(&a, &g, 429, &hints);
         assert_eq!(sending.await.expect("task"), AtSend::Paused);
         // Admitted again, it waits out the pause.
-        let again = adm.acquire(&a, wait).await.expect("after the pause");
+        let again = adm
+            .acquire(&a, &Ask::plain(wait))
+            .await
+            .expect("after the pause");
         assert!(
             again.queued >= Duration::from_millis(1_900),
             "{:?}",
@@ -292,14 +418,25 @@ mod tests {
         let a = host(&adm, "a.test:443", &g);
         for _ in 0..3 {
             let p = adm
-                .acquire(&a, Duration::from_secs(1))
+                .acquire(&a, &Ask::plain(Duration::from_secs(1)))
                 .await
                 .expect("admitted");
+            assert_eq!(p.queued, Duration::ZERO, "at the pace: no wait");
             // A few milliseconds late is within half an interval.
             tokio::time::sleep(Duration::from_millis(5)).await;
             assert_eq!(adm.before_send(&a, &p, &g).await, AtSend::Go);
+            tokio::time::sleep(Duration::from_millis(45)).await;
         }
         assert!(matches!(host(&adm, "a.test:443", &g), Host::Light { .. }));
+        // A request that has to wait makes the host contended: it gets a full cell, whose
+        // waiting room orders the waiting requests.
+        drop(adm.acquire(&a, &Ask::plain(Duration::from_secs(1))).await);
+        let p = adm
+            .acquire(&a, &Ask::plain(Duration::from_secs(1)))
+            .await
+            .expect("admitted");
+        assert_eq!(p.queued, Duration::from_millis(50));
+        assert!(matches!(host(&adm, "a.test:443", &g), Host::Cell(_)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -308,7 +445,7 @@ mod tests {
         let adm = admission(Clock::tokio(), &g);
         let a = host(&adm, "a.test:443", &g);
         drop(
-            adm.acquire(&a, Duration::from_secs(9))
+            adm.acquire(&a, &Ask::plain(Duration::from_secs(9)))
                 .await
                 .expect("first"),
         );
@@ -317,7 +454,7 @@ mod tests {
         for _ in 0..4 {
             let (adm, a) = (adm.clone(), a.clone());
             waiters.push(tokio::spawn(async move {
-                adm.acquire(&a, Duration::from_secs(9)).await
+                adm.acquire(&a, &Ask::plain(Duration::from_secs(9))).await
             }));
             tokio::task::yield_now().await;
         }
@@ -347,7 +484,7 @@ mod tests {
         let adm = admission(Clock::tokio(), &g);
         let a = host(&adm, "a.test:443", &g);
         drop(
-            adm.acquire(&a, Duration::from_secs(5))
+            adm.acquire(&a, &Ask::plain(Duration::from_secs(5)))
                 .await
                 .expect("first"),
         );
@@ -365,9 +502,15 @@ mod tests {
         assert_eq!(cell.rps(), 4.0);
         // The slot taken in the compact table still counts: the first request's interval (at
         // the 1 s pace it went at) ends at 1 s; a fresh cell would have let this one go now.
-        let p = adm.acquire(&a, Duration::from_secs(5)).await.expect("next");
+        let p = adm
+            .acquire(&a, &Ask::plain(Duration::from_secs(5)))
+            .await
+            .expect("next");
         assert_eq!(p.queued, Duration::from_secs(1));
-        let p = adm.acquire(&a, Duration::from_secs(5)).await.expect("next");
+        let p = adm
+            .acquire(&a, &Ask::plain(Duration::from_secs(5)))
+            .await
+            .expect("next");
         assert_eq!(
             p.queued,
             Duration::from_millis(250),
@@ -384,14 +527,16 @@ mod tests {
             panic!("a default concurrency cap needs full cells");
         };
         let held = adm
-            .acquire(&a, Duration::from_secs(1))
+            .acquire(&a, &Ask::plain(Duration::from_secs(1)))
             .await
             .expect("first");
-        let refused = adm.acquire(&a, Duration::from_millis(200)).await;
+        let refused = adm
+            .acquire(&a, &Ask::plain(Duration::from_millis(200)))
+            .await;
         assert!(matches!(refused, Err(Rejection::Concurrency { .. })));
         let waiter = {
             let (adm, a) = (adm.clone(), a.clone());
-            tokio::spawn(async move { adm.acquire(&a, Duration::from_secs(5)).await })
+            tokio::spawn(async move { adm.acquire(&a, &Ask::plain(Duration::from_secs(5))).await })
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(held);

@@ -12,20 +12,29 @@ pub enum Rejection {
     Paused { retry_after: Duration },
     /// No in-flight place freed up within the allowed wait.
     Concurrency { retry_after: Duration },
+    /// The request would have to wait, and no slot leaves time for its answer before its
+    /// deadline (nothing was sent).
+    Deadline { retry_after: Duration },
     /// The fleet's shared store is unavailable and `on_error = "throttle"`.
     Unavailable { retry_after: Duration },
 }
 
 impl Rejection {
     /// Every `reason()`, for the metric's label set.
-    pub const REASONS: [&'static str; 4] =
-        ["pace", "paused", "concurrency", "shared_state_unavailable"];
+    pub const REASONS: [&'static str; 5] = [
+        "pace",
+        "paused",
+        "concurrency",
+        "deadline",
+        "shared_state_unavailable",
+    ];
 
     pub fn reason(self) -> &'static str {
         match self {
             Rejection::Pace { .. } => "pace",
             Rejection::Paused { .. } => "paused",
             Rejection::Concurrency { .. } => "concurrency",
+            Rejection::Deadline { .. } => "deadline",
             Rejection::Unavailable { .. } => "shared_state_unavailable",
         }
     }
@@ -43,6 +52,7 @@ impl Rejection {
             Rejection::Pace { retry_after }
             | Rejection::Paused { retry_after }
             | Rejection::Concurrency { retry_after }
+            | Rejection::Deadline { retry_after }
             | Rejection::Unavailable { retry_after } => retry_after,
         }
     }

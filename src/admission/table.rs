@@ -40,7 +40,9 @@ impl Admission {
         let limits = generation.limits(0);
         self.light.set_pace(interval_of(limits.rps), limits.burst);
         self.light_on.store(
-            self.fleet.is_none() && limits.max_concurrent == 0,
+            self.fleet.is_none()
+                && limits.max_concurrent == 0
+                && limits.max_concurrent_per_caller == 0,
             Ordering::Relaxed,
         );
     }
@@ -81,10 +83,10 @@ impl Admission {
         self.make_cell(key, profile, configured, generation, 0)
     }
 
-    /// A full cell for `key`; a host that was in the compact table keeps its pace position.
     /// The full cell of `key`, made (or found, if another thread made it) and then promoted
-    /// out of the compact table. `paused_until` (0: none) is set on the cell before the
-    /// promotion makes it visible, so no request slips through between the two.
+    /// out of the compact table, keeping its pace position. `paused_until` (0: none) is set on
+    /// the cell before the promotion makes it visible, so no request slips through between
+    /// the two.
     pub(super) fn make_cell(
         &self,
         key: &str,
@@ -94,14 +96,33 @@ impl Admission {
         paused_until: u64,
     ) -> Arc<HostCell> {
         let limits = generation.limits(profile);
-        let fresh = Arc::new(HostCell::new(
+        let fresh = HostCell::new(
             limits.rps,
             limits.burst,
             limits.max_concurrent,
             profile,
             configured,
-        ));
-        let cell = self.cells.pin().get_or_insert(key.into(), fresh).clone();
+        );
+        self.insert_cell(key, fresh, paused_until)
+    }
+
+    /// The full cell of a host in the compact table that became contended: requests now wait
+    /// in its fair queue. It keeps the compact table's pace (the defaults) and position.
+    pub(super) fn contended_cell(&self, key: &str) -> Arc<HostCell> {
+        if let Some(c) = self.cells.pin().get(key) {
+            return c.clone();
+        }
+        let (interval, burst) = self.light.pace();
+        let fresh = HostCell::new(super::rps_of(interval), burst, 0, 0, false);
+        self.insert_cell(key, fresh, 0)
+    }
+
+    fn insert_cell(&self, key: &str, fresh: HostCell, paused_until: u64) -> Arc<HostCell> {
+        let cell = self
+            .cells
+            .pin()
+            .get_or_insert(key.into(), Arc::new(fresh))
+            .clone();
         if paused_until > 0 {
             cell.pause_until(paused_until);
         }

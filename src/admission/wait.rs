@@ -1,11 +1,51 @@
-//! Waiting for admission: a slot at the host's pace and an in-flight place (`acquire`, FIFO
-//! per host), the permit that holds the place, and the last look before a request is sent
+//! Waiting for admission: a slot at the host's pace and an in-flight place (`acquire`: at once
+//! while the host has a free slot, else in its fair queue, `room.rs`), the permit that holds the place, and the last look before a request is sent
 //! (`before_send`: the send guard and a pause learned since).
 
-use super::{Admission, Clock, Decision, Host, HostCell, Rejection};
+use super::room::{CallerPlace, Wait, OTHER};
+use super::{nanos, Admission, Clock, Decision, Host, HostCell, Rejection};
+use crate::config::Priority;
 use crate::generation::Generation;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// What one request asks of admission at a host.
+pub struct Ask<'a> {
+    /// Who is asking (fair shares, classes and the per-caller cap at a contended host);
+    /// `None`: the caller everyone shares.
+    pub caller: Option<&'a Caller>,
+    /// Longest the request may wait for its slot and in-flight place.
+    pub max_wait: Duration,
+    /// The deadline rule: a request that has to wait takes only a slot within this (its
+    /// deadline less the time its answer is expected to take); `None`: no rule.
+    pub slot_within: Option<Duration>,
+}
+
+impl Ask<'_> {
+    /// A wait of at most `max_wait`, with no caller and no deadline rule.
+    pub fn plain(max_wait: Duration) -> Ask<'static> {
+        Ask {
+            caller: None,
+            max_wait,
+            slot_within: None,
+        }
+    }
+}
+
+/// A request's caller as one host sees it.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub name: Arc<str>,
+    /// Its share against the host's other callers (at least 1).
+    pub weight: u32,
+    pub priority: Priority,
+    /// Its requests in flight at this host at once (0: no cap).
+    pub cap: u32,
+    /// Callers this host tracks apart (the rest share `other`).
+    pub max_per_host: usize,
+    /// `name` is a configured client's (a bounded label set: metrics may name it).
+    pub client: bool,
+}
 
 /// An admitted request's in-flight place; given back when dropped.
 pub struct Permit {
@@ -17,6 +57,8 @@ pub struct Permit {
     /// (0 in the compact table), for the look taken just before sending.
     slot: u64,
     epoch: u32,
+    /// Its caller's place under a per-caller cap.
+    _place: Option<CallerPlace>,
 }
 
 /// What a request admitted earlier does when it is about to be sent.
@@ -37,50 +79,45 @@ impl Drop for Permit {
 }
 
 impl Admission {
-    /// Wait for a slot at the host's pace and an in-flight place, at most `max_wait`.
-    pub async fn acquire(&self, host: &Host, max_wait: Duration) -> Result<Permit, Rejection> {
+    /// Wait for a slot at the host's pace and an in-flight place, as `ask` allows. Requests
+    /// go at once while the host has a free slot; when it has none they wait in its fair
+    /// queue (a host in the compact table gets a full cell for it).
+    pub async fn acquire(&self, host: &Host, ask: &Ask<'_>) -> Result<Permit, Rejection> {
         let start = self.clock.now();
-        let deadline = start.saturating_add(max_wait.as_nanos() as u64);
-        let (fp, key) = match host {
-            Host::Cell(cell) => return self.acquire_cell(cell, start, deadline).await,
-            Host::Light { fp, key } => (*fp, key.as_str()),
-        };
-        loop {
-            let now = self.clock.now();
-            let permit = |slot| Permit {
-                cell: None,
-                queued: Duration::from_nanos(self.clock.now().saturating_sub(start)),
-                slot,
-                epoch: 0,
-            };
-            match self.light.reserve(fp, now, deadline.saturating_sub(now)) {
-                Some(Decision::Now) => return Ok(permit(now)),
-                Some(Decision::At { at, .. }) => {
-                    tokio::time::sleep(Duration::from_nanos(at.saturating_sub(now))).await;
-                    // A host promoted while this request waited may have been paused since
-                    // (even a pause already over: it restarted the pace after its end). A
-                    // full cell made by promotion starts at epoch 0 and every pause bumps
-                    // it, so a reservation made here stands while the epoch is 0; otherwise
-                    // it is void and the request takes a slot of the full cell.
-                    let stands = self.light.holds(fp)
-                        || self.cells.pin().get(key).is_none_or(|c| c.still_valid(0));
-                    if stands {
-                        return Ok(permit(at));
-                    }
-                }
-                Some(Decision::Refuse { retry_after }) => {
-                    return Err(Rejection::Pace {
-                        retry_after: Duration::from_nanos(retry_after),
-                    })
-                }
-                None => {
-                    let cell = self.cells.pin().get(key).cloned();
-                    match cell {
-                        Some(cell) => return self.acquire_cell(&cell, start, deadline).await,
-                        None => self.light.demote(fp),
-                    }
-                }
+        let cell = match host {
+            Host::Cell(cell) => cell.clone(),
+            // A caller's cap needs a full cell (a configured cap keeps hosts out of the
+            // compact table).
+            Host::Light { key, .. } if ask.caller.is_some_and(|c| c.cap > 0) => {
+                self.contended_cell(key)
             }
+            Host::Light { fp, key } => loop {
+                match self.light.reserve(*fp, start, 0) {
+                    Some(Decision::Now) => {
+                        return Ok(Permit {
+                            cell: None,
+                            queued: Duration::ZERO,
+                            slot: start,
+                            epoch: 0,
+                            _place: None,
+                        })
+                    }
+                    Some(_) => break self.contended_cell(key),
+                    None => match self.cells.pin().get(key.as_str()) {
+                        Some(c) => break c.clone(),
+                        None => self.light.demote(*fp),
+                    },
+                }
+            },
+        };
+        self.acquire_cell(&cell, start, ask).await
+    }
+
+    /// A slot at once, if the host has one free (the uncontended path: no lock, no queue).
+    fn slot_now(&self, cell: &Arc<HostCell>, now: u64) -> bool {
+        match &self.fleet {
+            Some(fleet) => fleet.try_now(cell),
+            None => cell.reserve(now, 0) == Decision::Now,
         }
     }
 
@@ -88,17 +125,60 @@ impl Admission {
         &self,
         cell: &Arc<HostCell>,
         start: u64,
-        deadline: u64,
+        ask: &Ask<'_>,
     ) -> Result<Permit, Rejection> {
-        match &self.fleet {
-            Some(fleet) => fleet.pace(cell, deadline).await?,
-            None => pace_cell(cell, &self.clock, deadline).await?,
-        }
-        // Paced: the slot is now, in the epoch now (a pause from here on voids it).
-        let (slot, epoch) = (self.clock.now(), cell.epoch());
+        let cap = ask.caller.map_or(0, |c| c.cap);
+        let mut place = None;
+        let at_once = if cap > 0 {
+            let c = ask.caller.expect("a cap comes with a caller");
+            let room = cell.room();
+            let key = room.caller_key(&c.name, c.max_per_host);
+            place = room.try_place(&key, cap);
+            place.is_some() && self.slot_now(cell, start)
+        } else {
+            self.slot_now(cell, start)
+        };
+        let max_wait = nanos(ask.max_wait);
+        let deadline = start.saturating_add(max_wait);
+        let (slot, epoch) = if at_once {
+            (start, cell.epoch())
+        } else {
+            drop(place.take());
+            let latest = match ask.slot_within.map(nanos) {
+                Some(d) if d < max_wait => start.saturating_add(d),
+                _ => deadline,
+            };
+            let other: Arc<str> = Arc::from(OTHER);
+            let wait = match ask.caller {
+                Some(c) => Wait {
+                    caller: &c.name,
+                    weight: c.weight,
+                    class: c.priority,
+                    cap,
+                    max_callers: c.max_per_host,
+                    latest,
+                    latest_by_wait: deadline,
+                },
+                None => Wait {
+                    caller: &other,
+                    weight: 1,
+                    class: Priority::Normal,
+                    cap: 0,
+                    max_callers: 1,
+                    latest,
+                    latest_by_wait: deadline,
+                },
+            };
+            let handed = cell
+                .room()
+                .wait(cell, &self.clock, &self.fleet, wait)
+                .await?;
+            place = handed.place;
+            (handed.slot, handed.epoch)
+        };
         while !cell.try_enter() {
-            let gate = cell.gate();
-            let notified = gate.notified();
+            let room = cell.room();
+            let notified = room.gate.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if cell.try_enter() {
@@ -119,6 +199,7 @@ impl Admission {
             queued: Duration::from_nanos(self.clock.now().saturating_sub(start)),
             slot,
             epoch,
+            _place: place,
         })
     }
 

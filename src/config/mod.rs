@@ -46,6 +46,8 @@ pub struct Config {
     pub security: Security,
     /// Clients allowed to use sluice; when any is listed, every request must authenticate.
     pub clients: Vec<ClientConfig>,
+    /// Who a request's caller is, for fair shares between the callers of a contended host.
+    pub callers: Callers,
     /// State shared by a fleet of sluice processes (Redis), and what to do when it fails.
     pub shared: FleetConfig,
     /// TLS interception of CONNECT tunnels to chosen hosts (off unless hosts are listed).
@@ -172,6 +174,70 @@ pub struct ClientConfig {
     pub password_sha256: Option<String>,
     /// Pace of this client's requests, across all hosts.
     pub limits: Option<ClientLimits>,
+    /// The client's share of a contended host against other callers (1-1000).
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// The class of its requests that send no `Sluice-Priority`.
+    #[serde(default)]
+    pub priority: Priority,
+}
+
+/// A request's class when callers wait at one host: higher classes go first, and a lower
+/// class waiting is never starved outright.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High = 0,
+    #[default]
+    Normal = 1,
+    Low = 2,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    /// `high`, `normal` or `low` (as `Sluice-Priority` carries it).
+    pub fn parse(v: &str) -> Option<Priority> {
+        Priority::ALL.into_iter().find(|p| p.as_str() == v)
+    }
+}
+
+/// `[callers]`: who a request's caller is, for fair shares at a contended host.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Callers {
+    /// `auto`: the authenticated client; without client authentication, the `Sluice-Caller`
+    /// header, else the client's address. `address`: the client's address (the header is
+    /// ignored). `none`: one caller for everyone (first come, first served).
+    pub by: CallerBy,
+    /// Callers tracked apart at one host; the rest share the caller `other`.
+    pub max_per_host: usize,
+}
+
+impl Default for Callers {
+    fn default() -> Self {
+        Callers {
+            by: CallerBy::Auto,
+            max_per_host: 64,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CallerBy {
+    #[default]
+    Auto,
+    Address,
+    None,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -203,8 +269,15 @@ pub struct HostLimits {
     pub burst: u32,
     /// Requests (and tunnels) in flight at once; 0 = unlimited.
     pub max_concurrent: u32,
+    /// Requests one caller may have in flight at the host at once (waiting for its slot
+    /// included); 0 = unlimited.
+    pub max_concurrent_per_caller: u32,
     /// Longest a request may wait for its slot; beyond it, sluice answers 429 at once.
     pub max_queue_wait: HumanDuration,
+    /// The least time sluice expects between a request's slot and its response head (the
+    /// route's p90 when it is longer): a request that would wait is admitted only if its
+    /// slot leaves that much before its deadline.
+    pub head_time_floor: HumanDuration,
     /// Ceiling for a pace learned from upstream headers; 0 = no ceiling.
     pub max_rps: f64,
     /// How requests are sent across the host's regions.
@@ -242,7 +315,9 @@ impl Default for HostLimits {
             rps: 2.0,
             burst: 2,
             max_concurrent: 0,
+            max_concurrent_per_caller: 0,
             max_queue_wait: HumanDuration::from_secs(30),
+            head_time_floor: HumanDuration::from_millis(50),
             max_rps: 0.0,
             mode: Mode::Single,
             hedge_after: HedgeAfter::Percentile(95),
@@ -266,7 +341,9 @@ pub struct HostOverride {
     pub rps: Option<f64>,
     pub burst: Option<u32>,
     pub max_concurrent: Option<u32>,
+    pub max_concurrent_per_caller: Option<u32>,
     pub max_queue_wait: Option<HumanDuration>,
+    pub head_time_floor: Option<HumanDuration>,
     pub max_rps: Option<f64>,
     pub mode: Option<Mode>,
     pub hedge_after: Option<HedgeAfter>,
@@ -292,7 +369,11 @@ impl HostOverride {
             rps: self.rps.unwrap_or(base.rps),
             burst: self.burst.unwrap_or(base.burst),
             max_concurrent: self.max_concurrent.unwrap_or(base.max_concurrent),
+            max_concurrent_per_caller: self
+                .max_concurrent_per_caller
+                .unwrap_or(base.max_concurrent_per_caller),
             max_queue_wait: self.max_queue_wait.unwrap_or(base.max_queue_wait),
+            head_time_floor: self.head_time_floor.unwrap_or(base.head_time_floor),
             max_rps: self.max_rps.unwrap_or(base.max_rps),
             mode: self.mode.unwrap_or(base.mode),
             hedge_after: self.hedge_after.unwrap_or(base.hedge_after),

@@ -286,6 +286,12 @@ impl Config {
                     }
                 }
             }
+            if !(1..=MAX_WEIGHT).contains(&c.weight) {
+                err(
+                    format!("{path}.weight"),
+                    format!("must be between 1 and {MAX_WEIGHT}"),
+                );
+            }
             if let Some(l) = &c.limits {
                 if !(l.rps.is_finite() && l.rps > 0.0) {
                     err(format!("{path}.limits.rps"), "must be positive".into());
@@ -296,6 +302,12 @@ impl Config {
             }
         }
 
+        if !(1..=MAX_CALLERS_PER_HOST).contains(&self.callers.max_per_host) {
+            err(
+                "callers.max_per_host".into(),
+                format!("must be between 1 and {MAX_CALLERS_PER_HOST}"),
+            );
+        }
         self.shared.check(&mut err);
         check_intercept(&self.intercept, &mut err);
         super::jobs::check(&self.jobs, &self.webhooks, &mut err);
@@ -342,6 +354,12 @@ impl Config {
 /// Longest `request_timeout` or `body_idle_timeout` (as long as a `Sluice-Timeout` may be).
 const MAX_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// Largest `[[clients]] weight`.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// Most callers `[callers] max_per_host` may track apart at one host.
+pub const MAX_CALLERS_PER_HOST: usize = 4096;
+
 fn check_limits(path: &str, l: &super::HostLimits, err: &mut impl FnMut(String, String)) {
     if !(l.rps.is_finite() && l.rps >= 0.0 && l.rps <= 1_000_000.0) {
         err(
@@ -365,6 +383,15 @@ fn check_limits(path: &str, l: &super::HostLimits, err: &mut impl FnMut(String, 
                 ),
             );
         }
+    }
+    if l.head_time_floor.get() > MAX_REQUEST_TIMEOUT {
+        err(
+            format!("{path}.head_time_floor"),
+            format!(
+                "must be at most {}",
+                humantime::format_duration(MAX_REQUEST_TIMEOUT)
+            ),
+        );
     }
     if !(l.max_rps.is_finite() && l.max_rps >= 0.0) {
         err(

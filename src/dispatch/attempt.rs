@@ -177,10 +177,15 @@ async fn admit_attempt(
     cell: &Host,
     wait: Duration,
 ) -> std::result::Result<Permit, Box<pingora_error::Error>> {
-    crate::gate::admit(job.shared, || job.plan.origin.host_port(), cell, wait)
-        .await
-        .inspect(|p| job.waited(p.queued))
-        .map_err(crate::gate::Refusal::into_error)
+    crate::gate::admit(
+        job.shared,
+        || job.plan.origin.host_port(),
+        cell,
+        &job.plan.ask(wait),
+    )
+    .await
+    .inspect(|p| job.waited(p.queued))
+    .map_err(crate::gate::Refusal::into_error)
 }
 
 /// While armed, dropping it (the attempt was cancelled) records the time waited as a lower

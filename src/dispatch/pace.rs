@@ -3,7 +3,7 @@
 //! and pauses. Whether to send again is the dispatch policy's decision (`policy.rs`).
 
 use super::prepare::Plan;
-use crate::admission::{hints, Host, Permit};
+use crate::admission::{hints, Ask, Host, Permit};
 use crate::gate::{self, Refusal};
 use crate::generation::Generation;
 use crate::state::Shared;
@@ -34,7 +34,7 @@ pub async fn admit(
         Some(c) => {
             let wait = plan.within_deadline(c.wait);
             let who = || format!("client {}", c.name);
-            let p = gate::admit(shared, who, &c.cell, wait)
+            let p = gate::admit(shared, who, &c.cell, &Ask::plain(wait))
                 .await
                 .map_err(Refusal::into_error)?;
             *queued += p.queued;
@@ -46,7 +46,7 @@ pub async fn admit(
         shared,
         || plan.origin.host_port(),
         &plan.cell,
-        plan.max_wait(),
+        &plan.ask(plan.max_wait()),
     )
     .await
     .map_err(Refusal::into_error)?;

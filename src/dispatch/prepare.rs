@@ -5,11 +5,11 @@
 //! stages see it: admission (`pace::admit`) and the attempts (`exec::run`) only read it.
 
 use super::{control, Control, Ctx};
-use crate::admission::Host;
+use crate::admission::{Ask, Caller, Host};
 use crate::config::HostLimits;
 use crate::error::{self, Code};
 use crate::gate::{self, Refusal};
-use crate::policy::auth::{self, SLUICE_KEY};
+use crate::policy::auth::{self, Client, SLUICE_KEY};
 use crate::regions::HostRoute;
 use crate::state::Shared;
 use crate::target::{self, Origin, WayIn};
@@ -32,6 +32,8 @@ pub struct Plan {
     pub cell: Host,
     /// The authenticated client's own pace, when its `[[clients]]` entry sets one.
     pub client: Option<ClientPace>,
+    /// Who is asking, as the destination host tells its callers apart.
+    pub caller: Caller,
     /// End-to-end deadline from `Sluice-Timeout`, else the host's `request_timeout`: the
     /// wait, the connects and the response head (never a streamed body).
     pub deadline: Option<Instant>,
@@ -77,6 +79,35 @@ impl Plan {
     pub fn max_wait(&self) -> Duration {
         self.within_deadline(self.limits.max_queue_wait.get())
     }
+
+    /// What the request asks of its host's admission now: its caller, at most `wait`, and a
+    /// slot that leaves its answer the time it is expected to take before the deadline.
+    pub fn ask(&self, wait: Duration) -> Ask<'_> {
+        let slot_within = self.deadline.map(|d| {
+            d.saturating_duration_since(Instant::now())
+                .saturating_sub(self.expected_head_time())
+        });
+        Ask {
+            caller: Some(&self.caller),
+            max_wait: wait,
+            slot_within,
+        }
+    }
+
+    /// The time from a slot to the response head this request can expect: the p90 of the
+    /// region it goes to first (its average while it has too few answers for a percentile),
+    /// never less than the host's `head_time_floor`.
+    pub fn expected_head_time(&self) -> Duration {
+        let floor = self.limits.head_time_floor.get();
+        let Some(first) = self.order.first() else {
+            return floor;
+        };
+        let state = &self.route.host.regions[*first].state;
+        state
+            .percentile(90)
+            .or_else(|| state.ewma())
+            .map_or(floor, |d| d.max(floor))
+    }
 }
 
 pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<Plan> {
@@ -98,10 +129,15 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         ctx.way = WayIn::Intercept;
     }
     ctx.origin = Some(dest.origin.clone());
-    let client = match ctx.generation.clients.enabled() {
-        true => authenticate(shared, session, ctx)?,
+    let job = req
+        .headers
+        .get(crate::jobs::JOB_TOKEN)
+        .is_some_and(|t| auth::same_secret(t.as_bytes(), shared.jobs.token.as_bytes()));
+    let authenticated = match ctx.generation.clients.enabled() {
+        true => Some(authenticate(session, ctx, job)?),
         false => None,
     };
+    let client = authenticated.as_ref().and_then(|c| client_pace(shared, c));
     let mut deadline = None;
     if let Some(v) = req.headers.get(control::SLUICE_TIMEOUT) {
         let t = control::parse_timeout(v).map_err(|m| error::error(Code::BadRequest, m))?;
@@ -147,6 +183,17 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
             shared.regions.implicit(&key, &addrs)
         }
     };
+    let who = gate::Who {
+        client: authenticated.as_ref(),
+        job,
+        caller_header: req.headers.get(gate::SLUICE_CALLER).map(|v| v.as_bytes()),
+        priority_header: req.headers.get(gate::SLUICE_PRIORITY).map(|v| v.as_bytes()),
+        addr: session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip()),
+    };
+    let caller = gate::caller(&generation, &limits, &who).map_err(Refusal::into_error)?;
     let cell = shared.admission.host(key, &origin.host, &generation);
     ctx.profile = Some(cell.profile());
     let order = endpoints(shared, &route, &control);
@@ -159,6 +206,7 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         order,
         cell,
         client,
+        caller,
         deadline,
         deadline_from_client,
     })
@@ -181,17 +229,13 @@ fn endpoints(shared: &Shared, route: &HostRoute, control: &Control) -> Vec<usize
     order
 }
 
-/// Authenticate the client (see `policy::auth::authenticate`): its name, and its own pace
-/// when it has one.
-fn authenticate(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<Option<ClientPace>> {
+/// Authenticate the client (see `policy::auth::authenticate`). One of this process's own
+/// job requests (`job`) is the client that submitted the job (its credentials were checked
+/// then).
+fn authenticate(session: &Session, ctx: &mut Ctx, job: bool) -> Result<Client> {
     let h = &session.req_header().headers;
     let proxy_way = matches!(ctx.way, WayIn::Forward | WayIn::Connect | WayIn::Intercept);
-    let job = h
-        .get(crate::jobs::JOB_TOKEN)
-        .is_some_and(|t| auth::same_secret(t.as_bytes(), shared.jobs.token.as_bytes()));
     let client = if job {
-        // One of this process's own job requests: the client that submitted the job (its
-        // credentials were checked then) is the one whose limits apply.
         let name = h
             .get(crate::jobs::JOB_CLIENT)
             .and_then(|v| v.to_str().ok())
@@ -214,11 +258,16 @@ fn authenticate(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Result<Opt
         .map_err(Refusal::into_error)?
     };
     ctx.client = Some(client.name.clone());
-    Ok(client.limits.as_ref().map(|l| ClientPace {
+    Ok(client.clone())
+}
+
+/// A client's own pace (across all hosts), when its entry sets one.
+fn client_pace(shared: &Shared, client: &Client) -> Option<ClientPace> {
+    client.limits.as_ref().map(|l| ClientPace {
         name: client.name.clone(),
         cell: Host::Cell(shared.admission.client_cell(&client.name, l.rps, l.burst)),
         wait: l.max_queue_wait.get(),
-    }))
+    })
 }
 
 /// The request's declared body length.

@@ -381,6 +381,7 @@ impl Fleet {
         self: &Arc<Self>,
         cell: &Arc<HostCell>,
         deadline: u64,
+        demand: u32,
     ) -> Result<(), Rejection> {
         let Some(host) = self.host(cell) else {
             return crate::admission::pace_cell(cell, &self.clock, deadline).await;
@@ -401,7 +402,7 @@ impl Fleet {
                 return Ok(());
             }
             if self.allow(self.clock.now()) {
-                match host.take(self, cell, deadline).await {
+                match host.take(self, cell, deadline, demand).await {
                     Ok(()) => return Ok(()),
                     Err(pacer::TakeError::Refused(r)) => return Err(r),
                     Err(pacer::TakeError::Store) => {}
@@ -498,10 +499,24 @@ impl FleetSeam for Fleet {
         self.hosts.pin().remove(&cell_id(cell));
     }
 
-    fn pace<'a>(&'a self, cell: &'a Arc<HostCell>, deadline: u64) -> Paced<'a> {
+    fn try_now(&self, cell: &Arc<HostCell>) -> bool {
+        let now = self.clock.now();
+        if cell.paused_until() > now {
+            return false;
+        }
+        match self.host(cell) {
+            Some(host) => {
+                cell.touch(now);
+                cell.rps() == 0.0 || host.try_take()
+            }
+            None => cell.reserve(now, 0) == Decision::Now,
+        }
+    }
+
+    fn pace<'a>(&'a self, cell: &'a Arc<HostCell>, deadline: u64, demand: u32) -> Paced<'a> {
         Box::pin(async move {
             match self.me.upgrade() {
-                Some(fleet) => fleet.pace_shared(cell, deadline).await,
+                Some(fleet) => fleet.pace_shared(cell, deadline, demand).await,
                 // The fleet is being dropped (shutdown): this node's own pace.
                 None => crate::admission::pace_cell(cell, &self.clock, deadline).await,
             }

@@ -56,19 +56,19 @@ pub struct FleetHost {
     pub fallback: HostCell,
 }
 
-/// Counts a waiting request while it waits.
-struct Waiting<'a>(&'a AtomicU32);
+/// Counts the requests a take waits for while it waits.
+struct Waiting<'a>(&'a AtomicU32, u32);
 
 impl<'a> Waiting<'a> {
-    fn new(n: &'a AtomicU32) -> Waiting<'a> {
-        n.fetch_add(1, Ordering::AcqRel);
-        Waiting(n)
+    fn new(n: &'a AtomicU32, demand: u32) -> Waiting<'a> {
+        n.fetch_add(demand, Ordering::AcqRel);
+        Waiting(n, demand)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
     }
 }
 
@@ -101,7 +101,7 @@ impl FleetHost {
     }
 
     /// Take one token; true if there was one.
-    fn try_take(&self) -> bool {
+    pub fn try_take(&self) -> bool {
         match self.tokens.try_acquire() {
             Ok(p) => {
                 p.forget();
@@ -128,11 +128,14 @@ impl FleetHost {
     }
 
     /// Take one fleet token for a request, waiting in line until `deadline` at most.
+    /// `demand` requests wait behind this take on this node (the asking task leases tokens
+    /// for all of them).
     pub async fn take(
         self: &Arc<Self>,
         fleet: &Arc<Fleet>,
         cell: &Arc<HostCell>,
         deadline: u64,
+        demand: u32,
     ) -> Result<(), TakeError> {
         if self.try_take() {
             return Ok(());
@@ -148,7 +151,7 @@ impl FleetHost {
         if !fleet.options.retry_after_cache {
             return self.take_alone(fleet, cell, deadline).await;
         }
-        let _waiting = Waiting::new(&self.waiting);
+        let _waiting = Waiting::new(&self.waiting, demand.max(1));
         let mut failed = self.failures.subscribe();
         self.ensure_pump(fleet, cell);
         let wait = Duration::from_nanos(deadline.saturating_sub(now));
@@ -184,7 +187,7 @@ impl FleetHost {
         let Some(store) = fleet.store().cloned() else {
             return Err(TakeError::Store);
         };
-        let _waiting = Waiting::new(&self.waiting);
+        let _waiting = Waiting::new(&self.waiting, 1);
         loop {
             if self.try_take() {
                 return Ok(());

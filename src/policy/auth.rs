@@ -17,6 +17,9 @@ pub struct Client {
     token: Option<[u8; 32]>,
     password: Option<[u8; 32]>,
     pub limits: Option<crate::config::ClientLimits>,
+    /// Its share of a contended host, and the class of its requests by default.
+    pub weight: u32,
+    pub priority: crate::config::Priority,
 }
 
 /// Why authentication failed.
@@ -108,6 +111,8 @@ impl Clients {
                     token: c.token_sha256.as_deref().and_then(hex32),
                     password: c.password_sha256.as_deref().and_then(hex32),
                     limits: c.limits.clone(),
+                    weight: c.weight,
+                    priority: c.priority,
                 })
                 .collect(),
         }
@@ -205,12 +210,16 @@ mod tests {
                 token_sha256: Some(hex(sha256(b"tok-billing"))),
                 password_sha256: Some(hex(sha256(b"pw"))),
                 limits: None,
+                weight: 1,
+                priority: Default::default(),
             },
             ClientConfig {
                 name: "search".into(),
                 token_sha256: Some(hex(sha256(b"tok-search"))),
                 password_sha256: None,
                 limits: None,
+                weight: 1,
+                priority: Default::default(),
             },
         ])
     }
