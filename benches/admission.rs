@@ -203,7 +203,7 @@ fn bench(c: &mut Criterion) {
     let ask = Ask {
         caller: Some(&caller),
         max_wait: Duration::from_secs(30),
-        slot_within: Some(Duration::from_secs(10)),
+        due: Some(&Duration::from_secs(10)),
     };
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     g.bench_function("sluice_acquire_uncontended/1t/1", |b| {

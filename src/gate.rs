@@ -238,20 +238,12 @@ pub async fn admit(
 ) -> Result<Permit, Refusal> {
     let m = &shared.metrics;
     let label = ask.caller.filter(|c| c.client).map_or(OTHER, |c| &*c.name);
-    let waiting = ask
-        .caller
-        .map(|_| m.caller_waiting.with_label_values(&[label]));
-    if let Some(w) = &waiting {
-        w.inc();
-    }
     let result = shared.admission.acquire(cell, ask).await;
-    if let Some(w) = &waiting {
-        w.dec();
-    }
     let r = match result {
         Ok(p) => {
             m.queue_wait.observe(p.queued.as_secs_f64());
-            if let Some(c) = ask.caller {
+            // By caller, only the requests that waited (nothing more on the uncontended path).
+            if let Some(c) = ask.caller.filter(|_| !p.queued.is_zero()) {
                 m.caller_queue_wait
                     .with_label_values(&[label, c.priority.as_str()])
                     .observe(p.queued.as_secs_f64());

@@ -60,8 +60,8 @@ pub struct Metrics {
     pub queue_wait: prometheus::Histogram,
     /// `sluice_admission_rejections_total{reason="pace|paused|concurrency"}`.
     pub rejections: IntCounterVec,
-    /// `sluice_caller_waiting{caller}`: requests waiting for admission now, by caller (a
-    /// configured client's name, else `other`).
+    /// `sluice_caller_waiting{caller}`: requests waiting in contended hosts' queues now, by
+    /// caller (a configured client's name, else `other`), counted when scraped.
     pub caller_waiting: IntGaugeVec,
     /// `sluice_caller_queue_wait_seconds{caller,priority}`: time admitted requests waited.
     pub caller_queue_wait: HistogramVec,
@@ -197,7 +197,7 @@ impl Metrics {
         let caller_queue_wait = HistogramVec::new(
             HistogramOpts::new(
                 "sluice_caller_queue_wait_seconds",
-                "Time admitted requests waited for their host's admission, by caller and priority",
+                "Time admitted requests that had to wait waited, by caller and priority",
             )
             .buckets(vec![
                 0.0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
@@ -524,6 +524,29 @@ impl Metrics {
 
     /// Count one attempt sent to an endpoint of `region` (`default` for a host without
     /// regions): its status class, or the error that ended it.
+    /// Requests waiting in contended hosts' queues, by caller (a configured client's name,
+    /// else `other`).
+    pub fn refresh_callers(
+        &self,
+        admission: &crate::admission::Admission,
+        generation: &crate::generation::Generation,
+    ) {
+        use crate::admission::OTHER;
+        self.caller_waiting.reset();
+        self.caller_waiting.with_label_values(&[OTHER]).set(0);
+        for room in admission.rooms() {
+            for line in room.lines() {
+                let label = match generation.clients.by_name(&line.caller) {
+                    Some(_) => &*line.caller,
+                    None => OTHER,
+                };
+                self.caller_waiting
+                    .with_label_values(&[label])
+                    .add(i64::try_from(line.waiting).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
     pub fn record_region_attempt(&self, host: &str, region: &str, outcome: &str) {
         self.upstream_attempts
             .with_label_values(&[host, region, outcome])

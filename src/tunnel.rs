@@ -183,7 +183,7 @@ pub async fn serve(
         let ask = Ask {
             caller: Some(&caller),
             max_wait: limits.max_queue_wait.get(),
-            slot_within: None,
+            due: None,
         };
         let permit = gate::admit(shared, || key.clone(), &cell, &ask).await?;
         let upstream = connect(&addrs, server.connect_timeout.get())

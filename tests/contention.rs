@@ -253,6 +253,25 @@ fn the_per_caller_cap_holds_while_another_caller_is_served() {
             }));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+        // The host's queue by caller, as an operator sees it.
+        let (_, body) = sluice.admin_get("/status");
+        let status: serde_json::Value = serde_json::from_str(&body).expect("status json");
+        let line = status["hosts"]
+            .as_array()
+            .and_then(|hosts| {
+                hosts
+                    .iter()
+                    .find(|h| h["host"] == format!("127.0.0.1:{}", up.port()))
+            })
+            .map(|h| h["callers"].clone())
+            .expect("the host in /status");
+        assert_eq!(line[0]["caller"], "a", "{line}");
+        assert_eq!(line[0]["in_flight"], 2, "{line}");
+        assert_eq!(line[0]["waiting"], 18, "{line}");
+        assert_eq!(
+            sluice.metric("sluice_caller_waiting{caller=\"other\"}"),
+            18.0
+        );
         let b = get(&client, &url, &[("Sluice-Caller", "b"), ("x-caller", "b")]).await;
         let mut a = Vec::new();
         for t in tasks {
@@ -328,6 +347,12 @@ fn requests_are_refused_before_sending_rather_than_cut_by_their_deadline() {
     assert!(
         other.is_empty(),
         "answers other than 200 and 429: {other:?}"
+    );
+    eprintln!(
+        "figure: {ok} answered 200, {} refused 429 before sending, {} other; upstream saw {}",
+        refused.len(),
+        other.len(),
+        up.requests().len()
     );
     assert!(
         refused.iter().all(|(_, ra)| ra.is_some()),

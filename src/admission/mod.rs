@@ -29,7 +29,7 @@ pub use rejection::{retry_after_secs, Rejection};
 pub use room::{CallerLine, OTHER};
 pub use table::Host;
 pub(crate) use wait::pace_cell;
-pub use wait::{Ask, AtSend, Caller, Permit};
+pub use wait::{Ask, AtSend, Caller, Due, Permit};
 
 // Every profile index (the defaults, then one per `[hosts]` entry) leaves a cell's
 // `CONFIGURED` bit free.
@@ -126,7 +126,7 @@ mod tests {
         Ask {
             caller: Some(c),
             max_wait: wait,
-            slot_within: None,
+            due: None,
         }
     }
 
@@ -170,7 +170,7 @@ mod tests {
         drop(adm.acquire(&h, &ask(&c, Duration::from_secs(1))).await);
         // The next slot is 100 ms away; the answer needs the deadline's last 60 ms of 150.
         let tight = Ask {
-            slot_within: Some(Duration::from_millis(90)),
+            due: Some(&Duration::from_millis(90)),
             ..ask(&c, Duration::from_millis(150))
         };
         let before = tokio::time::Instant::now();
@@ -186,7 +186,7 @@ mod tests {
         assert_eq!(before.elapsed(), Duration::ZERO, "at once");
         // A slot past the wait itself is the pace's refusal, as before.
         let beyond = Ask {
-            slot_within: Some(Duration::from_millis(40)),
+            due: Some(&Duration::from_millis(40)),
             ..ask(&c, Duration::from_millis(50))
         };
         assert!(matches!(
@@ -194,7 +194,7 @@ mod tests {
             Err(Rejection::Pace { .. })
         ));
         let room = Ask {
-            slot_within: Some(Duration::from_millis(110)),
+            due: Some(&Duration::from_millis(110)),
             ..ask(&c, Duration::from_millis(150))
         };
         let p = adm.acquire(&h, &room).await.expect("its slot leaves time");

@@ -273,6 +273,15 @@ impl Admission {
             .count()
     }
 
+    /// The waiting rooms of hosts that were ever contended.
+    pub fn rooms(&self) -> Vec<Arc<super::room::Room>> {
+        self.cells
+            .pin()
+            .iter()
+            .filter_map(|(_, c)| c.room_if_any())
+            .collect()
+    }
+
     /// A snapshot of one host's cell, if tracked.
     pub fn get(&self, key: &str) -> Option<Arc<HostCell>> {
         self.cells.pin().get(key).cloned()

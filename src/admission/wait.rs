@@ -16,9 +16,20 @@ pub struct Ask<'a> {
     pub caller: Option<&'a Caller>,
     /// Longest the request may wait for its slot and in-flight place.
     pub max_wait: Duration,
-    /// The deadline rule: a request that has to wait takes only a slot within this (its
-    /// deadline less the time its answer is expected to take); `None`: no rule.
-    pub slot_within: Option<Duration>,
+    /// The deadline rule, asked only when the request has to wait; `None`: no rule.
+    pub due: Option<&'a dyn Due>,
+}
+
+/// The deadline rule of a request: a request that has to wait takes only a slot within
+/// [`Due::slot_within`] from now (its deadline less the time its answer is expected to take).
+pub trait Due: Sync {
+    fn slot_within(&self) -> Duration;
+}
+
+impl Due for Duration {
+    fn slot_within(&self) -> Duration {
+        *self
+    }
 }
 
 impl Ask<'_> {
@@ -27,7 +38,7 @@ impl Ask<'_> {
         Ask {
             caller: None,
             max_wait,
-            slot_within: None,
+            due: None,
         }
     }
 }
@@ -144,7 +155,7 @@ impl Admission {
             (start, cell.epoch())
         } else {
             drop(place.take());
-            let latest = match ask.slot_within.map(nanos) {
+            let latest = match ask.due.map(|d| nanos(d.slot_within())) {
                 Some(d) if d < max_wait => start.saturating_add(d),
                 _ => deadline,
             };

@@ -5,7 +5,7 @@
 //! stages see it: admission (`pace::admit`) and the attempts (`exec::run`) only read it.
 
 use super::{control, Control, Ctx};
-use crate::admission::{Ask, Caller, Host};
+use crate::admission::{Ask, Caller, Due, Host};
 use crate::config::HostLimits;
 use crate::error::{self, Code};
 use crate::gate::{self, Refusal};
@@ -40,6 +40,16 @@ pub struct Plan {
     /// The deadline is the client's `Sluice-Timeout` (else the host's `request_timeout`,
     /// whose clock stops while the request body streams in).
     pub deadline_from_client: bool,
+}
+
+/// The deadline rule: the slot must leave the answer its expected time before the deadline.
+impl Due for Plan {
+    fn slot_within(&self) -> Duration {
+        self.deadline.map_or(Duration::MAX, |d| {
+            d.saturating_duration_since(Instant::now())
+                .saturating_sub(self.expected_head_time())
+        })
+    }
 }
 
 /// A client's own pace (across all hosts).
@@ -83,14 +93,10 @@ impl Plan {
     /// What the request asks of its host's admission now: its caller, at most `wait`, and a
     /// slot that leaves its answer the time it is expected to take before the deadline.
     pub fn ask(&self, wait: Duration) -> Ask<'_> {
-        let slot_within = self.deadline.map(|d| {
-            d.saturating_duration_since(Instant::now())
-                .saturating_sub(self.expected_head_time())
-        });
         Ask {
             caller: Some(&self.caller),
             max_wait: wait,
-            slot_within,
+            due: self.deadline.is_some().then_some(self as &dyn Due),
         }
     }
 
