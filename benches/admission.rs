@@ -197,6 +197,7 @@ fn bench(c: &mut Criterion) {
         weight: 1,
         priority: Priority::Normal,
         cap: 0,
+        hold: Duration::from_secs(600),
         max_per_host: 64,
         client: true,
     };

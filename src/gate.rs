@@ -189,6 +189,7 @@ pub fn caller(
             .or(if who.job { None } else { client_priority })
             .unwrap_or(default),
         cap: limits.max_concurrent_per_caller,
+        hold: limits.request_timeout.get(),
         max_per_host: generation.config.callers.max_per_host,
         client,
     })

@@ -229,6 +229,92 @@ fn callers_share_each_nodes_slots_fairly_in_a_fleet() {
     assert!(a_all > 2 * b0, "a {a_all}, b {b0}");
 }
 
+/// `max_concurrent_per_caller` in a fleet counts a caller's requests on every node: caller `a`
+/// sends 6 at once through each of three nodes, and the upstream never has more than 2 of
+/// them in flight; caller `b` is served meanwhile.
+#[test]
+fn the_per_caller_cap_holds_across_the_fleet() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::builder()
+        .route(
+            "/slow",
+            Reply::text(200, "ok").latency(Duration::from_millis(300)),
+        )
+        .start();
+    let config = format!(
+        "[shared]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"250ms\"\n\
+         [hosts.\"127.0.0.1:{}\"]\nrps = 1000.0\nburst = 100\nmax_concurrent_per_caller = 2\n",
+        redis.url(),
+        up.port()
+    );
+    let nodes: Vec<Sluice> = (0..3).map(|_| Sluice::start("", &config)).collect();
+    let clients: Vec<reqwest::Client> = nodes.iter().map(|n| proxied_client(n, None)).collect();
+    let url = format!("http://127.0.0.1:{}/slow", up.port());
+    let (a, b) = runtime(2).block_on(async {
+        let mut tasks = Vec::new();
+        for client in &clients {
+            for _ in 0..6 {
+                let (client, url) = (client.clone(), url.clone());
+                tasks.push(tokio::spawn(async move {
+                    let r = client
+                        .get(&url)
+                        .header("Sluice-Caller", "a")
+                        .header("x-caller", "a")
+                        .send()
+                        .await;
+                    r.map_or(0, |r| r.status().as_u16())
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let started = Instant::now();
+        let b = clients[1]
+            .get(&url)
+            .header("Sluice-Caller", "b")
+            .header("x-caller", "b")
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16());
+        let b_took = started.elapsed();
+        let mut a = Vec::new();
+        for t in tasks {
+            a.push(t.await.expect("task"));
+        }
+        (a, (b, b_took))
+    });
+    assert!(a.iter().all(|s| *s == 200), "{a:?}");
+    assert_eq!(b.0, 200);
+    let mut at: Vec<Instant> = up
+        .requests()
+        .iter()
+        .filter(|r| r.header("x-caller") == Some("a"))
+        .map(|r| r.at)
+        .collect();
+    at.sort();
+    assert_eq!(at.len(), 18);
+    let closest = at.windows(3).map(|w| w[2] - w[0]).min().expect("arrivals");
+    eprintln!(
+        "figure: fleet cap 2: a's 18 requests over {:?}, closest three arrivals {closest:?} apart; b took {:?}",
+        at[17] - at[0],
+        b.1
+    );
+    // Never a third of a's requests while two are in flight (each takes 300 ms).
+    assert!(
+        closest >= Duration::from_millis(290),
+        "three of a's requests in flight at once: {closest:?}"
+    );
+    assert!(b.1 < Duration::from_secs(1), "b waited {:?}", b.1);
+    let places: f64 = nodes
+        .iter()
+        .map(|n| n.metric("sluice_shared_redis_calls_total{op=\"place\"}"))
+        .sum();
+    assert!(
+        places >= 36.0,
+        "each of a's requests took and gave back a place: {places}"
+    );
+}
+
 #[test]
 fn a_429_at_one_node_pauses_the_whole_fleet() {
     let _serial = serial();

@@ -11,6 +11,15 @@ use std::time::Duration;
 /// A request being paced for the fleet.
 pub type Paced<'a> = Pin<Box<dyn Future<Output = Result<(), Rejection>> + Send + 'a>>;
 
+/// A caller's place among its requests in flight at a host, counted by the fleet; given back
+/// when dropped.
+pub type FleetPlace = Box<dyn std::any::Any + Send + Sync>;
+
+/// A request waiting for a fleet place: `None` when the fleet does not count places now
+/// (its store unavailable: the node's own count holds).
+pub type Placed<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<FleetPlace>, Rejection>> + Send + 'a>>;
+
 /// What admission asks of the fleet. Every time is in nanoseconds on the admission clock,
 /// which the fleet shares.
 pub trait FleetSeam: Send + Sync {
@@ -26,6 +35,17 @@ pub trait FleetSeam: Send + Sync {
     /// `demand`: how many requests wait here for the host's slots (the fleet may lease
     /// tokens for all of them in one call).
     fn pace<'a>(&'a self, cell: &'a Arc<HostCell>, deadline: u64, demand: u32) -> Paced<'a>;
+    /// One of `caller`'s `cap` places among its requests in flight at `cell`'s host, for the
+    /// whole fleet, waiting until `deadline` at most; the fleet stops counting a place held
+    /// longer than `hold`.
+    fn place<'a>(
+        &'a self,
+        cell: &'a Arc<HostCell>,
+        caller: &'a str,
+        cap: u32,
+        hold: Duration,
+        deadline: u64,
+    ) -> Placed<'a>;
     /// `cell`'s host is paused until `until` (learned here or told by another node).
     fn paused(&self, cell: &HostCell, until: u64);
     /// Tell the other nodes what this node learned about `cell`'s host.

@@ -23,7 +23,7 @@ mod wait;
 
 pub use cell::{interval_of, rps_of, Decision, HostCell, PauseOrigin, PauseSource};
 pub use clock::Clock;
-pub use fleet::{FleetEvent, FleetSeam, Paced};
+pub use fleet::{FleetEvent, FleetPlace, FleetSeam, Paced, Placed};
 pub use learn::{clamp_learned_rps, Learned, LEARNED_RPS_MAX, LEARNED_RPS_MIN, MIN_429_PAUSE};
 pub use rejection::{retry_after_secs, Rejection};
 pub use room::{CallerLine, OTHER};
@@ -117,6 +117,7 @@ mod tests {
             weight,
             priority: crate::config::Priority::Normal,
             cap,
+            hold: Duration::from_secs(600),
             max_per_host: 64,
             client: false,
         }

@@ -3,7 +3,7 @@
 //! (`before_send`: the send guard and a pause learned since).
 
 use super::room::{CallerPlace, Wait, OTHER};
-use super::{nanos, Admission, Clock, Decision, Host, HostCell, Rejection};
+use super::{nanos, Admission, Clock, Decision, FleetPlace, Host, HostCell, Rejection};
 use crate::config::Priority;
 use crate::generation::Generation;
 use std::sync::Arc;
@@ -50,8 +50,11 @@ pub struct Caller {
     /// Its share against the host's other callers (at least 1).
     pub weight: u32,
     pub priority: Priority,
-    /// Its requests in flight at this host at once (0: no cap).
+    /// Its requests in flight at this host at once (0: no cap); counted for the whole fleet
+    /// when there is one, where a place held longer than `hold` (the host's request
+    /// timeout) stops counting.
     pub cap: u32,
+    pub hold: Duration,
     /// Callers this host tracks apart (the rest share `other`).
     pub max_per_host: usize,
     /// `name` is a configured client's (a bounded label set: metrics may name it).
@@ -68,8 +71,9 @@ pub struct Permit {
     /// (0 in the compact table), for the look taken just before sending.
     slot: u64,
     epoch: u32,
-    /// Its caller's place under a per-caller cap.
+    /// Its caller's place under a per-caller cap, on this node and in the fleet.
     _place: Option<CallerPlace>,
+    _fleet_place: Option<FleetPlace>,
 }
 
 /// What a request admitted earlier does when it is about to be sent.
@@ -111,6 +115,7 @@ impl Admission {
                             slot: start,
                             epoch: 0,
                             _place: None,
+                            _fleet_place: None,
                         })
                     }
                     Some(_) => break self.contended_cell(key),
@@ -139,6 +144,15 @@ impl Admission {
         ask: &Ask<'_>,
     ) -> Result<Permit, Rejection> {
         let cap = ask.caller.map_or(0, |c| c.cap);
+        let max_wait = nanos(ask.max_wait);
+        let deadline = start.saturating_add(max_wait);
+        // In a fleet, the caller's place is taken from the fleet's count first.
+        let fleet_place = match (&self.fleet, ask.caller) {
+            (Some(fleet), Some(c)) if cap > 0 => {
+                fleet.place(cell, &c.name, cap, c.hold, deadline).await?
+            }
+            _ => None,
+        };
         let mut place = None;
         let at_once = if cap > 0 {
             let c = ask.caller.expect("a cap comes with a caller");
@@ -149,8 +163,6 @@ impl Admission {
         } else {
             self.slot_now(cell, start)
         };
-        let max_wait = nanos(ask.max_wait);
-        let deadline = start.saturating_add(max_wait);
         let (slot, epoch) = if at_once {
             (start, cell.epoch())
         } else {
@@ -211,6 +223,7 @@ impl Admission {
             slot,
             epoch,
             _place: place,
+            _fleet_place: fleet_place,
         })
     }
 

@@ -14,16 +14,18 @@ pub enum Op {
     Learn,
     Heartbeat,
     Leave,
+    Place,
 }
 
 impl Op {
-    pub const ALL: [Op; 6] = [
+    pub const ALL: [Op; 7] = [
         Op::Acquire,
         Op::GiveBack,
         Op::Pause,
         Op::Learn,
         Op::Heartbeat,
         Op::Leave,
+        Op::Place,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -34,6 +36,7 @@ impl Op {
             Op::Learn => "learn",
             Op::Heartbeat => "heartbeat",
             Op::Leave => "leave",
+            Op::Place => "place",
         }
     }
 }

@@ -16,7 +16,9 @@ pub mod service;
 
 pub use pacer::FleetHost;
 
-use crate::admission::{Clock, Decision, FleetEvent, FleetSeam, HostCell, Paced, Rejection};
+use crate::admission::{
+    Clock, Decision, FleetEvent, FleetPlace, FleetSeam, HostCell, Paced, Placed, Rejection,
+};
 use crate::config::{FleetConfig, OnError};
 use async_trait::async_trait;
 use breaker::{Breaker, BreakerState};
@@ -87,6 +89,18 @@ pub trait Store: Send + Sync {
         interval_us: Option<u64>,
         max_concurrent: Option<u32>,
     ) -> Result<(), StoreError>;
+    /// Take one of `caller`'s `cap` places among its requests in flight at `host`, for the
+    /// fleet, as `holder` (held `ttl` at most); false when all are taken.
+    async fn take_place(
+        &self,
+        host: &str,
+        caller: &str,
+        holder: &str,
+        cap: u32,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Give back the place `holder` took.
+    async fn give_place(&self, host: &str, caller: &str, holder: &str) -> Result<(), StoreError>;
     /// Say this node is alive for `ttl`; returns the number of live nodes.
     async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError>;
     /// Say this node is leaving.
@@ -172,6 +186,45 @@ pub struct Fleet {
     /// This fleet itself, for the background work a request starts (a token pump, sharing
     /// what was learned).
     me: Weak<Fleet>,
+    /// Numbers this node's fleet places (holder ids are `node_id:n`).
+    places: AtomicU64,
+}
+
+/// Longest pause between two asks for a caller's fleet place while its cap is reached.
+const PLACE_ASK_MAX: Duration = Duration::from_millis(200);
+
+/// A caller's place at a host, taken from the fleet; given back (in the background) when
+/// dropped.
+struct HeldPlace {
+    fleet: Weak<Fleet>,
+    host: Box<str>,
+    caller: Box<str>,
+    holder: String,
+}
+
+impl Drop for HeldPlace {
+    fn drop(&mut self) {
+        let (Some(fleet), Ok(runtime)) =
+            (self.fleet.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            // Shutting down: the place ends with its ttl.
+            return;
+        };
+        let Some(store) = fleet.store.get().cloned() else {
+            return;
+        };
+        let (host, caller, holder) = (
+            std::mem::take(&mut self.host),
+            std::mem::take(&mut self.caller),
+            std::mem::take(&mut self.holder),
+        );
+        runtime.spawn(async move {
+            let call = || store.give_place(&host, &caller, &holder);
+            if let Err(e) = fleet.call(Op::Place, call).await {
+                tracing::debug!(host = &*host, error = %e, "a fleet place not given back (it ends with its ttl)");
+            }
+        });
+    }
 }
 
 /// The fleet identity of an admission cell.
@@ -207,6 +260,7 @@ impl Fleet {
                 .hasher(foldhash::fast::RandomState::default())
                 .build(),
             me: me.clone(),
+            places: AtomicU64::new(0),
         }))
     }
 
@@ -414,6 +468,51 @@ impl Fleet {
         }
     }
 
+    /// One of `caller`'s `cap` places at `cell`'s host, for the fleet: asked again, a little
+    /// later each time, while the cap is reached, until `deadline`. `None` when the store is
+    /// unavailable (the node's own count of the caller's places holds meanwhile).
+    async fn place_shared(
+        &self,
+        cell: &HostCell,
+        caller: &str,
+        cap: u32,
+        hold: Duration,
+        deadline: u64,
+    ) -> Result<Option<FleetPlace>, Rejection> {
+        let (Some(host), Some(store)) = (self.host(cell), self.store.get().cloned()) else {
+            return Ok(None);
+        };
+        let n = self.places.fetch_add(1, Ordering::Relaxed);
+        let holder = format!("{}:{n}", self.node_id);
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if !self.allow(self.clock.now()) {
+                return Ok(None);
+            }
+            let call = || store.take_place(&host.key, caller, &holder, cap, hold);
+            match self.call(Op::Place, call).await {
+                Ok(true) => {
+                    return Ok(Some(Box::new(HeldPlace {
+                        fleet: self.me.clone(),
+                        host: host.key.clone(),
+                        caller: caller.into(),
+                        holder,
+                    })))
+                }
+                Ok(false) => {}
+                Err(_) => return Ok(None),
+            }
+            let now = self.clock.now();
+            if now.saturating_add(pause.as_nanos() as u64) > deadline {
+                return Err(Rejection::Concurrency {
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(PLACE_ASK_MAX);
+        }
+    }
+
     /// The store is unavailable: pace by the `on_error` policy. `None` when the store came
     /// back while the request waited for its local slot: it starts over on the shared path
     /// (slots reserved locally before are void, or they would add to the fleet's pace).
@@ -521,6 +620,17 @@ impl FleetSeam for Fleet {
                 None => crate::admission::pace_cell(cell, &self.clock, deadline).await,
             }
         })
+    }
+
+    fn place<'a>(
+        &'a self,
+        cell: &'a Arc<HostCell>,
+        caller: &'a str,
+        cap: u32,
+        hold: Duration,
+        deadline: u64,
+    ) -> Placed<'a> {
+        Box::pin(self.place_shared(cell, caller, cap, hold, deadline))
     }
 
     /// A pause reached this node (learned here or pushed by another node): tokens leased

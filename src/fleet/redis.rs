@@ -42,6 +42,7 @@ pub struct RedisStore {
     pause: Script,
     learn: Script,
     heartbeat: Script,
+    place: Script,
     /// Calls sent to Redis (every script invocation and command).
     calls: AtomicU64,
 }
@@ -97,6 +98,7 @@ impl RedisStore {
             pause: Script::new(include_str!("lua/pause.lua")),
             learn: Script::new(include_str!("lua/learn.lua")),
             heartbeat: Script::new(include_str!("lua/heartbeat.lua")),
+            place: Script::new(include_str!("lua/place.lua")),
             calls: AtomicU64::new(0),
         })
     }
@@ -243,6 +245,34 @@ impl Store for RedisStore {
             .arg(LEARNED_TTL_MS)
             .arg(&self.channel)
             .arg(host);
+        self.run::<i64>(inv).await.map(|_| ())
+    }
+
+    async fn take_place(
+        &self,
+        host: &str,
+        caller: &str,
+        holder: &str,
+        cap: u32,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.place.prepare_invoke();
+        inv.key(self.key(host, &format!("places:{caller}")))
+            .arg("take")
+            .arg(holder)
+            .arg(cap)
+            .arg(ttl.as_millis().max(1) as u64);
+        let taken: i64 = self.run(inv).await?;
+        Ok(taken == 1)
+    }
+
+    async fn give_place(&self, host: &str, caller: &str, holder: &str) -> Result<(), StoreError> {
+        let mut inv = self.place.prepare_invoke();
+        inv.key(self.key(host, &format!("places:{caller}")))
+            .arg("give")
+            .arg(holder)
+            .arg(0)
+            .arg(1);
         self.run::<i64>(inv).await.map(|_| ())
     }
 
