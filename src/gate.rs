@@ -154,7 +154,10 @@ pub fn caller(
         ),
         None => None,
     };
+    let by = generation.config.callers.by;
+    // The header names the caller only where nothing else does; only then is it checked.
     let header = match who.caller_header {
+        _ if by != CallerBy::Auto || who.client.is_some() || who.job => None,
         Some(v) if valid_caller(v) => std::str::from_utf8(v).ok(),
         Some(_) => {
             return Err(bad(format!(
@@ -163,7 +166,6 @@ pub fn caller(
         }
         None => None,
     };
-    let by = generation.config.callers.by;
     let (name, weight, client_priority, client): (Arc<str>, u32, Option<Priority>, bool) =
         match (who.client, by) {
             (_, CallerBy::None) => (Arc::from(OTHER), 1, None, false),
@@ -188,7 +190,11 @@ pub fn caller(
         priority: priority
             .or(if who.job { None } else { client_priority })
             .unwrap_or(default),
-        cap: limits.max_concurrent_per_caller,
+        // One caller for everyone: no cap per caller (`max_concurrent` caps the host).
+        cap: match by {
+            CallerBy::None => 0,
+            _ => limits.max_concurrent_per_caller,
+        },
         hold: limits.request_timeout.get(),
         max_per_host: generation.config.callers.max_per_host,
         client,

@@ -522,8 +522,6 @@ impl Metrics {
             .inc();
     }
 
-    /// Count one attempt sent to an endpoint of `region` (`default` for a host without
-    /// regions): its status class, or the error that ended it.
     /// Requests waiting in contended hosts' queues, by caller (a configured client's name,
     /// else `other`).
     pub fn refresh_callers(
@@ -547,6 +545,8 @@ impl Metrics {
         }
     }
 
+    /// Count one attempt sent to an endpoint of `region` (`default` for a host without
+    /// regions): its status class, or the error that ended it.
     pub fn record_region_attempt(&self, host: &str, region: &str, outcome: &str) {
         self.upstream_attempts
             .with_label_values(&[host, region, outcome])

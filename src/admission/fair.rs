@@ -54,12 +54,6 @@ impl<T> Default for Class<T> {
     }
 }
 
-impl<T> Class<T> {
-    fn len(&self) -> usize {
-        self.flows.iter().map(|f| f.items.len()).sum()
-    }
-}
-
 /// The requests waiting at one host, in the order they are to be served.
 pub struct Fair<T> {
     classes: [Class<T>; 3],
@@ -79,6 +73,17 @@ impl<T> Default for Fair<T> {
 
 fn step_of(weight: u32) -> u64 {
     UNIT / u64::from(weight.max(1))
+}
+
+/// A flow's tag as it competes now. A flow left behind while it could not go (its caller at
+/// its cap) competes as one that starts waiting now: what it missed is not made up for in a
+/// burst ahead of the others.
+fn tag_of<T>(f: &Flow<T>, vtime: u64) -> u64 {
+    if f.tag < vtime {
+        vtime.saturating_add(f.step)
+    } else {
+        f.tag
+    }
 }
 
 impl<T> Fair<T> {
@@ -121,8 +126,13 @@ impl<T> Fair<T> {
                 .iter()
                 .enumerate()
                 .filter(|(_, f)| f.items.front().is_some_and(|i| eligible(&f.caller, i)))
-                .min_by_key(|(_, f)| (f.tag, f.seq))
+                .min_by_key(|(_, f)| (tag_of(f, c.vtime), f.seq))
                 .map(|(i, _)| i);
+        }
+        for (ci, c) in self.classes.iter_mut().enumerate() {
+            if best[ci].is_none() && c.flows.is_empty() {
+                c.passed = 0;
+            }
         }
         let waiting: Vec<usize> = (0..3).filter(|&ci| best[ci].is_some()).collect();
         let first = *waiting.first()?;
@@ -142,8 +152,9 @@ impl<T> Fair<T> {
         let fi = best[chosen]?;
         let f = &mut c.flows[fi];
         let item = f.items.pop_front()?;
-        c.vtime = f.tag;
-        f.tag = f.tag.saturating_add(f.step);
+        let tag = tag_of(f, c.vtime);
+        c.vtime = tag;
+        f.tag = tag.saturating_add(f.step);
         let caller = f.caller.clone();
         if f.items.is_empty() {
             c.flows.swap_remove(fi);
@@ -177,27 +188,42 @@ impl<T> Fair<T> {
 
     /// About how many waiting requests would be served before one `caller` queued now in
     /// `class`: those of its class with a smaller tag, then as many of higher classes as
-    /// aging lets go before them.
-    pub fn ahead(&self, caller: &str, weight: u32, class: Priority) -> usize {
+    /// aging lets go before them. `room(c)` is how many of caller `c`'s requests may go
+    /// before any of its places comes free (`usize::MAX` without a cap).
+    pub fn ahead(
+        &self,
+        caller: &str,
+        weight: u32,
+        class: Priority,
+        room: impl Fn(&str) -> usize,
+    ) -> usize {
         let ci = class as usize;
         let c = &self.classes[ci];
         let own = c.flows.iter().find(|f| &*f.caller == caller);
         let tag = match own {
-            Some(f) => f
-                .tag
-                .saturating_add(f.step.saturating_mul(f.items.len() as u64)),
+            Some(f) => {
+                tag_of(f, c.vtime).saturating_add(f.step.saturating_mul(f.items.len() as u64))
+            }
             None => c.vtime.saturating_add(step_of(weight)),
         };
         let mut same = 0usize;
         for f in &c.flows {
-            if &*f.caller == caller {
-                same += f.items.len();
-            } else if tag >= f.tag {
-                let n = (tag - f.tag) / f.step.max(1) + 1;
-                same += usize::try_from(n).unwrap_or(usize::MAX).min(f.items.len());
-            }
+            let head = tag_of(f, c.vtime);
+            let n = if &*f.caller == caller {
+                f.items.len()
+            } else if tag >= head {
+                let n = (tag - head) / f.step.max(1) + 1;
+                usize::try_from(n).unwrap_or(usize::MAX).min(f.items.len())
+            } else {
+                0
+            };
+            same += n.min(room(&f.caller));
         }
-        let higher: usize = self.classes[..ci].iter().map(Class::len).sum();
+        let higher: usize = self.classes[..ci]
+            .iter()
+            .flat_map(|c| &c.flows)
+            .map(|f| f.items.len().min(room(&f.caller)))
+            .sum();
         same + higher.min((AGE as usize).saturating_mul(same + 1))
     }
 
@@ -211,6 +237,14 @@ impl<T> Fair<T> {
             }
         }
         out
+    }
+
+    /// The callers with a request waiting (a caller waiting in two classes twice).
+    pub fn callers(&self) -> impl Iterator<Item = &str> {
+        self.classes
+            .iter()
+            .flat_map(|c| &c.flows)
+            .map(|f| &*f.caller)
     }
 
     /// Whether `caller` has a request waiting.
@@ -273,7 +307,17 @@ mod tests {
             q.push(&a, 1, Priority::Normal, i);
         }
         assert_eq!(order(&mut q, 2), ["a0", "a1"]);
-        assert_eq!(q.ahead("b", 1, Priority::Normal), 1, "one of a's first");
+        assert_eq!(
+            q.ahead("b", 1, Priority::Normal, |_| usize::MAX),
+            1,
+            "one of a's first"
+        );
+        // a at its cap with one place left: only that one may go before b.
+        assert_eq!(
+            q.ahead("b", 1, Priority::Normal, |c| usize::from(c == "a")),
+            1
+        );
+        assert_eq!(q.ahead("b", 1, Priority::Normal, |_| 0), 0);
         q.push(&b, 1, Priority::Normal, 0);
         assert_eq!(order(&mut q, 3), ["a2", "b0", "a3"]);
         assert_eq!(q.len(), 26);
@@ -312,7 +356,7 @@ mod tests {
             ["h0", "h1", "h2", "h3", "l0", "h4", "h5", "h6", "h7", "l1", "h8", "h9"],
         );
         // Left: h10, h11 and l2; l2 goes after both (it was passed over once since l1).
-        assert_eq!(q.ahead("l", 1, Priority::Low), 3);
+        assert_eq!(q.ahead("l", 1, Priority::Low, |_| usize::MAX), 3);
     }
 
     #[test]
@@ -329,8 +373,9 @@ mod tests {
             .map(|(c, i)| format!("{c}{i}"))
             .collect();
         assert_eq!(served, ["b0", "b1"]);
-        // a kept its tags: once eligible it goes first until it has caught up with b.
-        assert_eq!(order(&mut q, 4), ["a0", "a1", "a2", "b2"]);
+        // Once eligible, a competes as a caller that starts waiting now: it alternates with
+        // b rather than making up for what it missed in a burst.
+        assert_eq!(order(&mut q, 4), ["a0", "b2", "a1", "a2"]);
     }
 
     #[test]

@@ -230,6 +230,116 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn requests_that_stop_waiting_leave_nothing_behind() {
+        let g = generation("[defaults]\nrps = 2.0\nburst = 1\nmax_concurrent_per_caller = 2\n");
+        let adm = admission(Clock::tokio(), &g);
+        let h = host(&adm, "a.test:443", &g);
+        let Host::Cell(cell) = h.clone() else {
+            panic!("a cap needs a full cell")
+        };
+        let wait = Duration::from_secs(60);
+        let first = {
+            let c = caller("a", 1, 2);
+            adm.acquire(&h, &ask(&c, wait)).await.expect("first")
+        };
+        // Waiting for a slot (b) and for a's place (a): dropped at their await points.
+        let mut tasks = Vec::new();
+        for name in ["a", "a", "a", "b", "b"] {
+            let (adm, h) = (adm.clone(), h.clone());
+            tasks.push(tokio::spawn(async move {
+                let c = caller(name, 1, 2);
+                adm.acquire(&h, &ask(&c, wait)).await.map(|p| p.queued)
+            }));
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        drop(first);
+        tokio::task::yield_now().await;
+        let room = cell.room();
+        assert!(room.lines().is_empty(), "{:?}", room.lines());
+        assert!(room.is_empty());
+        // And the next requests find every place and the pace as they should.
+        let c = caller("a", 1, 2);
+        let p1 = adm.acquire(&h, &ask(&c, wait)).await.expect("a again");
+        let p2 = adm
+            .acquire(&h, &ask(&c, wait))
+            .await
+            .expect("a's second place");
+        assert!(p2.queued <= Duration::from_millis(500), "{:?}", p2.queued);
+        drop((p1, p2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_past_every_wait_refuses_the_waiting_requests_at_once() {
+        let g = generation("[defaults]\nrps = 10.0\nburst = 1\n");
+        let adm = admission(Clock::tokio(), &g);
+        let h = host(&adm, "a.test:443", &g);
+        let c = caller("a", 1, 0);
+        drop(adm.acquire(&h, &ask(&c, Duration::from_secs(2))).await);
+        let started = tokio::time::Instant::now();
+        let mut waiting = Vec::new();
+        for _ in 0..3 {
+            let (adm, h, c) = (adm.clone(), h.clone(), c.clone());
+            waiting.push(tokio::spawn(async move {
+                adm.acquire(&h, &ask(&c, Duration::from_secs(2)))
+                    .await
+                    .map(|p| p.queued)
+            }));
+            tokio::task::yield_now().await;
+        }
+        let hints = hints::Hints {
+            retry_after: Some(Duration::from_secs(10)),
+            ..hints::Hints::default()
+        };
+        adm.learn(&h, &g, 429, &hints);
+        for w in waiting {
+            assert!(matches!(
+                w.await.expect("task"),
+                Err(Rejection::Paused { .. })
+            ));
+        }
+        assert!(
+            started.elapsed() <= Duration::from_millis(100),
+            "refused when the dispatcher saw the pause, not at their own deadline: {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_pace_is_kept_when_slots_come_faster_than_the_timer() {
+        // 5,000/s is one slot every 200 us; the timer wakes in steps of 1 ms.
+        let g = generation("[defaults]\nrps = 5000.0\nburst = 1\n");
+        let adm = admission(Clock::tokio(), &g);
+        let h = host(&adm, "a.test:443", &g);
+        let mut tasks = Vec::new();
+        for i in 0..51 {
+            let (adm, h) = (adm.clone(), h.clone());
+            tasks.push(tokio::spawn(async move {
+                let c = caller(if i % 2 == 0 { "a" } else { "b" }, 1, 0);
+                adm.acquire(&h, &ask(&c, Duration::from_secs(1)))
+                    .await
+                    .map(|p| p.queued)
+            }));
+        }
+        let mut last = Duration::ZERO;
+        for t in tasks {
+            last = last.max(t.await.expect("task").expect("admitted"));
+        }
+        // 50 waiting requests at 200 us: 10 ms (taken one at a time, one slot or two per
+        // timer step: 25 ms).
+        assert!(
+            last <= Duration::from_millis(11),
+            "the last waited {last:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn waits_in_order_and_refuses_beyond_the_wait() {
         let g = generation("[defaults]\nrps = 10.0\nburst = 1\n");
         let adm = admission(Clock::tokio(), &g);

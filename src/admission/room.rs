@@ -10,7 +10,7 @@
 //! for: its queue wait, or the time that leaves its answer room before its deadline.
 
 use super::fair::Fair;
-use super::{Clock, FleetSeam, HostCell, Rejection};
+use super::{Clock, Decision, FleetSeam, HostCell, Rejection};
 use crate::config::Priority;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,6 +49,12 @@ pub struct Room {
 struct State {
     queue: Fair<Waiter>,
     dispatching: bool,
+    /// The latest slot any waiting request may take (reset when the queue empties), and how
+    /// many waiting requests have a per-caller cap.
+    latest: u64,
+    capped: usize,
+    /// The local pace's slots the dispatcher holds, in order, not yet handed.
+    held: std::collections::VecDeque<u64>,
     /// Requests in flight by caller, of those admitted under a per-caller cap.
     in_flight: HashMap<Arc<str>, u32>,
     next_id: u64,
@@ -78,7 +84,7 @@ impl Drop for CallerPlace {
     fn drop(&mut self) {
         if let Some(room) = self.room.take() {
             let mut st = room.lock();
-            release(&mut st, &self.caller);
+            release(&mut st.in_flight, &self.caller);
             let waits = st.queue.has(&self.caller);
             drop(st);
             if waits {
@@ -88,11 +94,11 @@ impl Drop for CallerPlace {
     }
 }
 
-fn release(st: &mut State, caller: &Arc<str>) {
-    if let Some(n) = st.in_flight.get_mut(caller) {
+fn release(in_flight: &mut HashMap<Arc<str>, u32>, caller: &Arc<str>) {
+    if let Some(n) = in_flight.get_mut(caller) {
         *n = n.saturating_sub(1);
         if *n == 0 {
-            st.in_flight.remove(caller);
+            in_flight.remove(caller);
         }
     }
 }
@@ -192,16 +198,32 @@ impl Room {
         let (key, id) = {
             let mut st = self.lock();
             let key = key_of(&st, w.caller, w.max_callers);
-            let ahead = st.queue.ahead(&key, w.weight, w.class) as u64;
-            let next = cell.next_slot(now);
-            // While the dispatcher waits for a slot it holds the next one: it goes to the
-            // first in the fair order.
-            let next = if st.dispatching {
-                next.saturating_sub(cell.interval()).max(now)
-            } else {
-                next
+            let ahead = {
+                let State {
+                    queue, in_flight, ..
+                } = &*st;
+                // A capped caller's requests beyond its free places wait for a place, not
+                // for slots.
+                let room = |c: &str| {
+                    let capped = queue
+                        .iter()
+                        .find(|(k, _)| &***k == c)
+                        .map_or(0, |(_, w)| w.cap);
+                    match capped {
+                        0 => usize::MAX,
+                        cap => cap.saturating_sub(in_flight.get(c).copied().unwrap_or(0)) as usize,
+                    }
+                };
+                queue.ahead(&key, w.weight, w.class, room) as u64
             };
-            let estimate = next.saturating_add(ahead.saturating_mul(cell.interval()));
+            // The slots the dispatcher holds go to the first in fair order; then the pace's.
+            let held = st.held.len() as u64;
+            let estimate = match st.held.get(ahead as usize) {
+                Some(at) => (*at).max(now),
+                None => cell
+                    .next_slot(now)
+                    .saturating_add((ahead - held).saturating_mul(cell.interval())),
+            };
             if estimate > w.latest {
                 let retry_after = Duration::from_nanos(estimate - now);
                 // The deadline rule's refusal only when the wait alone would have allowed it.
@@ -215,6 +237,10 @@ impl Room {
             }
             st.next_id += 1;
             let id = st.next_id;
+            st.latest = st.latest.max(w.latest);
+            if w.cap > 0 {
+                st.capped += 1;
+            }
             let waiter = Waiter {
                 id,
                 latest: w.latest,
@@ -238,25 +264,50 @@ impl Room {
             caller: &key,
             class: w.class,
             id,
+            capped: w.cap > 0,
         };
         let left = Duration::from_nanos(w.latest.saturating_sub(now));
         match tokio::time::timeout(left, rx).await {
             Ok(Ok(handed)) => handed,
-            // The dispatcher ended without an answer (the runtime is shutting down).
+            // The dispatcher ended without an answer (it failed, or the runtime is shutting
+            // down).
             Ok(Err(_)) => Err(Rejection::Pace {
                 retry_after: Duration::from_secs(1),
             }),
             Err(_) => {
-                let queued = self.lock().queue.len() as u64;
+                let st = self.lock();
+                let at_cap = w.cap > 0 && st.in_flight.get(&key).copied().unwrap_or(0) >= w.cap;
+                let queued = st.queue.len() as u64;
+                drop(st);
                 let retry_after =
                     Duration::from_nanos(queued.max(1).saturating_mul(cell.interval().max(1)));
-                Err(if w.latest < w.latest_by_wait {
+                Err(if at_cap {
+                    Rejection::Concurrency { retry_after }
+                } else if w.latest < w.latest_by_wait {
                     Rejection::Deadline { retry_after }
                 } else {
                     Rejection::Pace { retry_after }
                 })
             }
         }
+    }
+
+    /// The latest slot any waiting request may use, and how many may use one now: every
+    /// waiting request while none is capped, else those whose caller has a free place.
+    fn demand(st: &State, now: u64) -> (u64, u32) {
+        if st.capped == 0 {
+            let n = u32::try_from(st.queue.len()).unwrap_or(u32::MAX);
+            return (st.latest, n);
+        }
+        let mut latest = 0;
+        let mut demand = 0u32;
+        for (caller, w) in st.queue.iter() {
+            if w.latest >= now && eligible(&st.in_flight, caller, w) {
+                latest = latest.max(w.latest);
+                demand = demand.saturating_add(1);
+            }
+        }
+        (latest, demand)
     }
 
     /// Hand the host's slots to waiting requests until none waits.
@@ -266,28 +317,26 @@ impl Room {
         clock: &Clock,
         fleet: Option<&dyn FleetSeam>,
     ) {
+        // Should this task end any other way than with an empty queue (a panic), the host
+        // is not left without a dispatcher: its waiters are answered, the next starts one.
+        let mut guard = Dispatching {
+            room: self,
+            done: false,
+        };
         loop {
-            // The slot to take: before the latest any eligible request may use.
             let (latest, demand) = {
                 let mut st = self.lock();
                 if st.queue.is_empty() {
                     st.dispatching = false;
+                    st.latest = 0;
+                    guard.done = true;
                     return;
                 }
-                let now = clock.now();
-                let mut latest = 0;
-                let mut demand = 0u32;
-                for (caller, w) in st.queue.iter() {
-                    if w.latest >= now && eligible(&st.in_flight, caller, w) {
-                        latest = latest.max(w.latest);
-                        demand = demand.saturating_add(1);
-                    }
-                }
-                (latest, demand)
+                Self::demand(&st, clock.now())
             };
             if demand == 0 {
                 // Every waiting caller is at its cap (or every request is about to time
-                // out): wait for a place to come free or a new request.
+                // out): wait for a place to come free or a request to come or go.
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -295,62 +344,189 @@ impl Room {
                 continue;
             }
             let got = match fleet {
-                Some(f) => f.pace(cell, latest, demand).await,
-                None => super::pace_cell(cell, clock, latest).await,
+                Some(f) => f.pace(cell, latest, demand).await.map(|()| cell.epoch()),
+                None => {
+                    // Slots due close together are taken together (`BATCH_SPAN_NS`).
+                    match self.local_slots(cell, clock, latest, demand).await {
+                        Ok(()) => continue,
+                        Err(r) => Err(r),
+                    }
+                }
             };
             let now = clock.now();
             let mut st = self.lock();
-            let State {
-                queue, in_flight, ..
-            } = &mut *st;
             match got {
-                Err(r) => {
-                    // No slot before `latest`: every request that cannot wait past the
-                    // earliest one is refused.
-                    let until = now.saturating_add(r.retry_after().as_nanos() as u64);
-                    for w in queue.drain_where(|w| w.latest < until) {
-                        let _ = w.tx.send(Err(r));
-                    }
-                }
-                Ok(()) => {
-                    let epoch = cell.epoch();
-                    // The slot goes to the first in fair order still waiting.
-                    while let Some((caller, w)) =
-                        queue.pop(|caller, w| w.latest >= now && eligible(in_flight, caller, w))
-                    {
-                        let place = (w.cap > 0).then(|| {
-                            *in_flight.entry(caller.clone()).or_insert(0) += 1;
-                            CallerPlace {
-                                room: Some(self.clone()),
-                                caller: caller.clone(),
-                            }
-                        });
-                        let handed = Handed {
-                            slot: now,
-                            epoch,
-                            place,
-                        };
-                        match w.tx.send(Ok(handed)) {
-                            Ok(()) => break,
-                            // It stopped waiting: its place is given back here (the lock is
-                            // held, so not by the place's own drop).
-                            Err(Ok(mut h)) => {
-                                if let Some(mut p) = h.place.take() {
-                                    p.room = None;
-                                    if let Some(n) = in_flight.get_mut(&p.caller) {
-                                        *n = n.saturating_sub(1);
-                                        if *n == 0 {
-                                            in_flight.remove(&p.caller);
-                                        }
-                                    }
-                                }
-                            }
-                            Err(Err(_)) => {}
+                Err(r) => st.refuse(r, latest),
+                Ok(epoch) => {
+                    // The slot, and every further one in hand (leased tokens), go to the
+                    // first in fair order still waiting.
+                    let mut first = true;
+                    while first || slot_now(cell, fleet, now) {
+                        first = false;
+                        if !st.hand(self, now, epoch) {
+                            break;
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Take up to `demand` slots of the local pace due within `BATCH_SPAN_NS` of the first,
+    /// before `latest`, and hand each to the first in fair order when its time comes. A
+    /// refusal when not even the first slot comes before `latest`.
+    async fn local_slots(
+        self: &Arc<Self>,
+        cell: &Arc<HostCell>,
+        clock: &Clock,
+        latest: u64,
+        demand: u32,
+    ) -> Result<(), Rejection> {
+        let now = clock.now();
+        let epoch = cell.epoch();
+        let mut slots: Vec<u64> = Vec::new();
+        while slots.len() < demand as usize {
+            let bound = match slots.first() {
+                Some(first) => latest.min(first.saturating_add(BATCH_SPAN_NS)),
+                None => latest,
+            };
+            match cell.reserve(now, bound.saturating_sub(now)) {
+                Decision::Now => slots.push(now),
+                Decision::At { at, .. } => slots.push(at),
+                Decision::Refuse { retry_after } if slots.is_empty() => {
+                    let retry_after = Duration::from_nanos(retry_after);
+                    return Err(if cell.paused_until() > now {
+                        Rejection::Paused { retry_after }
+                    } else {
+                        Rejection::Pace { retry_after }
+                    });
+                }
+                Decision::Refuse { .. } => break,
+            }
+        }
+        self.lock().held.extend(slots.iter().copied());
+        // Whatever ends this (a pause, nobody left, the task dropped), the slots are no longer
+        // held.
+        let _release = Unhold(self);
+        for at in slots {
+            let now = clock.now();
+            if at > now {
+                tokio::time::sleep(Duration::from_nanos(at - now)).await;
+            }
+            if !cell.still_valid(epoch) {
+                // Paused meanwhile: the slots taken before are void.
+                return Ok(());
+            }
+            let now = clock.now();
+            let mut st = self.lock();
+            st.held.pop_front();
+            if !st.hand(self, now, epoch) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Slots due within this span of the first are taken together. A timer wakes at most once a
+/// millisecond, so a pace faster than that needs several slots per wake-up; taken one at a
+/// time, a late wake-up would lose the slots between (GCRA gives back none in the past).
+/// Each is still handed, in fair order, only when its time comes.
+const BATCH_SPAN_NS: u64 = 5_000_000;
+
+impl State {
+    /// No slot before `latest` (with the fleet's store away, none for a while): every
+    /// request that cannot wait past it is answered now.
+    fn refuse(&mut self, r: Rejection, latest: u64) {
+        let unavailable = matches!(r, Rejection::Unavailable { .. });
+        for w in self
+            .queue
+            .drain_where(|w| unavailable || w.latest <= latest)
+        {
+            if w.cap > 0 {
+                self.capped = self.capped.saturating_sub(1);
+            }
+            let _ = w.tx.send(Err(r));
+        }
+    }
+
+    /// Hand one slot to the first in fair order still waiting; false if nobody took it.
+    fn hand(&mut self, room: &Arc<Room>, now: u64, epoch: u32) -> bool {
+        let State {
+            queue,
+            in_flight,
+            capped,
+            ..
+        } = self;
+        while let Some((caller, w)) =
+            queue.pop(|caller, w| w.latest >= now && eligible(in_flight, caller, w))
+        {
+            if w.cap > 0 {
+                *capped = capped.saturating_sub(1);
+            }
+            let place = (w.cap > 0).then(|| {
+                *in_flight.entry(caller.clone()).or_insert(0) += 1;
+                CallerPlace {
+                    room: Some(room.clone()),
+                    caller: caller.clone(),
+                }
+            });
+            let handed = Handed {
+                slot: now,
+                epoch,
+                place,
+            };
+            match w.tx.send(Ok(handed)) {
+                Ok(()) => return true,
+                // It stopped waiting: its place is given back here (the lock is held, so
+                // not by the place's own drop), and the slot goes to the next.
+                Err(Ok(mut h)) => {
+                    if let Some(mut p) = h.place.take() {
+                        p.room = None;
+                        release(in_flight, &p.caller);
+                    }
+                }
+                Err(Err(_)) => {}
+            }
+        }
+        false
+    }
+}
+
+/// A free slot at once (the same look as a request's own on the uncontended path).
+fn slot_now(cell: &Arc<HostCell>, fleet: Option<&dyn FleetSeam>, now: u64) -> bool {
+    match fleet {
+        Some(f) => f.try_now(cell),
+        None => cell.reserve(now, 0) == Decision::Now,
+    }
+}
+
+/// Forgets the slots a dispatcher held.
+struct Unhold<'a>(&'a Room);
+
+impl Drop for Unhold<'_> {
+    fn drop(&mut self) {
+        self.0.lock().held.clear();
+    }
+}
+
+/// Resets a room whose dispatcher ended before its queue did.
+struct Dispatching<'a> {
+    room: &'a Room,
+    done: bool,
+}
+
+impl Drop for Dispatching<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut st = self.room.lock();
+        st.dispatching = false;
+        // Their senders dropped: each waiting request is refused at once.
+        drop(st.queue.drain_where(|_| true));
+        st.capped = 0;
+        st.latest = 0;
     }
 }
 
@@ -363,8 +539,7 @@ fn key_of(st: &State, caller: &Arc<str>, max: usize) -> Arc<str> {
         return caller.clone();
     }
     let mut known: HashSet<&str> = st.in_flight.keys().map(|k| &**k).collect();
-    let by_caller = st.queue.by_caller();
-    known.extend(by_caller.iter().map(|(c, _)| &**c));
+    known.extend(st.queue.callers());
     if known.len() >= max {
         Arc::from(OTHER)
     } else {
@@ -378,16 +553,18 @@ struct Leave<'a> {
     caller: &'a Arc<str>,
     class: Priority,
     id: u64,
+    capped: bool,
 }
 
 impl Drop for Leave<'_> {
     fn drop(&mut self) {
         let id = self.id;
-        let removed = self
-            .room
-            .lock()
-            .queue
-            .remove(self.caller, self.class, |w| w.id == id);
+        let mut st = self.room.lock();
+        let removed = st.queue.remove(self.caller, self.class, |w| w.id == id);
+        if removed && self.capped {
+            st.capped = st.capped.saturating_sub(1);
+        }
+        drop(st);
         if removed {
             // The dispatcher may be waiting for this request to become eligible or go.
             self.room.wake.notify_one();

@@ -271,20 +271,22 @@ impl Admission {
     }
 }
 
-/// Wait for a slot at `cell`'s pace until `deadline` (ns on `clock`) at most.
+/// Wait for a slot at `cell`'s pace until `deadline` (ns on `clock`) at most; the pause epoch
+/// the slot was taken in.
 pub(crate) async fn pace_cell(
     cell: &HostCell,
     clock: &Clock,
     deadline: u64,
-) -> Result<(), Rejection> {
+) -> Result<u32, Rejection> {
     loop {
         let now = clock.now();
+        let epoch = cell.epoch();
         match cell.reserve(now, deadline.saturating_sub(now)) {
-            Decision::Now => return Ok(()),
+            Decision::Now => return Ok(epoch),
             Decision::At { at, epoch } => {
                 tokio::time::sleep(Duration::from_nanos(at.saturating_sub(now))).await;
                 if cell.still_valid(epoch) {
-                    return Ok(());
+                    return Ok(epoch);
                 }
             }
             Decision::Refuse { retry_after } => {

@@ -194,16 +194,21 @@ pub struct Fleet {
 const PLACE_ASK_MAX: Duration = Duration::from_millis(200);
 
 /// A caller's place at a host, taken from the fleet; given back (in the background) when
-/// dropped.
+/// dropped. Armed from the moment it is asked for until the store says no: a request dropped
+/// while its ask was under way gives back what the store may have given it.
 struct HeldPlace {
     fleet: Weak<Fleet>,
     host: Box<str>,
     caller: Box<str>,
     holder: String,
+    armed: bool,
 }
 
 impl Drop for HeldPlace {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         let (Some(fleet), Ok(runtime)) =
             (self.fleet.upgrade(), tokio::runtime::Handle::try_current())
         else {
@@ -438,7 +443,9 @@ impl Fleet {
         demand: u32,
     ) -> Result<(), Rejection> {
         let Some(host) = self.host(cell) else {
-            return crate::admission::pace_cell(cell, &self.clock, deadline).await;
+            return crate::admission::pace_cell(cell, &self.clock, deadline)
+                .await
+                .map(|_| ());
         };
         loop {
             let now = self.clock.now();
@@ -483,23 +490,25 @@ impl Fleet {
             return Ok(None);
         };
         let n = self.places.fetch_add(1, Ordering::Relaxed);
-        let holder = format!("{}:{n}", self.node_id);
+        let mut held = HeldPlace {
+            fleet: self.me.clone(),
+            host: host.key.clone(),
+            caller: caller.into(),
+            holder: format!("{}:{n}", self.node_id),
+            armed: false,
+        };
         let mut pause = Duration::from_millis(10);
         loop {
             if !self.allow(self.clock.now()) {
                 return Ok(None);
             }
+            held.armed = true;
+            let holder = held.holder.clone();
             let call = || store.take_place(&host.key, caller, &holder, cap, hold);
             match self.call(Op::Place, call).await {
-                Ok(true) => {
-                    return Ok(Some(Box::new(HeldPlace {
-                        fleet: self.me.clone(),
-                        host: host.key.clone(),
-                        caller: caller.into(),
-                        holder,
-                    })))
-                }
-                Ok(false) => {}
+                Ok(true) => return Ok(Some(Box::new(held))),
+                Ok(false) => held.armed = false,
+                // Unknown whether the store gave one: `held` gives it back.
                 Err(_) => return Ok(None),
             }
             let now = self.clock.now();
@@ -617,7 +626,9 @@ impl FleetSeam for Fleet {
             match self.me.upgrade() {
                 Some(fleet) => fleet.pace_shared(cell, deadline, demand).await,
                 // The fleet is being dropped (shutdown): this node's own pace.
-                None => crate::admission::pace_cell(cell, &self.clock, deadline).await,
+                None => crate::admission::pace_cell(cell, &self.clock, deadline)
+                    .await
+                    .map(|_| ()),
             }
         })
     }

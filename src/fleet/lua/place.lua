@@ -9,12 +9,17 @@ if ARGV[1] == 'give' then
   redis.call('ZREM', KEYS[1], ARGV[2])
   return 1
 end
+local ttl = tonumber(ARGV[4])
+-- Asked again for a place it holds (its first answer lost): it still holds it.
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
+  return 1
+end
 -- Places of holders that never gave them back (a node that died) end with their ttl.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
   return 0
 end
-local ttl = tonumber(ARGV[4])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
 if redis.call('PTTL', KEYS[1]) < ttl then
   redis.call('PEXPIRE', KEYS[1], ttl)
