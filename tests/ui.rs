@@ -200,3 +200,42 @@ fn the_live_page_shows_a_429_storm() {
     assert!(dom.contains("admin token needed"), "{dom}");
     assert!(!dom.contains(&format!("data-host=\"{HOST}")), "{dom}");
 }
+
+#[test]
+fn the_live_page_shows_a_hosts_queue_by_caller() {
+    let Some(chromium) = tool(&["chromium", "chromium-browser"], "chromium") else {
+        return;
+    };
+    let up = FakeUpstream::builder().start();
+    let sluice = Sluice::start(
+        &format!("admin_token = \"{TOKEN}\"\n"),
+        &format!(
+            "[hosts.\"127.0.0.1:{}\"]\nrps = 0.5\nburst = 1\nmax_queue_wait = \"60s\"\n",
+            up.port()
+        ),
+    );
+    // Callers a (4 requests) and b (2) at a host that takes one every 2 s: all but the first
+    // wait. Answered or cut when the test ends; nobody waits for them.
+    for caller in ["a", "a", "a", "a", "b", "b"] {
+        let (proxy, port) = (sluice.proxy, up.port());
+        std::thread::spawn(move || {
+            let _ = raw_exchange(
+                proxy,
+                format!(
+                    "GET http://127.0.0.1:{port}/q HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+                     Sluice-Caller: {caller}\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            );
+        });
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let url = format!("http://{}/ui#token={TOKEN}", sluice.admin);
+    let dom = render(&chromium, &url, None);
+    let callers = element_text(&dom, "data-field=\"callers\"")
+        .unwrap_or_else(|| panic!("no queue by caller in:\n{dom}"));
+    // The first request (a's) went at once; the other five wait.
+    assert!(callers.contains("a: 3 waiting"), "{callers}");
+    assert!(callers.contains("b: 2 waiting"), "{callers}");
+}
