@@ -200,6 +200,17 @@ mod tests {
         };
         let p = adm.acquire(&h, &room).await.expect("its slot leaves time");
         assert_eq!(p.queued, Duration::from_millis(100));
+        // A slot exactly at its bound is its own, even when the dispatcher's timer and its
+        // own fire at the same instant.
+        let exact = Ask {
+            due: Some(&Duration::from_millis(100)),
+            ..ask(&c, Duration::from_millis(150))
+        };
+        let p = adm
+            .acquire(&h, &exact)
+            .await
+            .expect("a slot at the bound fits");
+        assert_eq!(p.queued, Duration::from_millis(100));
     }
 
     #[tokio::test(start_paused = true)]

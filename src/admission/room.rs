@@ -266,7 +266,9 @@ impl Room {
             id,
             capped: w.cap > 0,
         };
-        let left = Duration::from_nanos(w.latest.saturating_sub(now));
+        // A slot timed within `latest` may be handed a little after it (a late timer, a busy
+        // runtime): the request waits that much longer for it.
+        let left = Duration::from_nanos(w.latest.saturating_sub(now)) + HAND_GRACE;
         match tokio::time::timeout(left, rx).await {
             Ok(Ok(handed)) => handed,
             // The dispatcher ended without an answer (it failed, or the runtime is shutting
@@ -363,7 +365,7 @@ impl Room {
                     let mut first = true;
                     while first || slot_now(cell, fleet, now) {
                         first = false;
-                        if !st.hand(self, now, epoch) {
+                        if !st.hand(self, now, now, epoch) {
                             break;
                         }
                     }
@@ -420,13 +422,17 @@ impl Room {
             let now = clock.now();
             let mut st = self.lock();
             st.held.pop_front();
-            if !st.hand(self, now, epoch) {
+            if !st.hand(self, at, now, epoch) {
                 return Ok(());
             }
         }
         Ok(())
     }
 }
+
+/// How long past its latest slot a waiting request still waits for a slot timed within it
+/// that the dispatcher hands late.
+const HAND_GRACE: Duration = Duration::from_millis(20);
 
 /// Slots due within this span of the first are taken together. A timer wakes at most once a
 /// millisecond, so a pace faster than that needs several slots per wake-up; taken one at a
@@ -451,7 +457,9 @@ impl State {
     }
 
     /// Hand one slot to the first in fair order still waiting; false if nobody took it.
-    fn hand(&mut self, room: &Arc<Room>, now: u64, epoch: u32) -> bool {
+    /// The slot's time is `at`: whoever may take a slot then may take it, even handed
+    /// later (`now`).
+    fn hand(&mut self, room: &Arc<Room>, at: u64, now: u64, epoch: u32) -> bool {
         let State {
             queue,
             in_flight,
@@ -459,7 +467,7 @@ impl State {
             ..
         } = self;
         while let Some((caller, w)) =
-            queue.pop(|caller, w| w.latest >= now && eligible(in_flight, caller, w))
+            queue.pop(|caller, w| w.latest >= at && eligible(in_flight, caller, w))
         {
             if w.cap > 0 {
                 *capped = capped.saturating_sub(1);
