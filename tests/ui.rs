@@ -210,12 +210,12 @@ fn the_live_page_shows_a_hosts_queue_by_caller() {
     let sluice = Sluice::start(
         &format!("admin_token = \"{TOKEN}\"\n"),
         &format!(
-            "[hosts.\"127.0.0.1:{}\"]\nrps = 0.5\nburst = 1\nmax_queue_wait = \"60s\"\n",
+            "[hosts.\"127.0.0.1:{}\"]\nrps = 0.1\nburst = 1\nmax_queue_wait = \"60s\"\n",
             up.port()
         ),
     );
-    // Callers a (4 requests) and b (2) at a host that takes one every 2 s: all but the first
-    // wait. Answered or cut when the test ends; nobody waits for them.
+    // Callers a (4 requests) and b (2) at a host that takes one every 10 s: all but the first
+    // wait (for as long as the page takes to load and render). Answered or cut when the test ends; nobody waits for them.
     for caller in ["a", "a", "a", "a", "b", "b"] {
         let (proxy, port) = (sluice.proxy, up.port());
         std::thread::spawn(move || {
