@@ -133,6 +133,17 @@ pub struct Who<'a> {
     pub addr: Option<std::net::IpAddr>,
 }
 
+impl<'a> Who<'a> {
+    /// A caller known by its client and address only (a CONNECT).
+    pub fn of(client: Option<&'a Client>, addr: Option<std::net::IpAddr>) -> Who<'a> {
+        Who {
+            client,
+            addr,
+            ..Who::default()
+        }
+    }
+}
+
 /// The caller of a request at a host whose limits are `limits`, as `[callers]` says to tell
 /// callers apart: the authenticated client; else one of sluice's own jobs (`jobs`); else
 /// `Sluice-Caller`, then the client's address (`by = "auto"`); or only the address
@@ -251,7 +262,8 @@ pub async fn admit(
             m.queue_wait.observe(p.queued.as_secs_f64());
             // By caller, only the requests that waited (nothing more on the uncontended path).
             if let Some(c) = ask.caller.filter(|_| !p.queued.is_zero()) {
-                m.caller_queue_wait
+                m.callers
+                    .queue_wait
                     .with_label_values(&[label, c.priority.as_str()])
                     .observe(p.queued.as_secs_f64());
             }
@@ -261,7 +273,8 @@ pub async fn admit(
     };
     m.rejections.with_label_values(&[r.reason()]).inc();
     if ask.caller.is_some() {
-        m.caller_rejections
+        m.callers
+            .rejections
             .with_label_values(&[label, r.reason()])
             .inc();
     }

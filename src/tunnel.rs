@@ -174,17 +174,9 @@ pub async fn serve(
         let cell = shared.admission.host(key.clone(), &head.host, &generation);
         host_label = generation.host_label(cell.profile()).to_string();
         let limits = generation.limits(cell.profile());
-        let who = gate::Who {
-            client,
-            addr: peer,
-            ..gate::Who::default()
-        };
+        let who = gate::Who::of(client, peer);
         let caller = gate::caller(&generation, limits, &who)?;
-        let ask = Ask {
-            caller: Some(&caller),
-            max_wait: limits.max_queue_wait.get(),
-            due: None,
-        };
+        let ask = Ask::of(&caller, limits.max_queue_wait.get());
         let permit = gate::admit(shared, || key.clone(), &cell, &ask).await?;
         let upstream = connect(&addrs, server.connect_timeout.get())
             .await

@@ -126,7 +126,8 @@ impl ServeHttp for Admin {
                 m.dns_in_flight.set(self.shared.dns.in_flight() as i64);
                 m.hosts_paused
                     .set(self.shared.admission.paused_count(now) as i64);
-                m.refresh_callers(&self.shared.admission, &self.shared.generation());
+                m.callers
+                    .refresh(&self.shared.admission, &self.shared.generation());
                 for (key, cell) in configured_cells(&self.shared) {
                     let labels = [key.as_str()];
                     m.host_pace.with_label_values(&labels).set(cell.rps());

@@ -33,6 +33,15 @@ impl Due for Duration {
 }
 
 impl Ask<'_> {
+    /// `caller`'s wait of at most `max_wait`, with no deadline rule.
+    pub fn of(caller: &Caller, max_wait: Duration) -> Ask<'_> {
+        Ask {
+            caller: Some(caller),
+            max_wait,
+            due: None,
+        }
+    }
+
     /// A wait of at most `max_wait`, with no caller and no deadline rule.
     pub fn plain(max_wait: Duration) -> Ask<'static> {
         Ask {

@@ -4,12 +4,14 @@
 //! errors with their key path), then `validate()` checks every semantic rule and reports every
 //! failure at once. `Generation::build()` compiles a valid `Config` into lookup structures.
 
+mod callers;
 mod dispatch;
 mod duration;
 mod fleet;
 mod jobs;
 mod validate;
 
+pub use callers::{CallerBy, Callers, Priority};
 pub use dispatch::{
     default_retry_on, HealthCheckConfig, HedgeAfter, Mode, Outlier, Quota, RegionConfig,
     RetryBudget, RetryOn,
@@ -180,64 +182,6 @@ pub struct ClientConfig {
     /// The class of its requests that send no `Sluice-Priority`.
     #[serde(default)]
     pub priority: Priority,
-}
-
-/// A request's class when callers wait at one host: higher classes go first, and a lower
-/// class waiting is never starved outright.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum Priority {
-    High = 0,
-    #[default]
-    Normal = 1,
-    Low = 2,
-}
-
-impl Priority {
-    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Priority::High => "high",
-            Priority::Normal => "normal",
-            Priority::Low => "low",
-        }
-    }
-
-    /// `high`, `normal` or `low` (as `Sluice-Priority` carries it).
-    pub fn parse(v: &str) -> Option<Priority> {
-        Priority::ALL.into_iter().find(|p| p.as_str() == v)
-    }
-}
-
-/// `[callers]`: who a request's caller is, for fair shares at a contended host.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Callers {
-    /// `auto`: the authenticated client; without client authentication, the `Sluice-Caller`
-    /// header, else the client's address. `address`: the client's address (the header is
-    /// ignored). `none`: one caller for everyone (first come, first served).
-    pub by: CallerBy,
-    /// Callers tracked apart at one host; the rest share the caller `other`.
-    pub max_per_host: usize,
-}
-
-impl Default for Callers {
-    fn default() -> Self {
-        Callers {
-            by: CallerBy::Auto,
-            max_per_host: 64,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum CallerBy {
-    #[default]
-    Auto,
-    Address,
-    None,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

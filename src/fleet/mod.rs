@@ -1,146 +1,32 @@
-//! BreakerState shared by a fleet of sluice processes (`[shared] backend = "redis"`): each host's pace
+//! State shared by a fleet of sluice processes (`[shared] backend = "redis"`): each host's pace
 //! as one bucket for the whole fleet (taken in small leases, with a local retry-after cache so
 //! Redis calls do not grow with the offered load), pauses and learned limits pushed to every
 //! node, and a circuit breaker with a fallback (`on_error`) for when the store fails.
 //!
-//! `Fleet` is what admission consults; `Store` is the shared store (Redis in `redis.rs`);
-//! `pacer.rs` holds one host's local side (leased tokens and the queue waiting for them).
+//! `Fleet` is what admission consults; `Store` is the shared store (`store.rs`, Redis in
+//! `redis.rs`); `pacer.rs` holds one host's local side (leased tokens and the queue waiting
+//! for them); `place.rs` counts a caller's requests in flight at a host for the fleet.
 //! The memory backend has no `Fleet` at all: admission stays local.
 
 pub mod breaker;
 pub mod lease;
 pub mod metrics;
 mod pacer;
+mod place;
 pub mod redis;
 pub mod service;
+mod store;
 
 pub use pacer::FleetHost;
+pub use store::{parse_event, Grant, Store, StoreError};
 
-use crate::admission::{
-    Clock, Decision, FleetEvent, FleetPlace, FleetSeam, HostCell, Paced, Placed, Rejection,
-};
+use crate::admission::{Clock, Decision, FleetSeam, HostCell, Paced, Placed, Rejection};
 use crate::config::{FleetConfig, OnError};
-use async_trait::async_trait;
 use breaker::{Breaker, BreakerState};
 use metrics::{FleetMetrics, Op};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
-
-/// What the store answered to a request for tokens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Grant {
-    /// Tokens taken (0 when none was free).
-    pub granted: u32,
-    /// Time until the next token is due (after the last one granted).
-    pub due: Duration,
-    /// The interval in force in the fleet (a learned limit wins over the node's own).
-    pub interval_us: u64,
-    /// A learned concurrency limit, if any.
-    pub max_concurrent: Option<u32>,
-    /// The fleet's pause of this host, if one is running.
-    pub paused_for: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StoreError {
-    #[error("shared store call timed out")]
-    Timeout,
-    #[error("shared store: {0}")]
-    Redis(String),
-    #[error("shared store not connected yet")]
-    NotReady,
-}
-
-impl StoreError {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            StoreError::Timeout => "timeout",
-            StoreError::Redis(_) | StoreError::NotReady => "error",
-        }
-    }
-}
-
-/// The store a fleet shares. Every method is one atomic round trip.
-#[async_trait]
-pub trait Store: Send + Sync {
-    /// Take up to `want` tokens of `host`'s bucket (pace `interval_us`, `burst`).
-    async fn acquire(
-        &self,
-        host: &str,
-        want: u32,
-        interval_us: u64,
-        burst: u32,
-    ) -> Result<Grant, StoreError>;
-    /// Give back leased tokens that were not used.
-    async fn give_back(&self, host: &str, tokens: u32, interval_us: u64) -> Result<(), StoreError>;
-    /// Pause `host` for the fleet and tell every node.
-    async fn pause(
-        &self,
-        host: &str,
-        length: Duration,
-        interval_us: u64,
-        burst: u32,
-    ) -> Result<(), StoreError>;
-    /// Record limits learned from `host`'s responses and tell every node.
-    async fn learn(
-        &self,
-        host: &str,
-        interval_us: Option<u64>,
-        max_concurrent: Option<u32>,
-    ) -> Result<(), StoreError>;
-    /// Take one of `caller`'s `cap` places among its requests in flight at `host`, for the
-    /// fleet, as `holder` (held `ttl` at most); false when all are taken.
-    async fn take_place(
-        &self,
-        host: &str,
-        caller: &str,
-        holder: &str,
-        cap: u32,
-        ttl: Duration,
-    ) -> Result<bool, StoreError>;
-    /// Give back the place `holder` took.
-    async fn give_place(&self, host: &str, caller: &str, holder: &str) -> Result<(), StoreError>;
-    /// Say this node is alive for `ttl`; returns the number of live nodes.
-    async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError>;
-    /// Say this node is leaving.
-    async fn leave(&self, node: &str) -> Result<(), StoreError>;
-    /// Drop the connection: the next call makes a new one.
-    async fn reset(&self) {}
-    /// Calls made so far (for benchmarks and tests).
-    fn calls(&self) -> u64;
-}
-
-/// An event another node published: `pause <host> <us>` or
-/// `limit <host> <interval us|-> <max_concurrent|->`.
-pub fn parse_event(text: &str) -> Option<FleetEvent> {
-    let mut parts = text.split(' ');
-    let kind = parts.next()?;
-    let host = parts.next()?.to_string();
-    if host.is_empty() {
-        return None;
-    }
-    let event = match kind {
-        "pause" => FleetEvent::Pause {
-            host,
-            length: Duration::from_micros(parts.next()?.parse().ok()?),
-        },
-        "limit" => {
-            let interval = parts.next()?;
-            let mc = parts.next()?;
-            FleetEvent::Limit {
-                host,
-                interval_us: (interval != "-")
-                    .then(|| interval.parse().ok())
-                    .flatten()
-                    .filter(|i| *i > 0),
-                max_concurrent: (mc != "-").then(|| mc.parse().ok()).flatten(),
-            }
-        }
-        _ => return None,
-    };
-    parts.next().is_none().then_some(event)
-}
 
 /// How shared pacing saves calls to the store (both on in service; the benchmark turns them
 /// off to measure what each saves).
@@ -188,48 +74,6 @@ pub struct Fleet {
     me: Weak<Fleet>,
     /// Numbers this node's fleet places (holder ids are `node_id:n`).
     places: AtomicU64,
-}
-
-/// Longest pause between two asks for a caller's fleet place while its cap is reached.
-const PLACE_ASK_MAX: Duration = Duration::from_millis(200);
-
-/// A caller's place at a host, taken from the fleet; given back (in the background) when
-/// dropped. Armed from the moment it is asked for until the store says no: a request dropped
-/// while its ask was under way gives back what the store may have given it.
-struct HeldPlace {
-    fleet: Weak<Fleet>,
-    host: Box<str>,
-    caller: Box<str>,
-    holder: String,
-    armed: bool,
-}
-
-impl Drop for HeldPlace {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let (Some(fleet), Ok(runtime)) =
-            (self.fleet.upgrade(), tokio::runtime::Handle::try_current())
-        else {
-            // Shutting down: the place ends with its ttl.
-            return;
-        };
-        let Some(store) = fleet.store.get().cloned() else {
-            return;
-        };
-        let (host, caller, holder) = (
-            std::mem::take(&mut self.host),
-            std::mem::take(&mut self.caller),
-            std::mem::take(&mut self.holder),
-        );
-        runtime.spawn(async move {
-            let call = || store.give_place(&host, &caller, &holder);
-            if let Err(e) = fleet.call(Op::Place, call).await {
-                tracing::debug!(host = &*host, error = %e, "a fleet place not given back (it ends with its ttl)");
-            }
-        });
-    }
 }
 
 /// The fleet identity of an admission cell.
@@ -475,53 +319,6 @@ impl Fleet {
         }
     }
 
-    /// One of `caller`'s `cap` places at `cell`'s host, for the fleet: asked again, a little
-    /// later each time, while the cap is reached, until `deadline`. `None` when the store is
-    /// unavailable (the node's own count of the caller's places holds meanwhile).
-    async fn place_shared(
-        &self,
-        cell: &HostCell,
-        caller: &str,
-        cap: u32,
-        hold: Duration,
-        deadline: u64,
-    ) -> Result<Option<FleetPlace>, Rejection> {
-        let (Some(host), Some(store)) = (self.host(cell), self.store.get().cloned()) else {
-            return Ok(None);
-        };
-        let n = self.places.fetch_add(1, Ordering::Relaxed);
-        let mut held = HeldPlace {
-            fleet: self.me.clone(),
-            host: host.key.clone(),
-            caller: caller.into(),
-            holder: format!("{}:{n}", self.node_id),
-            armed: false,
-        };
-        let mut pause = Duration::from_millis(10);
-        loop {
-            if !self.allow(self.clock.now()) {
-                return Ok(None);
-            }
-            held.armed = true;
-            let holder = held.holder.clone();
-            let call = || store.take_place(&host.key, caller, &holder, cap, hold);
-            match self.call(Op::Place, call).await {
-                Ok(true) => return Ok(Some(Box::new(held))),
-                Ok(false) => held.armed = false,
-                // Unknown whether the store gave one: `held` gives it back.
-                Err(_) => return Ok(None),
-            }
-            let now = self.clock.now();
-            if now.saturating_add(pause.as_nanos() as u64) > deadline {
-                return Err(Rejection::Concurrency {
-                    retry_after: Duration::from_secs(1),
-                });
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(PLACE_ASK_MAX);
-        }
-    }
-
     /// The store is unavailable: pace by the `on_error` policy. `None` when the store came
     /// back while the request waited for its local slot: it starts over on the shared path
     /// (slots reserved locally before are void, or they would add to the fleet's pace).
@@ -707,6 +504,7 @@ pub fn interval_us(cell: &HostCell) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::FleetEvent;
 
     #[test]
     fn events_parse_and_reject_garbage() {

@@ -1,6 +1,10 @@
 //! The Prometheus registry sluice exports on the admin listener. Registered once at start,
 //! passed down by `Arc`; every label value comes from a closed set (way in, error code, class).
 
+mod callers;
+
+pub use callers::CallerMetrics;
+
 use crate::error::Code;
 use crate::generation::OTHER_HOST;
 use crate::target::WayIn;
@@ -60,13 +64,8 @@ pub struct Metrics {
     pub queue_wait: prometheus::Histogram,
     /// `sluice_admission_rejections_total{reason="pace|paused|concurrency"}`.
     pub rejections: IntCounterVec,
-    /// `sluice_caller_waiting{caller}`: requests waiting in contended hosts' queues now, by
-    /// caller (a configured client's name, else `other`), counted when scraped.
-    pub caller_waiting: IntGaugeVec,
-    /// `sluice_caller_queue_wait_seconds{caller,priority}`: time admitted requests waited.
-    pub caller_queue_wait: HistogramVec,
-    /// `sluice_caller_rejections_total{caller,reason}`: refusals by admission, by caller.
-    pub caller_rejections: IntCounterVec,
+    /// Waits and refusals by caller at contended hosts.
+    pub callers: CallerMetrics,
     /// `sluice_pauses_total{source="retry_after|backoff|ratelimit_headers"}`.
     pub pauses: IntCounterVec,
     /// `sluice_upstream_429_total{action="passed"}`: 429s handed to the client (a resend is a
@@ -186,30 +185,6 @@ impl Metrics {
                 "Requests answered 429 by sluice because no slot was free in time, by reason",
             ),
             &["reason"],
-        )?;
-        let caller_waiting = IntGaugeVec::new(
-            Opts::new(
-                "sluice_caller_waiting",
-                "Requests waiting for their host's admission now, by caller",
-            ),
-            &["caller"],
-        )?;
-        let caller_queue_wait = HistogramVec::new(
-            HistogramOpts::new(
-                "sluice_caller_queue_wait_seconds",
-                "Time admitted requests that had to wait waited, by caller and priority",
-            )
-            .buckets(vec![
-                0.0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
-            ]),
-            &["caller", "priority"],
-        )?;
-        let caller_rejections = IntCounterVec::new(
-            Opts::new(
-                "sluice_caller_rejections_total",
-                "Requests refused by admission, by caller and reason",
-            ),
-            &["caller", "reason"],
         )?;
         let pauses = IntCounterVec::new(
             Opts::new(
@@ -391,10 +366,7 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(queue_wait.clone()))?;
-        registry.register(Box::new(caller_waiting.clone()))?;
-        registry.register(Box::new(caller_queue_wait.clone()))?;
-        registry.register(Box::new(caller_rejections.clone()))?;
-        caller_waiting.with_label_values(&[crate::admission::OTHER]);
+        let callers = CallerMetrics::new(&registry)?;
         registry.register(Box::new(hosts_tracked.clone()))?;
         registry.register(Box::new(host_pace.clone()))?;
         registry.register(Box::new(host_queued.clone()))?;
@@ -467,9 +439,7 @@ impl Metrics {
             config_reloads,
             queue_wait,
             rejections,
-            caller_waiting,
-            caller_queue_wait,
-            caller_rejections,
+            callers,
             pauses,
             upstream_429,
             learned,
@@ -520,29 +490,6 @@ impl Metrics {
         self.upstream_responses
             .with_label_values(&[way.as_str(), status_class(status)])
             .inc();
-    }
-
-    /// Requests waiting in contended hosts' queues, by caller (a configured client's name,
-    /// else `other`).
-    pub fn refresh_callers(
-        &self,
-        admission: &crate::admission::Admission,
-        generation: &crate::generation::Generation,
-    ) {
-        use crate::admission::OTHER;
-        self.caller_waiting.reset();
-        self.caller_waiting.with_label_values(&[OTHER]).set(0);
-        for room in admission.rooms() {
-            for line in room.lines() {
-                let label = match generation.clients.by_name(&line.caller) {
-                    Some(_) => &*line.caller,
-                    None => OTHER,
-                };
-                self.caller_waiting
-                    .with_label_values(&[label])
-                    .add(i64::try_from(line.waiting).unwrap_or(i64::MAX));
-            }
-        }
     }
 
     /// Count one attempt sent to an endpoint of `region` (`default` for a host without
