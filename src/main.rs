@@ -113,6 +113,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("warning: {warning}");
         }
         println!("{source}: configuration is valid");
+        println!(
+            "rate-limit headers read from upstream responses: {}",
+            sluice::admission::hints::NAMES.join(", ")
+        );
         // A wildcard listener is reached at this machine's own address.
         let listen = match config.server.listen.parse::<std::net::SocketAddr>() {
             Ok(a) if a.ip().is_unspecified() => format!("THIS-HOST:{}", a.port()),

@@ -1,7 +1,11 @@
-//! What upstream response headers say about a host's limits: `Retry-After`, the
-//! `X-EZTHROTTLE-*` pace statements, and the `RateLimit-*` / `X-RateLimit-*` / provider
-//! `x-ratelimit-*-requests` families. Parsing is total: a value that does not parse is
-//! ignored and reported by name, never a panic.
+//! What upstream response headers say about a host's limits: `Retry-After` (and OpenAI's
+//! `retry-after-ms`), the `X-EZTHROTTLE-*` pace statements, and every "nothing left until T"
+//! form: the IETF `RateLimit` field and the older `RateLimit-*`, `X-RateLimit-*` (delta, epoch
+//! seconds or epoch milliseconds), OpenAI's `x-ratelimit-*-{requests,tokens}` (Go durations)
+//! and Anthropic's `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-*`
+//! (RFC 3339). Whichever budget ran out, requests or tokens, the host waits for its reset.
+//! Parsing is total: a value that does not parse is ignored and reported by name, never a
+//! panic; every delay is capped at `MAX_PAUSE` before it meets a clock.
 
 use http::HeaderMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,8 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const MAX_PAUSE: Duration = Duration::from_secs(3600);
 
 /// Header names whose values are parsed (lowercase); used as bounded metric labels.
-pub const NAMES: [&str; 11] = [
+pub const NAMES: [&str; 22] = [
     "retry-after",
+    "retry-after-ms",
     "x-ezthrottle-rps",
     "x-ezthrottle-max-concurrent",
     "ratelimit",
@@ -22,6 +27,16 @@ pub const NAMES: [&str; 11] = [
     "x-ratelimit-remaining-requests",
     "x-ratelimit-reset-requests",
     "ratelimit-limit",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-requests-reset",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-tokens-reset",
+    "anthropic-ratelimit-input-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-reset",
+    "anthropic-ratelimit-output-tokens-remaining",
+    "anthropic-ratelimit-output-tokens-reset",
 ];
 
 /// Parses a reset header value into a delay from now.
@@ -56,7 +71,7 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
     // Fast exit for the common response with none of these headers.
     if !headers.keys().any(|k| {
         let s = k.as_str();
-        s == "retry-after" || s.starts_with("x-ezthrottle-") || s.contains("ratelimit")
+        s.starts_with("retry-after") || s.starts_with("x-ezthrottle-") || s.contains("ratelimit")
     }) {
         return h;
     }
@@ -66,6 +81,16 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
         match retry_after(v, now) {
             Some(d) => h.retry_after = Some(d),
             None => h.invalid.push("retry-after"),
+        }
+    }
+    // OpenAI's milliseconds say the same more precisely.
+    if let Some(v) = get("retry-after-ms") {
+        match v.trim().parse::<f64>() {
+            Ok(ms) if ms.is_finite() && ms >= 0.0 => {
+                let secs = (ms / 1000.0).min(MAX_PAUSE.as_secs_f64());
+                h.retry_after = Some(cap(Duration::from_secs_f64(secs)));
+            }
+            _ => h.invalid.push("retry-after-ms"),
         }
     }
     if let Some(v) = get("x-ezthrottle-rps") {
@@ -81,12 +106,38 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
         }
     }
 
-    // (remaining, reset) pairs, most specific first.
-    let pairs: [(&'static str, &'static str, ResetParser); 3] = [
+    // (remaining, reset) pairs, most specific first. Any budget at 0 holds the host until
+    // its reset (the longest, when several ran out).
+    let pairs: [(&'static str, &'static str, ResetParser); 8] = [
         (
             "x-ratelimit-remaining-requests",
             "x-ratelimit-reset-requests",
             |v, _| go_duration(v),
+        ),
+        (
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+            |v, _| go_duration(v),
+        ),
+        (
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-requests-reset",
+            rfc3339,
+        ),
+        (
+            "anthropic-ratelimit-tokens-remaining",
+            "anthropic-ratelimit-tokens-reset",
+            rfc3339,
+        ),
+        (
+            "anthropic-ratelimit-input-tokens-remaining",
+            "anthropic-ratelimit-input-tokens-reset",
+            rfc3339,
+        ),
+        (
+            "anthropic-ratelimit-output-tokens-remaining",
+            "anthropic-ratelimit-output-tokens-reset",
+            rfc3339,
         ),
         ("ratelimit-remaining", "ratelimit-reset", |v, _| {
             delta_seconds(v)
@@ -147,6 +198,13 @@ pub fn retry_after(v: &str, now: SystemTime) -> Option<Duration> {
         return Some(d);
     }
     let at = httpdate::parse_http_date(t).ok()?;
+    Some(cap(at.duration_since(now).unwrap_or(Duration::ZERO)))
+}
+
+/// An RFC 3339 time (`2026-12-06T07:00:03Z`, fractions and offsets allowed), as a delay
+/// from now.
+fn rfc3339(v: &str, now: SystemTime) -> Option<Duration> {
+    let at = humantime::parse_rfc3339_weak(v.trim()).ok()?;
     Some(cap(at.duration_since(now).unwrap_or(Duration::ZERO)))
 }
 
@@ -274,6 +332,110 @@ mod tests {
         assert_eq!(h.retry_after, Some(Duration::ZERO));
         let h = parse(&headers(&[("retry-after", "soon")]), now());
         assert_eq!((h.retry_after, h.invalid), (None, vec!["retry-after"]));
+    }
+
+    /// Headers as OpenAI and Anthropic send them when a budget ran out (values from their
+    /// documented responses, times moved to the test's clock).
+    #[test]
+    fn provider_forms_pause_until_the_budget_that_ran_out_resets() {
+        let at =
+            |secs: u64| humantime::format_rfc3339(now() + Duration::from_secs(secs)).to_string();
+        let cases: Vec<(Vec<(&'static str, String)>, f64)> = vec![
+            // OpenAI, tokens: the request budget is left, the token budget is not.
+            (
+                vec![
+                    ("x-ratelimit-limit-requests", "60".into()),
+                    ("x-ratelimit-remaining-requests", "59".into()),
+                    ("x-ratelimit-reset-requests", "1s".into()),
+                    ("x-ratelimit-limit-tokens", "150000".into()),
+                    ("x-ratelimit-remaining-tokens", "0".into()),
+                    ("x-ratelimit-reset-tokens", "6m0s".into()),
+                ],
+                360.0,
+            ),
+            (
+                vec![
+                    ("x-ratelimit-remaining-tokens", "0".into()),
+                    ("x-ratelimit-reset-tokens", "12ms".into()),
+                ],
+                0.012,
+            ),
+            // Anthropic, each budget; the longest reset wins when several ran out.
+            (
+                vec![
+                    ("anthropic-ratelimit-requests-limit", "50".into()),
+                    ("anthropic-ratelimit-requests-remaining", "0".into()),
+                    ("anthropic-ratelimit-requests-reset", at(3)),
+                ],
+                3.0,
+            ),
+            (
+                vec![
+                    ("anthropic-ratelimit-tokens-remaining", "0".into()),
+                    ("anthropic-ratelimit-tokens-reset", at(4)),
+                ],
+                4.0,
+            ),
+            (
+                vec![
+                    ("anthropic-ratelimit-input-tokens-remaining", "0".into()),
+                    ("anthropic-ratelimit-input-tokens-reset", at(5)),
+                    ("anthropic-ratelimit-output-tokens-remaining", "0".into()),
+                    ("anthropic-ratelimit-output-tokens-reset", at(7)),
+                ],
+                7.0,
+            ),
+            (
+                vec![
+                    ("anthropic-ratelimit-output-tokens-remaining", "0".into()),
+                    (
+                        "anthropic-ratelimit-output-tokens-reset",
+                        "2023-11-14T22:13:26+00:00".into(),
+                    ),
+                ],
+                6.0,
+            ),
+        ];
+        for (pairs, want) in cases {
+            let h = parse(
+                &headers(
+                    &pairs
+                        .iter()
+                        .map(|(k, v)| (*k, v.as_str()))
+                        .collect::<Vec<_>>(),
+                ),
+                now(),
+            );
+            let got = h.exhausted_for.map(|d| d.as_secs_f64());
+            assert_eq!(got, Some(want), "{pairs:?}");
+            assert!(h.invalid.is_empty(), "{:?}", h.invalid);
+        }
+        // Budgets left: nothing to hold.
+        let h = parse(
+            &headers(&[
+                ("anthropic-ratelimit-tokens-remaining", "1200"),
+                ("anthropic-ratelimit-tokens-reset", "2023-11-14T22:13:26Z"),
+            ]),
+            now(),
+        );
+        assert!(h.is_empty());
+        // A reset that is not a time is reported, not guessed.
+        let h = parse(
+            &headers(&[
+                ("anthropic-ratelimit-tokens-remaining", "0"),
+                ("anthropic-ratelimit-tokens-reset", "in a minute"),
+            ]),
+            now(),
+        );
+        assert_eq!(h.invalid, vec!["anthropic-ratelimit-tokens-reset"]);
+        // `retry-after-ms` is the more precise `retry-after`.
+        let h = parse(
+            &headers(&[("retry-after", "1"), ("retry-after-ms", "250")]),
+            now(),
+        );
+        assert_eq!(h.retry_after, Some(Duration::from_millis(250)));
+        let h = parse(&headers(&[("retry-after-ms", "99999999999")]), now());
+        assert_eq!(h.retry_after, Some(MAX_PAUSE));
     }
 
     #[test]
