@@ -179,15 +179,15 @@ pub fn caller(
     };
     let (name, weight, client_priority, client): (Arc<str>, u32, Option<Priority>, bool) =
         match (who.client, by) {
-            (_, CallerBy::None) => (Arc::from(OTHER), 1, None, false),
-            (Some(c), _) => (Arc::from(c.name.as_str()), c.weight, Some(c.priority), true),
-            (None, CallerBy::Auto) if who.job => (Arc::from("jobs"), 1, None, false),
+            (_, CallerBy::None) => (OTHER_CALLER.clone(), 1, None, false),
+            (Some(c), _) => (c.caller.clone(), c.weight, Some(c.priority), true),
+            (None, CallerBy::Auto) if who.job => (JOBS_CALLER.clone(), 1, None, false),
             (None, CallerBy::Auto) if header.is_some() => {
                 (Arc::from(header.unwrap_or(OTHER)), 1, None, false)
             }
             (None, _) => match who.addr {
                 Some(ip) => (Arc::from(ip.to_string()), 1, None, false),
-                None => (Arc::from(OTHER), 1, None, false),
+                None => (OTHER_CALLER.clone(), 1, None, false),
             },
         };
     let default = if who.job {
@@ -211,6 +211,10 @@ pub fn caller(
         client,
     })
 }
+
+/// The callers every request may share, named once.
+static OTHER_CALLER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(OTHER));
+static JOBS_CALLER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("jobs"));
 
 /// A `Sluice-Caller` value: a short token.
 fn valid_caller(v: &[u8]) -> bool {

@@ -203,16 +203,10 @@ impl Room {
                     queue, in_flight, ..
                 } = &*st;
                 // A capped caller's requests beyond its free places wait for a place, not
-                // for slots.
-                let room = |c: &str| {
-                    let capped = queue
-                        .iter()
-                        .find(|(k, _)| &***k == c)
-                        .map_or(0, |(_, w)| w.cap);
-                    match capped {
-                        0 => usize::MAX,
-                        cap => cap.saturating_sub(in_flight.get(c).copied().unwrap_or(0)) as usize,
-                    }
+                // for slots (the cap is the host's, the same for every caller).
+                let room = |c: &str| match w.cap {
+                    0 => usize::MAX,
+                    cap => cap.saturating_sub(in_flight.get(c).copied().unwrap_or(0)) as usize,
                 };
                 queue.ahead(&key, w.weight, w.class, room) as u64
             };

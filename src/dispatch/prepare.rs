@@ -9,6 +9,7 @@ use crate::admission::{Ask, Caller, Due, Host};
 use crate::config::HostLimits;
 use crate::error::{self, Code};
 use crate::gate::{self, Refusal};
+use crate::generation::Generation;
 use crate::policy::auth::{self, Client, SLUICE_KEY};
 use crate::regions::HostRoute;
 use crate::state::Shared;
@@ -139,11 +140,13 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         .headers
         .get(crate::jobs::JOB_TOKEN)
         .is_some_and(|t| auth::same_secret(t.as_bytes(), shared.jobs.token.as_bytes()));
-    let authenticated = match ctx.generation.clients.enabled() {
-        true => Some(authenticate(session, ctx, job)?),
+    // The client is borrowed from this handle on the generation (`ctx` is written meanwhile).
+    let generation = ctx.generation.clone();
+    let authenticated = match generation.clients.enabled() {
+        true => Some(authenticate(session, &generation, ctx, job)?),
         false => None,
     };
-    let client = authenticated.as_ref().and_then(|c| client_pace(shared, c));
+    let client = authenticated.and_then(|c| client_pace(shared, c));
     let mut deadline = None;
     if let Some(v) = req.headers.get(control::SLUICE_TIMEOUT) {
         let t = control::parse_timeout(v).map_err(|m| error::error(Code::BadRequest, m))?;
@@ -165,7 +168,6 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
             ));
         }
     }
-    let generation = ctx.generation.clone();
     let origin = dest.origin;
     gate::check_host(&generation, &origin.host).map_err(Refusal::into_error)?;
     let key = origin.host_port();
@@ -190,7 +192,7 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         }
     };
     let who = gate::Who {
-        client: authenticated.as_ref(),
+        client: authenticated,
         job,
         caller_header: req.headers.get(gate::SLUICE_CALLER).map(|v| v.as_bytes()),
         priority_header: req.headers.get(gate::SLUICE_PRIORITY).map(|v| v.as_bytes()),
@@ -238,7 +240,12 @@ fn endpoints(shared: &Shared, route: &HostRoute, control: &Control) -> Vec<usize
 /// Authenticate the client (see `policy::auth::authenticate`). One of this process's own
 /// job requests (`job`) is the client that submitted the job (its credentials were checked
 /// then).
-fn authenticate(session: &Session, ctx: &mut Ctx, job: bool) -> Result<Client> {
+fn authenticate<'g>(
+    session: &Session,
+    generation: &'g Generation,
+    ctx: &mut Ctx,
+    job: bool,
+) -> Result<&'g Client> {
     let h = &session.req_header().headers;
     let proxy_way = matches!(ctx.way, WayIn::Forward | WayIn::Connect | WayIn::Intercept);
     let client = if job {
@@ -246,7 +253,7 @@ fn authenticate(session: &Session, ctx: &mut Ctx, job: bool) -> Result<Client> {
             .get(crate::jobs::JOB_CLIENT)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        ctx.generation.clients.by_name(name).ok_or_else(|| {
+        generation.clients.by_name(name).ok_or_else(|| {
             error::error_with_status(
                 Code::AuthFailed,
                 401,
@@ -255,7 +262,7 @@ fn authenticate(session: &Session, ctx: &mut Ctx, job: bool) -> Result<Client> {
         })?
     } else {
         gate::authenticate(
-            &ctx.generation,
+            generation,
             proxy_way,
             h.get(http::header::PROXY_AUTHORIZATION)
                 .map(|v| v.as_bytes()),
@@ -264,7 +271,7 @@ fn authenticate(session: &Session, ctx: &mut Ctx, job: bool) -> Result<Client> {
         .map_err(Refusal::into_error)?
     };
     ctx.client = Some(client.name.clone());
-    Ok(client.clone())
+    Ok(client)
 }
 
 /// A client's own pace (across all hosts), when its entry sets one.

@@ -17,6 +17,8 @@ pub struct Client {
     token: Option<[u8; 32]>,
     password: Option<[u8; 32]>,
     pub limits: Option<crate::config::ClientLimits>,
+    /// Its name as a caller at a contended host (made once, shared by its requests).
+    pub caller: std::sync::Arc<str>,
     /// Its share of a contended host, and the class of its requests by default.
     pub weight: u32,
     pub priority: crate::config::Priority,
@@ -111,6 +113,7 @@ impl Clients {
                     token: c.token_sha256.as_deref().and_then(hex32),
                     password: c.password_sha256.as_deref().and_then(hex32),
                     limits: c.limits.clone(),
+                    caller: std::sync::Arc::from(c.name.as_str()),
                     weight: c.weight,
                     priority: c.priority,
                 })
