@@ -205,6 +205,7 @@ fn bench(c: &mut Criterion) {
         caller: Some(&caller),
         max_wait: Duration::from_secs(30),
         due: Some(&Duration::from_secs(10)),
+        cost: Default::default(),
     };
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     g.bench_function("sluice_acquire_uncontended/1t/1", |b| {

@@ -34,6 +34,9 @@ pub enum Code {
     NoHealthyRegion,
     LoopDetected,
     SharedStateUnavailable,
+    /// The request's estimated tokens exceed the whole of one of its host's token budgets: it
+    /// could never be sent.
+    OverTokenBudget,
     /// No such job (or not this client's), or no such API path.
     NotFound,
     /// The job's call was already sent: it can no longer be canceled.
@@ -44,7 +47,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 31] = [
+    pub const ALL: [Code; 32] = [
         Code::BadRequest,
         Code::BadTarget,
         Code::RateLimited,
@@ -72,6 +75,7 @@ impl Code {
         Code::NoHealthyRegion,
         Code::LoopDetected,
         Code::SharedStateUnavailable,
+        Code::OverTokenBudget,
         Code::NotFound,
         Code::JobStarted,
         Code::JobsUnavailable,
@@ -107,6 +111,7 @@ impl Code {
             Code::NoHealthyRegion => "no_healthy_region",
             Code::LoopDetected => "loop_detected",
             Code::SharedStateUnavailable => "shared_state_unavailable",
+            Code::OverTokenBudget => "over_token_budget",
             Code::NotFound => "not_found",
             Code::JobStarted => "job_started",
             Code::JobsUnavailable => "jobs_unavailable",
@@ -123,7 +128,7 @@ impl Code {
             Code::AuthRequired | Code::AuthFailed => 407,
             Code::ForbiddenDestination | Code::ForbiddenHost | Code::ForbiddenPort => 403,
             Code::UriTooLong => 414,
-            Code::BodyTooLarge => 413,
+            Code::BodyTooLarge | Code::OverTokenBudget => 413,
             Code::TooManyConnections | Code::SharedStateUnavailable | Code::JobsUnavailable => 503,
             Code::NotFound => 404,
             Code::JobStarted => 409,

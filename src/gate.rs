@@ -282,6 +282,22 @@ pub async fn admit(
             .with_label_values(&[label, r.reason()])
             .inc();
     }
+    if let crate::admission::Rejection::OverBudget {
+        budget,
+        limit,
+        estimate,
+    } = r
+    {
+        return Err(Refusal::new(
+            r.code(),
+            format!(
+                "{}: the request is estimated at {estimate} {}, more than its whole budget of \
+                 {limit} a minute; lower max_tokens or the prompt",
+                who(),
+                budget.as_str().replace('_', " "),
+            ),
+        ));
+    }
     let secs = r.retry_after_secs();
     let why = match r {
         crate::admission::Rejection::Pace { .. } => "its pace has no free slot",
@@ -293,6 +309,7 @@ pub async fn admit(
         crate::admission::Rejection::Unavailable { .. } => {
             "the fleet's shared state is unavailable (on_error = throttle)"
         }
+        crate::admission::Rejection::OverBudget { .. } => "its token budget is too small",
     };
     Err(Refusal {
         retry_after: Some(secs),

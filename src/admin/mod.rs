@@ -128,7 +128,10 @@ impl ServeHttp for Admin {
                     .set(self.shared.admission.paused_count(now) as i64);
                 m.callers
                     .refresh(&self.shared.admission, &self.shared.generation());
-                for (key, cell) in configured_cells(&self.shared) {
+                let cells = configured_cells(&self.shared);
+                m.tokens
+                    .refresh(cells.iter().map(|(k, c)| (k.as_str(), &**c)), now);
+                for (key, cell) in cells {
                     let labels = [key.as_str()];
                     m.host_pace.with_label_values(&labels).set(cell.rps());
                     m.host_queued

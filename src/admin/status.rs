@@ -57,6 +57,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             "queued": cell.queued(now),
             "in_flight": cell.in_flight(),
             "callers": callers(cell),
+            "tokens": tokens(cell, now),
             "paused_for_ms": paused_for_ms,
             "pause_source": (paused_for_ms > 0)
                 .then(|| cell.pause_origin().map(|o| o.as_str()))
@@ -90,6 +91,19 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             "queued": 0,
             "in_flight": 0,
             "callers": [],
+            "tokens": crate::admission::TokenBudget::ALL
+                .iter()
+                .zip(l.token_budgets())
+                .filter(|(_, limit)| *limit > 0)
+                .map(|(b, limit)| serde_json::json!({
+                    "budget": b.as_str(),
+                    "limit_per_minute": limit,
+                    "configured": true,
+                    "available": limit,
+                    "upstream_remaining": null,
+                    "upstream_reset_ms": null,
+                }))
+                .collect::<Vec<_>>(),
             "paused_for_ms": 0,
             "pause_source": null,
             "used": false,
@@ -133,6 +147,24 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
 
 /// Cells of the hosts named exactly in `[hosts]` (bounded by the config, so safe as labels):
 /// `name:port` entries directly, bare names on their HTTPS and HTTP ports.
+/// A host's token budgets: the limit per minute (configured or learned), what sluice counts as
+/// left, and what the upstream said last.
+fn tokens(cell: &HostCell, now: u64) -> Vec<serde_json::Value> {
+    cell.token_views(now)
+        .into_iter()
+        .map(|v| {
+            serde_json::json!({
+                "budget": v.budget.as_str(),
+                "limit_per_minute": v.limit_per_minute,
+                "configured": v.configured,
+                "available": v.available.floor() as i64,
+                "upstream_remaining": v.remaining,
+                "upstream_reset_ms": v.remaining.map(|_| v.reset_in.as_millis() as u64),
+            })
+        })
+        .collect()
+}
+
 pub fn configured_cells(shared: &Shared) -> Vec<(String, Arc<HostCell>)> {
     let generation = shared.generation();
     let mut out = Vec::new();

@@ -417,6 +417,19 @@ impl HostCell {
         self.room.load_full()
     }
 
+    /// The host's token budgets now (none when it has none).
+    pub fn token_views(&self, now: u64) -> Vec<super::TokenView> {
+        match self.room.load().as_ref() {
+            Some(r) if r.tokens.active() => r.tokens.views(now),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Does the host have token budgets (configured or learned)?
+    pub fn counts_tokens(&self) -> bool {
+        self.room.load().as_ref().is_some_and(|r| r.tokens.active())
+    }
+
     /// The time of the next free slot at the pace (at least `now`; a pause's end while
     /// paused), without taking it.
     pub fn next_slot(&self, now: u64) -> u64 {

@@ -54,6 +54,13 @@ impl<T> Default for Class<T> {
     }
 }
 
+/// What `pop` would serve: a class, a flow in it, and which classes had an eligible flow.
+struct Choice {
+    class: usize,
+    flow: usize,
+    waiting: [bool; 3],
+}
+
 /// The requests waiting at one host, in the order they are to be served.
 pub struct Fair<T> {
     classes: [Class<T>; 3],
@@ -115,9 +122,9 @@ impl<T> Fair<T> {
         });
     }
 
-    /// The next request to serve among those `eligible` says may go (its caller, its head
-    /// request): the class by priority and aging, then the smallest tag.
-    pub fn pop(&mut self, eligible: impl Fn(&Arc<str>, &T) -> bool) -> Option<(Arc<str>, T)> {
+    /// The class and flow to serve next among those `eligible` says may go, and the classes
+    /// that have an eligible flow.
+    fn choose(&self, eligible: impl Fn(&Arc<str>, &T) -> bool) -> Option<Choice> {
         // The best eligible flow of each class.
         let mut best: [Option<usize>; 3] = [None; 3];
         for (ci, c) in self.classes.iter().enumerate() {
@@ -129,35 +136,49 @@ impl<T> Fair<T> {
                 .min_by_key(|(_, f)| (tag_of(f, c.vtime), f.seq))
                 .map(|(i, _)| i);
         }
+        let first = (0..3).find(|&ci| best[ci].is_some())?;
+        // A lower class passed over `AGE` times goes now (the highest such first).
+        let chosen = (0..3)
+            .find(|&ci| ci != first && best[ci].is_some() && self.classes[ci].passed >= AGE)
+            .unwrap_or(first);
+        Some(Choice {
+            class: chosen,
+            flow: best[chosen]?,
+            waiting: best.map(|b| b.is_some()),
+        })
+    }
+
+    /// The request `pop` would serve next, left in place.
+    pub fn peek(&self, eligible: impl Fn(&Arc<str>, &T) -> bool) -> Option<&T> {
+        let c = self.choose(eligible)?;
+        self.classes[c.class].flows[c.flow].items.front()
+    }
+
+    /// The next request to serve among those `eligible` says may go (its caller, its head
+    /// request): the class by priority and aging, then the smallest tag.
+    pub fn pop(&mut self, eligible: impl Fn(&Arc<str>, &T) -> bool) -> Option<(Arc<str>, T)> {
+        let choice = self.choose(eligible);
         for (ci, c) in self.classes.iter_mut().enumerate() {
-            if best[ci].is_none() && c.flows.is_empty() {
+            if c.flows.is_empty() {
                 c.passed = 0;
             }
-        }
-        let waiting: Vec<usize> = (0..3).filter(|&ci| best[ci].is_some()).collect();
-        let first = *waiting.first()?;
-        // A lower class passed over `AGE` times goes now (the highest such first).
-        let chosen = waiting
-            .iter()
-            .copied()
-            .find(|&ci| ci != first && self.classes[ci].passed >= AGE)
-            .unwrap_or(first);
-        for &ci in &waiting {
-            if ci > chosen {
-                self.classes[ci].passed = self.classes[ci].passed.saturating_add(1);
+            if let Some(ch) = &choice {
+                if ci > ch.class && ch.waiting[ci] {
+                    c.passed = c.passed.saturating_add(1);
+                }
             }
         }
-        let c = &mut self.classes[chosen];
+        let Choice { class, flow, .. } = choice?;
+        let c = &mut self.classes[class];
         c.passed = 0;
-        let fi = best[chosen]?;
-        let f = &mut c.flows[fi];
+        let f = &mut c.flows[flow];
         let item = f.items.pop_front()?;
         let tag = tag_of(f, c.vtime);
         c.vtime = tag;
         f.tag = tag.saturating_add(f.step);
         let caller = f.caller.clone();
         if f.items.is_empty() {
-            c.flows.swap_remove(fi);
+            c.flows.swap_remove(flow);
         }
         self.len -= 1;
         Some((caller, item))

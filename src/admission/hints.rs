@@ -7,6 +7,7 @@
 //! Parsing is total: a value that does not parse is ignored and reported by name, never a
 //! panic; every delay is capped at `MAX_PAUSE` before it meets a clock.
 
+use super::tokens::{Told, MAX_PER_MINUTE};
 use http::HeaderMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const MAX_PAUSE: Duration = Duration::from_secs(3600);
 
 /// Header names whose values are parsed (lowercase); used as bounded metric labels.
-pub const NAMES: [&str; 22] = [
+pub const NAMES: [&str; 26] = [
     "retry-after",
     "retry-after-ms",
     "x-ezthrottle-rps",
@@ -37,6 +38,10 @@ pub const NAMES: [&str; 22] = [
     "anthropic-ratelimit-input-tokens-reset",
     "anthropic-ratelimit-output-tokens-remaining",
     "anthropic-ratelimit-output-tokens-reset",
+    "x-ratelimit-limit-tokens",
+    "anthropic-ratelimit-tokens-limit",
+    "anthropic-ratelimit-input-tokens-limit",
+    "anthropic-ratelimit-output-tokens-limit",
 ];
 
 /// Parses a reset header value into a delay from now.
@@ -52,6 +57,9 @@ pub struct Hints {
     pub max_concurrent: Option<u32>,
     /// Remaining requests reached 0: the window resets after this delay.
     pub exhausted_for: Option<Duration>,
+    /// What the headers said of each token budget (`tokens::Budget` order: tokens, input,
+    /// output).
+    pub tokens: [Told; 3],
     /// Headers present whose values did not parse.
     pub invalid: Vec<&'static str>,
 }
@@ -62,6 +70,28 @@ impl Hints {
             && self.rps.is_none()
             && self.max_concurrent.is_none()
             && self.exhausted_for.is_none()
+            && self.tokens.iter().all(Told::is_empty)
+    }
+
+    /// The longest reset of the token budgets said to have run out that the same headers
+    /// give no limit for (with a limit, the budget itself holds them).
+    pub fn tokens_unbudgeted_for(&self) -> Option<Duration> {
+        self.tokens
+            .iter()
+            .filter(|t| t.remaining == Some(0) && t.limit.is_none())
+            .map(|t| t.reset.unwrap_or(Duration::ZERO))
+            .max()
+    }
+
+    /// The longest reset of any budget said to have run out, requests or tokens.
+    pub fn exhausted_any(&self) -> Option<Duration> {
+        let tokens = self
+            .tokens
+            .iter()
+            .filter(|t| t.remaining == Some(0))
+            .map(|t| t.reset.unwrap_or(Duration::ZERO))
+            .max();
+        self.exhausted_for.max(tokens)
     }
 }
 
@@ -108,35 +138,15 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
 
     // (remaining, reset) pairs, most specific first. Any budget at 0 holds the host until
     // its reset (the longest, when several ran out).
-    let pairs: [(&'static str, &'static str, ResetParser); 8] = [
+    let pairs: [(&'static str, &'static str, ResetParser); 4] = [
         (
             "x-ratelimit-remaining-requests",
             "x-ratelimit-reset-requests",
             |v, _| go_duration(v),
         ),
         (
-            "x-ratelimit-remaining-tokens",
-            "x-ratelimit-reset-tokens",
-            |v, _| go_duration(v),
-        ),
-        (
             "anthropic-ratelimit-requests-remaining",
             "anthropic-ratelimit-requests-reset",
-            rfc3339,
-        ),
-        (
-            "anthropic-ratelimit-tokens-remaining",
-            "anthropic-ratelimit-tokens-reset",
-            rfc3339,
-        ),
-        (
-            "anthropic-ratelimit-input-tokens-remaining",
-            "anthropic-ratelimit-input-tokens-reset",
-            rfc3339,
-        ),
-        (
-            "anthropic-ratelimit-output-tokens-remaining",
-            "anthropic-ratelimit-output-tokens-reset",
             rfc3339,
         ),
         ("ratelimit-remaining", "ratelimit-reset", |v, _| {
@@ -159,6 +169,77 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
             }
             Some(None) => h.invalid.push(reset_name),
             None => {}
+        }
+    }
+    // Token budgets: (budget, limit, remaining, reset) header names.
+    let budgets: [(usize, [&'static str; 3], ResetParser); 4] = [
+        (
+            0,
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+            |v, _| go_duration(v),
+        ),
+        (
+            1,
+            [
+                "anthropic-ratelimit-input-tokens-limit",
+                "anthropic-ratelimit-input-tokens-remaining",
+                "anthropic-ratelimit-input-tokens-reset",
+            ],
+            rfc3339,
+        ),
+        (
+            2,
+            [
+                "anthropic-ratelimit-output-tokens-limit",
+                "anthropic-ratelimit-output-tokens-remaining",
+                "anthropic-ratelimit-output-tokens-reset",
+            ],
+            rfc3339,
+        ),
+        // Anthropic's combined form is the most restrictive of its input and output
+        // budgets: a budget of its own only when those are not sent.
+        (
+            0,
+            [
+                "anthropic-ratelimit-tokens-limit",
+                "anthropic-ratelimit-tokens-remaining",
+                "anthropic-ratelimit-tokens-reset",
+            ],
+            rfc3339,
+        ),
+    ];
+    for (k, [limit, remaining, reset], parse_reset) in budgets {
+        if limit.starts_with("anthropic-ratelimit-tokens")
+            && !(h.tokens[1].is_empty() && h.tokens[2].is_empty())
+        {
+            continue;
+        }
+        let mut told = Told::default();
+        if let Some(v) = get(limit) {
+            match parse_remaining(v) {
+                Some(n) if n > 0 => told.limit = Some(n.min(MAX_PER_MINUTE)),
+                _ => h.invalid.push(limit),
+            }
+        }
+        if let Some(v) = get(remaining) {
+            match parse_remaining(v) {
+                Some(n) => told.remaining = Some(n.min(MAX_PER_MINUTE)),
+                None => h.invalid.push(remaining),
+            }
+        }
+        if let Some(v) = get(reset) {
+            match parse_reset(v, now) {
+                Some(d) => told.reset = Some(d),
+                None if told.remaining == Some(0) => h.invalid.push(reset),
+                None => {}
+            }
+        }
+        if !told.is_empty() {
+            h.tokens[k] = told;
         }
     }
     // The structured form: `RateLimit: limit=100, remaining=0, reset=5`.
@@ -406,7 +487,7 @@ mod tests {
                 ),
                 now(),
             );
-            let got = h.exhausted_for.map(|d| d.as_secs_f64());
+            let got = h.exhausted_any().map(|d| d.as_secs_f64());
             assert_eq!(got, Some(want), "{pairs:?}");
             assert!(h.invalid.is_empty(), "{:?}", h.invalid);
         }
@@ -418,7 +499,8 @@ mod tests {
             ]),
             now(),
         );
-        assert!(h.is_empty());
+        assert_eq!(h.exhausted_any(), None);
+        assert_eq!(h.tokens[0].remaining, Some(1200));
         // A reset that is not a time is reported, not guessed.
         let h = parse(
             &headers(&[
@@ -436,6 +518,78 @@ mod tests {
         assert_eq!(h.retry_after, Some(Duration::from_millis(250)));
         let h = parse(&headers(&[("retry-after-ms", "99999999999")]), now());
         assert_eq!(h.retry_after, Some(MAX_PAUSE));
+    }
+
+    /// The budgets as OpenAI and Anthropic state them on every answer.
+    #[test]
+    fn token_budgets_are_read_with_their_limits() {
+        let at =
+            |secs: u64| humantime::format_rfc3339(now() + Duration::from_secs(secs)).to_string();
+        let h = parse(
+            &headers(&[
+                ("x-ratelimit-limit-requests", "5000"),
+                ("x-ratelimit-limit-tokens", "800000"),
+                ("x-ratelimit-remaining-tokens", "799100"),
+                ("x-ratelimit-reset-tokens", "67ms"),
+            ]),
+            now(),
+        );
+        assert_eq!(
+            h.tokens[0],
+            Told {
+                limit: Some(800_000),
+                remaining: Some(799_100),
+                reset: Some(Duration::from_millis(67)),
+            }
+        );
+        assert_eq!(h.tokens_unbudgeted_for(), None);
+        // Anthropic: input and output budgets; the combined form is then not a budget.
+        let (r5, r9) = (at(5), at(9));
+        let h = parse(
+            &headers(&[
+                ("anthropic-ratelimit-tokens-limit", "10000"),
+                ("anthropic-ratelimit-tokens-remaining", "0"),
+                ("anthropic-ratelimit-tokens-reset", &r9),
+                ("anthropic-ratelimit-input-tokens-limit", "40000"),
+                ("anthropic-ratelimit-input-tokens-remaining", "39000"),
+                ("anthropic-ratelimit-input-tokens-reset", &r5),
+                ("anthropic-ratelimit-output-tokens-limit", "10000"),
+                ("anthropic-ratelimit-output-tokens-remaining", "0"),
+                ("anthropic-ratelimit-output-tokens-reset", &r9),
+            ]),
+            now(),
+        );
+        assert_eq!(h.tokens[0], Told::default());
+        assert_eq!(h.tokens[1].limit, Some(40_000));
+        assert_eq!(h.tokens[2].remaining, Some(0));
+        assert_eq!(h.tokens[2].reset, Some(Duration::from_secs(9)));
+        assert_eq!(h.tokens_unbudgeted_for(), None, "the limit came with it");
+        assert_eq!(h.exhausted_any(), Some(Duration::from_secs(9)));
+        // Only the combined form: it is the budget.
+        let h = parse(
+            &headers(&[
+                ("anthropic-ratelimit-tokens-limit", "10000"),
+                ("anthropic-ratelimit-tokens-remaining", "20"),
+            ]),
+            now(),
+        );
+        assert_eq!(h.tokens[0].limit, Some(10_000));
+        // Hostile values are bounded or reported.
+        let h = parse(
+            &headers(&[
+                ("x-ratelimit-limit-tokens", "lots"),
+                ("x-ratelimit-remaining-tokens", "-5"),
+            ]),
+            now(),
+        );
+        assert_eq!(h.tokens[0].remaining, Some(0));
+        assert_eq!(h.invalid, vec!["x-ratelimit-limit-tokens"]);
+        let h = parse(&headers(&[("x-ratelimit-limit-tokens", "0")]), now());
+        assert_eq!(h.invalid, vec!["x-ratelimit-limit-tokens"]);
+        for huge in ["99999999999999999999", "1e30"] {
+            let h = parse(&headers(&[("x-ratelimit-limit-tokens", huge)]), now());
+            assert_eq!(h.tokens[0].limit, Some(MAX_PER_MINUTE));
+        }
     }
 
     #[test]

@@ -39,7 +39,9 @@ fn signalled_pause(status: u16, hints: &hints::Hints) -> Duration {
         (503, Some(d)) => d,
         _ => Duration::ZERO,
     };
-    by_status.max(hints.exhausted_for.unwrap_or(Duration::ZERO))
+    by_status
+        .max(hints.exhausted_for.unwrap_or(Duration::ZERO))
+        .max(hints.tokens_unbudgeted_for().unwrap_or(Duration::ZERO))
 }
 
 /// Whether a response teaches anything a compact host cannot hold (then it gets a full cell).
@@ -49,6 +51,10 @@ fn teaches(status: u16, hints: &hints::Hints) -> bool {
         || hints.rps.is_some()
         || hints.max_concurrent.is_some()
         || hints.exhausted_for.is_some()
+        || hints
+            .tokens
+            .iter()
+            .any(|t| t.limit.is_some() || t.remaining == Some(0))
 }
 
 /// What a response taught sluice about its host.
@@ -117,7 +123,26 @@ impl Admission {
             (200..=399, _) => cell.succeeded(),
             _ => {}
         }
-        if let Some(d) = hints.exhausted_for {
+        // Token budgets: learned limits and what is left; a budget run out holds the
+        // requests that need it (or, with no limit known for it, the host).
+        let unbudgeted = match hints.tokens.iter().all(|t| t.is_empty()) {
+            true => None,
+            false => {
+                let room = match hints.tokens.iter().any(|t| t.limit.is_some()) {
+                    true => Some(cell.room()),
+                    false => cell.room_if_any(),
+                };
+                match room {
+                    Some(r) => {
+                        let u = r.tokens.observe(&hints.tokens, now);
+                        r.poke();
+                        u
+                    }
+                    None => hints.tokens_unbudgeted_for(),
+                }
+            }
+        };
+        if let Some(d) = hints.exhausted_for.max(unbudgeted) {
             if let Some(p) = pause(d, PauseSource::RateLimitHeaders) {
                 learned.paused = Some(p);
             }

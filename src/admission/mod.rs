@@ -6,8 +6,8 @@
 //! `table` (hosts: the compact table, full cells, promotion, eviction, status), `cell` and
 //! `light` (a full cell and a compact slot), `wait` (permits, waiting, the send guard),
 //! `room` and `fair` (a contended host's waiting room and its fair order between callers),
-//! `learn` (what responses teach), `hints` (rate-limit headers), `fleet` (the seam a fleet
-//! of nodes plugs into).
+//! `tokens` (a host's token budgets), `learn` (what responses teach), `hints` (rate-limit
+//! headers), `fleet` (the seam a fleet of nodes plugs into).
 
 mod cell;
 mod clock;
@@ -19,6 +19,7 @@ mod light;
 mod rejection;
 mod room;
 mod table;
+mod tokens;
 mod wait;
 
 pub use cell::{interval_of, rps_of, Decision, HostCell, PauseOrigin, PauseSource};
@@ -28,6 +29,10 @@ pub use learn::{clamp_learned_rps, Learned, LEARNED_RPS_MAX, LEARNED_RPS_MIN, MI
 pub use rejection::{retry_after_secs, Rejection};
 pub use room::{CallerLine, OTHER};
 pub use table::Host;
+pub use tokens::{
+    Budget as TokenBudget, Cost as TokenCost, Told as TokensTold, View as TokenView,
+    MAX_PER_MINUTE as MAX_TOKENS_PER_MINUTE,
+};
 pub(crate) use wait::pace_cell;
 pub use wait::{Ask, AtSend, Caller, Due, Permit};
 
@@ -128,6 +133,7 @@ mod tests {
             caller: Some(c),
             max_wait: wait,
             due: None,
+            cost: TokenCost::default(),
         }
     }
 
@@ -159,6 +165,125 @@ mod tests {
             queued,
             [0, 500, 1500, 2000, 2500, 3000, 3500, 4000, 4500, 5000],
             "a's own order is kept, one slot later"
+        );
+    }
+
+    fn costly(c: &Caller, wait: Duration, input: u64, output: u64) -> Ask<'_> {
+        Ask {
+            cost: TokenCost { input, output },
+            ..ask(c, wait)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_wait_for_their_tokens_in_fair_order() {
+        // 600 tokens a minute is 10 a second; the pace of requests is not what binds.
+        let g = generation("[defaults]\nrps = 100.0\nburst = 10\ntokens_per_minute = 600\n");
+        let adm = admission(Clock::tokio(), &g);
+        let h = host(&adm, "a.test:443", &g);
+        assert!(adm.counts_tokens(&h));
+        let wait = Duration::from_secs(600);
+        // a spends the whole budget at once, then queues four more of 100 tokens.
+        let c = caller("a", 1, 0);
+        let first = adm.acquire(&h, &costly(&c, wait, 500, 100)).await;
+        assert_eq!(
+            first
+                .expect("the budget is full")
+                .charged
+                .of(TokenBudget::Tokens),
+            600
+        );
+        let mut a = Vec::new();
+        for _ in 0..4 {
+            let (adm, h) = (adm.clone(), h.clone());
+            a.push(tokio::spawn(async move {
+                let c = caller("a", 1, 0);
+                adm.acquire(&h, &costly(&c, wait, 60, 40))
+                    .await
+                    .map(|p| p.queued)
+            }));
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // b comes later and goes after a's first waiting request, not after all four.
+        let b = caller("b", 1, 0);
+        let pb = adm.acquire(&h, &costly(&b, wait, 60, 40)).await.expect("b");
+        assert_eq!(pb.queued, Duration::from_secs(19));
+        let mut queued = Vec::new();
+        for t in a {
+            queued.push(t.await.expect("task").expect("a").as_secs());
+        }
+        assert_eq!(queued, [10, 30, 40, 50]);
+        // A request without tokens (a GET) does not wait for them.
+        let free = adm.acquire(&h, &ask(&c, wait)).await.expect("free");
+        assert_eq!(free.queued, Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_refuse_at_once_what_cannot_come_in_time_or_at_all() {
+        let g = generation("[defaults]\nrps = 100.0\nburst = 10\ntokens_per_minute = 600\n");
+        let adm = admission(Clock::tokio(), &g);
+        let h = host(&adm, "a.test:443", &g);
+        let c = caller("a", 1, 0);
+        let wait = Duration::from_secs(5);
+        // More than the whole budget: never.
+        match adm.acquire(&h, &costly(&c, wait, 601, 0)).await {
+            Err(Rejection::OverBudget {
+                limit: 600,
+                estimate: 601,
+                ..
+            }) => {}
+            other => panic!("over the budget, not {:?}", other.map(|p| p.queued)),
+        }
+        let spent = adm
+            .acquire(&h, &costly(&c, wait, 550, 0))
+            .await
+            .expect("fits");
+        // 100 tokens are 5 s away (50 left): within 5 s it waits, within 4 s it is refused
+        // at once, and with its deadline rule leaving 3 s, as the deadline's refusal.
+        let before = tokio::time::Instant::now();
+        let r = adm
+            .acquire(&h, &costly(&c, Duration::from_secs(4), 100, 0))
+            .await;
+        assert!(
+            matches!(r, Err(Rejection::Pace { .. })),
+            "{:?}",
+            r.map(|p| p.queued)
+        );
+        let tight = Ask {
+            due: Some(&Duration::from_secs(3)),
+            ..costly(&c, wait, 100, 0)
+        };
+        let r = adm.acquire(&h, &tight).await;
+        assert!(
+            matches!(r, Err(Rejection::Deadline { .. })),
+            "{:?}",
+            r.map(|p| p.queued)
+        );
+        assert_eq!(before.elapsed(), Duration::ZERO, "at once");
+        // The answer used less than estimated: what it did not use comes back, and the
+        // waiting request goes sooner.
+        let waiting = {
+            let (adm, h, c) = (adm.clone(), h.clone(), c.clone());
+            tokio::spawn(async move {
+                adm.acquire(&h, &costly(&c, wait, 100, 0))
+                    .await
+                    .map(|p| p.queued)
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut spent = spent;
+        let charged = spent.settle(
+            TokenCost {
+                input: 350,
+                output: 0,
+            },
+            adm.now(),
+        );
+        assert_eq!(charged.input, 550);
+        assert_eq!(
+            waiting.await.expect("task").expect("admitted"),
+            Duration::from_secs(1)
         );
     }
 

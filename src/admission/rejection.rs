@@ -17,16 +17,24 @@ pub enum Rejection {
     Deadline { retry_after: Duration },
     /// The fleet's shared store is unavailable and `on_error = "throttle"`.
     Unavailable { retry_after: Duration },
+    /// The request's estimated tokens are more than one of the host's token budgets holds
+    /// at all: waiting would not help.
+    OverBudget {
+        budget: super::TokenBudget,
+        limit: u64,
+        estimate: u64,
+    },
 }
 
 impl Rejection {
     /// Every `reason()`, for the metric's label set.
-    pub const REASONS: [&'static str; 5] = [
+    pub const REASONS: [&'static str; 6] = [
         "pace",
         "paused",
         "concurrency",
         "deadline",
         "shared_state_unavailable",
+        "over_token_budget",
     ];
 
     pub fn reason(self) -> &'static str {
@@ -36,6 +44,7 @@ impl Rejection {
             Rejection::Concurrency { .. } => "concurrency",
             Rejection::Deadline { .. } => "deadline",
             Rejection::Unavailable { .. } => "shared_state_unavailable",
+            Rejection::OverBudget { .. } => "over_token_budget",
         }
     }
 
@@ -43,6 +52,7 @@ impl Rejection {
     pub fn code(self) -> crate::error::Code {
         match self {
             Rejection::Unavailable { .. } => crate::error::Code::SharedStateUnavailable,
+            Rejection::OverBudget { .. } => crate::error::Code::OverTokenBudget,
             _ => crate::error::Code::RateLimited,
         }
     }
@@ -54,6 +64,7 @@ impl Rejection {
             | Rejection::Concurrency { retry_after }
             | Rejection::Deadline { retry_after }
             | Rejection::Unavailable { retry_after } => retry_after,
+            Rejection::OverBudget { .. } => Duration::ZERO,
         }
     }
 

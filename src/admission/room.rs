@@ -10,6 +10,7 @@
 //! for: its queue wait, or the time that leaves its answer room before its deadline.
 
 use super::fair::Fair;
+use super::tokens::{Cost, Tokens};
 use super::{Clock, Decision, FleetSeam, HostCell, Rejection};
 use crate::config::Priority;
 use std::collections::{HashMap, HashSet};
@@ -34,6 +35,8 @@ pub struct Wait<'a> {
     /// and the latest its queue wait alone allows (never earlier).
     pub latest: u64,
     pub latest_by_wait: u64,
+    /// Its estimated tokens, charged to the host's token budgets when it is handed a slot.
+    pub cost: Cost,
 }
 
 #[derive(Default)]
@@ -43,6 +46,8 @@ pub struct Room {
     /// Wakes the dispatcher: a request started waiting, or a caller's place came free.
     wake: Notify,
     state: Mutex<State>,
+    /// The host's token budgets (none until configured or learned).
+    pub tokens: Tokens,
 }
 
 #[derive(Default)]
@@ -58,20 +63,25 @@ struct State {
     /// Requests in flight by caller, of those admitted under a per-caller cap.
     in_flight: HashMap<Arc<str>, u32>,
     next_id: u64,
+    /// The estimated tokens of every waiting request.
+    cost: Cost,
 }
 
 struct Waiter {
     id: u64,
     latest: u64,
     cap: u32,
+    cost: Cost,
     tx: oneshot::Sender<Result<Handed, Rejection>>,
 }
 
-/// A slot handed to a waiting request: its time and pause epoch, and its caller's place.
+/// A slot handed to a waiting request: its time and pause epoch, its caller's place, and the
+/// tokens charged for it.
 pub struct Handed {
     pub slot: u64,
     pub epoch: u32,
     pub place: Option<CallerPlace>,
+    pub charged: Cost,
 }
 
 /// A caller's in-flight place at a host under a per-caller cap; given back when dropped.
@@ -126,6 +136,16 @@ impl Room {
     /// Requests waiting here.
     pub fn len(&self) -> usize {
         self.lock().queue.len()
+    }
+
+    /// No request waits here.
+    pub fn none_waiting(&self) -> bool {
+        self.lock().queue.is_empty()
+    }
+
+    /// Wake the dispatcher (tokens came back: the first in line may go sooner).
+    pub fn poke(&self) {
+        self.wake.notify_one();
     }
 
     /// Nothing waits here and no caller holds a place.
@@ -212,12 +232,18 @@ impl Room {
             };
             // The slots the dispatcher holds go to the first in fair order; then the pace's.
             let held = st.held.len() as u64;
-            let estimate = match st.held.get(ahead as usize) {
+            let mut estimate = match st.held.get(ahead as usize) {
                 Some(at) => (*at).max(now),
                 None => cell
                     .next_slot(now)
                     .saturating_add((ahead - held).saturating_mul(cell.interval())),
             };
+            // And its tokens, after those of the requests before it (their share of what the
+            // waiting requests are estimated to use).
+            if !w.cost.is_zero() && self.tokens.active() {
+                let before = st.cost.share(ahead, st.queue.len() as u64);
+                estimate = estimate.max(self.tokens.ready_at(before + w.cost, now));
+            }
             if estimate > w.latest {
                 let retry_after = Duration::from_nanos(estimate - now);
                 // The deadline rule's refusal only when the wait alone would have allowed it.
@@ -239,8 +265,10 @@ impl Room {
                 id,
                 latest: w.latest,
                 cap: w.cap,
+                cost: w.cost,
                 tx,
             };
+            st.cost = st.cost + w.cost;
             st.queue.push(&key, w.weight, w.class, waiter);
             if !st.dispatching {
                 st.dispatching = true;
@@ -259,6 +287,7 @@ impl Room {
             class: w.class,
             id,
             capped: w.cap > 0,
+            cost: w.cost,
         };
         // A slot timed within `latest` may be handed a little after it (a late timer, a busy
         // runtime): the request waits that much longer for it.
@@ -320,7 +349,7 @@ impl Room {
             done: false,
         };
         loop {
-            let (latest, demand) = {
+            let (latest, mut demand) = {
                 let mut st = self.lock();
                 if st.queue.is_empty() {
                     st.dispatching = false;
@@ -338,6 +367,22 @@ impl Room {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
                 continue;
+            }
+            if self.tokens.active() {
+                // The first in fair order waits for its tokens before a slot is taken for it,
+                // and slots are taken one at a time.
+                match self.tokens_for_first(clock) {
+                    TokensFor::Ready => demand = 1,
+                    TokensFor::At(at) => {
+                        let left = at.saturating_sub(clock.now());
+                        tokio::select! {
+                            _ = self.wake.notified() => {}
+                            _ = tokio::time::sleep(Duration::from_nanos(left)) => {}
+                        }
+                        continue;
+                    }
+                    TokensFor::Refused => continue,
+                }
             }
             let got = match fleet {
                 Some(f) => f.pace(cell, latest, demand).await.map(|()| cell.epoch()),
@@ -357,7 +402,7 @@ impl Room {
                     // The slot, and every further one in hand (leased tokens), go to the
                     // first in fair order still waiting.
                     let mut first = true;
-                    while first || slot_now(cell, fleet, now) {
+                    while first || (!self.tokens.active() && slot_now(cell, fleet, now)) {
                         first = false;
                         if !st.hand(self, now, now, epoch) {
                             break;
@@ -424,6 +469,45 @@ impl Room {
     }
 }
 
+/// Whether the first request in fair order has its tokens.
+enum TokensFor {
+    Ready,
+    /// Not before this time.
+    At(u64),
+    /// Not within its wait: it (and every request that cannot wait as long) was refused.
+    Refused,
+}
+
+impl Room {
+    fn tokens_for_first(&self, clock: &Clock) -> TokensFor {
+        let now = clock.now();
+        let mut st = self.lock();
+        let first = {
+            let State {
+                queue, in_flight, ..
+            } = &*st;
+            queue
+                .peek(|c, w| w.latest >= now && eligible(in_flight, c, w))
+                .map(|w| (w.cost, w.latest))
+        };
+        let Some((cost, latest)) = first else {
+            return TokensFor::Ready;
+        };
+        let at = self.tokens.ready_at(cost, now);
+        if at <= now {
+            TokensFor::Ready
+        } else if at <= latest {
+            TokensFor::At(at)
+        } else {
+            // The requests behind it come after it: none that cannot wait past `at` gets
+            // its tokens in time.
+            let retry_after = Duration::from_nanos(at - now);
+            st.refuse(Rejection::Pace { retry_after }, at - 1);
+            TokensFor::Refused
+        }
+    }
+}
+
 /// How long past its latest slot a waiting request still waits for a slot timed within it
 /// that the dispatcher hands late.
 const HAND_GRACE: Duration = Duration::from_millis(20);
@@ -446,6 +530,7 @@ impl State {
             if w.cap > 0 {
                 self.capped = self.capped.saturating_sub(1);
             }
+            self.cost = self.cost - w.cost;
             let _ = w.tx.send(Err(r));
         }
     }
@@ -458,14 +543,24 @@ impl State {
             queue,
             in_flight,
             capped,
+            cost,
             ..
         } = self;
+        // With token budgets, the request must find its tokens too (the dispatcher waited
+        // for the first one's; another that came first in the meantime may have to wait).
+        let tokens = room.tokens.active().then_some(&room.tokens);
+        let covered = |w: &Waiter| tokens.is_none_or(|t| t.ready_at(w.cost, now) <= now);
         while let Some((caller, w)) =
-            queue.pop(|caller, w| w.latest >= at && eligible(in_flight, caller, w))
+            queue.pop(|caller, w| w.latest >= at && eligible(in_flight, caller, w) && covered(w))
         {
             if w.cap > 0 {
                 *capped = capped.saturating_sub(1);
             }
+            *cost = *cost - w.cost;
+            let charged = match tokens {
+                Some(t) if t.try_take(w.cost, now) => w.cost,
+                _ => Cost::default(),
+            };
             let place = (w.cap > 0).then(|| {
                 *in_flight.entry(caller.clone()).or_insert(0) += 1;
                 CallerPlace {
@@ -477,15 +572,19 @@ impl State {
                 slot: now,
                 epoch,
                 place,
+                charged,
             };
             match w.tx.send(Ok(handed)) {
                 Ok(()) => return true,
-                // It stopped waiting: its place is given back here (the lock is held, so
-                // not by the place's own drop), and the slot goes to the next.
+                // It stopped waiting: its place and its tokens are given back here (the lock
+                // is held, so not by the place's own drop), and the slot goes to the next.
                 Err(Ok(mut h)) => {
                     if let Some(mut p) = h.place.take() {
                         p.room = None;
                         release(in_flight, &p.caller);
+                    }
+                    if let Some(t) = tokens {
+                        t.settle(h.charged, Cost::default(), now);
                     }
                 }
                 Err(Err(_)) => {}
@@ -529,6 +628,7 @@ impl Drop for Dispatching<'_> {
         drop(st.queue.drain_where(|_| true));
         st.capped = 0;
         st.latest = 0;
+        st.cost = Cost::default();
     }
 }
 
@@ -556,6 +656,7 @@ struct Leave<'a> {
     class: Priority,
     id: u64,
     capped: bool,
+    cost: Cost,
 }
 
 impl Drop for Leave<'_> {
@@ -563,6 +664,9 @@ impl Drop for Leave<'_> {
         let id = self.id;
         let mut st = self.room.lock();
         let removed = st.queue.remove(self.caller, self.class, |w| w.id == id);
+        if removed {
+            st.cost = st.cost - self.cost;
+        }
         if removed && self.capped {
             st.capped = st.capped.saturating_sub(1);
         }

@@ -42,9 +42,19 @@ impl Admission {
         self.light_on.store(
             self.fleet.is_none()
                 && limits.max_concurrent == 0
-                && limits.max_concurrent_per_caller == 0,
+                && limits.max_concurrent_per_caller == 0
+                && !limits.has_token_budget(),
             Ordering::Relaxed,
         );
+    }
+
+    /// Does `host` have token budgets (configured or learned)? A host in the compact table
+    /// has none.
+    pub fn counts_tokens(&self, host: &Host) -> bool {
+        match host {
+            Host::Cell(c) => c.counts_tokens(),
+            Host::Light { .. } => false,
+        }
     }
 
     /// Hosts tracked now.
@@ -103,6 +113,12 @@ impl Admission {
             profile,
             configured,
         );
+        if limits.has_token_budget() {
+            fresh
+                .room()
+                .tokens
+                .configure(limits.token_budgets(), self.clock.now());
+        }
         self.insert_cell(key, fresh, paused_until)
     }
 
@@ -236,6 +252,10 @@ impl Admission {
                 cell.set_rps(after.rps);
                 cell.set_burst(after.burst);
                 cell.set_max_concurrent(after.max_concurrent);
+                if before.has_token_budget() || after.has_token_budget() {
+                    let now = self.clock.now();
+                    cell.room().tokens.configure(after.token_budgets(), now);
+                }
             }
             cell.set_profile(profile, configured);
         }

@@ -3,6 +3,7 @@
 //! (`before_send`: the send guard and a pause learned since).
 
 use super::room::{CallerPlace, Wait, OTHER};
+use super::tokens::Cost;
 use super::{nanos, Admission, Clock, Decision, FleetPlace, Host, HostCell, Rejection};
 use crate::config::Priority;
 use crate::generation::Generation;
@@ -18,6 +19,8 @@ pub struct Ask<'a> {
     pub max_wait: Duration,
     /// The deadline rule, asked only when the request has to wait; `None`: no rule.
     pub due: Option<&'a dyn Due>,
+    /// Its estimated tokens, for a host with token budgets.
+    pub cost: Cost,
 }
 
 /// The deadline rule of a request: a request that has to wait takes only a slot within
@@ -39,6 +42,7 @@ impl Ask<'_> {
             caller: Some(caller),
             max_wait,
             due: None,
+            cost: Cost::default(),
         }
     }
 
@@ -48,6 +52,7 @@ impl Ask<'_> {
             caller: None,
             max_wait,
             due: None,
+            cost: Cost::default(),
         }
     }
 }
@@ -83,6 +88,8 @@ pub struct Permit {
     /// Its caller's place under a per-caller cap, on this node and in the fleet.
     _place: Option<CallerPlace>,
     _fleet_place: Option<FleetPlace>,
+    /// The tokens charged to the host's budgets for it.
+    pub charged: Cost,
 }
 
 /// What a request admitted earlier does when it is about to be sent.
@@ -92,6 +99,21 @@ pub enum AtSend {
     Go,
     /// The host was paused since its admission: it is admitted again (after the pause).
     Paused,
+}
+
+impl Permit {
+    /// The answer told what the request used: the host's token budgets get back what was
+    /// charged for it and take `used` instead. Returns what was charged.
+    pub fn settle(&mut self, used: Cost, clock_now: u64) -> Cost {
+        let charged = std::mem::take(&mut self.charged);
+        if let Some(room) = self.cell.as_ref().and_then(|c| c.room_if_any()) {
+            if room.tokens.active() {
+                room.tokens.settle(charged, used, clock_now);
+                room.poke();
+            }
+        }
+        charged
+    }
 }
 
 impl Drop for Permit {
@@ -125,6 +147,7 @@ impl Admission {
                             epoch: 0,
                             _place: None,
                             _fleet_place: None,
+                            charged: Cost::default(),
                         })
                     }
                     Some(_) => break self.contended_cell(key),
@@ -153,6 +176,19 @@ impl Admission {
         ask: &Ask<'_>,
     ) -> Result<Permit, Rejection> {
         let cap = ask.caller.map_or(0, |c| c.cap);
+        // A host's token budgets apply to requests that use tokens.
+        let room = cell.room_if_any();
+        let tokens = room
+            .as_deref()
+            .map(|r| &r.tokens)
+            .filter(|t| !ask.cost.is_zero() && t.active());
+        if let Some((budget, limit)) = tokens.and_then(|t| t.too_large(ask.cost)) {
+            return Err(Rejection::OverBudget {
+                budget,
+                limit,
+                estimate: ask.cost.of(budget),
+            });
+        }
         let max_wait = nanos(ask.max_wait);
         let deadline = start.saturating_add(max_wait);
         // In a fleet, the caller's place is taken from the fleet's count first.
@@ -163,18 +199,34 @@ impl Admission {
             _ => None,
         };
         let mut place = None;
-        let at_once = if cap > 0 {
-            let c = ask.caller.expect("a cap comes with a caller");
-            let room = cell.room();
-            let key = room.caller_key(&c.name, c.max_per_host);
-            place = room.try_place(&key, cap);
-            place.is_some() && self.slot_now(cell, start)
-        } else {
-            self.slot_now(cell, start)
+        // Tokens at once only while nobody waits for them (they go in fair order).
+        let mut charged = Cost::default();
+        let tokens_now = match (tokens, &room) {
+            (Some(t), Some(r)) => {
+                let free = r.none_waiting() && t.try_take(ask.cost, start);
+                if free {
+                    charged = ask.cost;
+                }
+                free
+            }
+            _ => true,
         };
+        let at_once = tokens_now
+            && if cap > 0 {
+                let c = ask.caller.expect("a cap comes with a caller");
+                let room = cell.room();
+                let key = room.caller_key(&c.name, c.max_per_host);
+                place = room.try_place(&key, cap);
+                place.is_some() && self.slot_now(cell, start)
+            } else {
+                self.slot_now(cell, start)
+            };
         let (slot, epoch) = if at_once {
             (start, cell.epoch())
         } else {
+            if let (Some(t), false) = (tokens, charged.is_zero()) {
+                t.settle(std::mem::take(&mut charged), Cost::default(), start);
+            }
             drop(place.take());
             let latest = match ask.due.map(|d| nanos(d.slot_within())) {
                 Some(d) if d < max_wait => start.saturating_add(d),
@@ -190,6 +242,7 @@ impl Admission {
                     max_callers: c.max_per_host,
                     latest,
                     latest_by_wait: deadline,
+                    cost: ask.cost,
                 },
                 None => Wait {
                     caller: &other,
@@ -199,6 +252,7 @@ impl Admission {
                     max_callers: 1,
                     latest,
                     latest_by_wait: deadline,
+                    cost: ask.cost,
                 },
             };
             let handed = cell
@@ -206,6 +260,7 @@ impl Admission {
                 .wait(cell, &self.clock, &self.fleet, wait)
                 .await?;
             place = handed.place;
+            charged = handed.charged;
             (handed.slot, handed.epoch)
         };
         while !cell.try_enter() {
@@ -221,6 +276,9 @@ impl Admission {
                 .await
                 .is_err()
             {
+                if let (Some(t), false) = (tokens, charged.is_zero()) {
+                    t.settle(charged, Cost::default(), self.clock.now());
+                }
                 return Err(Rejection::Concurrency {
                     retry_after: Duration::from_secs(1),
                 });
@@ -233,6 +291,7 @@ impl Admission {
             epoch,
             _place: place,
             _fleet_place: fleet_place,
+            charged,
         })
     }
 

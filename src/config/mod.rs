@@ -224,6 +224,12 @@ pub struct HostLimits {
     pub head_time_floor: HumanDuration,
     /// Ceiling for a pace learned from upstream headers; 0 = no ceiling.
     pub max_rps: f64,
+    /// The host's token budgets per minute: input and output together (OpenAI's TPM), input
+    /// only and output only (Anthropic's ITPM and OTPM). 0: none configured; a budget is then
+    /// learned from the upstream's rate-limit headers.
+    pub tokens_per_minute: u64,
+    pub input_tokens_per_minute: u64,
+    pub output_tokens_per_minute: u64,
     /// How requests are sent across the host's regions.
     pub mode: Mode,
     /// When `hedge` sends its duplicate: a duration or a latency percentile ("p95").
@@ -263,6 +269,9 @@ impl Default for HostLimits {
             max_queue_wait: HumanDuration::from_secs(30),
             head_time_floor: HumanDuration::from_millis(50),
             max_rps: 0.0,
+            tokens_per_minute: 0,
+            input_tokens_per_minute: 0,
+            output_tokens_per_minute: 0,
             mode: Mode::Single,
             hedge_after: HedgeAfter::Percentile(95),
             max_attempts: 3,
@@ -278,6 +287,21 @@ impl Default for HostLimits {
     }
 }
 
+impl HostLimits {
+    /// The configured token budgets per minute: tokens, input tokens, output tokens.
+    pub fn token_budgets(&self) -> [u64; 3] {
+        [
+            self.tokens_per_minute,
+            self.input_tokens_per_minute,
+            self.output_tokens_per_minute,
+        ]
+    }
+
+    pub fn has_token_budget(&self) -> bool {
+        self.token_budgets().iter().any(|t| *t > 0)
+    }
+}
+
 /// A `[hosts."name"]` table: any key left out comes from `[defaults]`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -289,6 +313,9 @@ pub struct HostOverride {
     pub max_queue_wait: Option<HumanDuration>,
     pub head_time_floor: Option<HumanDuration>,
     pub max_rps: Option<f64>,
+    pub tokens_per_minute: Option<u64>,
+    pub input_tokens_per_minute: Option<u64>,
+    pub output_tokens_per_minute: Option<u64>,
     pub mode: Option<Mode>,
     pub hedge_after: Option<HedgeAfter>,
     pub max_attempts: Option<u32>,
@@ -319,6 +346,13 @@ impl HostOverride {
             max_queue_wait: self.max_queue_wait.unwrap_or(base.max_queue_wait),
             head_time_floor: self.head_time_floor.unwrap_or(base.head_time_floor),
             max_rps: self.max_rps.unwrap_or(base.max_rps),
+            tokens_per_minute: self.tokens_per_minute.unwrap_or(base.tokens_per_minute),
+            input_tokens_per_minute: self
+                .input_tokens_per_minute
+                .unwrap_or(base.input_tokens_per_minute),
+            output_tokens_per_minute: self
+                .output_tokens_per_minute
+                .unwrap_or(base.output_tokens_per_minute),
             mode: self.mode.unwrap_or(base.mode),
             hedge_after: self.hedge_after.unwrap_or(base.hedge_after),
             max_attempts: self.max_attempts.unwrap_or(base.max_attempts),

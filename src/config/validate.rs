@@ -399,6 +399,21 @@ fn check_limits(path: &str, l: &super::HostLimits, err: &mut impl FnMut(String, 
             "must be 0 (no ceiling) or positive".into(),
         );
     }
+    for (key, v) in [
+        ("tokens_per_minute", l.tokens_per_minute),
+        ("input_tokens_per_minute", l.input_tokens_per_minute),
+        ("output_tokens_per_minute", l.output_tokens_per_minute),
+    ] {
+        if v > crate::admission::MAX_TOKENS_PER_MINUTE {
+            err(
+                format!("{path}.{key}"),
+                format!(
+                    "must be at most {} (0: learned from the upstream's headers)",
+                    crate::admission::MAX_TOKENS_PER_MINUTE
+                ),
+            );
+        }
+    }
     check_dispatch(path, l, err);
 }
 

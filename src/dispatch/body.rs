@@ -8,6 +8,9 @@
 //! section), and an empty write upstream is a chunked body's last chunk. Empty pieces are
 //! dropped here; a stream that stops without `End` is a body cut short, and its upstream
 //! connection is never pooled.
+//!
+//! For a host with token budgets the body is read before admission instead ([`read_early`]),
+//! so that its tokens can be estimated; every attempt then sends it whole.
 
 use crate::error::{self, Code};
 use bytes::{Bytes, BytesMut};
@@ -60,6 +63,60 @@ pub struct Upload {
 pub struct BodyPace {
     pub min_rate: u64,
     pub grace: std::time::Duration,
+}
+
+/// For a host with token budgets: read the request's body before admission and estimate its
+/// tokens from it (`plan.cost`). A body declared larger than the host's replay buffer, or
+/// without a declared length, is not read early: its estimate is its declared length / 4,
+/// corrected by the answer's usage. A client waiting for `100 Continue` gets it first.
+pub async fn read_early(
+    session: &mut Session,
+    plan: &mut super::Plan,
+    generation: &crate::generation::Generation,
+) -> Result<Option<(Upload, Source)>> {
+    if session.as_downstream_mut().is_body_empty() {
+        return Ok(None);
+    }
+    let req = session.req_header();
+    let len = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let cap = plan.limits.max_buffered_body;
+    let Some(len) = len.filter(|l| *l <= cap) else {
+        plan.cost = crate::admission::TokenCost {
+            input: len.unwrap_or(0).div_ceil(4),
+            output: 0,
+        };
+        return Ok(None);
+    };
+    let expect_continue = req
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expect_continue {
+        session.write_continue_response().await?;
+    }
+    let security = &generation.config.security;
+    let (mut upload, _) = Upload::start(
+        session,
+        cap,
+        security.max_body_bytes,
+        BodyPace {
+            min_rate: security.min_body_rate,
+            grace: security.body_grace.get(),
+        },
+    );
+    upload.tx = None;
+    while !upload.done {
+        let (_, chunk) = upload.next(session).await;
+        upload.take(None, chunk?)?;
+    }
+    let body = upload.replay().unwrap_or_default();
+    plan.cost = super::usage::estimate(&body);
+    debug_assert!(body.len() as u64 <= len.max(cap));
+    Ok(Some((upload, Source::Whole(body))))
 }
 
 impl Upload {

@@ -30,6 +30,7 @@ pub async fn run(
     ctx: &mut Ctx,
     plan: &Plan,
     admitted: Admitted,
+    early: Option<(Upload, Source)>,
 ) -> Result<()> {
     let Plan {
         limits,
@@ -62,15 +63,19 @@ pub async fn run(
         client: _client_permit,
     } = admitted;
     let security = &ctx.generation.config.security;
-    let (mut upload, first_body) = Upload::start(
-        session,
-        limits.max_buffered_body,
-        security.max_body_bytes,
-        super::body::BodyPace {
-            min_rate: security.min_body_rate,
-            grace: security.body_grace.get(),
-        },
-    );
+    // The body, unless it was read before admission.
+    let (mut upload, first_body) = match early {
+        Some(read) => read,
+        None => Upload::start(
+            session,
+            limits.max_buffered_body,
+            security.max_body_bytes,
+            super::body::BodyPace {
+                min_rate: security.min_body_rate,
+                grace: security.body_grace.get(),
+            },
+        ),
+    };
     if expect_continue && !upload.done {
         session.write_continue_response().await?;
     }

@@ -47,6 +47,7 @@ mod prepare;
 mod record;
 mod respond;
 mod timing;
+mod usage;
 
 pub use control::Control;
 pub use ctx::Ctx;
@@ -69,12 +70,12 @@ use std::time::Duration;
 /// `429` before anything was sent (its host paused past what it may wait).
 pub async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
     let webhooks = jobs::webhooks_of(session.req_header());
-    let plan = prepare::prepare(shared, session, ctx).await?;
+    let mut plan = prepare::prepare(shared, session, ctx).await?;
     if webhooks.is_empty() {
-        return admit_and_run(shared, session, ctx, &plan).await;
+        return admit_and_run(shared, session, ctx, &mut plan).await;
     }
     if !jobs::prefers_async(session.req_header()) {
-        match admit_and_run(shared, session, ctx, &plan).await {
+        match admit_and_run(shared, session, ctx, &mut plan).await {
             Err(e)
                 if crate::error::Code::of(&e) == crate::error::Code::RateLimited
                     && ctx.attempts == 0
@@ -95,16 +96,21 @@ pub async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Res
     .await
 }
 
-/// The stages after the plan: admission, then the attempts.
+/// The stages after the plan: admission, then the attempts. For a host with token budgets,
+/// the body is read first, so that the request's tokens can be estimated from it.
 async fn admit_and_run(
     shared: &Shared,
     session: &mut Session,
     ctx: &mut Ctx,
-    plan: &Plan,
+    plan: &mut Plan,
 ) -> Result<()> {
     plan.endpoints_left()?;
+    let early = match shared.admission.counts_tokens(&plan.cell) {
+        true => body::read_early(session, plan, &ctx.generation).await?,
+        false => None,
+    };
     let admitted = pace::admit(shared, plan, &mut ctx.queued).await?;
-    exec::run(shared, session, ctx, plan, admitted).await
+    exec::run(shared, session, ctx, plan, admitted, early).await
 }
 
 /// What every attempt of one request shares.

@@ -81,15 +81,16 @@ pub fn learn(
         m.hint_errors.with_label_values(&[name]).inc();
     }
     let mut region_pause = None;
-    if !host_quota && (pause_signal(resp) || h.exhausted_for.is_some()) {
+    if !host_quota && (pause_signal(resp) || h.exhausted_any().is_some()) {
         let d = h
             .retry_after
-            .or(h.exhausted_for)
+            .or(h.exhausted_any())
             .unwrap_or(REGION_PAUSE_DEFAULT)
             .clamp(Duration::from_millis(1), REGION_PAUSE_MAX);
         region_pause = Some(d);
         h.retry_after = None;
         h.exhausted_for = None;
+        h.tokens = Default::default();
         // Neither a success nor the host's 429.
         status = 0;
     }

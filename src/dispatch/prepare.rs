@@ -5,7 +5,7 @@
 //! stages see it: admission (`pace::admit`) and the attempts (`exec::run`) only read it.
 
 use super::{control, Control, Ctx};
-use crate::admission::{Ask, Caller, Due, Host};
+use crate::admission::{Ask, Caller, Due, Host, TokenCost};
 use crate::config::HostLimits;
 use crate::error::{self, Code};
 use crate::gate::{self, Refusal};
@@ -41,6 +41,8 @@ pub struct Plan {
     /// The deadline is the client's `Sluice-Timeout` (else the host's `request_timeout`,
     /// whose clock stops while the request body streams in).
     pub deadline_from_client: bool,
+    /// Its estimated tokens, for a host with token budgets (set once its body was read).
+    pub cost: TokenCost,
 }
 
 /// The deadline rule: the slot must leave the answer its expected time before the deadline.
@@ -98,6 +100,7 @@ impl Plan {
             caller: Some(&self.caller),
             max_wait: wait,
             due: self.deadline.is_some().then_some(self as &dyn Due),
+            cost: self.cost,
         }
     }
 
@@ -217,6 +220,7 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         caller,
         deadline,
         deadline_from_client,
+        cost: TokenCost::default(),
     })
 }
 

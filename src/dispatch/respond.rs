@@ -6,6 +6,7 @@
 use super::attempt::Answer;
 use super::prepare::Plan;
 use super::{headers, pace, Ctx};
+use crate::admission::TokenCost;
 use crate::error::{self, Code};
 use crate::generation::Generation;
 use crate::regions::HostRegions;
@@ -89,6 +90,20 @@ pub async fn stream(
         ));
     };
     let mut resp: ResponseHeader = up_head.clone();
+    let mut permit = permit;
+    // Tokens charged to the host's budgets are settled from the usage the answer reports
+    // (read as the body goes by); a 429 used none.
+    let charged = permit.as_ref().map_or(TokenCost::default(), |p| p.charged);
+    let mut tap = match charged.is_zero() {
+        true => None,
+        false if up_head.status.as_u16() == 429 => {
+            if let Some(p) = &mut permit {
+                p.settle(TokenCost::default(), shared.admission.now());
+            }
+            None
+        }
+        false => super::usage::Tap::for_answer(&up_head.headers),
+    };
     if pace::pause_signal(&resp) {
         if resp.status.as_u16() == 429 {
             shared
@@ -133,9 +148,19 @@ pub async fn stream(
         .await
         .map_err(|e| e.into_up())?
     {
+        if let Some(t) = &mut tap {
+            t.feed(&chunk);
+        }
         session.write_response_body(Some(chunk), false).await?;
     }
     session.write_response_body(None, true).await?;
+    if let (Some(used), Some(p)) = (tap.and_then(super::usage::Tap::finish), &mut permit) {
+        let estimated = p.settle(used, shared.admission.now());
+        shared
+            .metrics
+            .tokens
+            .settled(ctx.host_label(), estimated, used);
+    }
     drop(in_flight);
     drop(permit);
     if upstream.response_done() {

@@ -2,8 +2,10 @@
 //! passed down by `Arc`; every label value comes from a closed set (way in, error code, class).
 
 mod callers;
+mod tokens;
 
 pub use callers::CallerMetrics;
+pub use tokens::TokenMetrics;
 
 use crate::error::Code;
 use crate::generation::OTHER_HOST;
@@ -66,6 +68,8 @@ pub struct Metrics {
     pub rejections: IntCounterVec,
     /// Waits and refusals by caller at contended hosts.
     pub callers: CallerMetrics,
+    /// Token budgets and the estimates of requests' tokens.
+    pub tokens: TokenMetrics,
     /// `sluice_pauses_total{source="retry_after|backoff|ratelimit_headers"}`.
     pub pauses: IntCounterVec,
     /// `sluice_upstream_429_total{action="passed"}`: 429s handed to the client (a resend is a
@@ -367,6 +371,7 @@ impl Metrics {
         }
         registry.register(Box::new(queue_wait.clone()))?;
         let callers = CallerMetrics::new(&registry)?;
+        let tokens = TokenMetrics::new(&registry)?;
         registry.register(Box::new(hosts_tracked.clone()))?;
         registry.register(Box::new(host_pace.clone()))?;
         registry.register(Box::new(host_queued.clone()))?;
@@ -440,6 +445,7 @@ impl Metrics {
             queue_wait,
             rejections,
             callers,
+            tokens,
             pauses,
             upstream_429,
             learned,
