@@ -2,6 +2,7 @@
 //! limits (`[shared] backend = "redis"`). Admission declares what it needs here; the fleet
 //! module implements it, so admission never names the store, its breaker or its wire format.
 
+use super::tokens::Cost;
 use super::{HostCell, Rejection};
 use std::future::Future;
 use std::pin::Pin;
@@ -19,6 +20,33 @@ pub type FleetPlace = Box<dyn std::any::Any + Send + Sync>;
 /// (its store unavailable: the node's own count holds).
 pub type Placed<'a> =
     Pin<Box<dyn Future<Output = Result<Option<FleetPlace>, Rejection>> + Send + 'a>>;
+
+/// A request's tokens being taken from the fleet's count: `Some(Duration::ZERO)` when taken,
+/// `Some(wait)` when the budgets do not hold them now (about `wait` until they would),
+/// `None` when the fleet does not count tokens now (its store unavailable: the node's own
+/// count holds).
+pub type TokensTaken<'a> = Pin<Box<dyn Future<Output = Option<Duration>> + Send + 'a>>;
+
+/// A change to a host's token budgets as the fleet counts them (budget order: tokens, input,
+/// output).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenChange {
+    /// Take these (negative: give them back).
+    Adjust([i64; 3]),
+    /// The upstream says this much is left (-1: nothing said).
+    Lower([i64; 3]),
+}
+
+impl TokenChange {
+    /// Take `used` instead of `charged`.
+    pub fn settle(charged: Cost, used: Cost) -> TokenChange {
+        let d = |b| {
+            i64::try_from(used.of(b)).unwrap_or(i64::MAX)
+                - i64::try_from(charged.of(b)).unwrap_or(i64::MAX)
+        };
+        TokenChange::Adjust(super::tokens::Budget::ALL.map(d))
+    }
+}
 
 /// What admission asks of the fleet. Every time is in nanoseconds on the admission clock,
 /// which the fleet shares.
@@ -46,6 +74,16 @@ pub trait FleetSeam: Send + Sync {
         hold: Duration,
         deadline: u64,
     ) -> Placed<'a>;
+    /// Take `cost` of `cell`'s host's token budgets (`limits` per minute) for the whole fleet,
+    /// if they hold it now.
+    fn take_tokens<'a>(
+        &'a self,
+        cell: &'a Arc<HostCell>,
+        limits: [u64; 3],
+        cost: Cost,
+    ) -> TokensTaken<'a>;
+    /// Change the fleet's count of `cell`'s host's token budgets (in the background).
+    fn tokens_changed(&self, cell: &HostCell, limits: [u64; 3], change: TokenChange);
     /// `cell`'s host is paused until `until` (learned here or told by another node).
     fn paused(&self, cell: &HostCell, until: u64);
     /// Tell the other nodes what this node learned about `cell`'s host.

@@ -134,7 +134,17 @@ impl Admission {
                 };
                 match room {
                     Some(r) => {
-                        let u = r.tokens.observe(&hints.tokens, now);
+                        let u = r.tokens.observe(&hints.tokens, status == 429, now);
+                        let said = hints.tokens.map(|t| {
+                            t.remaining
+                                .map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
+                        });
+                        if let (Some(fleet), true) = (&self.fleet, r.tokens.active()) {
+                            if said != [-1; 3] {
+                                let change = super::TokenChange::Lower(said);
+                                fleet.tokens_changed(cell, r.tokens.limits(), change);
+                            }
+                        }
                         r.poke();
                         u
                     }

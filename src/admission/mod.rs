@@ -24,7 +24,7 @@ mod wait;
 
 pub use cell::{interval_of, rps_of, Decision, HostCell, PauseOrigin, PauseSource};
 pub use clock::Clock;
-pub use fleet::{FleetEvent, FleetPlace, FleetSeam, Paced, Placed};
+pub use fleet::{FleetEvent, FleetPlace, FleetSeam, Paced, Placed, TokenChange, TokensTaken};
 pub use learn::{clamp_learned_rps, Learned, LEARNED_RPS_MAX, LEARNED_RPS_MIN, MIN_429_PAUSE};
 pub use rejection::{retry_after_secs, Rejection};
 pub use room::{CallerLine, OTHER};
@@ -273,12 +273,12 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut spent = spent;
-        let charged = spent.settle(
+        let charged = adm.settle(
+            &mut spent,
             TokenCost {
                 input: 350,
                 output: 0,
             },
-            adm.now(),
         );
         assert_eq!(charged.input, 550);
         assert_eq!(

@@ -65,6 +65,8 @@ struct State {
     next_id: u64,
     /// The estimated tokens of every waiting request.
     cost: Cost,
+    /// The tokens charged for the request `hand` gave its last slot to.
+    handed: Option<Cost>,
 }
 
 struct Waiter {
@@ -368,11 +370,29 @@ impl Room {
                 }
                 continue;
             }
+            // Tokens taken from the fleet's count for the first in line.
+            let mut pending = None;
             if self.tokens.active() {
                 // The first in fair order waits for its tokens before a slot is taken for it,
                 // and slots are taken one at a time.
                 match self.tokens_for_first(clock) {
-                    TokensFor::Ready => demand = 1,
+                    TokensFor::Ready(cost) => {
+                        demand = 1;
+                        if let (Some(f), Some(cost)) = (fleet, cost) {
+                            match f.take_tokens(cell, self.tokens.limits(), cost).await {
+                                Some(wait) if !wait.is_zero() => {
+                                    tokio::select! {
+                                        _ = self.wake.notified() => {}
+                                        _ = tokio::time::sleep(wait.min(FLEET_TOKENS_WAIT_MAX)) => {}
+                                    }
+                                    continue;
+                                }
+                                Some(_) => pending = Some(cost),
+                                // The store is away: this node's count holds.
+                                None => {}
+                            }
+                        }
+                    }
                     TokensFor::At(at) => {
                         let left = at.saturating_sub(clock.now());
                         tokio::select! {
@@ -396,6 +416,7 @@ impl Room {
             };
             let now = clock.now();
             let mut st = self.lock();
+            st.handed = None;
             match got {
                 Err(r) => st.refuse(r, latest),
                 Ok(epoch) => {
@@ -408,6 +429,15 @@ impl Room {
                             break;
                         }
                     }
+                }
+            }
+            // The fleet counts what the request that took the slot was charged here (another
+            // may have come first meanwhile; or nobody took it).
+            if let (Some(f), Some(taken)) = (fleet, pending) {
+                let handed = st.handed.take().unwrap_or_default();
+                if handed != taken {
+                    let change = super::TokenChange::settle(taken, handed);
+                    f.tokens_changed(cell, self.tokens.limits(), change);
                 }
             }
         }
@@ -471,7 +501,8 @@ impl Room {
 
 /// Whether the first request in fair order has its tokens.
 enum TokensFor {
-    Ready,
+    /// It has them (its estimate, if it needs any).
+    Ready(Option<Cost>),
     /// Not before this time.
     At(u64),
     /// Not within its wait: it (and every request that cannot wait as long) was refused.
@@ -491,11 +522,11 @@ impl Room {
                 .map(|w| (w.cost, w.latest))
         };
         let Some((cost, latest)) = first else {
-            return TokensFor::Ready;
+            return TokensFor::Ready(None);
         };
         let at = self.tokens.ready_at(cost, now);
         if at <= now {
-            TokensFor::Ready
+            TokensFor::Ready((!cost.is_zero()).then_some(cost))
         } else if at <= latest {
             TokensFor::At(at)
         } else {
@@ -507,6 +538,10 @@ impl Room {
         }
     }
 }
+
+/// Longest the dispatcher sleeps on the fleet's word that its tokens are not there yet
+/// (tokens given back by another node come sooner than the store's estimate).
+const FLEET_TOKENS_WAIT_MAX: Duration = Duration::from_secs(10);
 
 /// How long past its latest slot a waiting request still waits for a slot timed within it
 /// that the dispatcher hands late.
@@ -544,6 +579,7 @@ impl State {
             in_flight,
             capped,
             cost,
+            handed: last,
             ..
         } = self;
         // With token budgets, the request must find its tokens too (the dispatcher waited
@@ -575,7 +611,10 @@ impl State {
                 charged,
             };
             match w.tx.send(Ok(handed)) {
-                Ok(()) => return true,
+                Ok(()) => {
+                    *last = Some(charged);
+                    return true;
+                }
                 // It stopped waiting: its place and its tokens are given back here (the lock
                 // is held, so not by the place's own drop), and the slot goes to the next.
                 Err(Ok(mut h)) => {

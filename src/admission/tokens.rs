@@ -218,6 +218,11 @@ impl Tokens {
         self.note_active(&b);
     }
 
+    /// The budgets' limits per minute (0: none): tokens, input, output.
+    pub fn limits(&self) -> [u64; 3] {
+        self.lock().map(|b| b.limit)
+    }
+
     /// Does any budget apply?
     pub fn active(&self) -> bool {
         self.active.load(Ordering::Acquire)
@@ -278,10 +283,13 @@ impl Tokens {
     }
 
     /// Take in what a response's headers told of each budget: a learned limit (unless
-    /// configured), a `remaining` that lowers a bucket thinking it has more, and a budget run
-    /// out held until its reset. Returns the budgets reported run out that no limit covers
-    /// (their reset is then the host's pause).
-    pub fn observe(&self, told: &[Told; 3], now: u64) -> Option<Duration> {
+    /// configured), and a `remaining` that lowers a bucket thinking it has more. A budget run
+    /// out on a refusal (`refused`: a 429) is held until its reset: sluice's count was wrong,
+    /// and the upstream's reset is the safe bet. On an answer, none is left now and the pace
+    /// refills it (providers' resets are the time until the budget is *full*, far too long
+    /// to wait). Returns the longest reset of the budgets reported run out that no limit
+    /// covers (that is then the host's pause).
+    pub fn observe(&self, told: &[Told; 3], refused: bool, now: u64) -> Option<Duration> {
         let mut b = self.lock();
         let mut uncovered: Option<Duration> = None;
         for (bucket, t) in b.iter_mut().zip(told) {
@@ -305,7 +313,7 @@ impl Tokens {
             }
             bucket.advance(now);
             bucket.level = bucket.level.min(r as f64);
-            if r == 0 {
+            if r == 0 && refused {
                 if let Some(at) = reset_at {
                     bucket.held_until = bucket.held_until.max(at);
                 }
@@ -412,28 +420,35 @@ mod tests {
         // Learned from a limit header: full, then what the upstream says is left.
         let none = Told::default();
         assert_eq!(
-            t.observe(&[told(Some(6000), Some(4000), 20), none, none], 0),
+            t.observe(&[told(Some(6000), Some(4000), 20), none, none], false, 0),
             None
         );
         let v = t.views(0);
         assert_eq!((v[0].limit_per_minute, v[0].available), (6000, 4000.0));
         assert!(!v[0].configured);
-        // Run out: held until the reset even though the pace would refill sooner.
-        assert_eq!(
-            t.observe(&[told(Some(6000), Some(0), 30), none, none], 0),
-            None
-        );
+        // Run out on an answer: none now, refilled at the pace (the reset is the time until
+        // full).
+        t.observe(&[told(Some(6000), Some(0), 30), none, none], false, 0);
+        assert_eq!(t.ready_at(cost(100, 0), 0), S);
+        // Run out on a refusal: held until the reset even though the pace would refill
+        // sooner.
+        let held = t.observe(&[told(Some(6000), Some(0), 30), none, none], true, 0);
+        assert_eq!(held, None, "the budget holds them, not a host pause");
         assert_eq!(t.ready_at(cost(10, 0), 0), 30 * S);
         // It refilled at its pace meanwhile; an upstream claiming more than the bucket holds
         // does not raise it, one claiming less lowers it.
-        t.observe(&[told(None, Some(6000), 1), none, none], 31 * S);
+        t.observe(&[told(None, Some(6000), 1), none, none], false, 31 * S);
         assert_eq!(t.views(31 * S)[0].available, 3100.0);
-        t.observe(&[told(None, Some(200), 1), none, none], 31 * S);
+        t.observe(&[told(None, Some(200), 1), none, none], false, 31 * S);
         assert_eq!(t.views(31 * S)[0].available, 200.0);
         // A budget run out with no limit known is the host's pause.
         let u = Tokens::default();
         assert_eq!(
-            u.observe(&[none, told(None, Some(0), 7), told(None, Some(0), 9)], 0),
+            u.observe(
+                &[none, told(None, Some(0), 7), told(None, Some(0), 9)],
+                false,
+                0
+            ),
             Some(Duration::from_secs(9))
         );
         assert!(!u.active());
@@ -448,11 +463,11 @@ mod tests {
             remaining: None,
             reset: None,
         };
-        t.observe(&[told, Told::default(), Told::default()], 0);
+        t.observe(&[told, Told::default(), Told::default()], false, 0);
         assert_eq!(t.views(0)[0].limit_per_minute, 1000);
         t.configure([0, 0, 0], 0);
         assert!(!t.active());
-        t.observe(&[told, Told::default(), Told::default()], 0);
+        t.observe(&[told, Told::default(), Told::default()], false, 0);
         assert_eq!(t.views(0)[0].limit_per_minute, 50);
         // Bounded.
         let huge = Told {
@@ -460,7 +475,7 @@ mod tests {
             ..told
         };
         t.configure([0, 0, 0], 0);
-        t.observe(&[huge, Told::default(), Told::default()], 0);
+        t.observe(&[huge, Told::default(), Told::default()], false, 0);
         assert_eq!(t.views(0)[0].limit_per_minute, MAX_PER_MINUTE);
     }
 }

@@ -101,21 +101,6 @@ pub enum AtSend {
     Paused,
 }
 
-impl Permit {
-    /// The answer told what the request used: the host's token budgets get back what was
-    /// charged for it and take `used` instead. Returns what was charged.
-    pub fn settle(&mut self, used: Cost, clock_now: u64) -> Cost {
-        let charged = std::mem::take(&mut self.charged);
-        if let Some(room) = self.cell.as_ref().and_then(|c| c.room_if_any()) {
-            if room.tokens.active() {
-                room.tokens.settle(charged, used, clock_now);
-                room.poke();
-            }
-        }
-        charged
-    }
-}
-
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(cell) = &self.cell {
@@ -125,6 +110,29 @@ impl Drop for Permit {
 }
 
 impl Admission {
+    /// `permit`'s answer told what the request used: the host's token budgets (this node's
+    /// count and the fleet's) get back what was charged for it and take `used` instead.
+    /// Returns what was charged.
+    pub fn settle(&self, permit: &mut Permit, used: Cost) -> Cost {
+        let charged = std::mem::take(&mut permit.charged);
+        if let Some(cell) = &permit.cell {
+            self.settle_tokens(cell, charged, used);
+        }
+        charged
+    }
+
+    fn settle_tokens(&self, cell: &HostCell, charged: Cost, used: Cost) {
+        let Some(room) = cell.room_if_any().filter(|r| r.tokens.active()) else {
+            return;
+        };
+        room.tokens.settle(charged, used, self.clock.now());
+        if let Some(fleet) = &self.fleet {
+            let change = super::TokenChange::settle(charged, used);
+            fleet.tokens_changed(cell, room.tokens.limits(), change);
+        }
+        room.poke();
+    }
+
     /// Wait for a slot at the host's pace and an in-flight place, as `ask` allows. Requests
     /// go at once while the host has a free slot; when it has none they wait in its fair
     /// queue (a host in the compact table gets a full cell for it).
@@ -203,7 +211,15 @@ impl Admission {
         let mut charged = Cost::default();
         let tokens_now = match (tokens, &room) {
             (Some(t), Some(r)) => {
-                let free = r.none_waiting() && t.try_take(ask.cost, start);
+                let mut free = r.none_waiting() && t.try_take(ask.cost, start);
+                if let (true, Some(fleet)) = (free, &self.fleet) {
+                    // And the fleet's count (unless its store is away: this node's holds).
+                    let taken = fleet.take_tokens(cell, t.limits(), ask.cost).await;
+                    if taken.is_some_and(|wait| !wait.is_zero()) {
+                        t.settle(ask.cost, Cost::default(), self.clock.now());
+                        free = false;
+                    }
+                }
                 if free {
                     charged = ask.cost;
                 }
@@ -224,8 +240,8 @@ impl Admission {
         let (slot, epoch) = if at_once {
             (start, cell.epoch())
         } else {
-            if let (Some(t), false) = (tokens, charged.is_zero()) {
-                t.settle(std::mem::take(&mut charged), Cost::default(), start);
+            if !charged.is_zero() {
+                self.settle_tokens(cell, std::mem::take(&mut charged), Cost::default());
             }
             drop(place.take());
             let latest = match ask.due.map(|d| nanos(d.slot_within())) {
@@ -276,8 +292,8 @@ impl Admission {
                 .await
                 .is_err()
             {
-                if let (Some(t), false) = (tokens, charged.is_zero()) {
-                    t.settle(charged, Cost::default(), self.clock.now());
+                if !charged.is_zero() {
+                    self.settle_tokens(cell, charged, Cost::default());
                 }
                 return Err(Rejection::Concurrency {
                     retry_after: Duration::from_secs(1),

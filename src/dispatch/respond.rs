@@ -98,7 +98,7 @@ pub async fn stream(
         true => None,
         false if up_head.status.as_u16() == 429 => {
             if let Some(p) = &mut permit {
-                p.settle(TokenCost::default(), shared.admission.now());
+                shared.admission.settle(p, TokenCost::default());
             }
             None
         }
@@ -155,7 +155,7 @@ pub async fn stream(
     }
     session.write_response_body(None, true).await?;
     if let (Some(used), Some(p)) = (tap.and_then(super::usage::Tap::finish), &mut permit) {
-        let estimated = p.settle(used, shared.admission.now());
+        let estimated = shared.admission.settle(p, used);
         shared
             .metrics
             .tokens

@@ -15,10 +15,11 @@ pub enum Op {
     Heartbeat,
     Leave,
     Place,
+    Tokens,
 }
 
 impl Op {
-    pub const ALL: [Op; 7] = [
+    pub const ALL: [Op; 8] = [
         Op::Acquire,
         Op::GiveBack,
         Op::Pause,
@@ -26,6 +27,7 @@ impl Op {
         Op::Heartbeat,
         Op::Leave,
         Op::Place,
+        Op::Tokens,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -37,6 +39,7 @@ impl Op {
             Op::Heartbeat => "heartbeat",
             Op::Leave => "leave",
             Op::Place => "place",
+            Op::Tokens => "tokens",
         }
     }
 }

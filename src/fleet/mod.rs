@@ -16,9 +16,10 @@ mod place;
 pub mod redis;
 pub mod service;
 mod store;
+mod tokens;
 
 pub use pacer::FleetHost;
-pub use store::{parse_event, Grant, Store, StoreError};
+pub use store::{parse_event, Grant, Store, StoreError, TokenOp};
 
 use crate::admission::{Clock, Decision, FleetSeam, HostCell, Paced, Placed, Rejection};
 use crate::config::{FleetConfig, OnError};
@@ -439,6 +440,24 @@ impl FleetSeam for Fleet {
         deadline: u64,
     ) -> Placed<'a> {
         Box::pin(self.place_shared(cell, caller, cap, hold, deadline))
+    }
+
+    fn take_tokens<'a>(
+        &'a self,
+        cell: &'a Arc<HostCell>,
+        limits: [u64; 3],
+        cost: crate::admission::TokenCost,
+    ) -> crate::admission::TokensTaken<'a> {
+        Box::pin(self.take_tokens_shared(cell, limits, cost))
+    }
+
+    fn tokens_changed(
+        &self,
+        cell: &HostCell,
+        limits: [u64; 3],
+        change: crate::admission::TokenChange,
+    ) {
+        self.tokens_changed_shared(cell, limits, change);
     }
 
     /// A pause reached this node (learned here or pushed by another node): tokens leased

@@ -5,7 +5,7 @@
 //!
 //! Timeouts and the breaker are the caller's business (`super::Fleet`); this module only talks.
 
-use super::{parse_event, Grant, Store, StoreError};
+use super::{parse_event, Grant, Store, StoreError, TokenOp};
 use crate::admission::FleetEvent;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -43,6 +43,7 @@ pub struct RedisStore {
     learn: Script,
     heartbeat: Script,
     place: Script,
+    tokens: Script,
     /// Calls sent to Redis (every script invocation and command).
     calls: AtomicU64,
 }
@@ -99,6 +100,7 @@ impl RedisStore {
             learn: Script::new(include_str!("lua/learn.lua")),
             heartbeat: Script::new(include_str!("lua/heartbeat.lua")),
             place: Script::new(include_str!("lua/place.lua")),
+            tokens: Script::new(include_str!("lua/tokens.lua")),
             calls: AtomicU64::new(0),
         })
     }
@@ -274,6 +276,25 @@ impl Store for RedisStore {
             .arg(0)
             .arg(1);
         self.run::<i64>(inv).await.map(|_| ())
+    }
+
+    async fn tokens(
+        &self,
+        host: &str,
+        op: TokenOp,
+        limits: [u64; 3],
+        amounts: [i64; 3],
+    ) -> Result<Duration, StoreError> {
+        let mut inv = self.tokens.prepare_invoke();
+        inv.key(self.key(host, "tokens")).arg(op.to_string());
+        for l in limits {
+            inv.arg(l);
+        }
+        for a in amounts {
+            inv.arg(a);
+        }
+        let wait_ms: i64 = self.run(inv).await?;
+        Ok(Duration::from_millis(wait_ms.clamp(0, 3_600_000) as u64))
     }
 
     async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError> {

@@ -6,6 +6,30 @@ use crate::admission::FleetEvent;
 use async_trait::async_trait;
 use std::time::Duration;
 
+/// What is done to a host's token budgets in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenOp {
+    Take,
+    Adjust,
+    Lower,
+}
+
+impl TokenOp {
+    fn as_str(self) -> &'static str {
+        match self {
+            TokenOp::Take => "take",
+            TokenOp::Adjust => "adjust",
+            TokenOp::Lower => "lower",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What the store answered to a request for tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grant {
@@ -80,6 +104,17 @@ pub trait Store: Send + Sync {
     ) -> Result<bool, StoreError>;
     /// Give back the place `holder` took.
     async fn give_place(&self, host: &str, caller: &str, holder: &str) -> Result<(), StoreError>;
+    /// `host`'s token budgets for the fleet (`limits` per minute: tokens, input, output; 0:
+    /// none): take `amounts` if every budget holds them (`Duration::ZERO`: taken; else about
+    /// how long until they would be), adjust each by its amount (negative: give back), or
+    /// lower each to what the upstream says is left (-1: nothing said).
+    async fn tokens(
+        &self,
+        host: &str,
+        op: TokenOp,
+        limits: [u64; 3],
+        amounts: [i64; 3],
+    ) -> Result<Duration, StoreError>;
     /// Say this node is alive for `ttl`; returns the number of live nodes.
     async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError>;
     /// Say this node is leaving.

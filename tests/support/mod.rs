@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod llm;
 pub mod redis;
 pub mod strict;
 pub mod upstream;

@@ -1,0 +1,62 @@
+//! A host's token budgets counted for the whole fleet (`tokens_per_minute` and the like with
+//! `[shared] backend = "redis"`): one bucket per budget in the store, taken from when a
+//! request is handed its slot, settled when its answer tells what it used, lowered to what
+//! the upstream says is left. Each node keeps its own count as well: it orders the node's
+//! waiting requests, and holds alone while the store is unavailable.
+
+use super::store::TokenOp;
+use super::{Fleet, Op};
+use crate::admission::{HostCell, TokenChange, TokenCost};
+use std::time::Duration;
+
+fn amounts(cost: TokenCost) -> [i64; 3] {
+    crate::admission::TokenBudget::ALL.map(|b| i64::try_from(cost.of(b)).unwrap_or(i64::MAX))
+}
+
+impl Fleet {
+    /// Take `cost` of `cell`'s host's budgets in the store: `Some(ZERO)` taken, `Some(wait)`
+    /// not now, `None` when the store is unavailable.
+    pub(super) async fn take_tokens_shared(
+        &self,
+        cell: &HostCell,
+        limits: [u64; 3],
+        cost: TokenCost,
+    ) -> Option<Duration> {
+        let (host, store) = (self.host(cell)?, self.store.get().cloned()?);
+        if !self.allow(self.clock.now()) {
+            return None;
+        }
+        let call = || store.tokens(&host.key, TokenOp::Take, limits, amounts(cost));
+        self.call(Op::Tokens, call).await.ok()
+    }
+
+    /// Change the store's count in the background (no request waits for it).
+    pub(super) fn tokens_changed_shared(
+        &self,
+        cell: &HostCell,
+        limits: [u64; 3],
+        change: TokenChange,
+    ) {
+        let (Some(host), Some(store)) = (self.host(cell), self.store.get().cloned()) else {
+            return;
+        };
+        let (op, amounts) = match change {
+            TokenChange::Adjust(a) if a == [0; 3] => return,
+            TokenChange::Adjust(a) => (TokenOp::Adjust, a),
+            TokenChange::Lower(a) => (TokenOp::Lower, a),
+        };
+        if !self.allow(self.clock.now()) {
+            return;
+        }
+        let (Ok(runtime), Some(fleet)) = (tokio::runtime::Handle::try_current(), self.me.upgrade())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            let call = || store.tokens(&host.key, op, limits, amounts);
+            if let Err(e) = fleet.call(Op::Tokens, call).await {
+                tracing::debug!(host = &*host.key, error = %e, "a token count not shared");
+            }
+        });
+    }
+}
