@@ -680,6 +680,60 @@ fn a_webhook_request_that_would_get_sluices_429_becomes_a_job() {
     assert_eq!(up.count(), 2);
 }
 
+/// A host with a token budget reads a request's body before admission (to estimate its
+/// tokens): one refused for its tokens still becomes a job, with its body.
+#[test]
+fn a_webhook_request_refused_for_its_tokens_becomes_a_job_with_its_body() {
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let hook = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let host = format!("127.0.0.1:{}", up.port());
+    // 60,000 tokens a minute: 1,000 a second.
+    let sluice = Sluice::start(
+        "",
+        &jobs_config(&format!(
+            "[hosts.\"{host}\"]\nmax_queue_wait = \"500ms\"\ntokens_per_minute = 60000\n"
+        )),
+    );
+    let client = direct_client();
+    let big = json!({"max_tokens": 59_000, "messages": [{"role": "user", "content": "hi"}]});
+    let second = json!({"max_tokens": 1_990, "messages": [{"role": "user", "content": "keep me"}]});
+    rt().block_on(async {
+        let send = |body: &Value, webhook: bool| {
+            let mut r = client
+                .post(format!("{}/v1/chat", sluice.proxy_url()))
+                .header("Sluice-Target", format!("http://{host}"))
+                .json(body);
+            if webhook {
+                r = r.header(
+                    "Sluice-Webhook",
+                    format!("http://127.0.0.1:{}/hook", hook.port()),
+                );
+            }
+            r.send()
+        };
+        let r = send(&big, false).await.expect("big");
+        assert_eq!(r.status(), 200);
+        // About 1,000 tokens are left: the second needs 2,000, a second away, past its
+        // wait of 500 ms.
+        let r = send(&second, false).await.expect("refused");
+        assert_eq!(r.status(), 429);
+        let r = send(&second, true).await.expect("second");
+        assert_eq!(r.status(), 202, "a job instead of a refusal");
+        let v: Value = r.json().await.expect("json");
+        let id = v["id"].as_str().expect("id").to_string();
+        let v = &until_all(&client, &sluice, &[id], &["delivered"], 20).await[0];
+        assert_eq!(v["result"]["status"], 200, "{v}");
+    });
+    let sent = up.requests();
+    assert_eq!(sent.len(), 2, "the big one and the job's");
+    let body: Value = serde_json::from_slice(&sent[1].body).expect("the job's body is JSON");
+    assert_eq!(body, second, "the job sent the request's body");
+}
+
 #[test]
 fn finished_jobs_are_deleted_after_their_retention() {
     let up = FakeUpstream::builder()

@@ -145,8 +145,6 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     })
 }
 
-/// Cells of the hosts named exactly in `[hosts]` (bounded by the config, so safe as labels):
-/// `name:port` entries directly, bare names on their HTTPS and HTTP ports.
 /// A host's token budgets: the limit per minute (configured or learned), what sluice counts as
 /// left, and what the upstream said last.
 fn tokens(cell: &HostCell, now: u64) -> Vec<serde_json::Value> {
@@ -165,6 +163,8 @@ fn tokens(cell: &HostCell, now: u64) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Cells of the hosts named exactly in `[hosts]` (bounded by the config, so safe as labels):
+/// `name:port` entries directly, bare names on their HTTPS and HTTP ports.
 pub fn configured_cells(shared: &Shared) -> Vec<(String, Arc<HostCell>)> {
     let generation = shared.generation();
     let mut out = Vec::new();

@@ -21,11 +21,21 @@ pub type FleetPlace = Box<dyn std::any::Any + Send + Sync>;
 pub type Placed<'a> =
     Pin<Box<dyn Future<Output = Result<Option<FleetPlace>, Rejection>> + Send + 'a>>;
 
-/// A request's tokens being taken from the fleet's count: `Some(Duration::ZERO)` when taken,
-/// `Some(wait)` when the budgets do not hold them now (about `wait` until they would),
-/// `None` when the fleet does not count tokens now (its store unavailable: the node's own
-/// count holds).
-pub type TokensTaken<'a> = Pin<Box<dyn Future<Output = Option<Duration>> + Send + 'a>>;
+/// A request's tokens being taken from the fleet's count; `None` when the fleet does not
+/// count tokens now (its store unavailable: the node's own count holds).
+pub type TokensTaken<'a> = Pin<Box<dyn Future<Output = Option<FleetTokens>> + Send + 'a>>;
+
+/// What the fleet's count said to a request's tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FleetTokens {
+    /// Taken.
+    Taken,
+    /// Reserved: they are the request's once this time has passed (requests asking later
+    /// wait behind them, on any node).
+    Reserved(Duration),
+    /// Not taken: about this long until they would be there.
+    NotWithin(Duration),
+}
 
 /// A change to a host's token budgets as the fleet counts them (budget order: tokens, input,
 /// output).
@@ -74,13 +84,15 @@ pub trait FleetSeam: Send + Sync {
         hold: Duration,
         deadline: u64,
     ) -> Placed<'a>;
-    /// Take `cost` of `cell`'s host's token budgets (`limits` per minute) for the whole fleet,
-    /// if they hold it now.
+    /// Take `cost` of `cell`'s host's token budgets (`limits` per minute) for the whole fleet:
+    /// if they hold it now, or (with `reserve_within`) as a reservation if they will within
+    /// that time.
     fn take_tokens<'a>(
         &'a self,
         cell: &'a Arc<HostCell>,
         limits: [u64; 3],
         cost: Cost,
+        reserve_within: Option<Duration>,
     ) -> TokensTaken<'a>;
     /// Change the fleet's count of `cell`'s host's token budgets (in the background).
     fn tokens_changed(&self, cell: &HostCell, limits: [u64; 3], change: TokenChange);

@@ -10,6 +10,7 @@
 //! headers), `fleet` (the seam a fleet of nodes plugs into).
 
 mod cell;
+mod charge;
 mod clock;
 mod fair;
 mod fleet;
@@ -24,7 +25,9 @@ mod wait;
 
 pub use cell::{interval_of, rps_of, Decision, HostCell, PauseOrigin, PauseSource};
 pub use clock::Clock;
-pub use fleet::{FleetEvent, FleetPlace, FleetSeam, Paced, Placed, TokenChange, TokensTaken};
+pub use fleet::{
+    FleetEvent, FleetPlace, FleetSeam, FleetTokens, Paced, Placed, TokenChange, TokensTaken,
+};
 pub use learn::{clamp_learned_rps, Learned, LEARNED_RPS_MAX, LEARNED_RPS_MIN, MIN_429_PAUSE};
 pub use rejection::{retry_after_secs, Rejection};
 pub use room::{CallerLine, OTHER};
@@ -185,14 +188,14 @@ mod tests {
         let wait = Duration::from_secs(600);
         // a spends the whole budget at once, then queues four more of 100 tokens.
         let c = caller("a", 1, 0);
-        let first = adm.acquire(&h, &costly(&c, wait, 500, 100)).await;
-        assert_eq!(
-            first
-                .expect("the budget is full")
-                .charged
-                .of(TokenBudget::Tokens),
-            600
-        );
+        let mut first = adm
+            .acquire(&h, &costly(&c, wait, 500, 100))
+            .await
+            .expect("the budget is full");
+        assert_eq!(first.charged().of(TokenBudget::Tokens), 600);
+        // Sent: the upstream counts its tokens (a permit dropped unsent gives them back).
+        first.mark_sent();
+        drop(first);
         let mut a = Vec::new();
         for _ in 0..4 {
             let (adm, h) = (adm.clone(), h.clone());
@@ -200,14 +203,18 @@ mod tests {
                 let c = caller("a", 1, 0);
                 adm.acquire(&h, &costly(&c, wait, 60, 40))
                     .await
-                    .map(|p| p.queued)
+                    .map(|mut p| {
+                        p.mark_sent();
+                        p.queued
+                    })
             }));
             tokio::task::yield_now().await;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         // b comes later and goes after a's first waiting request, not after all four.
         let b = caller("b", 1, 0);
-        let pb = adm.acquire(&h, &costly(&b, wait, 60, 40)).await.expect("b");
+        let mut pb = adm.acquire(&h, &costly(&b, wait, 60, 40)).await.expect("b");
+        pb.mark_sent();
         assert_eq!(pb.queued, Duration::from_secs(19));
         let mut queued = Vec::new();
         for t in a {
@@ -217,6 +224,20 @@ mod tests {
         // A request without tokens (a GET) does not wait for them.
         let free = adm.acquire(&h, &ask(&c, wait)).await.expect("free");
         assert_eq!(free.queued, Duration::ZERO);
+        drop(pb);
+        // A request admitted but never sent (a failed connect, a pause since, a client
+        // gone) gives its tokens back: the next need not wait for them.
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        let unsent = adm
+            .acquire(&h, &costly(&c, wait, 500, 100))
+            .await
+            .expect("full");
+        drop(unsent);
+        let again = adm
+            .acquire(&h, &costly(&c, wait, 500, 100))
+            .await
+            .expect("again");
+        assert_eq!(again.queued, Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

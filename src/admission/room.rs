@@ -9,9 +9,10 @@
 //! plus one interval per request the fair order serves before it) lies past what it may wait
 //! for: its queue wait, or the time that leaves its answer room before its deadline.
 
+use super::charge::Charge;
 use super::fair::Fair;
 use super::tokens::{Cost, Tokens};
-use super::{Clock, Decision, FleetSeam, HostCell, Rejection};
+use super::{Clock, Decision, FleetSeam, FleetTokens, HostCell, Rejection};
 use crate::config::Priority;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -83,7 +84,15 @@ pub struct Handed {
     pub slot: u64,
     pub epoch: u32,
     pub place: Option<CallerPlace>,
-    pub charged: Cost,
+    pub charge: Option<Box<Charge>>,
+}
+
+/// Whose budgets a handed request's tokens are charged to: the host's, and the fleet's when
+/// the dispatcher took them there.
+struct ChargeTo<'a> {
+    cell: &'a Arc<HostCell>,
+    clock: &'a Arc<Clock>,
+    fleet: Option<&'a Arc<dyn FleetSeam>>,
 }
 
 /// A caller's in-flight place at a host under a per-caller cap; given back when dropped.
@@ -276,7 +285,7 @@ impl Room {
                 st.dispatching = true;
                 let (room, cell, clock, fleet) =
                     (self.clone(), cell.clone(), clock.clone(), fleet.clone());
-                tokio::spawn(async move { room.dispatch(&cell, &clock, fleet.as_deref()).await });
+                tokio::spawn(async move { room.dispatch(&cell, &clock, fleet.as_ref()).await });
             } else {
                 self.wake.notify_one();
             }
@@ -341,8 +350,8 @@ impl Room {
     async fn dispatch(
         self: &Arc<Self>,
         cell: &Arc<HostCell>,
-        clock: &Clock,
-        fleet: Option<&dyn FleetSeam>,
+        clock: &Arc<Clock>,
+        fleet: Option<&Arc<dyn FleetSeam>>,
     ) {
         // Should this task end any other way than with an empty queue (a panic), the host
         // is not left without a dispatcher: its waiters are answered, the next starts one.
@@ -376,18 +385,36 @@ impl Room {
                 // The first in fair order waits for its tokens before a slot is taken for it,
                 // and slots are taken one at a time.
                 match self.tokens_for_first(clock) {
-                    TokensFor::Ready(cost) => {
+                    TokensFor::Ready(first) => {
                         demand = 1;
-                        if let (Some(f), Some(cost)) = (fleet, cost) {
-                            match f.take_tokens(cell, self.tokens.limits(), cost).await {
-                                Some(wait) if !wait.is_zero() => {
-                                    tokio::select! {
-                                        _ = self.wake.notified() => {}
-                                        _ = tokio::time::sleep(wait.min(FLEET_TOKENS_WAIT_MAX)) => {}
-                                    }
+                        if let (Some(f), Some((cost, latest))) = (fleet, first) {
+                            // Reserved in the fleet's count if not there yet: requests that
+                            // ask later, on any node, wait behind it.
+                            let now = clock.now();
+                            let bound = Duration::from_nanos(latest.saturating_sub(now));
+                            // A reservation is at most a minute ahead (a budget is in debt
+                            // by at most a minute's worth).
+                            let within = bound.min(RESERVE_AHEAD_MAX);
+                            let limits = self.tokens.limits();
+                            match f.take_tokens(cell, limits, cost, Some(within)).await {
+                                Some(FleetTokens::Taken) => pending = Some(cost),
+                                Some(FleetTokens::Reserved(wait)) => {
+                                    pending = Some(cost);
+                                    tokio::time::sleep(wait).await;
+                                }
+                                Some(FleetTokens::NotWithin(wait)) if wait <= bound => {
+                                    // Within its bound but more than a minute ahead: ask
+                                    // again when it is a minute ahead.
+                                    let later = wait.saturating_sub(RESERVE_AHEAD_MAX);
+                                    tokio::time::sleep(later.max(Duration::from_millis(100))).await;
                                     continue;
                                 }
-                                Some(_) => pending = Some(cost),
+                                Some(FleetTokens::NotWithin(wait)) => {
+                                    let retry_after = wait;
+                                    let by = now.saturating_add(super::nanos(wait));
+                                    self.lock().refuse(Rejection::Pace { retry_after }, by - 1);
+                                    continue;
+                                }
                                 // The store is away: this node's count holds.
                                 None => {}
                             }
@@ -423,9 +450,15 @@ impl Room {
                     // The slot, and every further one in hand (leased tokens), go to the
                     // first in fair order still waiting.
                     let mut first = true;
+                    let to = ChargeTo {
+                        cell,
+                        clock,
+                        fleet: fleet.filter(|_| pending.is_some()),
+                    };
+                    let fleet = fleet.map(|f| &**f);
                     while first || (!self.tokens.active() && slot_now(cell, fleet, now)) {
                         first = false;
-                        if !st.hand(self, now, now, epoch) {
+                        if !st.hand(self, now, now, epoch, &to) {
                             break;
                         }
                     }
@@ -449,7 +482,7 @@ impl Room {
     async fn local_slots(
         self: &Arc<Self>,
         cell: &Arc<HostCell>,
-        clock: &Clock,
+        clock: &Arc<Clock>,
         latest: u64,
         demand: u32,
     ) -> Result<(), Rejection> {
@@ -491,7 +524,12 @@ impl Room {
             let now = clock.now();
             let mut st = self.lock();
             st.held.pop_front();
-            if !st.hand(self, at, now, epoch) {
+            let to = ChargeTo {
+                cell,
+                clock,
+                fleet: None,
+            };
+            if !st.hand(self, at, now, epoch, &to) {
                 return Ok(());
             }
         }
@@ -501,8 +539,8 @@ impl Room {
 
 /// Whether the first request in fair order has its tokens.
 enum TokensFor {
-    /// It has them (its estimate, if it needs any).
-    Ready(Option<Cost>),
+    /// It has them (its estimate and latest slot, if it needs any).
+    Ready(Option<(Cost, u64)>),
     /// Not before this time.
     At(u64),
     /// Not within its wait: it (and every request that cannot wait as long) was refused.
@@ -524,9 +562,20 @@ impl Room {
         let Some((cost, latest)) = first else {
             return TokensFor::Ready(None);
         };
+        // A budget lowered since it came (a reload, a learned limit) can make it too large
+        // ever to go, and others like it.
+        if let Some((budget, limit)) = self.tokens.too_large(cost) {
+            let r = Rejection::OverBudget {
+                budget,
+                limit,
+                estimate: cost.of(budget),
+            };
+            st.refuse_if(|w| self.tokens.too_large(w.cost).is_some(), r);
+            return TokensFor::Refused;
+        }
         let at = self.tokens.ready_at(cost, now);
         if at <= now {
-            TokensFor::Ready((!cost.is_zero()).then_some(cost))
+            TokensFor::Ready((!cost.is_zero()).then_some((cost, latest)))
         } else if at <= latest {
             TokensFor::At(at)
         } else {
@@ -539,9 +588,8 @@ impl Room {
     }
 }
 
-/// Longest the dispatcher sleeps on the fleet's word that its tokens are not there yet
-/// (tokens given back by another node come sooner than the store's estimate).
-const FLEET_TOKENS_WAIT_MAX: Duration = Duration::from_secs(10);
+/// Furthest ahead a request's tokens are reserved in the fleet's count.
+const RESERVE_AHEAD_MAX: Duration = Duration::from_secs(60);
 
 /// How long past its latest slot a waiting request still waits for a slot timed within it
 /// that the dispatcher hands late.
@@ -558,10 +606,12 @@ impl State {
     /// request that cannot wait past it is answered now.
     fn refuse(&mut self, r: Rejection, latest: u64) {
         let unavailable = matches!(r, Rejection::Unavailable { .. });
-        for w in self
-            .queue
-            .drain_where(|w| unavailable || w.latest <= latest)
-        {
+        self.refuse_if(|w| unavailable || w.latest <= latest, r);
+    }
+
+    /// Answer `r` to every waiting request `doomed` says cannot go.
+    fn refuse_if(&mut self, doomed: impl FnMut(&Waiter) -> bool, r: Rejection) {
+        for w in self.queue.drain_where(doomed) {
             if w.cap > 0 {
                 self.capped = self.capped.saturating_sub(1);
             }
@@ -573,7 +623,7 @@ impl State {
     /// Hand one slot to the first in fair order still waiting; false if nobody took it.
     /// The slot's time is `at`: whoever may take a slot then may take it, even handed
     /// later (`now`).
-    fn hand(&mut self, room: &Arc<Room>, at: u64, now: u64, epoch: u32) -> bool {
+    fn hand(&mut self, room: &Arc<Room>, at: u64, now: u64, epoch: u32, to: &ChargeTo) -> bool {
         let State {
             queue,
             in_flight,
@@ -584,19 +634,31 @@ impl State {
         } = self;
         // With token budgets, the request must find its tokens too (the dispatcher waited
         // for the first one's; another that came first in the meantime may have to wait).
+        // The first in fair order only: one that does not find its tokens (spent since the
+        // dispatcher looked) keeps its turn, and the slot goes unused.
         let tokens = room.tokens.active().then_some(&room.tokens);
-        let covered = |w: &Waiter| tokens.is_none_or(|t| t.ready_at(w.cost, now) <= now);
-        while let Some((caller, w)) =
-            queue.pop(|caller, w| w.latest >= at && eligible(in_flight, caller, w) && covered(w))
+        while let Some(need) = queue
+            .peek(|c, w| w.latest >= at && eligible(in_flight, c, w))
+            .map(|w| w.cost)
         {
+            if tokens.is_some_and(|t| t.ready_at(need, now) > now) {
+                return false;
+            }
+            let Some((caller, w)) = queue.pop(|c, w| w.latest >= at && eligible(in_flight, c, w))
+            else {
+                break;
+            };
             if w.cap > 0 {
                 *capped = capped.saturating_sub(1);
             }
             *cost = *cost - w.cost;
-            let charged = match tokens {
-                Some(t) if t.try_take(w.cost, now) => w.cost,
-                _ => Cost::default(),
+            let charge = match tokens {
+                Some(t) if !w.cost.is_zero() && t.try_take(w.cost, now) => {
+                    Some(Charge::new(w.cost, to.cell, to.clock, to.fleet))
+                }
+                _ => None,
             };
+            let charged = charge.as_ref().map_or(Cost::default(), |c| c.cost());
             let place = (w.cap > 0).then(|| {
                 *in_flight.entry(caller.clone()).or_insert(0) += 1;
                 CallerPlace {
@@ -608,7 +670,7 @@ impl State {
                 slot: now,
                 epoch,
                 place,
-                charged,
+                charge,
             };
             match w.tx.send(Ok(handed)) {
                 Ok(()) => {
@@ -622,8 +684,10 @@ impl State {
                         p.room = None;
                         release(in_flight, &p.caller);
                     }
-                    if let Some(t) = tokens {
-                        t.settle(h.charged, Cost::default(), now);
+                    // Its tokens go back to this node's count (the dispatcher settles the
+                    // fleet's with whoever takes the slot).
+                    if let Some(c) = &mut h.charge {
+                        c.local_only();
                     }
                 }
                 Err(Err(_)) => {}

@@ -278,7 +278,7 @@ impl Tokens {
             }
             bucket.advance(now);
             let delta = charged.of(k) as f64 - used.of(k) as f64;
-            bucket.level = (bucket.level + delta).min(bucket.limit as f64);
+            bucket.level = floored(bucket.level + delta, bucket.limit);
         }
     }
 
@@ -352,9 +352,15 @@ fn take(b: &mut [Bucket; 3], cost: Cost, now: u64) {
         let bucket = &mut b[k as usize];
         if bucket.limit > 0 {
             bucket.advance(now);
-            bucket.level -= cost.of(k) as f64;
+            bucket.level = floored(bucket.level - cost.of(k) as f64, bucket.limit);
         }
     }
+}
+
+/// A level within [-limit, limit]: whatever an answer claims it used, a budget is in debt
+/// by at most one minute's worth.
+fn floored(level: f64, limit: u64) -> f64 {
+    level.clamp(-(limit as f64), limit as f64)
 }
 
 #[cfg(test)]
@@ -396,6 +402,10 @@ mod tests {
         // Never more than the limit back.
         t.settle(cost(5000, 0), cost(0, 0), 0);
         assert_eq!(t.views(0)[0].available, 1000.0);
+        // And never more than a minute's worth in debt, whatever an answer claims.
+        t.settle(cost(0, 0), cost(0, 1_000_000_000), 0);
+        assert_eq!(t.views(0)[0].available, -1000.0);
+        assert_eq!(t.ready_at(cost(1, 0), 0), 60 * S + 60_000_000);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! while the host has a free slot, else in its fair queue, `room.rs`), the permit that holds the place, and the last look before a request is sent
 //! (`before_send`: the send guard and a pause learned since).
 
+use super::charge::{settle_on, Charge};
 use super::room::{CallerPlace, Wait, OTHER};
 use super::tokens::Cost;
 use super::{nanos, Admission, Clock, Decision, FleetPlace, Host, HostCell, Rejection};
@@ -89,7 +90,9 @@ pub struct Permit {
     _place: Option<CallerPlace>,
     _fleet_place: Option<FleetPlace>,
     /// The tokens charged to the host's budgets for it.
-    pub charged: Cost,
+    charge: Option<Box<Charge>>,
+    /// It was sent: its charge stands unless its answer settles it.
+    sent: bool,
 }
 
 /// What a request admitted earlier does when it is about to be sent.
@@ -101,8 +104,24 @@ pub enum AtSend {
     Paused,
 }
 
+impl Permit {
+    /// The tokens charged to the host's budgets for it.
+    pub fn charged(&self) -> Cost {
+        self.charge.as_ref().map_or(Cost::default(), |c| c.cost())
+    }
+
+    /// It is being sent: from now on the upstream counts its tokens.
+    pub fn mark_sent(&mut self) {
+        self.sent = true;
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
+        // Not sent: its tokens go back (the charge's own drop).
+        if let (true, Some(c)) = (self.sent, self.charge.take()) {
+            (*c).keep();
+        }
         if let Some(cell) = &self.cell {
             cell.leave();
         }
@@ -113,24 +132,17 @@ impl Admission {
     /// `permit`'s answer told what the request used: the host's token budgets (this node's
     /// count and the fleet's) get back what was charged for it and take `used` instead.
     /// Returns what was charged.
+    /// A request charged nothing (sent before its host had a budget) takes `used`.
     pub fn settle(&self, permit: &mut Permit, used: Cost) -> Cost {
-        let charged = std::mem::take(&mut permit.charged);
-        if let Some(cell) = &permit.cell {
-            self.settle_tokens(cell, charged, used);
+        match (permit.charge.take(), &permit.cell) {
+            (Some(c), _) => (*c).settle(used),
+            (None, Some(cell)) => {
+                let fleet = self.fleet.as_deref();
+                settle_on(cell, &self.clock, fleet, Cost::default(), used);
+                Cost::default()
+            }
+            (None, None) => Cost::default(),
         }
-        charged
-    }
-
-    fn settle_tokens(&self, cell: &HostCell, charged: Cost, used: Cost) {
-        let Some(room) = cell.room_if_any().filter(|r| r.tokens.active()) else {
-            return;
-        };
-        room.tokens.settle(charged, used, self.clock.now());
-        if let Some(fleet) = &self.fleet {
-            let change = super::TokenChange::settle(charged, used);
-            fleet.tokens_changed(cell, room.tokens.limits(), change);
-        }
-        room.poke();
     }
 
     /// Wait for a slot at the host's pace and an in-flight place, as `ask` allows. Requests
@@ -155,7 +167,8 @@ impl Admission {
                             epoch: 0,
                             _place: None,
                             _fleet_place: None,
-                            charged: Cost::default(),
+                            charge: None,
+                            sent: false,
                         })
                     }
                     Some(_) => break self.contended_cell(key),
@@ -208,22 +221,33 @@ impl Admission {
         };
         let mut place = None;
         // Tokens at once only while nobody waits for them (they go in fair order).
-        let mut charged = Cost::default();
+        // Given back if this request does not go (its drop), whatever stops it.
+        let mut charge = None;
         let tokens_now = match (tokens, &room) {
             (Some(t), Some(r)) => {
-                let mut free = r.none_waiting() && t.try_take(ask.cost, start);
-                if let (true, Some(fleet)) = (free, &self.fleet) {
-                    // And the fleet's count (unless its store is away: this node's holds).
-                    let taken = fleet.take_tokens(cell, t.limits(), ask.cost).await;
-                    if taken.is_some_and(|wait| !wait.is_zero()) {
-                        t.settle(ask.cost, Cost::default(), self.clock.now());
-                        free = false;
+                if r.none_waiting() && t.try_take(ask.cost, start) {
+                    let mut c = Charge::new(ask.cost, cell, &self.clock, None);
+                    let free = match &self.fleet {
+                        // And the fleet's count (unless its store is away: this node's holds).
+                        Some(fleet) => {
+                            match fleet.take_tokens(cell, t.limits(), ask.cost, None).await {
+                                Some(super::FleetTokens::Taken) => {
+                                    c.shared_with(fleet);
+                                    true
+                                }
+                                Some(_) => false,
+                                None => true,
+                            }
+                        }
+                        None => true,
+                    };
+                    if free {
+                        charge = Some(c);
                     }
+                    free
+                } else {
+                    false
                 }
-                if free {
-                    charged = ask.cost;
-                }
-                free
             }
             _ => true,
         };
@@ -240,9 +264,7 @@ impl Admission {
         let (slot, epoch) = if at_once {
             (start, cell.epoch())
         } else {
-            if !charged.is_zero() {
-                self.settle_tokens(cell, std::mem::take(&mut charged), Cost::default());
-            }
+            drop(charge.take());
             drop(place.take());
             let latest = match ask.due.map(|d| nanos(d.slot_within())) {
                 Some(d) if d < max_wait => start.saturating_add(d),
@@ -276,7 +298,7 @@ impl Admission {
                 .wait(cell, &self.clock, &self.fleet, wait)
                 .await?;
             place = handed.place;
-            charged = handed.charged;
+            charge = handed.charge;
             (handed.slot, handed.epoch)
         };
         while !cell.try_enter() {
@@ -292,9 +314,6 @@ impl Admission {
                 .await
                 .is_err()
             {
-                if !charged.is_zero() {
-                    self.settle_tokens(cell, charged, Cost::default());
-                }
                 return Err(Rejection::Concurrency {
                     retry_after: Duration::from_secs(1),
                 });
@@ -307,7 +326,8 @@ impl Admission {
             epoch,
             _place: place,
             _fleet_place: fleet_place,
-            charged,
+            charge,
+            sent: false,
         })
     }
 

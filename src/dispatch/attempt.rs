@@ -152,6 +152,10 @@ pub async fn run(
         reused,
         ..fail(error, false)
     };
+    // From here the upstream may count the request's tokens: they are kept if it fails.
+    if let Some(p) = &mut permit {
+        p.mark_sent();
+    }
     if let Err(e) = send(&mut session, head, body).await {
         return Err(sent_fail(e.into_up()));
     }
@@ -159,6 +163,14 @@ pub async fn run(
     pending.armed = false;
     if let Err(e) = read {
         return Err(sent_fail(e.into_up()));
+    }
+    // A 429 used no tokens (whether it is retried or passed on).
+    if let (Some(p), Some(h)) = (&mut permit, session.response_header()) {
+        if h.status.as_u16() == 429 {
+            job.shared
+                .admission
+                .settle(p, crate::admission::TokenCost::default());
+        }
     }
     Ok(Answer {
         session,

@@ -85,8 +85,10 @@ pub async fn read_early(
         .and_then(|v| v.trim().parse::<u64>().ok());
     let cap = plan.limits.max_buffered_body;
     let Some(len) = len.filter(|l| *l <= cap) else {
+        // At least one token: it waits while the budget is spent, and its answer's usage
+        // is counted.
         plan.cost = crate::admission::TokenCost {
-            input: len.unwrap_or(0).div_ceil(4),
+            input: len.unwrap_or(0).div_ceil(4).max(1),
             output: 0,
         };
         return Ok(None);

@@ -79,7 +79,7 @@ pub async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Res
             Err(e)
                 if crate::error::Code::of(&e) == crate::error::Code::RateLimited
                     && ctx.attempts == 0
-                    && session.body_bytes_read() == 0 => {}
+                    && (session.body_bytes_read() == 0 || plan.body.is_some()) => {}
             done => return done,
         }
     }
@@ -92,6 +92,7 @@ pub async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Res
         &plan.origin,
         &plan.upstream_path,
         webhooks,
+        plan.body.take(),
     )
     .await
 }
@@ -106,7 +107,18 @@ async fn admit_and_run(
 ) -> Result<()> {
     plan.endpoints_left()?;
     let early = match shared.admission.counts_tokens(&plan.cell) {
-        true => body::read_early(session, plan, &ctx.generation).await?,
+        true => {
+            let reading = std::time::Instant::now();
+            let early = body::read_early(session, plan, &ctx.generation).await?;
+            // The host's `request_timeout` does not run while the body comes in (a client's
+            // `Sluice-Timeout` does).
+            if !plan.deadline_from_client {
+                plan.deadline = plan.deadline.map(|d| d + reading.elapsed());
+            }
+            // Kept for a job, should the request become one.
+            plan.body = early.as_ref().and_then(|(u, _)| u.replay());
+            early
+        }
         false => None,
     };
     let admitted = pace::admit(shared, plan, &mut ctx.queued).await?;

@@ -43,6 +43,8 @@ pub struct Plan {
     pub deadline_from_client: bool,
     /// Its estimated tokens, for a host with token budgets (set once its body was read).
     pub cost: TokenCost,
+    /// Its body, when it was read before admission (to estimate its tokens).
+    pub body: Option<bytes::Bytes>,
 }
 
 /// The deadline rule: the slot must leave the answer its expected time before the deadline.
@@ -221,6 +223,7 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         deadline,
         deadline_from_client,
         cost: TokenCost::default(),
+        body: None,
     })
 }
 

@@ -92,17 +92,15 @@ pub async fn stream(
     let mut resp: ResponseHeader = up_head.clone();
     let mut permit = permit;
     // Tokens charged to the host's budgets are settled from the usage the answer reports
-    // (read as the body goes by); a 429 used none.
-    let charged = permit.as_ref().map_or(TokenCost::default(), |p| p.charged);
-    let mut tap = match charged.is_zero() {
-        true => None,
-        false if up_head.status.as_u16() == 429 => {
-            if let Some(p) = &mut permit {
-                shared.admission.settle(p, TokenCost::default());
-            }
-            None
-        }
-        false => super::usage::Tap::for_answer(&up_head.headers),
+    // (read as the body goes by); a 429 was settled already (it used none). A request sent
+    // before its host had a budget is counted from its usage too.
+    let charged = permit
+        .as_ref()
+        .map_or(TokenCost::default(), |p| p.charged());
+    let counted = !charged.is_zero() || shared.admission.counts_tokens(cell);
+    let mut tap = match counted && up_head.status.as_u16() != 429 {
+        true => super::usage::Tap::for_answer(&up_head.headers),
+        false => None,
     };
     if pace::pause_signal(&resp) {
         if resp.status.as_u16() == 429 {
@@ -156,10 +154,12 @@ pub async fn stream(
     session.write_response_body(None, true).await?;
     if let (Some(used), Some(p)) = (tap.and_then(super::usage::Tap::finish), &mut permit) {
         let estimated = shared.admission.settle(p, used);
-        shared
-            .metrics
-            .tokens
-            .settled(ctx.host_label(), estimated, used);
+        if !estimated.is_zero() {
+            shared
+                .metrics
+                .tokens
+                .settled(ctx.host_label(), estimated, used);
+        }
     }
     drop(in_flight);
     drop(permit);

@@ -447,8 +447,9 @@ impl FleetSeam for Fleet {
         cell: &'a Arc<HostCell>,
         limits: [u64; 3],
         cost: crate::admission::TokenCost,
+        reserve_within: Option<Duration>,
     ) -> crate::admission::TokensTaken<'a> {
-        Box::pin(self.take_tokens_shared(cell, limits, cost))
+        Box::pin(self.take_tokens_shared(cell, limits, cost, reserve_within))
     }
 
     fn tokens_changed(

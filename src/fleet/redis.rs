@@ -284,17 +284,21 @@ impl Store for RedisStore {
         op: TokenOp,
         limits: [u64; 3],
         amounts: [i64; 3],
-    ) -> Result<Duration, StoreError> {
+    ) -> Result<i64, StoreError> {
         let mut inv = self.tokens.prepare_invoke();
-        inv.key(self.key(host, "tokens")).arg(op.to_string());
+        inv.key(self.key(host, "tokens")).arg(op.as_str());
         for l in limits {
             inv.arg(l);
         }
         for a in amounts {
             inv.arg(a);
         }
-        let wait_ms: i64 = self.run(inv).await?;
-        Ok(Duration::from_millis(wait_ms.clamp(0, 3_600_000) as u64))
+        let within = match op {
+            TokenOp::Reserve(d) => d.as_millis().min(3_600_000) as u64,
+            _ => 0,
+        };
+        inv.arg(within);
+        self.run(inv).await
     }
 
     async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError> {

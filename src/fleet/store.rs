@@ -9,24 +9,24 @@ use std::time::Duration;
 /// What is done to a host's token budgets in the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenOp {
+    /// Take the amounts if every budget holds them now.
     Take,
+    /// Take them as a reservation if every budget holds them within this time.
+    Reserve(Duration),
+    /// Take (negative: give back) the amounts.
     Adjust,
+    /// Lower each budget to what the upstream says is left.
     Lower,
 }
 
 impl TokenOp {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             TokenOp::Take => "take",
+            TokenOp::Reserve(_) => "reserve",
             TokenOp::Adjust => "adjust",
             TokenOp::Lower => "lower",
         }
-    }
-}
-
-impl std::fmt::Display for TokenOp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -105,16 +105,16 @@ pub trait Store: Send + Sync {
     /// Give back the place `holder` took.
     async fn give_place(&self, host: &str, caller: &str, holder: &str) -> Result<(), StoreError>;
     /// `host`'s token budgets for the fleet (`limits` per minute: tokens, input, output; 0:
-    /// none): take `amounts` if every budget holds them (`Duration::ZERO`: taken; else about
-    /// how long until they would be), adjust each by its amount (negative: give back), or
-    /// lower each to what the upstream says is left (-1: nothing said).
+    /// none), changed by `op` with `amounts`. Returns 0 when done; for `Reserve`, the
+    /// milliseconds until reserved tokens are there; for `Take` and `Reserve`, minus the
+    /// milliseconds until they would be when not taken.
     async fn tokens(
         &self,
         host: &str,
         op: TokenOp,
         limits: [u64; 3],
         amounts: [i64; 3],
-    ) -> Result<Duration, StoreError>;
+    ) -> Result<i64, StoreError>;
     /// Say this node is alive for `ttl`; returns the number of live nodes.
     async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError>;
     /// Say this node is leaving.

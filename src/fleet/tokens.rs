@@ -6,7 +6,7 @@
 
 use super::store::TokenOp;
 use super::{Fleet, Op};
-use crate::admission::{HostCell, TokenChange, TokenCost};
+use crate::admission::{FleetTokens, HostCell, TokenChange, TokenCost};
 use std::time::Duration;
 
 fn amounts(cost: TokenCost) -> [i64; 3] {
@@ -14,20 +14,31 @@ fn amounts(cost: TokenCost) -> [i64; 3] {
 }
 
 impl Fleet {
-    /// Take `cost` of `cell`'s host's budgets in the store: `Some(ZERO)` taken, `Some(wait)`
-    /// not now, `None` when the store is unavailable.
+    /// Take `cost` of `cell`'s host's budgets in the store, now or (`reserve_within`) as a
+    /// reservation; `None` when the store is unavailable.
     pub(super) async fn take_tokens_shared(
         &self,
         cell: &HostCell,
         limits: [u64; 3],
         cost: TokenCost,
-    ) -> Option<Duration> {
+        reserve_within: Option<Duration>,
+    ) -> Option<FleetTokens> {
         let (host, store) = (self.host(cell)?, self.store.get().cloned()?);
         if !self.allow(self.clock.now()) {
             return None;
         }
-        let call = || store.tokens(&host.key, TokenOp::Take, limits, amounts(cost));
-        self.call(Op::Tokens, call).await.ok()
+        let op = match reserve_within {
+            Some(d) => TokenOp::Reserve(d),
+            None => TokenOp::Take,
+        };
+        let call = || store.tokens(&host.key, op, limits, amounts(cost));
+        let wait_ms = self.call(Op::Tokens, call).await.ok()?;
+        let ms = |v: i64| Duration::from_millis(v.unsigned_abs().min(3_600_000));
+        Some(match wait_ms {
+            0 => FleetTokens::Taken,
+            v if v > 0 => FleetTokens::Reserved(ms(v)),
+            v => FleetTokens::NotWithin(ms(v)),
+        })
     }
 
     /// Change the store's count in the background (no request waits for it).

@@ -231,7 +231,9 @@ pub fn prefers_async(req: &RequestHeader) -> bool {
 }
 
 /// A proxied request taken as a job: its destination already passed the policy and its
-/// client is authenticated; its body is read here (at most `jobs.max_submission_bytes`).
+/// client is authenticated; its body is read here (at most `jobs.max_submission_bytes`),
+/// unless it was read already (`early`, to estimate its tokens).
+#[allow(clippy::too_many_arguments)]
 pub async fn accept_proxied(
     shared: &dyn Process,
     session: &mut Session,
@@ -240,6 +242,7 @@ pub async fn accept_proxied(
     origin: &Origin,
     path: &str,
     webhooks: Vec<String>,
+    early: Option<bytes::Bytes>,
 ) -> Result<()> {
     let config = &generation.config;
     if !config.jobs.enabled {
@@ -319,7 +322,19 @@ pub async fn accept_proxied(
         retry_on: header("sluice-retry-on"),
         idempotency_key: header("idempotency-key"),
     };
-    let body = read_body(session, generation).await?;
+    let body = match early {
+        Some(b) if b.len() as u64 > config.jobs.max_submission_bytes => {
+            return Err(error::error(
+                Code::BodyTooLarge,
+                format!(
+                    "a job submission is at most {} bytes (jobs.max_submission_bytes)",
+                    config.jobs.max_submission_bytes
+                ),
+            ))
+        }
+        Some(b) => b.to_vec(),
+        None => read_body(session, generation).await?,
+    };
     let now = now_ms();
     let deliveries = webhooks
         .into_iter()

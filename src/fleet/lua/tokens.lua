@@ -1,11 +1,16 @@
 -- A host's token budgets, shared by the fleet: each a bucket that holds at most its limit
--- and refills at its limit per minute.
+-- and refills at its limit per minute (in debt by at most a minute's worth).
 -- KEYS: 1 = the host's buckets (a hash: the level and time of each budget)
--- ARGV: 1 = "take", "adjust" or "lower"; 2..4 = the budgets' limits per minute (tokens,
---       input, output; 0: none); 5..7 = amounts. take: the tokens asked, taken only if every
---       budget holds them; adjust: tokens to take (negative: to give back); lower: what the
---       upstream says is left (-1: nothing said).
--- Returns 0 when done (taken), else (take) the milliseconds until every budget holds them.
+-- ARGV: 1 = "take", "reserve", "adjust" or "lower"; 2..4 = the budgets' limits per minute
+--       (tokens, input, output; 0: none); 5..7 = amounts; 8 = for "reserve", the longest
+--       wait (ms) a reservation may have.
+--   take: the amounts, only if every budget holds them now.
+--   reserve: the amounts, if every budget holds them within ARGV[8] ms: the budgets go into
+--     debt, and whoever asks next waits behind this request.
+--   adjust: take the amounts (negative: give them back).
+--   lower: each budget to at most what the upstream says is left (-1: nothing said).
+-- Returns 0 when done; for "reserve", the ms until the reserved tokens are there; when
+-- "take" or "reserve" took nothing, minus the ms until the amounts would be there.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local mode = ARGV[1]
@@ -19,13 +24,13 @@ for k = 1, 3 do
     level = math.min(limit, level + math.max(0, now - at) * limit / 60000)
     levels[k] = level
     local amount = tonumber(ARGV[4 + k])
-    if mode == 'take' and level < amount then
+    if (mode == 'take' or mode == 'reserve') and amount > 0 and level < amount then
       wait = math.max(wait, math.ceil((amount - level) * 60000 / limit))
     end
   end
 end
-if wait > 0 then
-  return wait
+if wait > 0 and (mode == 'take' or wait > tonumber(ARGV[8])) then
+  return -wait
 end
 for k = 1, 3 do
   local level = levels[k]
@@ -37,11 +42,12 @@ for k = 1, 3 do
         level = math.min(level, amount)
       end
     else
-      level = math.min(limit, level - amount)
+      -- In debt by at most a minute's worth, whatever an answer claims it used.
+      level = math.max(-limit, math.min(limit, level - amount))
     end
     redis.call('HSET', KEYS[1], 'l' .. k, tostring(level), 't' .. k, tostring(now))
   end
 end
 -- Idle for two minutes, every bucket is full again: nothing to keep.
 redis.call('PEXPIRE', KEYS[1], 120000)
-return 0
+return wait
