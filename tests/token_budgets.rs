@@ -240,6 +240,9 @@ fn a_streamed_completion_arrives_piece_by_piece_and_its_usage_settles_its_estima
     assert_eq!(host["tokens"][0]["budget"], "tokens");
     assert_eq!(host["tokens"][0]["limit_per_minute"], 100_000);
     assert_eq!(host["tokens"][0]["configured"], false);
+    // Sent before the host had a budget, its body was not read: learned for no model in
+    // particular (it stands in for every model until a model's own is learned).
+    assert_eq!(host["tokens"][0]["model"], "(none)");
     let (estimated0, used0) = (
         sluice.metric("sluice_tokens_estimated_total"),
         sluice.metric("sluice_tokens_used_total"),
@@ -292,6 +295,15 @@ fn a_streamed_completion_arrives_piece_by_piece_and_its_usage_settles_its_estima
     assert_eq!(used, 250.0, "the stream's usage event settled it");
     assert!(estimated > used, "estimated {estimated}, used {used}");
     assert_eq!(api.accepted().len(), 3, "one direct, two through sluice");
+    let (_, status) = sluice.admin_get("/status");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("json");
+    let learned = status["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|h| h["tokens"].as_array().cloned().unwrap_or_default())
+        .any(|t| t["model"] == "gpt-test" && t["limit_per_minute"] == 100_000);
+    assert!(learned, "learned for its model: {status}");
 
     // More than the whole budget: refused, never sent.
     let huge = serde_json::json!({"model": "gpt-test", "max_tokens": 200_000, "messages": []});

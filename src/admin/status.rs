@@ -97,6 +97,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                 .filter(|(_, limit)| *limit > 0)
                 .map(|(b, limit)| serde_json::json!({
                     "budget": b.as_str(),
+                    "model": null,
                     "limit_per_minute": limit,
                     "configured": true,
                     "available": limit,
@@ -145,14 +146,15 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     })
 }
 
-/// A host's token budgets: the limit per minute (configured or learned), what sluice counts as
-/// left, and what the upstream said last.
+/// A host's token budgets: the limit per minute (configured for the host, or learned for a
+/// model), what sluice counts as left, and what the upstream said last.
 fn tokens(cell: &HostCell, now: u64) -> Vec<serde_json::Value> {
     cell.token_views(now)
         .into_iter()
         .map(|v| {
             serde_json::json!({
                 "budget": v.budget.as_str(),
+                "model": v.model.as_deref(),
                 "limit_per_minute": v.limit_per_minute,
                 "configured": v.configured,
                 "available": v.available.floor() as i64,

@@ -89,7 +89,7 @@ pub(super) fn settle_on(
     if let Some(f) = fleet {
         f.tokens_changed(
             cell,
-            room.tokens.limits(),
+            room.tokens.limits(charged.model),
             TokenChange::settle(charged, used),
         );
     }

@@ -2,7 +2,7 @@
 //! limits (`[shared] backend = "redis"`). Admission declares what it needs here; the fleet
 //! module implements it, so admission never names the store, its breaker or its wire format.
 
-use super::tokens::Cost;
+use super::tokens::{Cost, Limits};
 use super::{HostCell, Rejection};
 use std::future::Future;
 use std::pin::Pin;
@@ -90,12 +90,12 @@ pub trait FleetSeam: Send + Sync {
     fn take_tokens<'a>(
         &'a self,
         cell: &'a Arc<HostCell>,
-        limits: [u64; 3],
+        limits: Limits,
         cost: Cost,
         reserve_within: Option<Duration>,
     ) -> TokensTaken<'a>;
     /// Change the fleet's count of `cell`'s host's token budgets (in the background).
-    fn tokens_changed(&self, cell: &HostCell, limits: [u64; 3], change: TokenChange);
+    fn tokens_changed(&self, cell: &HostCell, limits: Limits, change: TokenChange);
     /// `cell`'s host is paused until `until` (learned here or told by another node).
     fn paused(&self, cell: &HostCell, until: u64);
     /// Tell the other nodes what this node learned about `cell`'s host.

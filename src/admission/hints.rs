@@ -62,6 +62,9 @@ pub struct Hints {
     pub tokens: [Told; 3],
     /// Headers present whose values did not parse.
     pub invalid: Vec<&'static str>,
+    /// The model the request asked for (set by the caller, not read from headers): token
+    /// budgets are learned per model.
+    pub model: Option<std::sync::Arc<str>>,
 }
 
 impl Hints {

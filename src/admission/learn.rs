@@ -134,7 +134,11 @@ impl Admission {
                 };
                 match room {
                     Some(r) => {
-                        let u = r.tokens.observe(&hints.tokens, status == 429, now);
+                        let model = hints.model.as_deref();
+                        let id = model.map_or(0, super::model_id);
+                        let u = r
+                            .tokens
+                            .observe(&hints.tokens, status == 429, id, model, now);
                         let said = hints.tokens.map(|t| {
                             t.remaining
                                 .map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
@@ -142,7 +146,7 @@ impl Admission {
                         if let (Some(fleet), true) = (&self.fleet, r.tokens.active()) {
                             if said != [-1; 3] {
                                 let change = super::TokenChange::Lower(said);
-                                fleet.tokens_changed(cell, r.tokens.limits(), change);
+                                fleet.tokens_changed(cell, r.tokens.limits(id), change);
                             }
                         }
                         r.poke();

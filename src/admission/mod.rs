@@ -33,8 +33,8 @@ pub use rejection::{retry_after_secs, Rejection};
 pub use room::{CallerLine, OTHER};
 pub use table::Host;
 pub use tokens::{
-    Budget as TokenBudget, Cost as TokenCost, Told as TokensTold, View as TokenView,
-    MAX_PER_MINUTE as MAX_TOKENS_PER_MINUTE,
+    model_id, Budget as TokenBudget, Cost as TokenCost, Limits as TokenLimits, Told as TokensTold,
+    View as TokenView, MAX_PER_MINUTE as MAX_TOKENS_PER_MINUTE,
 };
 pub(crate) use wait::pace_cell;
 pub use wait::{Ask, AtSend, Caller, Due, Permit};
@@ -173,7 +173,11 @@ mod tests {
 
     fn costly(c: &Caller, wait: Duration, input: u64, output: u64) -> Ask<'_> {
         Ask {
-            cost: TokenCost { input, output },
+            cost: TokenCost {
+                input,
+                output,
+                model: 0,
+            },
             ..ask(c, wait)
         }
     }
@@ -298,7 +302,7 @@ mod tests {
             &mut spent,
             TokenCost {
                 input: 350,
-                output: 0,
+                ..TokenCost::default()
             },
         );
         assert_eq!(charged.input, 550);

@@ -395,7 +395,7 @@ impl Room {
                             // A reservation is at most a minute ahead (a budget is in debt
                             // by at most a minute's worth).
                             let within = bound.min(RESERVE_AHEAD_MAX);
-                            let limits = self.tokens.limits();
+                            let limits = self.tokens.limits(cost.model);
                             match f.take_tokens(cell, limits, cost, Some(within)).await {
                                 Some(FleetTokens::Taken) => pending = Some(cost),
                                 Some(FleetTokens::Reserved(wait)) => {
@@ -470,7 +470,7 @@ impl Room {
                 let handed = st.handed.take().unwrap_or_default();
                 if handed != taken {
                     let change = super::TokenChange::settle(taken, handed);
-                    f.tokens_changed(cell, self.tokens.limits(), change);
+                    f.tokens_changed(cell, self.tokens.limits(taken.model), change);
                 }
             }
         }

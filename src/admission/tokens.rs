@@ -1,8 +1,10 @@
 //! A host's token budgets: for LLM APIs the binding limit is usually tokens per minute, not
-//! requests. A host may have up to three budgets, each a bucket that holds at most its limit
-//! and refills at its limit per minute: `tokens` (input and output together, OpenAI's TPM),
-//! `input_tokens` and `output_tokens` (Anthropic's ITPM and OTPM). A budget is configured
-//! (`tokens_per_minute`, ...) or learned from the upstream's `*-limit` headers.
+//! requests. A budget is a bucket that holds at most its limit and refills at its limit per
+//! minute, of one of three kinds: `tokens` (input and output together, OpenAI's TPM),
+//! `input_tokens` and `output_tokens` (Anthropic's ITPM and OTPM). A host's configured
+//! budgets (`tokens_per_minute`, ...) apply to all its requests; budgets learned from the
+//! upstream's `*-limit` headers apply to the requests for the model they were learned from
+//! (providers limit each model on its own).
 //!
 //! A request is charged its estimated cost when it is admitted and settled once its answer
 //! told what it used: the difference goes back (or is taken). What the upstream says is left
@@ -11,8 +13,9 @@
 //!
 //! The state is one small mutex per host with a budget: only such hosts ever touch it.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Largest budget, per minute, that configuration or an upstream may set.
@@ -40,11 +43,22 @@ impl Budget {
     }
 }
 
-/// Tokens a request is expected to use, or used.
+/// Tokens a request is expected to use, or used, and the model they are for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cost {
     pub input: u64,
     pub output: u64,
+    /// The model's id ([`model_id`]; 0: none named): whose learned budgets apply. Not an
+    /// amount: sums keep the model of the cost added last.
+    pub model: u64,
+}
+
+/// A model's id: the same on every node running the same sluice.
+pub fn model_id(name: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    name.hash(&mut h);
+    h.finish().max(1)
 }
 
 impl Cost {
@@ -60,20 +74,6 @@ impl Cost {
         self.input == 0 && self.output == 0
     }
 
-    fn add(self, o: Cost) -> Cost {
-        Cost {
-            input: self.input.saturating_add(o.input),
-            output: self.output.saturating_add(o.output),
-        }
-    }
-
-    fn sub(self, o: Cost) -> Cost {
-        Cost {
-            input: self.input.saturating_sub(o.input),
-            output: self.output.saturating_sub(o.output),
-        }
-    }
-
     /// `self` scaled by `num / den` (an estimate of what part of a queue costs).
     pub fn share(self, num: u64, den: u64) -> Cost {
         let f = |v: u64| {
@@ -83,6 +83,7 @@ impl Cost {
         Cost {
             input: f(self.input),
             output: f(self.output),
+            model: self.model,
         }
     }
 }
@@ -90,14 +91,22 @@ impl Cost {
 impl std::ops::Add for Cost {
     type Output = Cost;
     fn add(self, o: Cost) -> Cost {
-        Cost::add(self, o)
+        Cost {
+            input: self.input.saturating_add(o.input),
+            output: self.output.saturating_add(o.output),
+            model: o.model,
+        }
     }
 }
 
 impl std::ops::Sub for Cost {
     type Output = Cost;
     fn sub(self, o: Cost) -> Cost {
-        Cost::sub(self, o)
+        Cost {
+            input: self.input.saturating_sub(o.input),
+            output: self.output.saturating_sub(o.output),
+            model: self.model,
+        }
     }
 }
 
@@ -119,7 +128,6 @@ impl Told {
 struct Bucket {
     /// Tokens per minute; 0: no such budget.
     limit: u64,
-    configured: bool,
     /// Tokens available at `at` (ns on the admission clock); below zero when answers used
     /// more than their estimates.
     level: f64,
@@ -169,12 +177,34 @@ impl Bucket {
         self.limit = limit;
         self.level = self.level.min(limit as f64);
     }
+
+    fn take(&mut self, n: u64, now: u64) {
+        if self.limit > 0 {
+            self.advance(now);
+            self.level = floored(self.level - n as f64, self.limit);
+        }
+    }
+
+    fn settle(&mut self, charged: u64, used: u64, now: u64) {
+        if self.limit > 0 {
+            self.advance(now);
+            self.level = floored(self.level + charged as f64 - used as f64, self.limit);
+        }
+    }
+}
+
+/// A level within [-limit, limit]: whatever an answer claims it used, a budget is in debt
+/// by at most one minute's worth.
+fn floored(level: f64, limit: u64) -> f64 {
+    level.clamp(-(limit as f64), limit as f64)
 }
 
 /// One budget as `/status` and metrics show it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct View {
     pub budget: Budget,
+    /// The model whose learned budget it is; `None`: the host's configured one.
+    pub model: Option<Arc<str>>,
     pub limit_per_minute: u64,
     pub configured: bool,
     /// Tokens sluice counts as available now (negative: used beyond the estimates).
@@ -184,9 +214,59 @@ pub struct View {
     pub reset_in: Duration,
 }
 
+/// The limits (per minute; 0: none) of the budgets that apply to one model's requests: the
+/// host's configured ones, and the model's learned ones (with the model's id).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub host: [u64; 3],
+    pub model: Option<(u64, [u64; 3])>,
+}
+
+/// Models a host learns budgets for; the least recently used is forgotten past this.
+const MAX_MODELS: usize = 16;
+
+struct Learned {
+    name: Arc<str>,
+    buckets: [Bucket; 3],
+    used_at: u64,
+}
+
+#[derive(Default)]
+struct State {
+    /// The host's configured budgets.
+    host: [Bucket; 3],
+    /// Budgets learned from the upstream's headers, per model (providers limit each model
+    /// on its own).
+    models: HashMap<u64, Learned>,
+}
+
+impl State {
+    /// Whose learned budgets apply to `model`'s requests: its own, else those learned from
+    /// answers to requests whose model was not known (the first ones to a host, sent before
+    /// it had a budget), until its own are learned.
+    fn learned_for(&self, model: u64) -> Option<u64> {
+        [model, 0].into_iter().find(|m| self.models.contains_key(m))
+    }
+
+    /// Every bucket that applies to `model`'s requests, with its budget.
+    fn each(&mut self, model: u64) -> impl Iterator<Item = (Budget, &mut Bucket)> {
+        let learned = self
+            .learned_for(model)
+            .and_then(|m| self.models.get_mut(&m))
+            .map(|m| m.buckets.iter_mut())
+            .into_iter()
+            .flatten();
+        Budget::ALL
+            .into_iter()
+            .cycle()
+            .zip(self.host.iter_mut().chain(learned))
+            .filter(|(_, b)| b.limit > 0)
+    }
+}
+
 #[derive(Default)]
 pub struct Tokens {
-    buckets: Mutex<[Bucket; 3]>,
+    state: Mutex<State>,
     /// Some budget applies (read without the lock on every request to the host).
     active: AtomicBool,
 }
@@ -198,29 +278,39 @@ impl std::fmt::Debug for Tokens {
 }
 
 impl Tokens {
-    fn lock(&self) -> std::sync::MutexGuard<'_, [Bucket; 3]> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Nothing panics while the lock is held.
-        self.buckets.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Apply the configured budgets (per minute, 0: none configured, learn it). A budget
-    /// the configuration no longer names is forgotten until an upstream tells it again.
+    fn note_active(&self, st: &State) {
+        let any = st.host.iter().any(|b| b.limit > 0) || !st.models.is_empty();
+        self.active.store(any, Ordering::Release);
+    }
+
+    /// Apply the configured budgets (per minute, 0: none). They apply to every request to
+    /// the host, whatever its model, besides the budgets learned for its model.
     pub fn configure(&self, limits: [u64; 3], now: u64) {
-        let mut b = self.lock();
-        for (bucket, limit) in b.iter_mut().zip(limits) {
+        let mut st = self.lock();
+        for (bucket, limit) in st.host.iter_mut().zip(limits) {
             if limit > 0 {
                 bucket.set_limit(limit, now);
-                bucket.configured = true;
-            } else if bucket.configured {
+            } else {
                 *bucket = Bucket::default();
             }
         }
-        self.note_active(&b);
+        self.note_active(&st);
     }
 
-    /// The budgets' limits per minute (0: none): tokens, input, output.
-    pub fn limits(&self) -> [u64; 3] {
-        self.lock().map(|b| b.limit)
+    /// The limits of the budgets that apply to `model`'s requests.
+    pub fn limits(&self, model: u64) -> Limits {
+        let st = self.lock();
+        Limits {
+            host: st.host.map(|b| b.limit),
+            model: st
+                .learned_for(model)
+                .and_then(|id| st.models.get(&id).map(|m| (id, m.buckets.map(|b| b.limit)))),
+        }
     }
 
     /// Does any budget apply?
@@ -228,82 +318,106 @@ impl Tokens {
         self.active.load(Ordering::Acquire)
     }
 
-    fn note_active(&self, b: &[Bucket; 3]) {
-        self.active
-            .store(b.iter().any(|b| b.limit > 0), Ordering::Release);
-    }
-
     /// The first budget `cost` alone is larger than (it could never be admitted), and its
     /// limit.
     pub fn too_large(&self, cost: Cost) -> Option<(Budget, u64)> {
-        let b = self.lock();
-        Budget::ALL
-            .into_iter()
-            .find(|k| {
-                let l = b[*k as usize].limit;
-                l > 0 && cost.of(*k) > l
-            })
-            .map(|k| (k, b[k as usize].limit))
+        let mut st = self.lock();
+        let found = st
+            .each(cost.model)
+            .find(|(k, b)| cost.of(*k) > b.limit)
+            .map(|(k, b)| (k, b.limit));
+        found
     }
 
-    /// When every budget holds what `cost` needs (`now` if they do).
+    /// When every budget that applies holds what `cost` needs (`now` if they do).
     pub fn ready_at(&self, cost: Cost, now: u64) -> u64 {
-        let b = self.lock();
-        Budget::ALL
-            .into_iter()
-            .map(|k| b[k as usize].ready_at(cost.of(k), now))
+        let mut st = self.lock();
+        let at = st
+            .each(cost.model)
+            .map(|(k, b)| b.ready_at(cost.of(k), now))
             .max()
-            .unwrap_or(now)
+            .unwrap_or(now);
+        at
     }
 
-    /// Take `cost` if every budget holds it now.
+    /// Take `cost` if every budget that applies holds it now.
     pub fn try_take(&self, cost: Cost, now: u64) -> bool {
-        let mut b = self.lock();
-        let ready = Budget::ALL
-            .into_iter()
-            .all(|k| b[k as usize].ready_at(cost.of(k), now) <= now);
+        let mut st = self.lock();
+        let ready = st
+            .each(cost.model)
+            .all(|(k, b)| b.ready_at(cost.of(k), now) <= now);
         if ready {
-            take(&mut b, cost, now);
+            for (k, b) in st.each(cost.model) {
+                b.take(cost.of(k), now);
+            }
+            if let Some(m) = st.models.get_mut(&cost.model) {
+                m.used_at = now;
+            }
         }
         ready
     }
 
     /// Give back `charged` and take `used` instead (a request's answer told what it used).
     pub fn settle(&self, charged: Cost, used: Cost, now: u64) {
-        let mut b = self.lock();
-        for k in Budget::ALL {
-            let bucket = &mut b[k as usize];
-            if bucket.limit == 0 {
-                continue;
-            }
-            bucket.advance(now);
-            let delta = charged.of(k) as f64 - used.of(k) as f64;
-            bucket.level = floored(bucket.level + delta, bucket.limit);
+        let mut st = self.lock();
+        for (k, b) in st.each(charged.model) {
+            b.settle(charged.of(k), used.of(k), now);
         }
     }
 
-    /// Take in what a response's headers told of each budget: a learned limit (unless
-    /// configured), and a `remaining` that lowers a bucket thinking it has more. A budget run
-    /// out on a refusal (`refused`: a 429) is held until its reset: sluice's count was wrong,
-    /// and the upstream's reset is the safe bet. On an answer, none is left now and the pace
-    /// refills it (providers' resets are the time until the budget is *full*, far too long
-    /// to wait). Returns the longest reset of the budgets reported run out that no limit
-    /// covers (that is then the host's pause).
-    pub fn observe(&self, told: &[Told; 3], refused: bool, now: u64) -> Option<Duration> {
-        let mut b = self.lock();
-        let mut uncovered: Option<Duration> = None;
-        for (bucket, t) in b.iter_mut().zip(told) {
-            if let (Some(limit), false) = (t.limit, bucket.configured) {
-                if limit > 0 {
-                    bucket.set_limit(limit, now);
+    /// Take in what the headers of an answer to a request for `model` (`name`) told of each
+    /// budget: a learned limit for that model, and a `remaining` that lowers its bucket if
+    /// it thinks it has more. A budget run out on a refusal (`refused`: a 429) is held until
+    /// its reset: sluice's count was wrong, and the upstream's reset is the safe bet. On an
+    /// answer, none is left now and the pace refills it (providers' resets are the time until
+    /// the budget is *full*, far too long to wait). Returns the longest reset of the budgets
+    /// reported run out that no limit covers (that is then the host's pause).
+    pub fn observe(
+        &self,
+        told: &[Told; 3],
+        refused: bool,
+        model: u64,
+        name: Option<&str>,
+        now: u64,
+    ) -> Option<Duration> {
+        let mut st = self.lock();
+        if told.iter().any(|t| t.limit.is_some()) && !st.models.contains_key(&model) {
+            if st.models.len() >= MAX_MODELS {
+                let oldest = st
+                    .models
+                    .iter()
+                    .min_by_key(|(_, m)| m.used_at)
+                    .map(|(k, _)| *k);
+                if let Some(k) = oldest {
+                    st.models.remove(&k);
                 }
             }
-            let reset_at = t.reset.map(|d| now.saturating_add(super::nanos(d)));
-            if let Some(r) = t.remaining {
-                bucket.remaining = Some(r);
-                bucket.reset_at = reset_at.unwrap_or(now);
+            let name: Arc<str> = Arc::from(name.unwrap_or(if model == 0 { "(none)" } else { "?" }));
+            st.models.insert(
+                model,
+                Learned {
+                    name,
+                    buckets: Default::default(),
+                    used_at: now,
+                },
+            );
+        }
+        let mut uncovered: Option<Duration> = None;
+        let State { host, models } = &mut *st;
+        let mut learned = models.get_mut(&model).map(|m| &mut m.buckets);
+        for (k, t) in told.iter().enumerate() {
+            if let (Some(b), Some(limit)) = (learned.as_mut(), t.limit.filter(|l| *l > 0)) {
+                b[k].set_limit(limit, now);
             }
             let Some(r) = t.remaining else { continue };
+            let reset_at = t.reset.map(|d| now.saturating_add(super::nanos(d)));
+            // The model's learned bucket for this budget, else the host's configured one.
+            let bucket = match learned.as_mut() {
+                Some(b) if b[k].limit > 0 => &mut b[k],
+                _ => &mut host[k],
+            };
+            bucket.remaining = Some(r);
+            bucket.reset_at = reset_at.unwrap_or(now);
             if bucket.limit == 0 {
                 if r == 0 {
                     let d = t.reset.unwrap_or(Duration::ZERO);
@@ -313,54 +427,48 @@ impl Tokens {
             }
             bucket.advance(now);
             bucket.level = bucket.level.min(r as f64);
-            if r == 0 && refused {
-                if let Some(at) = reset_at {
-                    bucket.held_until = bucket.held_until.max(at);
-                }
+            if let (0, true, Some(at)) = (r, refused, reset_at) {
+                bucket.held_until = bucket.held_until.max(at);
             }
         }
-        self.note_active(&b);
+        self.note_active(&st);
         uncovered
     }
 
     pub fn views(&self, now: u64) -> Vec<View> {
-        let b = self.lock();
-        Budget::ALL
+        let st = self.lock();
+        let view = |k: Budget, b: &Bucket, model: Option<&Arc<str>>| View {
+            budget: k,
+            model: model.cloned(),
+            limit_per_minute: b.limit,
+            configured: model.is_none(),
+            available: if now < b.held_until {
+                b.level.min(0.0)
+            } else {
+                b.level_at(now)
+            },
+            remaining: b.remaining,
+            reset_in: Duration::from_nanos(b.reset_at.saturating_sub(now)),
+        };
+        let mut out: Vec<View> = Budget::ALL
             .into_iter()
-            .filter(|k| b[*k as usize].limit > 0)
-            .map(|k| {
-                let bucket = &b[k as usize];
-                View {
-                    budget: k,
-                    limit_per_minute: bucket.limit,
-                    configured: bucket.configured,
-                    available: if now < bucket.held_until {
-                        bucket.level.min(0.0)
-                    } else {
-                        bucket.level_at(now)
-                    },
-                    remaining: bucket.remaining,
-                    reset_in: Duration::from_nanos(bucket.reset_at.saturating_sub(now)),
-                }
-            })
-            .collect()
-    }
-}
-
-fn take(b: &mut [Bucket; 3], cost: Cost, now: u64) {
-    for k in Budget::ALL {
-        let bucket = &mut b[k as usize];
-        if bucket.limit > 0 {
-            bucket.advance(now);
-            bucket.level = floored(bucket.level - cost.of(k) as f64, bucket.limit);
+            .zip(&st.host)
+            .filter(|(_, b)| b.limit > 0)
+            .map(|(k, b)| view(k, b, None))
+            .collect();
+        let mut models: Vec<&Learned> = st.models.values().collect();
+        models.sort_by(|a, b| a.name.cmp(&b.name));
+        for m in models {
+            out.extend(
+                Budget::ALL
+                    .into_iter()
+                    .zip(&m.buckets)
+                    .filter(|(_, b)| b.limit > 0)
+                    .map(|(k, b)| view(k, b, Some(&m.name))),
+            );
         }
+        out
     }
-}
-
-/// A level within [-limit, limit]: whatever an answer claims it used, a budget is in debt
-/// by at most one minute's worth.
-fn floored(level: f64, limit: u64) -> f64 {
-    level.clamp(-(limit as f64), limit as f64)
 }
 
 #[cfg(test)]
@@ -370,7 +478,11 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     fn cost(input: u64, output: u64) -> Cost {
-        Cost { input, output }
+        Cost {
+            input,
+            output,
+            model: 0,
+        }
     }
 
     #[test]
@@ -419,73 +531,119 @@ mod tests {
         assert_eq!(t.too_large(cost(10, 61)), Some((Budget::Output, 60)));
     }
 
-    #[test]
-    fn upstream_remaining_lowers_the_bucket_and_an_empty_budget_waits_for_its_reset() {
-        let t = Tokens::default();
-        let told = |limit, remaining, reset: u64| Told {
+    fn told(limit: Option<u64>, remaining: Option<u64>, reset: u64) -> Told {
+        Told {
             limit,
             remaining,
             reset: Some(Duration::from_secs(reset)),
-        };
+        }
+    }
+
+    #[test]
+    fn upstream_remaining_lowers_the_bucket_and_an_empty_budget_waits_for_its_reset() {
+        let t = Tokens::default();
         // Learned from a limit header: full, then what the upstream says is left.
         let none = Told::default();
-        assert_eq!(
-            t.observe(&[told(Some(6000), Some(4000), 20), none, none], false, 0),
-            None
-        );
+        let seen =
+            |tokens: Told, refused, now| t.observe(&[tokens, none, none], refused, 0, None, now);
+        assert_eq!(seen(told(Some(6000), Some(4000), 20), false, 0), None);
         let v = t.views(0);
         assert_eq!((v[0].limit_per_minute, v[0].available), (6000, 4000.0));
         assert!(!v[0].configured);
         // Run out on an answer: none now, refilled at the pace (the reset is the time until
         // full).
-        t.observe(&[told(Some(6000), Some(0), 30), none, none], false, 0);
+        seen(told(Some(6000), Some(0), 30), false, 0);
         assert_eq!(t.ready_at(cost(100, 0), 0), S);
         // Run out on a refusal: held until the reset even though the pace would refill
         // sooner.
-        let held = t.observe(&[told(Some(6000), Some(0), 30), none, none], true, 0);
+        let held = seen(told(Some(6000), Some(0), 30), true, 0);
         assert_eq!(held, None, "the budget holds them, not a host pause");
         assert_eq!(t.ready_at(cost(10, 0), 0), 30 * S);
         // It refilled at its pace meanwhile; an upstream claiming more than the bucket holds
         // does not raise it, one claiming less lowers it.
-        t.observe(&[told(None, Some(6000), 1), none, none], false, 31 * S);
+        seen(told(None, Some(6000), 1), false, 31 * S);
         assert_eq!(t.views(31 * S)[0].available, 3100.0);
-        t.observe(&[told(None, Some(200), 1), none, none], false, 31 * S);
+        seen(told(None, Some(200), 1), false, 31 * S);
         assert_eq!(t.views(31 * S)[0].available, 200.0);
         // A budget run out with no limit known is the host's pause.
         let u = Tokens::default();
+        let told3 = [none, told(None, Some(0), 7), told(None, Some(0), 9)];
         assert_eq!(
-            u.observe(
-                &[none, told(None, Some(0), 7), told(None, Some(0), 9)],
-                false,
-                0
-            ),
+            u.observe(&told3, false, 0, None, 0),
             Some(Duration::from_secs(9))
         );
         assert!(!u.active());
     }
 
+    /// Providers limit each model on its own: a budget learned from an answer for one model
+    /// applies to that model's requests; the host's configured budget to all of them.
     #[test]
-    fn a_configured_budget_is_not_overridden_by_headers_and_is_forgotten_when_removed() {
+    fn learned_budgets_are_each_models_and_configured_ones_the_hosts() {
         let t = Tokens::default();
-        t.configure([1000, 0, 0], 0);
-        let told = Told {
-            limit: Some(50),
-            remaining: None,
-            reset: None,
+        t.configure([100_000, 0, 0], 0);
+        let (small, large) = (model_id("small-model"), model_id("large-model"));
+        let limit = |l: u64| [told(Some(l), None, 0), Told::default(), Told::default()];
+        t.observe(&limit(1_000), false, small, Some("small-model"), 0);
+        t.observe(&limit(50_000), false, large, Some("large-model"), 0);
+        let on = |input: u64, model: u64| Cost {
+            input,
+            output: 0,
+            model,
         };
-        t.observe(&[told, Told::default(), Told::default()], false, 0);
-        assert_eq!(t.views(0)[0].limit_per_minute, 1000);
-        t.configure([0, 0, 0], 0);
-        assert!(!t.active());
-        t.observe(&[told, Told::default(), Told::default()], false, 0);
-        assert_eq!(t.views(0)[0].limit_per_minute, 50);
-        // Bounded.
-        let huge = Told {
-            limit: Some(u64::MAX),
-            ..told
-        };
-        t.configure([0, 0, 0], 0);
-        t.observe(&[huge, Told::default(), Told::default()], false, 0);
+        // The small model's 1,000 does not hold the large one's requests.
+        assert_eq!(t.too_large(on(5_000, large)), None);
+        assert_eq!(t.too_large(on(5_000, small)), Some((Budget::Tokens, 1_000)));
+        assert!(t.try_take(on(40_000, large), 0));
+        assert!(t.try_take(on(900, small), 0));
+        // The host's own budget counts both: 59,100 left of 100,000.
+        let views = t.views(0);
+        assert_eq!(views[0].model, None);
+        assert_eq!(views[0].available, 100_000.0 - 40_900.0);
+        let names: Vec<_> = views.iter().filter_map(|v| v.model.clone()).collect();
+        assert_eq!(
+            names,
+            vec![Arc::from("large-model"), Arc::from("small-model")]
+        );
+        // Another model's remaining says nothing of this one's.
+        let told0 = [
+            told(Some(50_000), Some(0), 30),
+            Told::default(),
+            Told::default(),
+        ];
+        t.observe(&told0, true, large, Some("large-model"), 0);
+        assert_eq!(t.ready_at(on(10, small), 0), 0);
+        assert_eq!(t.ready_at(on(10, large), 0), 30 * S);
+        // A request for a model with no learned budget: the host's only.
+        assert!(t.try_take(on(50_000, model_id("other")), 0));
+        assert_eq!(t.limits(small).model, Some((small, [1_000, 0, 0])));
+        assert_eq!(t.limits(model_id("other")).model, None);
+        // Learned from an answer to a request whose model was not known: it stands in for
+        // every model until that model's own is learned.
+        t.observe(&limit(2_000), false, 0, None, 0);
+        assert_eq!(t.limits(model_id("other")).model, Some((0, [2_000, 0, 0])));
+        assert_eq!(t.limits(small).model, Some((small, [1_000, 0, 0])));
+    }
+
+    #[test]
+    fn budgets_are_bounded_and_models_few() {
+        let t = Tokens::default();
+        let huge = [
+            told(Some(u64::MAX), None, 0),
+            Told::default(),
+            Told::default(),
+        ];
+        t.observe(&huge, false, 0, None, 0);
         assert_eq!(t.views(0)[0].limit_per_minute, MAX_PER_MINUTE);
+        for i in 0..40u64 {
+            let name = format!("model-{i}");
+            let l = [told(Some(10), None, 0), Told::default(), Told::default()];
+            t.observe(&l, false, model_id(&name), Some(&name), i);
+        }
+        assert_eq!(t.lock().models.len(), MAX_MODELS);
+        // A configured budget removed by a reload is gone.
+        t.configure([500, 0, 0], 0);
+        assert!(t.views(0).iter().any(|v| v.configured));
+        t.configure([0, 0, 0], 0);
+        assert!(!t.views(0).iter().any(|v| v.configured));
     }
 }

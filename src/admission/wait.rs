@@ -230,7 +230,10 @@ impl Admission {
                     let free = match &self.fleet {
                         // And the fleet's count (unless its store is away: this node's holds).
                         Some(fleet) => {
-                            match fleet.take_tokens(cell, t.limits(), ask.cost, None).await {
+                            match fleet
+                                .take_tokens(cell, t.limits(ask.cost.model), ask.cost, None)
+                                .await
+                            {
                                 Some(super::FleetTokens::Taken) => {
                                     c.shared_with(fleet);
                                     true

@@ -89,7 +89,7 @@ pub async fn read_early(
         // is counted.
         plan.cost = crate::admission::TokenCost {
             input: len.unwrap_or(0).div_ceil(4).max(1),
-            output: 0,
+            ..Default::default()
         };
         return Ok(None);
     };
@@ -116,7 +116,7 @@ pub async fn read_early(
         upload.take(None, chunk?)?;
     }
     let body = upload.replay().unwrap_or_default();
-    plan.cost = super::usage::estimate(&body);
+    (plan.cost, plan.model) = super::usage::estimate(&body);
     debug_assert!(body.len() as u64 <= len.max(cap));
     Ok(Some((upload, Source::Whole(body))))
 }

@@ -105,6 +105,7 @@ pub async fn run(
                 label,
                 outlier: limits.outlier,
                 quota,
+                model: plan.model.as_ref(),
             },
         };
         exec.go(

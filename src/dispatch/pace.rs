@@ -73,9 +73,11 @@ pub fn learn(
     generation: &Generation,
     resp: &ResponseHeader,
     host_quota: bool,
+    model: Option<&std::sync::Arc<str>>,
 ) -> PauseEffect {
     let mut status = resp.status.as_u16();
     let mut h = hints::parse(&resp.headers, SystemTime::now());
+    h.model = model.cloned();
     let m = &shared.metrics;
     for name in &h.invalid {
         m.hint_errors.with_label_values(&[name]).inc();

@@ -45,6 +45,8 @@ pub struct Plan {
     pub cost: TokenCost,
     /// Its body, when it was read before admission (to estimate its tokens).
     pub body: Option<bytes::Bytes>,
+    /// The model its body asks for (`"model"`), when it was read.
+    pub model: Option<std::sync::Arc<str>>,
 }
 
 /// The deadline rule: the slot must leave the answer its expected time before the deadline.
@@ -224,6 +226,7 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         deadline_from_client,
         cost: TokenCost::default(),
         body: None,
+        model: None,
     })
 }
 

@@ -20,6 +20,8 @@ pub struct Recorder<'a> {
     pub label: &'a str,
     pub outlier: crate::config::Outlier,
     pub quota: Quota,
+    /// The model the request asked for (token budgets are learned per model).
+    pub model: Option<&'a Arc<str>>,
 }
 
 impl Recorder<'_> {
@@ -43,7 +45,15 @@ impl Recorder<'_> {
         let mut paused = false;
         if let Some(h) = head {
             let host_quota = self.quota == Quota::Host;
-            match pace::learn(self.shared, self.cell, &ctx.generation, h, host_quota) {
+            let model = self.model;
+            match pace::learn(
+                self.shared,
+                self.cell,
+                &ctx.generation,
+                h,
+                host_quota,
+                model,
+            ) {
                 pace::PauseEffect::HostPaused => paused = pace::pause_signal(h),
                 pace::PauseEffect::RegionPaused(d) => {
                     r.state.hold(self.shared.regions.now(), d);

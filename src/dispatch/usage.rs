@@ -15,6 +15,7 @@ use crate::admission::TokenCost;
 use bytes::Bytes;
 use serde_json::Value;
 use std::io::Write;
+use std::sync::Arc;
 
 /// Most tokens any one figure in a request or an answer may count for.
 const MAX_FIGURE: u64 = crate::admission::MAX_TOKENS_PER_MINUTE;
@@ -26,14 +27,23 @@ const BLOB_CHARS: usize = 16 * 1024;
 const MAX_JSON: usize = 4 * 1024 * 1024;
 const MAX_LINE: usize = 1024 * 1024;
 
-/// The tokens a request with this body is expected to use.
-pub fn estimate(body: &[u8]) -> TokenCost {
+/// Longest model name taken as one (a longer one counts as none named).
+const MAX_MODEL: usize = 128;
+
+/// The tokens a request with this body is expected to use, and the model it names.
+pub fn estimate(body: &[u8]) -> (TokenCost, Option<Arc<str>>) {
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        return TokenCost {
+        let cost = TokenCost {
             input: (body.len() as u64).div_ceil(4),
-            output: 0,
+            ..TokenCost::default()
         };
+        return (cost, None);
     };
+    let model = v
+        .get("model")
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty() && m.len() <= MAX_MODEL)
+        .map(Arc::<str>::from);
     let bound = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
         .iter()
         .find_map(|k| v.get(*k).and_then(Value::as_u64))
@@ -46,11 +56,13 @@ pub fn estimate(body: &[u8]) -> TokenCost {
         .clamp(1, 128);
     let mut input = Input::default();
     input.walk(&v);
-    TokenCost {
+    let cost = TokenCost {
         input: (input.chars.div_ceil(4) + input.strings + input.blobs * INLINE_BLOB_TOKENS)
             .min(MAX_FIGURE),
         output: (bound * choices).min(MAX_FIGURE),
-    }
+        model: model.as_deref().map_or(0, crate::admission::model_id),
+    };
+    (cost, model)
 }
 
 #[derive(Default)]
@@ -307,6 +319,7 @@ impl Tap {
         (input.is_some() || output.is_some()).then(|| TokenCost {
             input: input.unwrap_or(0),
             output: output.unwrap_or(0),
+            model: 0,
         })
     }
 }
@@ -354,48 +367,45 @@ mod tests {
     }
 
     fn cost(input: u64, output: u64) -> Option<TokenCost> {
-        Some(TokenCost { input, output })
+        Some(TokenCost {
+            input,
+            output,
+            model: 0,
+        })
+    }
+
+    fn amounts(e: (TokenCost, Option<Arc<str>>)) -> (u64, u64) {
+        (e.0.input, e.0.output)
     }
 
     #[test]
     fn the_estimate_is_the_bound_on_output_plus_the_prompt_in_characters_over_four() {
         let body = br#"{"model":"gpt-x","max_tokens":150,"messages":[{"role":"user","content":"abcdefghij"}]}"#;
         // Strings: "gpt-x" (5), "user" (4), "abcdefghij" (10): 19 chars -> 5, plus 3 strings.
-        assert_eq!(
-            estimate(body),
-            TokenCost {
-                input: 8,
-                output: 150
-            }
-        );
+        let (e, model) = estimate(body);
+        assert_eq!((e.input, e.output), (8, 150));
+        assert_eq!(model.as_deref(), Some("gpt-x"));
+        assert_eq!(e.model, crate::admission::model_id("gpt-x"));
         let body = br#"{"max_completion_tokens":10,"n":3,"input":"x"}"#;
-        assert_eq!(
-            estimate(body),
-            TokenCost {
-                input: 2,
-                output: 30
-            }
-        );
+        assert_eq!(amounts(estimate(body)), (2, 30));
+        assert_eq!(estimate(body).1, None, "no model named");
         let body = br#"{"max_output_tokens":99999999999999,"input":"x"}"#;
-        assert_eq!(estimate(body).output, MAX_FIGURE);
+        assert_eq!(estimate(body).0.output, MAX_FIGURE);
         // An inline image is not its base64 size over four.
         let image = format!(
             r#"{{"max_tokens":1,"messages":[{{"content":[{{"type":"image","source":{{"data":"{}"}}}}]}}]}}"#,
             "A".repeat(200_000)
         );
-        let e = estimate(image.as_bytes());
+        let (e, _) = estimate(image.as_bytes());
         assert!(e.input < 1_700 && e.input >= INLINE_BLOB_TOKENS, "{e:?}");
         // Not JSON: bytes over four.
-        assert_eq!(
-            estimate(b"hello world"),
-            TokenCost {
-                input: 3,
-                output: 0
-            }
-        );
+        assert_eq!(amounts(estimate(b"hello world")), (3, 0));
         // Multi-byte characters count once.
         let body = r#"{"input":"ééééé"}"#;
-        assert_eq!(estimate(body.as_bytes()).input, 2 + 1);
+        assert_eq!(estimate(body.as_bytes()).0.input, 2 + 1);
+        // A model name too long to be one is none.
+        let body = format!(r#"{{"model":"{}"}}"#, "m".repeat(500));
+        assert_eq!(estimate(body.as_bytes()).0.model, 0);
     }
 
     #[test]

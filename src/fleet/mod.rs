@@ -445,7 +445,7 @@ impl FleetSeam for Fleet {
     fn take_tokens<'a>(
         &'a self,
         cell: &'a Arc<HostCell>,
-        limits: [u64; 3],
+        limits: crate::admission::TokenLimits,
         cost: crate::admission::TokenCost,
         reserve_within: Option<Duration>,
     ) -> crate::admission::TokensTaken<'a> {
@@ -455,7 +455,7 @@ impl FleetSeam for Fleet {
     fn tokens_changed(
         &self,
         cell: &HostCell,
-        limits: [u64; 3],
+        limits: crate::admission::TokenLimits,
         change: crate::admission::TokenChange,
     ) {
         self.tokens_changed_shared(cell, limits, change);

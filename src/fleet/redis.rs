@@ -282,22 +282,25 @@ impl Store for RedisStore {
         &self,
         host: &str,
         op: TokenOp,
-        limits: [u64; 3],
+        buckets: &[(String, [u64; 3])],
         amounts: [i64; 3],
     ) -> Result<i64, StoreError> {
         let mut inv = self.tokens.prepare_invoke();
-        inv.key(self.key(host, "tokens")).arg(op.as_str());
-        for l in limits {
-            inv.arg(l);
-        }
-        for a in amounts {
-            inv.arg(a);
-        }
         let within = match op {
             TokenOp::Reserve(d) => d.as_millis().min(3_600_000) as u64,
             _ => 0,
         };
-        inv.arg(within);
+        inv.arg(op.as_str()).arg(within);
+        for a in amounts {
+            inv.arg(a);
+        }
+        for (key, limits) in buckets {
+            // Keys under one host share its hash tag: one slot in a Redis Cluster.
+            inv.key(self.key(host, key));
+            for l in limits {
+                inv.arg(*l);
+            }
+        }
         self.run(inv).await
     }
 

@@ -104,15 +104,16 @@ pub trait Store: Send + Sync {
     ) -> Result<bool, StoreError>;
     /// Give back the place `holder` took.
     async fn give_place(&self, host: &str, caller: &str, holder: &str) -> Result<(), StoreError>;
-    /// `host`'s token budgets for the fleet (`limits` per minute: tokens, input, output; 0:
-    /// none), changed by `op` with `amounts`. Returns 0 when done; for `Reserve`, the
-    /// milliseconds until reserved tokens are there; for `Take` and `Reserve`, minus the
-    /// milliseconds until they would be when not taken.
+    /// `host`'s token budgets for the fleet: each bucket of `buckets` (its key under the
+    /// host, its limits per minute: tokens, input, output; 0: none), changed by `op` with
+    /// `amounts`. Returns 0 when done; for `Reserve`, the milliseconds until reserved tokens
+    /// are there; for `Take` and `Reserve`, minus the milliseconds until they would be when
+    /// not taken.
     async fn tokens(
         &self,
         host: &str,
         op: TokenOp,
-        limits: [u64; 3],
+        buckets: &[(String, [u64; 3])],
         amounts: [i64; 3],
     ) -> Result<i64, StoreError>;
     /// Say this node is alive for `ttl`; returns the number of live nodes.

@@ -6,11 +6,26 @@
 
 use super::store::TokenOp;
 use super::{Fleet, Op};
-use crate::admission::{FleetTokens, HostCell, TokenChange, TokenCost};
+use crate::admission::{FleetTokens, HostCell, TokenChange, TokenCost, TokenLimits};
 use std::time::Duration;
 
 fn amounts(cost: TokenCost) -> [i64; 3] {
     crate::admission::TokenBudget::ALL.map(|b| i64::try_from(cost.of(b)).unwrap_or(i64::MAX))
+}
+
+/// The store's buckets that apply: the host's configured ones (`tokens`) and the model's
+/// learned ones (`tokens:<model id>`), each with its limits.
+fn buckets(limits: &TokenLimits, lower: bool) -> Vec<(String, [u64; 3])> {
+    let mut out = Vec::with_capacity(2);
+    // What the upstream says is left is the model's (the host's configured count is
+    // sluice's own), unless no budget was learned for it.
+    if !(lower && limits.model.is_some()) && limits.host != [0; 3] {
+        out.push(("tokens".to_string(), limits.host));
+    }
+    if let Some((id, l)) = limits.model {
+        out.push((format!("tokens:{id:x}"), l));
+    }
+    out
 }
 
 impl Fleet {
@@ -19,7 +34,7 @@ impl Fleet {
     pub(super) async fn take_tokens_shared(
         &self,
         cell: &HostCell,
-        limits: [u64; 3],
+        limits: TokenLimits,
         cost: TokenCost,
         reserve_within: Option<Duration>,
     ) -> Option<FleetTokens> {
@@ -31,7 +46,11 @@ impl Fleet {
             Some(d) => TokenOp::Reserve(d),
             None => TokenOp::Take,
         };
-        let call = || store.tokens(&host.key, op, limits, amounts(cost));
+        let keys = buckets(&limits, false);
+        if keys.is_empty() {
+            return Some(FleetTokens::Taken);
+        }
+        let call = || store.tokens(&host.key, op, &keys, amounts(cost));
         let wait_ms = self.call(Op::Tokens, call).await.ok()?;
         let ms = |v: i64| Duration::from_millis(v.unsigned_abs().min(3_600_000));
         Some(match wait_ms {
@@ -45,7 +64,7 @@ impl Fleet {
     pub(super) fn tokens_changed_shared(
         &self,
         cell: &HostCell,
-        limits: [u64; 3],
+        limits: TokenLimits,
         change: TokenChange,
     ) {
         let (Some(host), Some(store)) = (self.host(cell), self.store.get().cloned()) else {
@@ -56,6 +75,10 @@ impl Fleet {
             TokenChange::Adjust(a) => (TokenOp::Adjust, a),
             TokenChange::Lower(a) => (TokenOp::Lower, a),
         };
+        let keys = buckets(&limits, op == TokenOp::Lower);
+        if keys.is_empty() {
+            return;
+        }
         if !self.allow(self.clock.now()) {
             return;
         }
@@ -64,7 +87,7 @@ impl Fleet {
             return;
         };
         runtime.spawn(async move {
-            let call = || store.tokens(&host.key, op, limits, amounts);
+            let call = || store.tokens(&host.key, op, &keys, amounts);
             if let Err(e) = fleet.call(Op::Tokens, call).await {
                 tracing::debug!(host = &*host.key, error = %e, "a token count not shared");
             }

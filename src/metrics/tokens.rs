@@ -1,7 +1,8 @@
 //! Token budgets: what each host named in `[hosts]` has left, and how the estimates of
 //! requests' tokens compare with what their answers said they used (so an operator can see
-//! when the estimate is off). Label sets are bounded: `host` is a `[hosts]` entry's key (or
-//! `other`), `budget` one of three.
+//! when the estimate is off). Label sets are bounded: `host` is a `[hosts]` entry (its
+//! `host:port` for the gauges), `budget` one of three, `model` one of the at most 16 models a
+//! host learns budgets for (empty for the host's configured budgets).
 
 use crate::admission::{HostCell, TokenCost};
 use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
@@ -24,14 +25,14 @@ impl TokenMetrics {
                 "sluice_host_tokens_remaining",
                 "Tokens left now in a host's budget, of hosts named in [hosts] (below 0: used beyond the estimates)",
             ),
-            &["host", "budget"],
+            &["host", "budget", "model"],
         )?;
         let limit = IntGaugeVec::new(
             Opts::new(
                 "sluice_host_tokens_limit",
                 "A host's token budget per minute, configured or learned, of hosts named in [hosts]",
             ),
-            &["host", "budget"],
+            &["host", "budget", "model"],
         )?;
         let estimated = IntCounterVec::new(
             Opts::new(
@@ -74,7 +75,7 @@ impl TokenMetrics {
         self.limit.reset();
         for (host, cell) in cells {
             for v in cell.token_views(now) {
-                let labels = [host, v.budget.as_str()];
+                let labels = [host, v.budget.as_str(), v.model.as_deref().unwrap_or("")];
                 self.remaining
                     .with_label_values(&labels)
                     .set(v.available.floor());
