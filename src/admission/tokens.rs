@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Largest budget, per minute, that configuration or an upstream may set.
-pub const MAX_PER_MINUTE: u64 = 1_000_000_000;
+pub const MAX_PER_MINUTE: u64 = crate::config::MAX_TOKENS_PER_MINUTE;
 const MINUTE_NS: f64 = 60e9;
 
 /// Which budget.

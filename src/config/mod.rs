@@ -287,6 +287,9 @@ impl Default for HostLimits {
     }
 }
 
+/// Largest token budget per minute a host may have, configured or learned.
+pub const MAX_TOKENS_PER_MINUTE: u64 = 1_000_000_000;
+
 impl HostLimits {
     /// The configured token budgets per minute: tokens, input tokens, output tokens.
     pub fn token_budgets(&self) -> [u64; 3] {

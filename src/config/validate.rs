@@ -404,12 +404,12 @@ fn check_limits(path: &str, l: &super::HostLimits, err: &mut impl FnMut(String, 
         ("input_tokens_per_minute", l.input_tokens_per_minute),
         ("output_tokens_per_minute", l.output_tokens_per_minute),
     ] {
-        if v > crate::admission::MAX_TOKENS_PER_MINUTE {
+        if v > super::MAX_TOKENS_PER_MINUTE {
             err(
                 format!("{path}.{key}"),
                 format!(
                     "must be at most {} (0: learned from the upstream's headers)",
-                    crate::admission::MAX_TOKENS_PER_MINUTE
+                    super::MAX_TOKENS_PER_MINUTE
                 ),
             );
         }
