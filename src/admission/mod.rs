@@ -880,6 +880,84 @@ mod tests {
         assert_eq!(adm.len(), 1);
     }
 
+    /// A fleet that notes whether a cell was already visible to other requests when it was
+    /// registered (then a request could find it untracked and go on this node's pace alone).
+    #[derive(Default)]
+    struct Watch {
+        adm: std::sync::OnceLock<std::sync::Weak<Admission>>,
+        registered_visible: std::sync::atomic::AtomicBool,
+    }
+
+    impl FleetSeam for Watch {
+        fn register(&self, _cell: &Arc<HostCell>, key: &str) {
+            let adm = self.adm.get().and_then(|a| a.upgrade()).expect("admission");
+            if adm.get(key).is_some() {
+                self.registered_visible
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        fn forget(&self, _cell: &HostCell) {}
+        fn try_now(&self, _cell: &Arc<HostCell>) -> bool {
+            true
+        }
+        fn pace<'a>(&'a self, _cell: &'a Arc<HostCell>, _deadline: u64, _demand: u32) -> Paced<'a> {
+            Box::pin(async { Ok(()) })
+        }
+        fn place<'a>(
+            &'a self,
+            _cell: &'a Arc<HostCell>,
+            _caller: &'a str,
+            _cap: u32,
+            _hold: Duration,
+            _deadline: u64,
+        ) -> Placed<'a> {
+            Box::pin(async { Ok(None) })
+        }
+        fn take_tokens<'a>(
+            &'a self,
+            _cell: &'a Arc<HostCell>,
+            _limits: TokenLimits,
+            _cost: TokenCost,
+            _reserve_within: Option<Duration>,
+        ) -> TokensTaken<'a> {
+            Box::pin(async { None })
+        }
+        fn tokens_changed(&self, _cell: &HostCell, _limits: TokenLimits, _change: TokenChange) {}
+        fn paused(&self, _cell: &HostCell, _until: u64) {}
+        fn publish(
+            &self,
+            _cell: &HostCell,
+            _pause: Option<Duration>,
+            _rps: Option<f64>,
+            _max_concurrent: Option<u32>,
+        ) {
+        }
+    }
+
+    /// The fleet's once-flaky pause test: a second node sent its first request 8 ms after
+    /// the first node's (whose answer was the 429), at a fleet pace of one per 100 ms. A
+    /// request had found the host's new cell before the fleet tracked it, and went on its
+    /// node's own pace. A cell is tracked by the fleet before any request can find it.
+    #[test]
+    fn a_new_cell_is_tracked_by_the_fleet_before_any_request_can_find_it() {
+        let g = generation("[hosts.\"a.test\"]\nrps = 10.0\nburst = 1\n");
+        let watch = Arc::new(Watch::default());
+        let fleet: Arc<dyn FleetSeam> = watch.clone();
+        let adm = Arc::new(Admission::with_fleet(
+            Arc::new(Clock::quanta()),
+            Some(fleet),
+        ));
+        adm.configure(&g);
+        watch.adm.set(Arc::downgrade(&adm)).expect("set once");
+        let _cell = adm.cell("a.test:443", "a.test", &g);
+        assert!(
+            !watch
+                .registered_visible
+                .load(std::sync::atomic::Ordering::SeqCst),
+            "the cell was visible before the fleet tracked it"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn learned_pace_ceiling_and_eviction() {
         let g = generation("[defaults]\nmax_rps = 10.0\n[hosts.\"kept.test\"]\nrps = 1.0\n");

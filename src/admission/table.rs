@@ -134,13 +134,29 @@ impl Admission {
     }
 
     fn insert_cell(&self, key: &str, fresh: HostCell, paused_until: u64) -> Arc<HostCell> {
+        let fresh = Arc::new(fresh);
+        // Paused and tracked by the fleet before any other request can find it: a request
+        // that found it untracked would be paced by this node alone (its first one sent at
+        // once, whatever the fleet's pace or pause).
+        if paused_until > 0 {
+            fresh.pause_until(paused_until);
+        }
+        if let Some(fleet) = &self.fleet {
+            fleet.register(&fresh, key);
+        }
         let cell = self
             .cells
             .pin()
-            .get_or_insert(key.into(), Arc::new(fresh))
+            .get_or_insert(key.into(), fresh.clone())
             .clone();
-        if paused_until > 0 {
-            cell.pause_until(paused_until);
+        if !Arc::ptr_eq(&cell, &fresh) {
+            // Another request made it first (and registered its own).
+            if let Some(fleet) = &self.fleet {
+                fleet.forget(&fresh);
+            }
+            if paused_until > 0 {
+                cell.pause_until(paused_until);
+            }
         }
         // Inserted (and paused) before the compact slot says "promoted", so whoever reads
         // that finds it as it must be.
@@ -151,9 +167,6 @@ impl Admission {
         }
         if let Some(tat) = promoted {
             cell.raise_tat(tat);
-        }
-        if let Some(fleet) = &self.fleet {
-            fleet.register(&cell, key);
         }
         cell
     }

@@ -197,12 +197,12 @@ impl Admission {
         ask: &Ask<'_>,
     ) -> Result<Permit, Rejection> {
         let cap = ask.caller.map_or(0, |c| c.cap);
-        // A host's token budgets apply to requests that use tokens.
-        let room = cell.room_if_any();
-        let tokens = room
-            .as_deref()
-            .map(|r| &r.tokens)
-            .filter(|t| !ask.cost.is_zero() && t.active());
+        // A host's token budgets apply to requests that use tokens (others do not even look).
+        let room = match ask.cost.is_zero() || !cell.counts_tokens() {
+            true => None,
+            false => cell.room_if_any(),
+        };
+        let tokens = room.as_deref().map(|r| &r.tokens);
         if let Some((budget, limit)) = tokens.and_then(|t| t.too_large(ask.cost)) {
             return Err(Rejection::OverBudget {
                 budget,
