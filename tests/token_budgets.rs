@@ -364,6 +364,16 @@ fn a_token_budget_run_out_holds_only_requests_that_need_tokens() {
     assert_eq!(send(false), (200, None), "a GET needs no tokens");
     assert_eq!(send(true), (429, Some("rate_limited".into())));
     assert_eq!(up.count(), 2, "the held request was not sent");
+    // What the upstream says of its request budget is shown.
+    let (_, status) = sluice.admin_get("/status");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("json");
+    let host = status["hosts"]
+        .as_array()
+        .and_then(|h| h.iter().find(|h| h["host"] == format!("127.0.0.1:{port}")))
+        .cloned()
+        .expect("the host in /status");
+    assert_eq!(host["upstream_requests"]["remaining"], 99);
+    assert_eq!(host["tokens"][0]["upstream_remaining"], 0);
 }
 
 /// Two nodes sharing one Redis hold one budget together: the API, which allows the budget

@@ -58,6 +58,13 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             "in_flight": cell.in_flight(),
             "callers": callers(cell),
             "tokens": tokens(cell, now),
+            "upstream_requests": cell.upstream_requests(now).map(|(limit, remaining, reset)| {
+                serde_json::json!({
+                    "limit": limit,
+                    "remaining": remaining,
+                    "reset_ms": reset.map(|r| r.as_millis() as u64),
+                })
+            }),
             "paused_for_ms": paused_for_ms,
             "pause_source": (paused_for_ms > 0)
                 .then(|| cell.pause_origin().map(|o| o.as_str()))

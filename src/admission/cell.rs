@@ -425,6 +425,17 @@ impl HostCell {
         }
     }
 
+    /// The upstream's request budget as it last told it: limit, remaining, time to reset.
+    pub fn upstream_requests(
+        &self,
+        now: u64,
+    ) -> Option<(Option<u64>, Option<u64>, Option<std::time::Duration>)> {
+        self.room
+            .load()
+            .as_ref()
+            .and_then(|r| r.tokens.requests(now))
+    }
+
     /// Does the host have token budgets (configured or learned)?
     pub fn counts_tokens(&self) -> bool {
         self.room.load().as_ref().is_some_and(|r| r.tokens.active())

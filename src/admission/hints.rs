@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const MAX_PAUSE: Duration = Duration::from_secs(3600);
 
 /// Header names whose values are parsed (lowercase); used as bounded metric labels.
-pub const NAMES: [&str; 26] = [
+pub const NAMES: [&str; 28] = [
     "retry-after",
     "retry-after-ms",
     "x-ezthrottle-rps",
@@ -42,6 +42,8 @@ pub const NAMES: [&str; 26] = [
     "anthropic-ratelimit-tokens-limit",
     "anthropic-ratelimit-input-tokens-limit",
     "anthropic-ratelimit-output-tokens-limit",
+    "x-ratelimit-limit-requests",
+    "anthropic-ratelimit-requests-limit",
 ];
 
 /// Parses a reset header value into a delay from now.
@@ -60,6 +62,9 @@ pub struct Hints {
     /// What the headers said of each token budget (`tokens::Budget` order: tokens, input,
     /// output).
     pub tokens: [Told; 3],
+    /// What OpenAI's or Anthropic's headers said of the request budget (shown, not paced:
+    /// a request budget run out pauses the host through `exhausted_for`).
+    pub requests: Told,
     /// Headers present whose values did not parse.
     pub invalid: Vec<&'static str>,
     /// The model the request asked for (set by the caller, not read from headers): token
@@ -74,6 +79,7 @@ impl Hints {
             && self.max_concurrent.is_none()
             && self.exhausted_for.is_none()
             && self.tokens.iter().all(Told::is_empty)
+            && self.requests.is_empty()
     }
 
     /// The longest reset of the token budgets said to have run out that the same headers
@@ -174,6 +180,38 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
             None => {}
         }
     }
+    // The request budget as OpenAI and Anthropic state it.
+    for ([limit, remaining, reset], parse_reset) in [
+        (
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+            (|v, _| go_duration(v)) as ResetParser,
+        ),
+        (
+            [
+                "anthropic-ratelimit-requests-limit",
+                "anthropic-ratelimit-requests-remaining",
+                "anthropic-ratelimit-requests-reset",
+            ],
+            rfc3339,
+        ),
+    ] {
+        let told = Told {
+            limit: get(limit).and_then(parse_remaining).filter(|n| *n > 0),
+            remaining: get(remaining).and_then(parse_remaining),
+            reset: get(reset).and_then(|v| parse_reset(v, now)),
+        };
+        if !told.is_empty() {
+            h.requests = Told {
+                limit: told.limit.map(|l| l.min(MAX_PER_MINUTE)),
+                remaining: told.remaining.map(|r| r.min(MAX_PER_MINUTE)),
+                ..told
+            };
+        }
+    }
     // Token budgets: (budget, limit, remaining, reset) header names.
     let budgets: [(usize, [&'static str; 3], ResetParser); 4] = [
         (
@@ -248,11 +286,11 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
     // The structured form: `RateLimit: limit=100, remaining=0, reset=5`.
     if let Some(v) = get("ratelimit") {
         match structured(v) {
-            Some((0, Some(reset))) => {
+            Some(Some(reset)) => {
                 let d = Duration::from_secs(reset.min(MAX_PAUSE.as_secs()));
                 h.exhausted_for = Some(h.exhausted_for.map_or(d, |e| e.max(d)));
             }
-            Some(_) => {}
+            Some(None) => {}
             None => h.invalid.push("ratelimit"),
         }
     }
@@ -368,22 +406,39 @@ pub fn go_duration(v: &str) -> Option<Duration> {
     )))
 }
 
-/// `limit=100, remaining=0, reset=5` (also `;`-separated): (remaining, reset).
-fn structured(v: &str) -> Option<(u64, Option<u64>)> {
-    let mut remaining = None;
-    let mut reset = None;
-    for part in v.split([',', ';']) {
-        let Some((k, val)) = part.split_once('=') else {
-            continue;
-        };
-        let val = val.trim().trim_matches('"');
-        match k.trim().to_ascii_lowercase().as_str() {
-            "remaining" | "r" => remaining = Some(val.parse::<u64>().ok()?),
-            "reset" | "t" => reset = Some(val.parse::<u64>().ok()?),
-            _ => {}
+/// The `RateLimit` field: one or more named policies, `"default";r=0;t=5, "daily";r=90;t=3600`
+/// (a list of items, each with its parameters), or the older single form
+/// `limit=100, remaining=0, reset=5`. The longest reset of the policies with nothing
+/// remaining (`Some(None)`: none ran out); `None` when no policy says what remains, or a
+/// value does not parse.
+fn structured(v: &str) -> Option<Option<u64>> {
+    let named = v.contains(';') || v.trim_start().starts_with('"');
+    let policies: Vec<Vec<&str>> = match named {
+        true => v.split(',').map(|p| p.split(';').collect()).collect(),
+        false => vec![v.split(',').collect()],
+    };
+    let mut said = false;
+    let mut exhausted: Option<u64> = None;
+    for params in policies {
+        let (mut remaining, mut reset) = (None, None);
+        for part in params {
+            let Some((k, val)) = part.split_once('=') else {
+                continue;
+            };
+            let val = val.trim().trim_matches('"');
+            match k.trim().to_ascii_lowercase().as_str() {
+                "remaining" | "r" => remaining = Some(val.parse::<u64>().ok()?),
+                "reset" | "t" => reset = Some(val.parse::<u64>().ok()?),
+                _ => {}
+            }
+        }
+        let Some(r) = remaining else { continue };
+        said = true;
+        if let (0, Some(t)) = (r, reset) {
+            exhausted = exhausted.max(Some(t));
         }
     }
-    Some((remaining?, reset))
+    said.then_some(exhausted)
 }
 
 #[cfg(test)]
@@ -546,6 +601,9 @@ mod tests {
             }
         );
         assert_eq!(h.tokens_unbudgeted_for(), None);
+        // The request budget is read too (shown in /status).
+        assert_eq!(h.requests.limit, Some(5_000));
+        assert_eq!(h.requests.remaining, None);
         // Anthropic: input and output budgets; the combined form is then not a budget.
         let (r5, r9) = (at(5), at(9));
         let h = parse(
@@ -664,6 +722,15 @@ mod tests {
                 4.0,
             ),
             (vec![("ratelimit", "limit=100, remaining=0, reset=3")], 3.0),
+            // Several named policies: the one that ran out holds, whichever comes first.
+            (
+                vec![("ratelimit", "\"default\";r=0;t=4, \"daily\";r=100;t=3600")],
+                4.0,
+            ),
+            (
+                vec![("ratelimit", "\"burst\";r=5;t=1, \"hour\";r=0;t=7")],
+                7.0,
+            ),
         ] {
             let h = parse(&headers(&pairs), now());
             let got = h.exhausted_for.map(|d| d.as_secs_f64());
@@ -674,6 +741,8 @@ mod tests {
             now(),
         );
         assert!(h.is_empty());
+        let h = parse(&headers(&[("ratelimit", "\"default\";r=50;t=30")]), now());
+        assert!(h.is_empty() && h.invalid.is_empty());
     }
 
     #[test]

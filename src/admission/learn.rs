@@ -55,6 +55,7 @@ fn teaches(status: u16, hints: &hints::Hints) -> bool {
             .tokens
             .iter()
             .any(|t| t.limit.is_some() || t.remaining == Some(0))
+        || hints.requests.limit.is_some()
 }
 
 /// What a response taught sluice about its host.
@@ -122,6 +123,16 @@ impl Admission {
             }
             (200..=399, _) => cell.succeeded(),
             _ => {}
+        }
+        // The upstream's request budget, as it states it (for `/status`).
+        if !hints.requests.is_empty() {
+            let room = match hints.requests.limit {
+                Some(_) => Some(cell.room()),
+                None => cell.room_if_any(),
+            };
+            if let Some(r) = room {
+                r.tokens.told_requests(hints.requests, now);
+            }
         }
         // Token budgets: learned limits and what is left; a budget run out holds the
         // requests that need it (or, with no limit known for it, the host).

@@ -238,6 +238,8 @@ struct State {
     /// Budgets learned from the upstream's headers, per model (providers limit each model
     /// on its own).
     models: HashMap<u64, Learned>,
+    /// What the upstream said last of its request budget, and when.
+    requests: Option<(Told, u64)>,
 }
 
 impl State {
@@ -403,7 +405,7 @@ impl Tokens {
             );
         }
         let mut uncovered: Option<Duration> = None;
-        let State { host, models } = &mut *st;
+        let State { host, models, .. } = &mut *st;
         let mut learned = models.get_mut(&model).map(|m| &mut m.buckets);
         for (k, t) in told.iter().enumerate() {
             if let (Some(b), Some(limit)) = (learned.as_mut(), t.limit.filter(|l| *l > 0)) {
@@ -433,6 +435,23 @@ impl Tokens {
         }
         self.note_active(&st);
         uncovered
+    }
+
+    /// Note what an answer's headers said of the upstream's request budget.
+    pub fn told_requests(&self, told: Told, now: u64) {
+        self.lock().requests = Some((told, now));
+    }
+
+    /// The upstream's request budget as it last told it: its limit, what was left, and the
+    /// time left to its reset.
+    pub fn requests(&self, now: u64) -> Option<(Option<u64>, Option<u64>, Option<Duration>)> {
+        let (t, at) = self.lock().requests?;
+        let passed = Duration::from_nanos(now.saturating_sub(at));
+        Some((
+            t.limit,
+            t.remaining,
+            t.reset.map(|r| r.saturating_sub(passed)),
+        ))
     }
 
     pub fn views(&self, now: u64) -> Vec<View> {
