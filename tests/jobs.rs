@@ -199,6 +199,80 @@ fn a_hundred_jobs_survive_kill_9_and_none_is_sent_twice_unless_safe() {
     );
 }
 
+/// Every call Redis has served so far (INFO commandstats), but the INFOs themselves.
+fn redis_calls(url: &str) -> u64 {
+    let client = ::redis::Client::open(url).expect("redis");
+    let mut c = client.get_connection().expect("connect");
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut c)
+        .expect("info");
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_info:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// An idle fleet's job service costs Redis less than one command a second per node: each
+/// node blocks on the stream until a task comes or is due, instead of asking every 200 ms.
+#[test]
+fn an_idle_fleets_job_service_asks_redis_less_than_once_a_second_per_node() {
+    let Some(redis) = support::redis::Redis::start() else {
+        return;
+    };
+    // Heartbeats once a minute: what is counted is the job service.
+    let config = jobs_config(&format!(
+        "[shared]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"60s\"\n",
+        redis.url()
+    ));
+    let nodes = [Sluice::start("", &config), Sluice::start("", &config)];
+    // Settled: connected, the first round of each node done.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = redis_calls(&redis.url());
+    let window = Duration::from_secs(10);
+    std::thread::sleep(window);
+    let calls = redis_calls(&redis.url()) - before;
+    let per_node_second = calls as f64 / nodes.len() as f64 / window.as_secs_f64();
+    println!(
+        "figure: idle job service, {} nodes, {}s: {calls} Redis commands = {per_node_second:.2} \
+         a second per node",
+        nodes.len(),
+        window.as_secs()
+    );
+    assert!(
+        per_node_second <= 1.0,
+        "{per_node_second:.2} commands a second per node"
+    );
+    // And it still takes a job at once.
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let client = direct_client();
+    rt().block_on(async {
+        let (status, v) = submit(
+            &client,
+            &nodes[1],
+            json!({"url": format!("http://127.0.0.1:{}/x", up.port())}),
+        )
+        .await;
+        assert_eq!(status, 202);
+        let id = v["id"].as_str().expect("id").to_string();
+        let started = Instant::now();
+        until_all(&client, &nodes[0], &[id], &["succeeded"], 10).await;
+        println!(
+            "figure: an idle fleet's job ran after {:?}",
+            started.elapsed()
+        );
+    });
+}
+
 #[test]
 fn in_a_fleet_the_jobs_of_a_node_killed_mid_call_are_finished_by_another() {
     let Some(redis) = support::redis::Redis::start() else {

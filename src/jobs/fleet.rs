@@ -34,6 +34,9 @@ pub struct RedisJobStore {
     pub claim_after: Duration,
     /// Stream entries this node is working on.
     pub in_flight: Mutex<HashSet<String>>,
+    /// Wakes this node's feed from a blocked read: a task was scheduled here, or the node
+    /// is stopping.
+    pub wake: tokio::sync::Notify,
     insert: Script,
     cas: Script,
     mover: Script,
@@ -60,6 +63,7 @@ impl RedisJobStore {
             consumer: consumer.to_string(),
             claim_after,
             in_flight: Mutex::new(HashSet::new()),
+            wake: tokio::sync::Notify::new(),
             insert: Script::new(include_str!("lua/insert.lua")),
             cas: Script::new(include_str!("lua/cas.lua")),
             mover: Script::new(include_str!("lua/move_due.lua")),
@@ -176,27 +180,41 @@ impl RedisJobStore {
                 .map_err(redis_error)?;
         } else {
             let _: i64 = c.zadd(self.due(), text, at).await.map_err(redis_error)?;
+            // This node's feed may be blocked reading past `at`: it looks again.
+            self.wake.notify_one();
         }
         Ok(())
     }
 
-    /// Move tasks that are due into the stream.
-    pub async fn move_due(&self, now: u64) -> Result<usize, JobStoreError> {
-        self.mover
+    /// Move tasks that are due into the stream; what is left: the next due time (Unix ms)
+    /// and the backlog (tasks in the stream, tasks due later).
+    pub async fn move_due(&self, now: u64) -> Result<Moved, JobStoreError> {
+        let (_, next, in_stream, later): (i64, i64, u64, u64) = self
+            .mover
             .key(self.due())
             .key(self.stream())
             .arg(now)
             .arg(256)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(redis_error)
+            .map_err(redis_error)?;
+        Ok(Moved {
+            next_due: u64::try_from(next).ok(),
+            backlog: (in_stream, later),
+        })
     }
 
     /// A connection of its own for blocking reads (a blocked read would hold up every other
-    /// command on the shared one).
-    pub async fn reader(&self) -> Result<MultiplexedConnection, JobStoreError> {
+    /// command on the shared one), whose answers may take `longest_block` and a margin.
+    pub async fn reader(
+        &self,
+        longest_block: Duration,
+    ) -> Result<MultiplexedConnection, JobStoreError> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(longest_block + Duration::from_secs(2)));
         self.client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(redis_error)
     }
@@ -289,14 +307,14 @@ impl RedisJobStore {
         let _: i64 = c.xdel(self.stream(), &[entry]).await.map_err(redis_error)?;
         Ok(())
     }
+}
 
-    /// Tasks waiting in the fleet: in the stream (not yet acknowledged) and due later.
-    pub async fn backlog(&self) -> Result<(u64, u64), JobStoreError> {
-        let mut c = self.conn.clone();
-        let now: u64 = c.xlen(self.stream()).await.map_err(redis_error)?;
-        let later: u64 = c.zcard(self.due()).await.map_err(redis_error)?;
-        Ok((now, later))
-    }
+/// What `move_due` left: when the next task is due, and the fleet's backlog.
+pub struct Moved {
+    /// Unix ms; `None`: nothing is due later.
+    pub next_due: Option<u64>,
+    /// Tasks in the stream (not yet acknowledged), and due later.
+    pub backlog: (u64, u64),
 }
 
 fn encode(task: &Task) -> String {

@@ -140,6 +140,9 @@ impl pingora_core::services::background::BackgroundService for Service {
         // up by the next process (from the store) or another node (from the stream).
         jobs.stopping.store(true, Ordering::Release);
         jobs.wake.notify_waiters();
+        if let Some(Backend::Fleet(f)) = jobs.backend.get() {
+            f.wake.notify_one();
+        }
         let grace = config.server.grace_period.get();
         let drained = tokio::time::timeout(grace, async {
             while workers.join_next().await.is_some() {}
@@ -151,14 +154,23 @@ impl pingora_core::services::background::BackgroundService for Service {
     }
 }
 
+/// Longest a node's feed blocks on the stream when nothing is due. An idle node then makes
+/// two calls in this time (move what is due, which runs two commands in Redis, and the read),
+/// and claims dead nodes' tasks every `claim_after / 2`: well under one command a second.
+const IDLE_BLOCK: Duration = Duration::from_secs(10);
+
 /// In a fleet: move due tasks into the stream, read this node's share (no more than it has
-/// free workers), claim tasks of dead nodes, keep this node's own, until stopping.
+/// free workers), claim tasks of dead nodes, keep this node's own, until stopping. Between
+/// rounds it blocks on the stream (a new task wakes it) until the next task due later, at most
+/// `IDLE_BLOCK`; a task scheduled here, or stopping, wakes it too.
 async fn feed(shared: &dyn Process, fleet: &RedisJobStore, tx: mpsc::Sender<(String, Task)>) {
     let jobs = &shared.jobs();
     let mut reader = None;
-    let mut last_claim = Instant::now();
+    let mut last_claim: Option<Instant> = None;
     let mut last_keep = Instant::now();
     let keep_every = (fleet.claim_after / 3).max(Duration::from_millis(100));
+    // A task is claimable only once idle for `claim_after`: looking more often gains little.
+    let claim_every = (fleet.claim_after / 2).max(Duration::from_millis(500));
     let mut failing = false;
     while !jobs.stopping.load(Ordering::Acquire) {
         let round: Result<(), super::JobStoreError> = async {
@@ -170,36 +182,56 @@ async fn feed(shared: &dyn Process, fleet: &RedisJobStore, tx: mpsc::Sender<(Str
                     break;
                 }
             }
-            fleet.move_due(now).await?;
+            let moved = fleet.move_due(now).await?;
+            if let Ok(mut b) = jobs.fleet_backlog.lock() {
+                *b = moved.backlog;
+            }
             let mut got = Vec::new();
-            if last_claim.elapsed() >= Duration::from_secs(1) {
-                last_claim = Instant::now();
+            if last_claim.is_none_or(|t| t.elapsed() >= claim_every) {
+                last_claim = Some(Instant::now());
                 if tx.capacity() > 0 {
                     got.extend(fleet.claim_abandoned(tx.capacity()).await?);
-                }
-                let backlog = fleet.backlog().await?;
-                if let Ok(mut b) = jobs.fleet_backlog.lock() {
-                    *b = backlog;
                 }
             }
             if last_keep.elapsed() >= keep_every {
                 last_keep = Instant::now();
                 fleet.keep().await?;
             }
+            // Block until the next task due later, the next keep, or `IDLE_BLOCK`.
+            let mut block = IDLE_BLOCK;
+            if let Some(at) = moved.next_due {
+                block = block.min(Duration::from_millis(at.saturating_sub(now_ms())));
+            }
+            if fleet.in_flight.lock().is_ok_and(|s| !s.is_empty()) {
+                block = block.min(keep_every.saturating_sub(last_keep.elapsed()));
+            }
+            let block = block.max(Duration::from_millis(10));
             let free = tx.capacity().saturating_sub(got.len());
             if free > 0 {
                 if reader.is_none() {
-                    reader = Some(fleet.reader().await?);
+                    reader = Some(fleet.reader(IDLE_BLOCK).await?);
                 }
                 if let Some(conn) = reader.as_mut() {
-                    let read = fleet.read(conn, free, Duration::from_millis(200)).await;
-                    if read.is_err() {
-                        reader = None;
+                    let read = tokio::select! {
+                        r = fleet.read(conn, free, block) => Some(r),
+                        _ = fleet.wake.notified() => None,
+                    };
+                    match read {
+                        Some(Ok(tasks)) => got.extend(tasks),
+                        Some(Err(e)) => {
+                            reader = None;
+                            return Err(e);
+                        }
+                        // Woken mid-read: the blocked connection is dropped (a new read on
+                        // it would wait behind the old one).
+                        None => reader = None,
                     }
-                    got.extend(read?);
                 }
             } else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(block.min(Duration::from_millis(50))) => {}
+                    _ = fleet.wake.notified() => {}
+                }
             }
             for (entry, task) in got {
                 if let Ok(mut s) = fleet.in_flight.lock() {
