@@ -273,6 +273,48 @@ fn an_idle_fleets_job_service_asks_redis_less_than_once_a_second_per_node() {
     });
 }
 
+/// A task scheduled for later while the node's feed blocks on the stream (a webhook to try
+/// again 50-300 ms on) is not left waiting for the block's end.
+#[test]
+fn in_an_idle_fleet_a_delivery_tried_again_goes_on_time() {
+    let Some(redis) = support::redis::Redis::start() else {
+        return;
+    };
+    let up = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok"))
+        .start();
+    let hook = FakeUpstream::builder()
+        .route("/", Reply::text(200, "ok").fail_first(1, 503))
+        .start();
+    let sluice = Sluice::start(
+        "",
+        &jobs_config(&format!(
+            "[shared]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"60s\"\n",
+            redis.url()
+        )),
+    );
+    // Idle: the feed blocks for its longest.
+    std::thread::sleep(Duration::from_secs(2));
+    let client = direct_client();
+    rt().block_on(async {
+        let (status, v) = submit(
+            &client,
+            &sluice,
+            json!({
+                "url": format!("http://127.0.0.1:{}/x", up.port()),
+                "webhooks": [{"url": format!("http://127.0.0.1:{}/hook", hook.port()), "secret": "main"}],
+            }),
+        )
+        .await;
+        assert_eq!(status, 202);
+        let id = v["id"].as_str().expect("id").to_string();
+        let started = Instant::now();
+        until_all(&client, &sluice, &[id], &["delivered"], 5).await;
+        println!("figure: delivered, once tried again, after {:?}", started.elapsed());
+    });
+    assert_eq!(hook.count(), 2, "the first try failed, the second went");
+}
+
 #[test]
 fn in_a_fleet_the_jobs_of_a_node_killed_mid_call_are_finished_by_another() {
     let Some(redis) = support::redis::Redis::start() else {

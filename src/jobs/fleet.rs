@@ -34,9 +34,11 @@ pub struct RedisJobStore {
     pub claim_after: Duration,
     /// Stream entries this node is working on.
     pub in_flight: Mutex<HashSet<String>>,
-    /// Wakes this node's feed from a blocked read: a task was scheduled here, or the node
-    /// is stopping.
+    /// Wakes this node's feed from a blocked read: a task was scheduled here for before the
+    /// read's end, or the node is stopping.
     pub wake: tokio::sync::Notify,
+    /// When this node's blocked read ends (Unix ms; 0: not blocked).
+    pub blocked_until: std::sync::atomic::AtomicU64,
     insert: Script,
     cas: Script,
     mover: Script,
@@ -64,6 +66,7 @@ impl RedisJobStore {
             claim_after,
             in_flight: Mutex::new(HashSet::new()),
             wake: tokio::sync::Notify::new(),
+            blocked_until: std::sync::atomic::AtomicU64::new(0),
             insert: Script::new(include_str!("lua/insert.lua")),
             cas: Script::new(include_str!("lua/cas.lua")),
             mover: Script::new(include_str!("lua/move_due.lua")),
@@ -180,8 +183,15 @@ impl RedisJobStore {
                 .map_err(redis_error)?;
         } else {
             let _: i64 = c.zadd(self.due(), text, at).await.map_err(redis_error)?;
-            // This node's feed may be blocked reading past `at`: it looks again.
-            self.wake.notify_one();
+            // This node's feed, blocked reading past `at`, looks again (a wake costs it its
+            // reading connection: only then).
+            if at
+                < self
+                    .blocked_until
+                    .load(std::sync::atomic::Ordering::Acquire)
+            {
+                self.wake.notify_one();
+            }
         }
         Ok(())
     }

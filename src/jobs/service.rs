@@ -212,10 +212,13 @@ async fn feed(shared: &dyn Process, fleet: &RedisJobStore, tx: mpsc::Sender<(Str
                     reader = Some(fleet.reader(IDLE_BLOCK).await?);
                 }
                 if let Some(conn) = reader.as_mut() {
+                    let until = now_ms().saturating_add(block.as_millis() as u64);
+                    fleet.blocked_until.store(until, Ordering::Release);
                     let read = tokio::select! {
                         r = fleet.read(conn, free, block) => Some(r),
                         _ = fleet.wake.notified() => None,
                     };
+                    fleet.blocked_until.store(0, Ordering::Release);
                     match read {
                         Some(Ok(tasks)) => got.extend(tasks),
                         Some(Err(e)) => {
