@@ -19,6 +19,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 const GROUP: &str = "sluice";
+/// A stream entry that only wakes the nodes' feeds (read, it is acknowledged and dropped).
+const WAKE: &str = "wake";
 
 fn redis_error(e: redis::RedisError) -> JobStoreError {
     JobStoreError::from_message(format!("redis: {e}"))
@@ -37,7 +39,9 @@ pub struct RedisJobStore {
     /// Wakes this node's feed from a blocked read: a task was scheduled here for before the
     /// read's end, or the node is stopping.
     pub wake: tokio::sync::Notify,
-    /// When this node's blocked read ends (Unix ms; 0: not blocked).
+    /// When this node's feed is next to look at what is due (Unix ms): the end of its blocked
+    /// read; `u64::MAX` between reads (it looks at its next round, after any wake); 0 when
+    /// the feed is not running (stopping, or not started).
     pub blocked_until: std::sync::atomic::AtomicU64,
     insert: Script,
     cas: Script,
@@ -183,13 +187,20 @@ impl RedisJobStore {
                 .map_err(redis_error)?;
         } else {
             let _: i64 = c.zadd(self.due(), text, at).await.map_err(redis_error)?;
-            // This node's feed, blocked reading past `at`, looks again (a wake costs it its
-            // reading connection: only then).
-            if at
-                < self
-                    .blocked_until
-                    .load(std::sync::atomic::Ordering::Acquire)
-            {
+            // This node's feed, to look past `at`, looks again now. Without a running feed
+            // (stopping), the other nodes are told through the stream, unless they look
+            // before `at` anyway.
+            let looks = self
+                .blocked_until
+                .load(std::sync::atomic::Ordering::Acquire);
+            if looks == 0 {
+                if at < now.saturating_add(super::service::IDLE_BLOCK.as_millis() as u64) {
+                    let _: String = c
+                        .xadd(self.stream(), "*", &[("task", WAKE)])
+                        .await
+                        .map_err(redis_error)?;
+                }
+            } else if at < looks {
                 self.wake.notify_one();
             }
         }
@@ -215,18 +226,38 @@ impl RedisJobStore {
     }
 
     /// A connection of its own for blocking reads (a blocked read would hold up every other
-    /// command on the shared one), whose answers may take `longest_block` and a margin.
+    /// command on the shared one), whose answers may take `longest_block` and a margin; and
+    /// its client id (to end a blocked read: `unblock`).
     pub async fn reader(
         &self,
         longest_block: Duration,
-    ) -> Result<MultiplexedConnection, JobStoreError> {
+    ) -> Result<(MultiplexedConnection, i64), JobStoreError> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(longest_block + Duration::from_secs(2)));
-        self.client
+        let mut conn = self
+            .client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(redis_error)
+            .map_err(redis_error)?;
+        let id: i64 = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok((conn, id))
+    }
+
+    /// End the blocked read of the reading connection `id` now, as if its time were up: it
+    /// answers what it got, and the connection stays usable.
+    pub async fn unblock(&self, id: i64) -> Result<(), JobStoreError> {
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("UNBLOCK")
+            .arg(id)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)?;
+        Ok(())
     }
 
     /// New tasks for this node (blocking up to `block`).

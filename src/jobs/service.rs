@@ -10,6 +10,7 @@ use super::store::JobStore;
 use super::Process;
 use super::{now_ms, Task};
 use crate::config::{FleetBackend, RedisUrl};
+use futures_util::FutureExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -155,9 +156,10 @@ impl pingora_core::services::background::BackgroundService for Service {
 }
 
 /// Longest a node's feed blocks on the stream when nothing is due. An idle node then makes
-/// two calls in this time (move what is due, which runs two commands in Redis, and the read),
-/// and claims dead nodes' tasks every `claim_after / 2`: well under one command a second.
-const IDLE_BLOCK: Duration = Duration::from_secs(10);
+/// two calls in this time (move what is due, which runs two or three commands in Redis, and
+/// the read), and claims dead nodes' tasks every `claim_after / 2`: well under one command a
+/// second.
+pub(super) const IDLE_BLOCK: Duration = Duration::from_secs(10);
 
 /// In a fleet: move due tasks into the stream, read this node's share (no more than it has
 /// free workers), claim tasks of dead nodes, keep this node's own, until stopping. Between
@@ -172,6 +174,8 @@ async fn feed(shared: &dyn Process, fleet: &RedisJobStore, tx: mpsc::Sender<(Str
     // A task is claimable only once idle for `claim_after`: looking more often gains little.
     let claim_every = (fleet.claim_after / 2).max(Duration::from_millis(500));
     let mut failing = false;
+    // Running: a task scheduled here wakes this feed (not blocked: at its next read).
+    fleet.blocked_until.store(u64::MAX, Ordering::Release);
     while !jobs.stopping.load(Ordering::Acquire) {
         let round: Result<(), super::JobStoreError> = async {
             let now = now_ms();
@@ -187,15 +191,17 @@ async fn feed(shared: &dyn Process, fleet: &RedisJobStore, tx: mpsc::Sender<(Str
                 *b = moved.backlog;
             }
             let mut got = Vec::new();
-            if last_claim.is_none_or(|t| t.elapsed() >= claim_every) {
+            if tx.capacity() > 0 && last_claim.is_none_or(|t| t.elapsed() >= claim_every) {
                 last_claim = Some(Instant::now());
-                if tx.capacity() > 0 {
-                    got.extend(fleet.claim_abandoned(tx.capacity()).await?);
-                }
+                got.extend(fleet.claim_abandoned(tx.capacity()).await?);
             }
             if last_keep.elapsed() >= keep_every {
                 last_keep = Instant::now();
                 fleet.keep().await?;
+            }
+            let free = tx.capacity().saturating_sub(got.len());
+            if free > 0 && reader.is_none() {
+                reader = Some(fleet.reader(IDLE_BLOCK).await?);
             }
             // Block until the next task due later, the next keep, or `IDLE_BLOCK`.
             let mut block = IDLE_BLOCK;
@@ -206,35 +212,41 @@ async fn feed(shared: &dyn Process, fleet: &RedisJobStore, tx: mpsc::Sender<(Str
                 block = block.min(keep_every.saturating_sub(last_keep.elapsed()));
             }
             let block = block.max(Duration::from_millis(10));
-            let free = tx.capacity().saturating_sub(got.len());
-            if free > 0 {
-                if reader.is_none() {
-                    reader = Some(fleet.reader(IDLE_BLOCK).await?);
-                }
-                if let Some(conn) = reader.as_mut() {
+            // A task scheduled here during this round: look again at once, without reading.
+            let woken = fleet.wake.notified().now_or_never().is_some();
+            let read = match reader.as_mut() {
+                _ if woken => None,
+                Some((conn, id)) if free > 0 => {
                     let until = now_ms().saturating_add(block.as_millis() as u64);
                     fleet.blocked_until.store(until, Ordering::Release);
+                    let read = fleet.read(conn, free, block);
+                    tokio::pin!(read);
                     let read = tokio::select! {
-                        r = fleet.read(conn, free, block) => Some(r),
-                        _ = fleet.wake.notified() => None,
+                        r = &mut read => r,
+                        // Woken: Redis ends the read (what it got is not lost).
+                        _ = fleet.wake.notified() => match fleet.unblock(*id).await {
+                            Ok(()) => read.await,
+                            Err(e) => Err(e),
+                        },
                     };
-                    fleet.blocked_until.store(0, Ordering::Release);
-                    match read {
-                        Some(Ok(tasks)) => got.extend(tasks),
-                        Some(Err(e)) => {
-                            reader = None;
-                            return Err(e);
-                        }
-                        // Woken mid-read: the blocked connection is dropped (a new read on
-                        // it would wait behind the old one).
-                        None => reader = None,
+                    fleet.blocked_until.store(u64::MAX, Ordering::Release);
+                    Some(read)
+                }
+                _ => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(block.min(Duration::from_millis(50))) => {}
+                        _ = fleet.wake.notified() => {}
                     }
+                    None
                 }
-            } else {
-                tokio::select! {
-                    _ = tokio::time::sleep(block.min(Duration::from_millis(50))) => {}
-                    _ = fleet.wake.notified() => {}
+            };
+            match read {
+                Some(Ok(tasks)) => got.extend(tasks),
+                Some(Err(e)) => {
+                    reader = None;
+                    return Err(e);
                 }
+                None => {}
             }
             for (entry, task) in got {
                 if let Ok(mut s) = fleet.in_flight.lock() {
@@ -262,4 +274,6 @@ async fn feed(shared: &dyn Process, fleet: &RedisJobStore, tx: mpsc::Sender<(Str
             }
         }
     }
+    // Stopped: tasks scheduled here from now on wake the other nodes instead.
+    fleet.blocked_until.store(0, Ordering::Release);
 }

@@ -1,5 +1,6 @@
 -- Move the tasks due by now from the sorted set into the stream, and say what is left. When
--- nothing is due (an idle fleet), it costs two commands: the first of the set, and XLEN.
+-- nothing is due it costs two commands (the first of the set, XLEN), three with tasks due
+-- later (ZCARD).
 -- KEYS[1] the sorted set (score: due time in ms), KEYS[2] the stream
 -- ARGV[1] now in ms, ARGV[2] most tasks to move
 -- Returns {tasks moved, the due time of the next task (-1: none), tasks in the stream,
