@@ -220,6 +220,15 @@ fn redis_calls(url: &str) -> u64 {
         .sum()
 }
 
+/// Jobs in a fleet on `redis` whose nodes say they are alive only once a minute (so that
+/// what Redis serves is the job service's).
+fn quiet_fleet(redis: &support::redis::Redis) -> String {
+    jobs_config(&format!(
+        "[shared]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"60s\"\n",
+        redis.url()
+    ))
+}
+
 /// An idle fleet's job service costs Redis less than one command a second per node: each
 /// node blocks on the stream until a task comes or is due, instead of asking every 200 ms.
 #[test]
@@ -228,10 +237,7 @@ fn an_idle_fleets_job_service_asks_redis_less_than_once_a_second_per_node() {
         return;
     };
     // Heartbeats once a minute: what is counted is the job service.
-    let config = jobs_config(&format!(
-        "[shared]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"60s\"\n",
-        redis.url()
-    ));
+    let config = quiet_fleet(&redis);
     let nodes = [Sluice::start("", &config), Sluice::start("", &config)];
     // Settled: connected, the first round of each node done.
     std::thread::sleep(Duration::from_secs(2));
@@ -292,13 +298,7 @@ fn in_an_idle_fleet_a_delivery_tried_again_goes_on_time() {
     let hook = FakeUpstream::builder()
         .route("/", Reply::text(200, "ok").fail_first(1, 503))
         .start();
-    let sluice = Sluice::start(
-        "",
-        &jobs_config(&format!(
-            "[shared]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"60s\"\n",
-            redis.url()
-        )),
-    );
+    let sluice = Sluice::start("", &quiet_fleet(&redis));
     // Idle: the feed blocks for its longest.
     std::thread::sleep(Duration::from_secs(2));
     let client = direct_client();

@@ -97,6 +97,27 @@ fn callers_on(
     })
 }
 
+/// An OpenAI-shaped API with a budget of `tokens` a minute, answering after `latency`.
+fn openai(tokens: u64, latency: Duration) -> LlmUpstream {
+    let limits = Limits {
+        tokens,
+        input: 0,
+        output: 0,
+    };
+    LlmUpstream::start(Shape::OpenAi, limits, latency)
+}
+
+/// The upstream on `port` as `/status` shows it.
+fn host_status(sluice: &Sluice, port: u16) -> serde_json::Value {
+    let (_, status) = sluice.admin_get("/status");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("json");
+    status["hosts"]
+        .as_array()
+        .and_then(|h| h.iter().find(|h| h["host"] == format!("127.0.0.1:{port}")))
+        .cloned()
+        .expect("the host in /status")
+}
+
 fn sluice_for(port: u16, budgets: &str) -> Sluice {
     Sluice::start(
         "",
@@ -110,15 +131,7 @@ fn sluice_for(port: u16, budgets: &str) -> Sluice {
 #[test]
 fn ten_callers_against_an_openai_shaped_budget_use_it_without_a_429() {
     let limit = 1_000;
-    let api = LlmUpstream::start(
-        Shape::OpenAi,
-        Limits {
-            tokens: limit,
-            input: 0,
-            output: 0,
-        },
-        Duration::from_millis(50),
-    );
+    let api = openai(limit, Duration::from_millis(50));
     let sluice = sluice_for(api.port(), &format!("tokens_per_minute = {limit}"));
     let (ok, upstream_429, refused) = ten_callers(&sluice, api.port(), "gpt-test");
     let accepted = api.accepted();
@@ -202,15 +215,7 @@ fn ten_callers_against_anthropic_shaped_input_and_output_budgets_use_them_withou
 
 #[test]
 fn a_streamed_completion_arrives_piece_by_piece_and_its_usage_settles_its_estimate() {
-    let api = LlmUpstream::start(
-        Shape::OpenAi,
-        Limits {
-            tokens: 100_000,
-            input: 0,
-            output: 0,
-        },
-        Duration::from_millis(20),
-    );
+    let api = openai(100_000, Duration::from_millis(20));
     let port = api.port();
     // No budget configured: it is learned from the first answer.
     let sluice = Sluice::start(
@@ -230,13 +235,7 @@ fn a_streamed_completion_arrives_piece_by_piece_and_its_usage_settles_its_estima
         r.expect("first").status().as_u16()
     });
     assert_eq!(first, 200);
-    let (_, status) = sluice.admin_get("/status");
-    let status: serde_json::Value = serde_json::from_str(&status).expect("json");
-    let host = status["hosts"]
-        .as_array()
-        .and_then(|h| h.iter().find(|h| h["host"] == format!("127.0.0.1:{port}")))
-        .cloned()
-        .expect("the host in /status");
+    let host = host_status(&sluice, port);
     assert_eq!(host["tokens"][0]["budget"], "tokens");
     assert_eq!(host["tokens"][0]["limit_per_minute"], 100_000);
     assert_eq!(host["tokens"][0]["configured"], false);
@@ -365,13 +364,7 @@ fn a_token_budget_run_out_holds_only_requests_that_need_tokens() {
     assert_eq!(send(true), (429, Some("rate_limited".into())));
     assert_eq!(up.count(), 2, "the held request was not sent");
     // What the upstream says of its request budget is shown.
-    let (_, status) = sluice.admin_get("/status");
-    let status: serde_json::Value = serde_json::from_str(&status).expect("json");
-    let host = status["hosts"]
-        .as_array()
-        .and_then(|h| h.iter().find(|h| h["host"] == format!("127.0.0.1:{port}")))
-        .cloned()
-        .expect("the host in /status");
+    let host = host_status(&sluice, port);
     assert_eq!(host["upstream_requests"]["remaining"], 99);
     assert_eq!(host["tokens"][0]["upstream_remaining"], 0);
 }
@@ -384,15 +377,7 @@ fn a_fleet_shares_one_token_budget() {
         return;
     };
     let limit = 3_000;
-    let api = LlmUpstream::start(
-        Shape::OpenAi,
-        Limits {
-            tokens: limit,
-            input: 0,
-            output: 0,
-        },
-        Duration::from_millis(50),
-    );
+    let api = openai(limit, Duration::from_millis(50));
     let port = api.port();
     let config = format!(
         "[shared]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"250ms\"\n\

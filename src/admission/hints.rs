@@ -180,8 +180,9 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
             None => {}
         }
     }
-    // The request budget as OpenAI and Anthropic state it.
-    for ([limit, remaining, reset], parse_reset) in [
+    // The request budget as OpenAI and Anthropic state it (its values that do not parse
+    // were reported above, with the "nothing left" pairs).
+    for (names, parse_reset) in [
         (
             [
                 "x-ratelimit-limit-requests",
@@ -199,17 +200,9 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
             rfc3339,
         ),
     ] {
-        let told = Told {
-            limit: get(limit).and_then(parse_remaining).filter(|n| *n > 0),
-            remaining: get(remaining).and_then(parse_remaining),
-            reset: get(reset).and_then(|v| parse_reset(v, now)),
-        };
+        let told = told_by(&get, names, parse_reset, now, &mut Vec::new());
         if !told.is_empty() {
-            h.requests = Told {
-                limit: told.limit.map(|l| l.min(MAX_PER_MINUTE)),
-                remaining: told.remaining.map(|r| r.min(MAX_PER_MINUTE)),
-                ..told
-            };
+            h.requests = told;
         }
     }
     // Token budgets: (budget, limit, remaining, reset) header names.
@@ -259,26 +252,13 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
         {
             continue;
         }
-        let mut told = Told::default();
-        if let Some(v) = get(limit) {
-            match parse_remaining(v) {
-                Some(n) if n > 0 => told.limit = Some(n.min(MAX_PER_MINUTE)),
-                _ => h.invalid.push(limit),
-            }
-        }
-        if let Some(v) = get(remaining) {
-            match parse_remaining(v) {
-                Some(n) => told.remaining = Some(n.min(MAX_PER_MINUTE)),
-                None => h.invalid.push(remaining),
-            }
-        }
-        if let Some(v) = get(reset) {
-            match parse_reset(v, now) {
-                Some(d) => told.reset = Some(d),
-                None if told.remaining == Some(0) => h.invalid.push(reset),
-                None => {}
-            }
-        }
+        let told = told_by(
+            &get,
+            [limit, remaining, reset],
+            parse_reset,
+            now,
+            &mut h.invalid,
+        );
         if !told.is_empty() {
             h.tokens[k] = told;
         }
@@ -295,6 +275,38 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
         }
     }
     h
+}
+
+/// One budget's (limit, remaining, reset) headers, bounded; the names of those present that
+/// do not parse go to `invalid` (a reset only when nothing remains: then it matters).
+fn told_by<'h>(
+    get: &impl Fn(&'static str) -> Option<&'h str>,
+    [limit, remaining, reset]: [&'static str; 3],
+    parse_reset: ResetParser,
+    now: SystemTime,
+    invalid: &mut Vec<&'static str>,
+) -> Told {
+    let mut told = Told::default();
+    if let Some(v) = get(limit) {
+        match parse_remaining(v) {
+            Some(n) if n > 0 => told.limit = Some(n.min(MAX_PER_MINUTE)),
+            _ => invalid.push(limit),
+        }
+    }
+    if let Some(v) = get(remaining) {
+        match parse_remaining(v) {
+            Some(n) => told.remaining = Some(n.min(MAX_PER_MINUTE)),
+            None => invalid.push(remaining),
+        }
+    }
+    if let Some(v) = get(reset) {
+        match parse_reset(v, now) {
+            Some(d) => told.reset = Some(d),
+            None if told.remaining == Some(0) => invalid.push(reset),
+            None => {}
+        }
+    }
+    told
 }
 
 fn parse_remaining(v: &str) -> Option<u64> {
