@@ -60,7 +60,7 @@ impl Default for FleetConfig {
             breaker: BreakerConfig::default(),
             timeout: HumanDuration::from_millis(50),
             key_prefix: "sluice".into(),
-            heartbeat: HumanDuration::from_secs(1),
+            heartbeat: HumanDuration::from_secs(5),
             tls_ca_file: None,
             retry: RetryConfig::default(),
         }

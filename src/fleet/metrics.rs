@@ -9,6 +9,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     Acquire,
+    Share,
     GiveBack,
     Pause,
     Learn,
@@ -19,8 +20,9 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 8] = [
+    pub const ALL: [Op; 9] = [
         Op::Acquire,
+        Op::Share,
         Op::GiveBack,
         Op::Pause,
         Op::Learn,
@@ -33,6 +35,7 @@ impl Op {
     pub fn as_str(self) -> &'static str {
         match self {
             Op::Acquire => "acquire",
+            Op::Share => "share",
             Op::GiveBack => "give_back",
             Op::Pause => "pause",
             Op::Learn => "learn",

@@ -19,13 +19,13 @@ mod store;
 mod tokens;
 
 pub use pacer::FleetHost;
-pub use store::{parse_event, Grant, Store, StoreError, TokenOp};
+pub use store::{parse_event, Grant, Share, Store, StoreError, TokenOp};
 
 use crate::admission::{Clock, Decision, FleetSeam, HostCell, Paced, Placed, Rejection};
 use crate::config::{FleetConfig, OnError};
 use breaker::{Breaker, BreakerState};
 use metrics::{FleetMetrics, Op};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -75,6 +75,8 @@ pub struct Fleet {
     me: Weak<Fleet>,
     /// Numbers this node's fleet places (holder ids are `node_id:n`).
     places: AtomicU64,
+    /// Whether this node follows the fleet's event channel (leases stand only while it does).
+    following: AtomicBool,
 }
 
 /// The fleet identity of an admission cell.
@@ -111,6 +113,7 @@ impl Fleet {
                 .build(),
             me: me.clone(),
             places: AtomicU64::new(0),
+            following: AtomicBool::new(false),
         }))
     }
 
@@ -127,6 +130,73 @@ impl Fleet {
 
     pub fn now(&self) -> u64 {
         self.clock.now()
+    }
+
+    /// Whether this node follows the fleet's event channel.
+    pub fn following(&self) -> bool {
+        self.following.load(Ordering::Acquire)
+    }
+
+    /// The node follows the event channel from now on, or no longer: without it a pause
+    /// from another node would not reach this one, so every lease ends here.
+    pub fn set_following(&self, on: bool) {
+        self.following.store(on, Ordering::Release);
+        if !on {
+            let held = self.leased_hosts();
+            for host in &held {
+                host.end_lease();
+            }
+            // The shares go back (if the store still answers) rather than blocking the
+            // other nodes until they run out.
+            if let (Some(fleet), Ok(rt)) =
+                (self.me.upgrade(), tokio::runtime::Handle::try_current())
+            {
+                if !held.is_empty() {
+                    rt.spawn(async move { fleet.give_back_shares(&held).await });
+                }
+            }
+        }
+    }
+
+    /// Give back this node's leases of `hosts` (it leaves, or stopped following the fleet).
+    pub async fn give_back_shares(&self, hosts: &[Arc<FleetHost>]) {
+        let Some(store) = self.store.get().cloned() else {
+            return;
+        };
+        for host in hosts {
+            if !self.allow(self.clock.now()) {
+                return;
+            }
+            let call = || store.share(&host.key, &self.node_id, 0.0, 0.0, Duration::ZERO);
+            if let Err(e) = self.call(Op::Share, call).await {
+                tracing::debug!(host = &*host.key, error = %e, "lease not given back");
+            }
+        }
+    }
+
+    /// Every host this node holds a lease of.
+    pub fn leased_hosts(&self) -> Vec<Arc<FleetHost>> {
+        self.hosts
+            .pin()
+            .values()
+            .filter(|h| h.holds_lease())
+            .cloned()
+            .collect()
+    }
+
+    /// Another node is short of its share of `host`: this node renews its lease now.
+    pub fn share_asked(&self, host: &str) {
+        let now = self.clock.now();
+        for h in self.hosts.pin().values() {
+            if &*h.key == host {
+                h.nudge(now);
+            }
+        }
+    }
+
+    /// Whether the breaker is closed (calls to the store flow).
+    pub fn closed(&self) -> bool {
+        self.breaker_state() == BreakerState::Closed
     }
 
     pub fn breaker_state(&self) -> BreakerState {
@@ -311,6 +381,7 @@ impl Fleet {
                 match host.take(self, cell, deadline, demand).await {
                     Ok(()) => return Ok(()),
                     Err(pacer::TakeError::Refused(r)) => return Err(r),
+                    Err(pacer::TakeError::Again) => continue,
                     Err(pacer::TakeError::Store) => {}
                 }
             }
@@ -386,6 +457,13 @@ impl Fleet {
             "redis_calls": calls,
             "redis_errors": errors,
             "hosts": self.hosts.len(),
+            "leases": self
+                .hosts
+                .pin()
+                .values()
+                .map(|h| h.status(self.clock.now()))
+                .filter(|v| v["lease_rate"].as_f64().unwrap_or(0.0) > 0.0)
+                .collect::<Vec<_>>(),
         })
     }
 }
@@ -413,7 +491,11 @@ impl FleetSeam for Fleet {
         match self.host(cell) {
             Some(host) => {
                 cell.touch(now);
-                cell.rps() == 0.0 || host.try_take()
+                cell.rps() == 0.0
+                    || match self.me.upgrade() {
+                        Some(fleet) => host.try_now(&fleet, cell, now),
+                        None => host.try_take(),
+                    }
             }
             None => cell.reserve(now, 0) == Decision::Now,
         }

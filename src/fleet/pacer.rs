@@ -1,11 +1,23 @@
-//! One host's local side of shared pacing: tokens leased from the fleet's bucket, the queue of
-//! requests waiting for them (a fair semaphore: first come, first served), and the one task
-//! per host that asks the store for tokens while requests wait. After a refusal that task
-//! sleeps until the store said the next token is due (the retry-after cache), so the calls a
-//! node makes per host are bounded by the host's pace, not by the offered load.
+//! One host's local side of shared pacing.
+//!
+//! A node that uses a host's slots steadily holds a **lease**: a share of the host's pace,
+//! max-min fair over the demand every node states (`lua/share.lua`), paced here by a local
+//! bucket at that rate. Its waiting requests are woken by that bucket, never by asking the
+//! store; one task per host renews the lease ahead of need (one round trip every one to five
+//! seconds), states the node's demand, and gives the share back when the demand is gone. A
+//! node left short of its fair share asks the others on the event channel to renew theirs, so
+//! shares follow demand within a fraction of a second. A lease stands only while the node
+//! follows the event channel (it would miss a pause otherwise) and the store answers.
+//!
+//! A node without a lease (a host used now and then) takes each slot from the fleet's bucket,
+//! which holds what the leases leave of the pace: tokens leased in small numbers, the queue of
+//! requests waiting for them (a fair semaphore: first come, first served), and the one task per
+//! host that asks the store for tokens while requests wait. After a refusal that task sleeps
+//! until the store said the next token is due (the retry-after cache), so the calls a node
+//! makes per host are bounded by the host's pace, not by the offered load.
 
 use super::{interval_us, lease, Fleet, Op};
-use crate::admission::{HostCell, Rejection};
+use crate::admission::{Decision, HostCell, Rejection};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +41,8 @@ pub enum TakeError {
     Refused(Rejection),
     /// The store failed while this request waited: the caller applies `on_error`.
     Store,
+    /// A pause voided the slot this request waited for: it waits the pause out and asks again.
+    Again,
 }
 
 pub struct FleetHost {
@@ -54,6 +68,57 @@ pub struct FleetHost {
     wake: Notify,
     /// This node's share of the host's pace while the store is away.
     pub fallback: HostCell,
+    /// The lease: this node's share of the host's pace, paced here.
+    lease: HostCell,
+    /// The leased rate (f64 bits; 0: none free now, the demand is stated).
+    lease_rate: AtomicU64,
+    /// The host's pace the lease was computed from (f64 bits).
+    lease_pace: AtomicU64,
+    /// Fair share at the last renewal, and the demand stated then (f64 bits).
+    lease_fair: AtomicU64,
+    lease_demand: AtomicU64,
+    /// Until when the lease stands (ns on the admission clock; 0: no lease).
+    lease_until: AtomicU64,
+    /// This node's place among the live leases, and their number.
+    lease_rank: AtomicU32,
+    lease_count: AtomicU32,
+    /// Whether the renewing task runs.
+    renewing: AtomicBool,
+    /// Wakes the renewing task (another node asked for its share, or the pace changed).
+    renew: Notify,
+    /// When a nudge last made this node renew (ns).
+    nudged_at: AtomicU64,
+    /// Told when the lease changes (requests waiting for a share wake up).
+    lease_changed: Notify,
+    /// Slots this node used since `window_from`, and how many of them waited.
+    used: AtomicU32,
+    waited: AtomicU32,
+    /// Requests that started waiting with no slot in sight since `window_from`.
+    asked: AtomicU32,
+    /// Requests waiting for the slot their lease reserved them.
+    reserved: AtomicU32,
+    /// Whether a request was refused, or waited with no slot in sight, since `window_from`.
+    short: AtomicBool,
+    /// When a slot was last used or wanted here (ns).
+    last_used: AtomicU64,
+    window_from: AtomicU64,
+}
+
+/// How a request got its slot, for the demand a node states.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Now,
+    Waited,
+    /// Refused: none came within its wait.
+    Refused,
+    /// Not a slot: a request starts waiting with no slot of this node's in sight.
+    Wanted,
+}
+
+/// A lease in force, as a request sees it.
+#[derive(Clone, Copy)]
+struct Leased {
+    rate: f64,
 }
 
 /// Counts the requests a take waits for while it waits.
@@ -85,13 +150,417 @@ impl FleetHost {
             failures: watch::Sender::new(0),
             wake: Notify::new(),
             fallback: HostCell::new(0.0, 1, 0, 0, false),
+            lease: HostCell::new(0.0, 1, 0, 0, false),
+            lease_rate: AtomicU64::new(0),
+            lease_pace: AtomicU64::new(0),
+            lease_fair: AtomicU64::new(0),
+            lease_demand: AtomicU64::new(0),
+            lease_until: AtomicU64::new(0),
+            lease_rank: AtomicU32::new(0),
+            lease_count: AtomicU32::new(0),
+            renewing: AtomicBool::new(false),
+            renew: Notify::new(),
+            nudged_at: AtomicU64::new(0),
+            lease_changed: Notify::new(),
+            used: AtomicU32::new(0),
+            waited: AtomicU32::new(0),
+            asked: AtomicU32::new(0),
+            reserved: AtomicU32::new(0),
+            short: AtomicBool::new(false),
+            last_used: AtomicU64::new(0),
+            window_from: AtomicU64::new(0),
         }
     }
 
-    /// A pause: leased tokens are void and the store is not asked before `until`.
+    /// A pause: leased tokens are void and the store is not asked before `until`. The lease
+    /// stands; its first slot after the pause falls at this node's place among the leases.
     pub fn void(&self, until: u64) {
         self.drop_tokens(self.tokens.available_permits());
         self.next_due.fetch_max(until, Ordering::AcqRel);
+        let rate = f64::from_bits(self.lease_rate.load(Ordering::Acquire));
+        let offset = lease::resume_offset(
+            self.lease_rank.load(Ordering::Relaxed),
+            self.lease_count.load(Ordering::Relaxed),
+            rate,
+        );
+        self.lease
+            .pause_until(until.saturating_add(offset.as_nanos() as u64));
+    }
+
+    /// The lease, if one stands now: the node follows the fleet's events, the store answers
+    /// (breaker closed) and the lease has not run out.
+    fn leased(&self, fleet: &Fleet, now: u64) -> Option<Leased> {
+        let until = self.lease_until.load(Ordering::Acquire);
+        if until <= now || !fleet.following() || !fleet.closed() {
+            return None;
+        }
+        Some(Leased {
+            rate: f64::from_bits(self.lease_rate.load(Ordering::Acquire)),
+        })
+    }
+
+    /// End the lease here (the store failed, the channel dropped, or it was given back):
+    /// requests waiting for a share look again.
+    pub fn end_lease(&self) {
+        self.lease_until.store(0, Ordering::Release);
+        self.lease_changed.notify_waiters();
+    }
+
+    /// Whether this node holds a lease of the host (standing or not).
+    pub fn holds_lease(&self) -> bool {
+        self.lease_until.load(Ordering::Acquire) > 0
+    }
+
+    /// Another node asked for its share: renew now (at most every `NUDGE_GAP`).
+    pub fn nudge(&self, now: u64) {
+        if self.lease_until.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let last = self.nudged_at.load(Ordering::Acquire);
+        if now.saturating_sub(last) >= lease::NUDGE_GAP.as_nanos() as u64
+            && self
+                .nudged_at
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.renew.notify_one();
+        }
+    }
+
+    /// Count one slot used here (or refused); a node that uses the host steadily starts
+    /// leasing a share of it.
+    fn count(self: &Arc<Self>, fleet: &Arc<Fleet>, cell: &Arc<HostCell>, now: u64, how: Slot) {
+        let from = self.window_from.load(Ordering::Acquire);
+        if !self.renewing.load(Ordering::Acquire)
+            && now.saturating_sub(from) > 1_000_000_000
+            && self
+                .window_from
+                .compare_exchange(from, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            // Without a lease the count is of the last second.
+            self.used.store(0, Ordering::Release);
+            self.waited.store(0, Ordering::Release);
+            self.asked.store(0, Ordering::Release);
+            self.short.store(false, Ordering::Release);
+        }
+        self.last_used.store(now, Ordering::Release);
+        let seen = match how {
+            Slot::Wanted => {
+                // Waits with no slot of its own in sight: this node wants a (larger) share.
+                self.short.store(true, Ordering::Release);
+                self.asked.fetch_add(1, Ordering::AcqRel) + self.used.load(Ordering::Acquire) + 1
+            }
+            _ => {
+                if how != Slot::Now {
+                    self.waited.fetch_add(1, Ordering::AcqRel);
+                }
+                if how == Slot::Refused {
+                    self.short.store(true, Ordering::Release);
+                }
+                self.used.fetch_add(1, Ordering::AcqRel) + self.asked.load(Ordering::Acquire) + 1
+            }
+        };
+        if seen >= lease::LEASE_FROM_USES && !self.renewing.load(Ordering::Acquire) {
+            self.start_renewing(fleet, cell);
+        }
+    }
+
+    /// A slot now, if this node holds one (its lease's, or a token leased from the bucket).
+    pub fn try_now(self: &Arc<Self>, fleet: &Arc<Fleet>, cell: &Arc<HostCell>, now: u64) -> bool {
+        let taken = match self.leased(fleet, now) {
+            Some(l) if l.rate > 0.0 => {
+                self.follow_pace(cell);
+                let now_ = self.lease.reserve(now, 0) == Decision::Now;
+                if now_ {
+                    fleet.metrics.tokens_leased.inc();
+                }
+                now_
+            }
+            Some(_) => false,
+            None => self.try_take(),
+        };
+        if taken {
+            self.count(fleet, cell, now, Slot::Now);
+        }
+        taken
+    }
+
+    /// The host's pace changed here (a learned limit) since the lease was computed: a lower
+    /// pace shrinks the lease at once; either way it is renewed (only the store grants more).
+    fn follow_pace(&self, cell: &HostCell) {
+        let pace = cell.rps();
+        let was = f64::from_bits(self.lease_pace.load(Ordering::Acquire));
+        if was > 0.0 && (pace - was).abs() > was * 1e-6 {
+            let rate = f64::from_bits(self.lease_rate.load(Ordering::Acquire));
+            let rate = if pace < was { rate * pace / was } else { rate };
+            self.set_lease_rate(cell, rate, pace);
+            self.renew.notify_one();
+        }
+    }
+
+    /// Set the leased rate: the local bucket first, then the rate requests look at (a rate
+    /// seen above 0 always finds its bucket paced).
+    fn set_lease_rate(&self, cell: &HostCell, rate: f64, pace: f64) {
+        if rate > 0.0 {
+            self.lease.set_rps(rate);
+            self.lease
+                .set_burst(lease::lease_burst(cell.burst(), rate, pace));
+        }
+        self.lease_pace.store(pace.to_bits(), Ordering::Release);
+        self.lease_rate.store(rate.to_bits(), Ordering::Release);
+    }
+
+    /// Apply what the store said with a lease: the fleet's pause, learned pace and
+    /// concurrency (a pause missed on the event channel is learned here).
+    fn learn_share(&self, cell: &Arc<HostCell>, share: &super::Share, now: u64) {
+        if share.interval_us > 0 && share.interval_us != interval_us(cell) {
+            cell.set_rps(1e6 / share.interval_us as f64);
+        }
+        if let Some(mc) = share.max_concurrent {
+            if mc != cell.max_concurrent() {
+                cell.set_max_concurrent(mc);
+            }
+        }
+        if !share.paused_for.is_zero() {
+            let until = now.saturating_add(share.paused_for.as_nanos() as u64);
+            if cell.pause_until_by(until, crate::admission::PauseOrigin::Fleet) {
+                tracing::debug!(host = &*self.key, "pause learned from the fleet's leases");
+                self.void(until);
+            }
+        }
+    }
+
+    /// A slot of this node's lease, waiting until `deadline` at most. `None`: no lease
+    /// stands (any more); the caller takes the bucket's way.
+    async fn take_leased(
+        self: &Arc<Self>,
+        fleet: &Arc<Fleet>,
+        cell: &Arc<HostCell>,
+        deadline: u64,
+    ) -> Option<Result<(), TakeError>> {
+        loop {
+            let changed = self.lease_changed.notified();
+            let now = fleet.now();
+            let leased = self.leased(fleet, now)?;
+            if cell.paused_until() > now {
+                // Paused while this request waited (for a token, or for its share): the
+                // caller waits the pause out first.
+                return Some(Err(TakeError::Again));
+            }
+            if leased.rate <= 0.0 {
+                // The demand is stated and no share is free yet: wait for the next renewal.
+                self.count(fleet, cell, now, Slot::Wanted);
+                let until = self.lease_until.load(Ordering::Acquire).min(deadline);
+                tokio::select! {
+                    _ = changed => continue,
+                    _ = tokio::time::sleep(Duration::from_nanos(until.saturating_sub(now))) => {}
+                }
+                if fleet.now() >= deadline {
+                    self.count(fleet, cell, now, Slot::Refused);
+                    let retry_after = lease::RENEW_SHORT;
+                    return Some(Err(TakeError::Refused(Rejection::Pace { retry_after })));
+                }
+                continue;
+            }
+            self.follow_pace(cell);
+            match self.lease.reserve(now, deadline.saturating_sub(now)) {
+                Decision::Now => {
+                    fleet.metrics.tokens_leased.inc();
+                    self.count(fleet, cell, now, Slot::Now);
+                    return Some(Ok(()));
+                }
+                Decision::At { at, epoch } => {
+                    let reserved = Waiting::new(&self.reserved, 1);
+                    tokio::time::sleep(Duration::from_nanos(at.saturating_sub(now))).await;
+                    drop(reserved);
+                    let now = fleet.now();
+                    if self.lease.still_valid(epoch) && self.leased(fleet, now).is_some() {
+                        fleet.metrics.tokens_leased.inc();
+                        self.count(fleet, cell, now, Slot::Waited);
+                        return Some(Ok(()));
+                    }
+                    // A pause came meanwhile, or the lease ended: the caller waits the pause
+                    // out and asks again.
+                    return Some(Err(TakeError::Again));
+                }
+                Decision::Refuse { retry_after } => {
+                    self.count(fleet, cell, now, Slot::Refused);
+                    let retry_after = Duration::from_nanos(retry_after);
+                    return Some(Err(TakeError::Refused(Rejection::Pace { retry_after })));
+                }
+            }
+        }
+    }
+
+    fn start_renewing(self: &Arc<Self>, fleet: &Arc<Fleet>, cell: &Arc<HostCell>) {
+        if !fleet.following()
+            || self
+                .renewing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
+        let (host, fleet, cell) = (self.clone(), fleet.clone(), cell.clone());
+        tokio::spawn(async move {
+            host.renew_lease(&fleet, &cell).await;
+            host.renewing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Renew the lease ahead of need while this node uses the host; give it back when it no
+    /// longer does, or end it when the store fails.
+    async fn renew_lease(&self, fleet: &Arc<Fleet>, cell: &Arc<HostCell>) {
+        let mut idle = false;
+        loop {
+            let now = fleet.now();
+            let from = self.window_from.load(Ordering::Acquire);
+            let window = Duration::from_nanos(now.saturating_sub(from));
+            let pace = cell.rps();
+            let held = self.lease_until.load(Ordering::Acquire) > 0;
+            let before = f64::from_bits(self.lease_demand.load(Ordering::Acquire));
+            let demand = if idle {
+                // Nothing used for a while: the share goes back now.
+                0.0
+            } else if held && (cell.paused_until() > now || window < lease::WINDOW_MIN) {
+                // Paused (nothing was used), or renewed again at once (asked by another node):
+                // the demand is what it was; after a pause it is measured from its end.
+                if cell.paused_until() > now {
+                    self.window_from
+                        .store(cell.paused_until(), Ordering::Release);
+                }
+                before
+            } else {
+                self.window_from.store(now, Ordering::Release);
+                let used = self.used.swap(0, Ordering::AcqRel);
+                let waited = self.waited.swap(0, Ordering::AcqRel);
+                let short = self.short.swap(false, Ordering::AcqRel);
+                let asked = self.asked.swap(0, Ordering::AcqRel);
+                let idle = used == 0 && asked == 0 && self.waiting.load(Ordering::Acquire) == 0;
+                if idle || pace <= 0.0 {
+                    0.0
+                } else if short {
+                    // Requests were refused for want of slots: this node can use the pace.
+                    pace
+                } else {
+                    lease::demand(used, waited, window, pace)
+                }
+            };
+            self.lease_demand.store(demand.to_bits(), Ordering::Release);
+            if demand == 0.0 && !held {
+                return;
+            }
+            let Some(store) = fleet.store().cloned() else {
+                self.end_lease();
+                return;
+            };
+            if !fleet.allow(now) || !fleet.following() {
+                self.end_lease();
+                return;
+            }
+            let rate = f64::from_bits(self.lease_rate.load(Ordering::Acquire));
+            let every = lease::renew_every(
+                rate.max(demand.min(f64::from_bits(self.lease_fair.load(Ordering::Acquire)))),
+            );
+            let lasts = lease::lease_length(every);
+            let node = fleet.node_id.as_str();
+            // The lease ends here before it does in the store (which starts it during the call).
+            let asked_at = fleet.now();
+            let call = || store.share(&self.key, node, pace, demand, lasts);
+            let share = match fleet.call(Op::Share, call).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(host = &*self.key, error = %e, "lease not renewed");
+                    self.end_lease();
+                    self.fail();
+                    return;
+                }
+            };
+            if demand == 0.0 {
+                self.end_lease();
+                return;
+            }
+            let now = fleet.now();
+            self.learn_share(cell, &share, now);
+            let pace = cell.rps();
+            let first = self.lease_until.load(Ordering::Acquire) == 0
+                || f64::from_bits(self.lease_rate.load(Ordering::Acquire)) <= 0.0;
+            if first && share.rate > 0.0 {
+                // A new lease starts without a burst, at this node's place among the leases
+                // (the bucket may just have given this node a token); granted during a pause,
+                // at that place after the pause.
+                let paused = cell.paused_until();
+                let (from, offset) = if paused > now {
+                    let o = lease::resume_offset(share.rank, share.leases, share.rate);
+                    (paused, o)
+                } else {
+                    (
+                        now,
+                        lease::start_offset(share.rank, share.leases, share.rate),
+                    )
+                };
+                self.lease.set_rps(share.rate);
+                self.lease
+                    .set_burst(lease::lease_burst(cell.burst(), share.rate, pace));
+                self.lease
+                    .pause_until(from.saturating_add(offset.as_nanos() as u64));
+            }
+            self.set_lease_rate(cell, share.rate, pace);
+            self.lease_fair
+                .store(share.fair.to_bits(), Ordering::Release);
+            self.lease_rank.store(share.rank, Ordering::Relaxed);
+            self.lease_count.store(share.leases, Ordering::Relaxed);
+            let until = asked_at.saturating_add(share.lasts.as_nanos() as u64);
+            self.lease_until.store(until, Ordering::Release);
+            self.lease_changed.notify_waiters();
+            // Renewed well before it ends (its length was set before its rate was known).
+            let next = if share.rate < share.fair * 0.8 {
+                lease::RENEW_SHORT
+            } else {
+                lease::renew_every(share.rate).min(every)
+            };
+            idle = self.wait_to_renew(fleet, cell, next).await;
+        }
+    }
+
+    /// Sleep until the next renewal is due (`next`), another node asks, or this node stops
+    /// using the host: true when it has used no slot for `IDLE_AFTER`, nobody waits and the
+    /// host is not paused (the share is then given back at once, not at the next renewal).
+    async fn wait_to_renew(&self, fleet: &Fleet, cell: &HostCell, next: Duration) -> bool {
+        let due = tokio::time::Instant::now() + next;
+        loop {
+            let step = due
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(lease::IDLE_AFTER / 4);
+            tokio::select! {
+                _ = tokio::time::sleep(step) => {}
+                _ = self.renew.notified() => return false,
+            }
+            if tokio::time::Instant::now() >= due {
+                return false;
+            }
+            let now = fleet.now();
+            let last = self.last_used.load(Ordering::Acquire);
+            if now.saturating_sub(last) >= lease::IDLE_AFTER.as_nanos() as u64
+                && self.waiting.load(Ordering::Acquire) == 0
+                && self.reserved.load(Ordering::Acquire) == 0
+                && cell.paused_until() <= now
+            {
+                return true;
+            }
+        }
+    }
+
+    /// The fleet part of `/status` for this host.
+    pub fn status(&self, now: u64) -> serde_json::Value {
+        let until = self.lease_until.load(Ordering::Acquire);
+        serde_json::json!({
+            "host": &*self.key,
+            "lease_rate": if until > now { f64::from_bits(self.lease_rate.load(Ordering::Acquire)) } else { 0.0 },
+            "fair_rate": f64::from_bits(self.lease_fair.load(Ordering::Acquire)),
+            "leases": self.lease_count.load(Ordering::Relaxed),
+        })
     }
 
     /// Put `n` leased tokens at the disposal of waiting requests.
@@ -137,41 +606,60 @@ impl FleetHost {
         deadline: u64,
         demand: u32,
     ) -> Result<(), TakeError> {
-        if self.try_take() {
-            return Ok(());
-        }
-        let now = fleet.now();
-        let due = self.next_due.load(Ordering::Acquire);
-        if due > deadline {
-            // The next token is not due within the allowed wait: refused without asking.
-            return Err(TakeError::Refused(Rejection::Pace {
-                retry_after: Duration::from_nanos(due - now),
-            }));
-        }
-        if !fleet.options.retry_after_cache {
-            return self.take_alone(fleet, cell, deadline).await;
-        }
-        let _waiting = Waiting::new(&self.waiting, demand.max(1));
-        let mut failed = self.failures.subscribe();
-        self.ensure_pump(fleet, cell);
-        let wait = Duration::from_nanos(deadline.saturating_sub(now));
-        tokio::select! {
-            biased;
-            permit = self.tokens.acquire() => match permit {
-                Ok(p) => {
-                    p.forget();
-                    self.handed.fetch_sub(1, Ordering::AcqRel);
-                    Ok(())
-                }
-                Err(_) => Err(TakeError::Store),
-            },
-            _ = failed.changed() => Err(TakeError::Store),
-            _ = tokio::time::sleep(wait) => {
-                let now = fleet.now();
-                let due = self.next_due.load(Ordering::Acquire).saturating_sub(now);
-                let retry_after = Duration::from_nanos(due.max(cell_interval_ns(cell)));
-                Err(TakeError::Refused(Rejection::Pace { retry_after }))
+        loop {
+            if let Some(done) = self.take_leased(fleet, cell, deadline).await {
+                return done;
             }
+            // A lease that comes into force while this request waits for a token serves it.
+            let leased = self.lease_changed.notified();
+            if self.try_take() {
+                self.count(fleet, cell, fleet.now(), Slot::Now);
+                return Ok(());
+            }
+            let now = fleet.now();
+            let due = self.next_due.load(Ordering::Acquire);
+            if due > deadline {
+                // The next token is not due within the allowed wait: refused without asking.
+                self.count(fleet, cell, now, Slot::Refused);
+                return Err(TakeError::Refused(Rejection::Pace {
+                    retry_after: Duration::from_nanos(due - now),
+                }));
+            }
+            if !fleet.options.retry_after_cache {
+                return self.take_alone(fleet, cell, deadline).await;
+            }
+            let waiting = Waiting::new(&self.waiting, demand.max(1));
+            let mut failed = self.failures.subscribe();
+            self.ensure_pump(fleet, cell);
+            let wait = Duration::from_nanos(deadline.saturating_sub(now));
+            let taken = tokio::select! {
+                biased;
+                permit = self.tokens.acquire() => match permit {
+                    Ok(p) => {
+                        p.forget();
+                        self.handed.fetch_sub(1, Ordering::AcqRel);
+                        Ok(())
+                    }
+                    Err(_) => Err(TakeError::Store),
+                },
+                _ = failed.changed() => Err(TakeError::Store),
+                _ = leased => {
+                    drop(waiting);
+                    continue;
+                }
+                _ = tokio::time::sleep(wait) => {
+                    let now = fleet.now();
+                    let due = self.next_due.load(Ordering::Acquire).saturating_sub(now);
+                    let retry_after = Duration::from_nanos(due.max(cell_interval_ns(cell)));
+                    Err(TakeError::Refused(Rejection::Pace { retry_after }))
+                }
+            };
+            match taken {
+                Ok(()) => self.count(fleet, cell, fleet.now(), Slot::Waited),
+                Err(TakeError::Refused(_)) => self.count(fleet, cell, fleet.now(), Slot::Refused),
+                Err(_) => {}
+            }
+            return taken;
         }
     }
 
@@ -200,7 +688,15 @@ impl FleetHost {
                 fleet.live_nodes(),
                 fleet.options.leases,
             );
-            let call = || store.acquire(&self.key, want, interval_us(cell), cell.burst());
+            let call = || {
+                store.acquire(
+                    &self.key,
+                    &fleet.node_id,
+                    want,
+                    interval_us(cell),
+                    cell.burst(),
+                )
+            };
             let grant = fleet
                 .call(Op::Acquire, call)
                 .await
@@ -235,7 +731,7 @@ impl FleetHost {
     }
 
     /// Ask the store for tokens while requests wait; give back what nobody took in time.
-    async fn pump(&self, fleet: &Arc<Fleet>, cell: &Arc<HostCell>) {
+    async fn pump(self: &Arc<Self>, fleet: &Arc<Fleet>, cell: &Arc<HostCell>) {
         loop {
             match self.step(fleet, cell).await {
                 Step::Again => continue,
@@ -265,7 +761,7 @@ impl FleetHost {
     }
 
     /// One step of the asking task.
-    async fn step(&self, fleet: &Arc<Fleet>, cell: &Arc<HostCell>) -> Step {
+    async fn step(self: &Arc<Self>, fleet: &Arc<Fleet>, cell: &Arc<HostCell>) -> Step {
         let now = fleet.now();
         let waiting = self.waiting.load(Ordering::Acquire) as usize;
         let available = self.handed.load(Ordering::Acquire);
@@ -308,7 +804,15 @@ impl FleetHost {
             fleet.live_nodes(),
             fleet.options.leases,
         );
-        let call = || store.acquire(&self.key, want, interval_us(cell), cell.burst());
+        let call = || {
+            store.acquire(
+                &self.key,
+                &fleet.node_id,
+                want,
+                interval_us(cell),
+                cell.burst(),
+            )
+        };
         let grant = match fleet.call(Op::Acquire, call).await {
             Ok(g) => g,
             Err(_) => {
@@ -321,6 +825,10 @@ impl FleetHost {
             fleet.metrics.tokens_leased.inc_by(u64::from(grant.granted));
             self.leased_at.store(now, Ordering::Release);
             self.hand(grant.granted as usize);
+        }
+        if grant.granted == 0 {
+            // Requests wait here and the bucket had nothing for them: demand for a lease.
+            self.count(fleet, cell, now, Slot::Wanted);
         }
         if grant.granted < want {
             // The retry-after cache: nobody here asks again before the next token is due.

@@ -5,7 +5,7 @@
 //!
 //! Timeouts and the breaker are the caller's business (`super::Fleet`); this module only talks.
 
-use super::{parse_event, Grant, Store, StoreError, TokenOp};
+use super::{parse_event, Grant, Share, Store, StoreError, TokenOp};
 use crate::admission::FleetEvent;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -38,6 +38,7 @@ pub struct RedisStore {
     prefix: String,
     channel: String,
     acquire: Script,
+    share: Script,
     give_back: Script,
     pause: Script,
     learn: Script,
@@ -98,6 +99,7 @@ impl RedisStore {
             give_back: Script::new(include_str!("lua/give_back.lua")),
             pause: Script::new(include_str!("lua/pause.lua")),
             learn: Script::new(include_str!("lua/learn.lua")),
+            share: Script::new(include_str!("lua/share.lua")),
             heartbeat: Script::new(include_str!("lua/heartbeat.lua")),
             place: Script::new(include_str!("lua/place.lua")),
             tokens: Script::new(include_str!("lua/tokens.lua")),
@@ -153,10 +155,7 @@ impl RedisStore {
     }
 
     /// Follow the event channel until the connection ends (then the caller subscribes again).
-    pub async fn follow(
-        &self,
-        on_event: &(dyn Fn(FleetEvent) + Send + Sync),
-    ) -> Result<(), StoreError> {
+    pub async fn follow(&self, on: &(dyn Fn(Heard) + Send + Sync)) -> Result<(), StoreError> {
         use futures_util::StreamExt;
         let connect = self.subscribe_to.get_async_pubsub();
         let mut pubsub = tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), connect)
@@ -165,6 +164,7 @@ impl RedisStore {
             .map_err(store_error)?;
         pubsub.subscribe(&self.channel).await.map_err(store_error)?;
         tracing::info!(channel = self.channel.as_str(), "following fleet events");
+        on(Heard::Following);
         let mut messages = pubsub.on_message();
         while let Some(msg) = messages.next().await {
             let text: String = match msg.get_payload() {
@@ -174,8 +174,15 @@ impl RedisStore {
                     continue;
                 }
             };
+            if let Some(asked) = text.strip_prefix("share ") {
+                // `share <host> <node>`: the node short of its share of the host.
+                if let Some((host, node)) = asked.rsplit_once(' ') {
+                    on(Heard::Share { host, node });
+                }
+                continue;
+            }
             match parse_event(&text) {
-                Some(event) => on_event(event),
+                Some(event) => on(Heard::Event(event)),
                 None => tracing::debug!(event = text.as_str(), "unknown fleet event"),
             }
         }
@@ -183,11 +190,22 @@ impl RedisStore {
     }
 }
 
+/// What the event channel brings a node.
+pub enum Heard<'a> {
+    /// The node follows the channel from now on.
+    Following,
+    /// Another node's pause or learned limits.
+    Event(FleetEvent),
+    /// A node short of its fair share of a host asks the others to renew their leases.
+    Share { host: &'a str, node: &'a str },
+}
+
 #[async_trait]
 impl Store for RedisStore {
     async fn acquire(
         &self,
         host: &str,
+        node: &str,
         want: u32,
         interval_us: u64,
         burst: u32,
@@ -196,9 +214,11 @@ impl Store for RedisStore {
         inv.key(self.key(host, "tat"))
             .key(self.key(host, "pause"))
             .key(self.key(host, "limits"))
+            .key(self.key(host, "leases"))
             .arg(interval_us)
             .arg(burst)
-            .arg(want);
+            .arg(want)
+            .arg(node);
         let (granted, due_us, interval_us, max_concurrent, paused_us): (i64, i64, i64, i64, i64) =
             self.run(inv).await?;
         Ok(Grant {
@@ -207,6 +227,41 @@ impl Store for RedisStore {
             interval_us: interval_us.max(0) as u64,
             max_concurrent: u32::try_from(max_concurrent).ok(),
             paused_for: Duration::from_micros(paused_us.max(0) as u64),
+        })
+    }
+
+    async fn share(
+        &self,
+        host: &str,
+        node: &str,
+        pace: f64,
+        demand: f64,
+        lasts: Duration,
+    ) -> Result<Share, StoreError> {
+        let mut inv = self.share.prepare_invoke();
+        inv.key(self.key(host, "leases"))
+            .arg(node)
+            .arg(format!("{pace:.6}"))
+            .arg(format!("{demand:.6}"))
+            .arg(lasts.as_micros() as u64)
+            .arg(&self.channel)
+            .arg(host);
+        let answer: Vec<String> = self.run(inv).await?;
+        let bad = || StoreError::Redis("unreadable lease".into());
+        let [rate, fair, lasts, rank, leases, paused, interval, mc] = &answer[..] else {
+            return Err(bad());
+        };
+        let num = |s: &str| s.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0);
+        let micros = |s: &str| s.parse::<u64>().map(Duration::from_micros);
+        Ok(Share {
+            rate: num(rate).ok_or_else(bad)?,
+            fair: num(fair).ok_or_else(bad)?,
+            lasts: micros(lasts).map_err(|_| bad())?,
+            rank: rank.parse().map_err(|_| bad())?,
+            leases: leases.parse().map_err(|_| bad())?,
+            paused_for: micros(paused).map_err(|_| bad())?,
+            interval_us: interval.parse().map_err(|_| bad())?,
+            max_concurrent: mc.parse::<i64>().ok().and_then(|m| u32::try_from(m).ok()),
         })
     }
 
@@ -226,6 +281,7 @@ impl Store for RedisStore {
         let mut inv = self.pause.prepare_invoke();
         inv.key(self.key(host, "tat"))
             .key(self.key(host, "pause"))
+            .key(self.key(host, "leases"))
             .arg(length.as_micros() as u64)
             .arg(interval_us)
             .arg(burst.max(1))
@@ -242,6 +298,7 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let mut inv = self.learn.prepare_invoke();
         inv.key(self.key(host, "limits"))
+            .key(self.key(host, "leases"))
             .arg(interval_us.map_or(String::new(), |i| i.to_string()))
             .arg(max_concurrent.map_or(String::new(), |m| m.to_string()))
             .arg(LEARNED_TTL_MS)
@@ -304,11 +361,12 @@ impl Store for RedisStore {
         self.run(inv).await
     }
 
-    async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError> {
+    async fn heartbeat(&self, node: &str, ttl: Duration, tidy: bool) -> Result<u32, StoreError> {
         let mut inv = self.heartbeat.prepare_invoke();
         inv.key(format!("{}:nodes", self.prefix))
             .arg(node)
-            .arg(ttl.as_millis() as u64);
+            .arg(ttl.as_millis() as u64)
+            .arg(u8::from(tidy));
         let n: i64 = self.run(inv).await?;
         Ok(u32::try_from(n.max(1)).unwrap_or(1))
     }

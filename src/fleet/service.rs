@@ -3,7 +3,7 @@
 //! other nodes' pauses and learned limits. On shutdown the node says it is leaving.
 
 use super::metrics::Op;
-use super::redis::RedisStore;
+use super::redis::{Heard, RedisStore};
 use super::{Fleet, Store};
 use crate::admission::FleetEvent;
 use async_trait::async_trait;
@@ -71,32 +71,45 @@ impl BackgroundService for FleetService {
         let beats = async {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut beats = 0u64;
             loop {
                 tick.tick().await;
                 if !fleet.allow(fleet.now()) {
                     continue;
                 }
-                if let Ok(n) = fleet
-                    .call(Op::Heartbeat, || store.heartbeat(&fleet.node_id, ttl))
-                    .await
-                {
+                // Every third beat (and the first) also tidies the set: it lives twice the
+                // ttl, three beats.
+                let tidy = beats.is_multiple_of(3);
+                let beat = || store.heartbeat(&fleet.node_id, ttl, tidy);
+                if let Ok(n) = fleet.call(Op::Heartbeat, beat).await {
                     fleet.set_live_nodes(n);
+                    beats += 1;
                 }
             }
         };
-        let on_event = |event: FleetEvent| {
-            fleet
-                .metrics
-                .events
-                .with_label_values(&[event.kind()])
-                .inc();
-            (self.on_event)(event)
+        let on_heard = |heard: Heard| match heard {
+            Heard::Following => fleet.set_following(true),
+            Heard::Share { host, node } => {
+                if node != fleet.node_id {
+                    fleet.metrics.events.with_label_values(&["share"]).inc();
+                    fleet.share_asked(host);
+                }
+            }
+            Heard::Event(event) => {
+                fleet
+                    .metrics
+                    .events
+                    .with_label_values(&[event.kind()])
+                    .inc();
+                (self.on_event)(event)
+            }
         };
         let events = async {
             loop {
-                if let Err(e) = store.follow(&on_event).await {
+                if let Err(e) = store.follow(&on_heard).await {
                     tracing::debug!(error = %e, "fleet events: following again shortly");
                 }
+                fleet.set_following(false);
                 tokio::time::sleep(RESUBSCRIBE_AFTER).await;
             }
         };
@@ -106,6 +119,7 @@ impl BackgroundService for FleetService {
             _ = shutdown.changed() => {}
         }
         if fleet.allow(fleet.now()) {
+            fleet.give_back_shares(&fleet.leased_hosts()).await;
             if let Err(e) = fleet.call(Op::Leave, || store.leave(&fleet.node_id)).await {
                 tracing::debug!(error = %e, "could not say this node is leaving");
             }

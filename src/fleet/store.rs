@@ -45,6 +45,27 @@ pub struct Grant {
     pub paused_for: Duration,
 }
 
+/// What the store answered to a node renewing its lease of a share of a host's pace.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Share {
+    /// The pace leased to this node (requests/s; 0: none free now).
+    pub rate: f64,
+    /// This node's fair share of the pace, given every live lease's demand.
+    pub fair: f64,
+    /// How long the lease lasts unless renewed (zero: given back).
+    pub lasts: Duration,
+    /// This node's place among the live leases, and how many there are (to space the
+    /// nodes' first requests after a pause).
+    pub rank: u32,
+    pub leases: u32,
+    /// The fleet's pause of this host, if one is running.
+    pub paused_for: Duration,
+    /// The interval the fleet learned (0: none; the node's own pace holds).
+    pub interval_us: u64,
+    /// A learned concurrency limit, if any.
+    pub max_concurrent: Option<u32>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("shared store call timed out")]
@@ -67,14 +88,26 @@ impl StoreError {
 /// The store a fleet shares. Every method is one atomic round trip.
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Take up to `want` tokens of `host`'s bucket (pace `interval_us`, `burst`).
+    /// Take up to `want` tokens of `host`'s bucket (pace `interval_us`, `burst`), which holds
+    /// what the leases of nodes other than `node` leave of the pace.
     async fn acquire(
         &self,
         host: &str,
+        node: &str,
         want: u32,
         interval_us: u64,
         burst: u32,
     ) -> Result<Grant, StoreError>;
+    /// Renew `node`'s lease of a share of `host`'s pace (`pace` requests/s) for `lasts`,
+    /// saying its demand (requests/s; 0 gives the share back).
+    async fn share(
+        &self,
+        host: &str,
+        node: &str,
+        pace: f64,
+        demand: f64,
+        lasts: Duration,
+    ) -> Result<Share, StoreError>;
     /// Give back leased tokens that were not used.
     async fn give_back(&self, host: &str, tokens: u32, interval_us: u64) -> Result<(), StoreError>;
     /// Pause `host` for the fleet and tell every node.
@@ -116,8 +149,9 @@ pub trait Store: Send + Sync {
         buckets: &[(String, [u64; 3])],
         amounts: [i64; 3],
     ) -> Result<i64, StoreError>;
-    /// Say this node is alive for `ttl`; returns the number of live nodes.
-    async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<u32, StoreError>;
+    /// Say this node is alive for `ttl`; returns the number of live nodes. `tidy`: also drop
+    /// the nodes that stopped saying so, and keep the set alive (every few beats).
+    async fn heartbeat(&self, node: &str, ttl: Duration, tidy: bool) -> Result<u32, StoreError>;
     /// Say this node is leaving.
     async fn leave(&self, node: &str) -> Result<(), StoreError>;
     /// Drop the connection: the next call makes a new one.
