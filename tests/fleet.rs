@@ -154,6 +154,73 @@ fn three_nodes_hold_one_limit_together() {
     }
 }
 
+/// A node that holds a share of a host's pace estimates a request's wait at its own share,
+/// not at the host's whole pace: a burst it cannot serve within the requests' deadline is
+/// refused at once, with the wait in `Retry-After`, instead of waiting out the deadline.
+#[test]
+fn a_burst_beyond_a_nodes_share_is_refused_at_once() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::builder().start();
+    let nodes = fleet(&redis, &up, "");
+    let url = format!("http://127.0.0.1:{}/burst", up.port());
+    let answers = std::thread::scope(|scope| {
+        // Nodes 0 and 1 at their shares (about 5/s each).
+        scope.spawn(|| drive(&nodes[0], 0, &up, 3, Duration::from_secs(6)));
+        scope.spawn(|| drive(&nodes[1], 1, &up, 3, Duration::from_secs(6)));
+        std::thread::sleep(Duration::from_secs(3));
+        let client = proxied_client(&nodes[0], None);
+        runtime(2).block_on(async {
+            let sent: Vec<_> = (0..20)
+                .map(|_| {
+                    let (client, url) = (client.clone(), url.clone());
+                    tokio::spawn(async move {
+                        let started = Instant::now();
+                        let r = client
+                            .get(&url)
+                            .header("x-node", "0")
+                            .header("sluice-timeout", "1s")
+                            .send()
+                            .await
+                            .expect("answer");
+                        let error = r
+                            .headers()
+                            .get("sluice-error")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        (r.status().as_u16(), error, started.elapsed())
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in sent {
+                all.push(t.await.expect("request"));
+            }
+            all
+        })
+    });
+    let served = answers.iter().filter(|(s, _, _)| *s == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 429).collect();
+    let slow = refused
+        .iter()
+        .filter(|(_, _, took)| *took > Duration::from_millis(300))
+        .count();
+    eprintln!(
+        "fleet: of a burst of 20 at a node with half of 10/s, {served} served, {} refused \
+         ({slow} after more than 300 ms)",
+        refused.len()
+    );
+    assert_eq!(served + refused.len(), 20, "{answers:?}");
+    assert!(served <= 8, "{served} served within 1 s at about 5/s");
+    assert!(
+        refused
+            .iter()
+            .all(|(_, e, _)| matches!(e.as_deref(), Some("rate_limited" | "deadline"))),
+        "{refused:?}"
+    );
+    assert!(slow <= 2, "{slow} refusals waited: {refused:?}");
+}
+
 /// The lease script itself, against a real Redis: max-min fair shares over the stated
 /// demands, never more than the other leases leave free; a share given back is free for the
 /// others; a pause and a learned limit written by any node reach a node when it renews (even

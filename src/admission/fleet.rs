@@ -98,6 +98,12 @@ pub trait FleetSeam: Send + Sync {
     fn tokens_changed(&self, cell: &HostCell, limits: Limits, change: TokenChange);
     /// `cell`'s host is paused until `until` (learned here or told by another node).
     fn paused(&self, cell: &HostCell, until: u64);
+    /// This node's own pace of `cell`'s host while the fleet gives it a share of the host's
+    /// pace: its next slot and its interval (ns), which the waiting room's estimate uses in
+    /// place of the host's. `None`: the host's pace holds.
+    fn own_pace(&self, _cell: &HostCell, _now: u64) -> Option<(u64, u64)> {
+        None
+    }
     /// Tell the other nodes what this node learned about `cell`'s host.
     fn publish(
         &self,

@@ -551,6 +551,12 @@ impl FleetSeam for Fleet {
         }
     }
 
+    fn own_pace(&self, cell: &HostCell, now: u64) -> Option<(u64, u64)> {
+        let host = self.host(cell)?;
+        let (next, interval) = host.own_pace(self, now)?;
+        Some((next.max(cell.paused_until()).max(now), interval))
+    }
+
     /// Tell the fleet what this node learned about `cell`'s host (in the background: no
     /// request waits for it).
     fn publish(

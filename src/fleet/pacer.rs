@@ -206,6 +206,15 @@ impl FleetHost {
         self.lease_changed.notify_waiters();
     }
 
+    /// The next slot of this node's lease and its interval (ns), when a lease with a share
+    /// stands.
+    pub fn own_pace(&self, fleet: &Fleet, now: u64) -> Option<(u64, u64)> {
+        match self.leased(fleet, now) {
+            Some(l) if l.rate > 0.0 => Some((self.lease.next_slot(now), self.lease.interval())),
+            _ => None,
+        }
+    }
+
     /// Whether this node holds a lease of the host (standing or not).
     pub fn holds_lease(&self) -> bool {
         self.lease_until.load(Ordering::Acquire) > 0

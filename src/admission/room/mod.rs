@@ -240,11 +240,14 @@ impl Room {
             };
             // The slots the dispatcher holds go to the first in fair order; then the pace's.
             let held = st.held.len() as u64;
+            // In a fleet, this node's share of the pace when it holds one.
+            let (next, interval) = fleet
+                .as_ref()
+                .and_then(|f| f.own_pace(cell, now))
+                .unwrap_or_else(|| (cell.next_slot(now), cell.interval()));
             let mut estimate = match st.held.get(ahead as usize) {
                 Some(at) => (*at).max(now),
-                None => cell
-                    .next_slot(now)
-                    .saturating_add((ahead - held).saturating_mul(cell.interval())),
+                None => next.saturating_add((ahead - held).saturating_mul(interval)),
             };
             // And its tokens, after those of the requests before it (their share of what the
             // waiting requests are estimated to use).
