@@ -280,11 +280,11 @@ impl FleetHost {
         let taken = match self.leased(fleet, now) {
             Some(l) if l.rate > 0.0 => {
                 self.follow_pace(cell);
-                let now_ = self.lease.reserve(now, 0) == Decision::Now;
-                if now_ {
+                let got = self.lease.reserve(now, 0) == Decision::Now;
+                if got {
                     fleet.metrics.tokens_leased.inc();
                 }
-                now_
+                got
             }
             Some(_) => false,
             None => self.try_take(),
@@ -320,23 +320,12 @@ impl FleetHost {
         self.lease_rate.store(rate.to_bits(), Ordering::Release);
     }
 
-    /// Apply what the store said with a lease: the fleet's pause, learned pace and
-    /// concurrency (a pause missed on the event channel is learned here).
+    /// Apply what the store said with a lease (a pause missed on the event channel is
+    /// learned here, and voids what was reserved before it).
     fn learn_share(&self, cell: &Arc<HostCell>, share: &super::Share, now: u64) {
-        if share.interval_us > 0 && share.interval_us != interval_us(cell) {
-            cell.set_rps(1e6 / share.interval_us as f64);
-        }
-        if let Some(mc) = share.max_concurrent {
-            if mc != cell.max_concurrent() {
-                cell.set_max_concurrent(mc);
-            }
-        }
-        if !share.paused_for.is_zero() {
-            let until = now.saturating_add(share.paused_for.as_nanos() as u64);
-            if cell.pause_until_by(until, crate::admission::PauseOrigin::Fleet) {
-                tracing::debug!(host = &*self.key, "pause learned from the fleet's leases");
-                self.void(until);
-            }
+        let said = (share.interval_us, share.max_concurrent, share.paused_for);
+        if let Some(until) = self.learn(cell, said, now) {
+            self.void(until);
         }
     }
 
@@ -829,7 +818,11 @@ impl FleetHost {
             }
         };
         let now = fleet.now();
-        self.learn(cell, &grant, now);
+        self.learn(
+            cell,
+            (grant.interval_us, grant.max_concurrent, grant.paused_for),
+            now,
+        );
         if grant.granted > 0 {
             fleet.metrics.tokens_leased.inc_by(u64::from(grant.granted));
             self.leased_at.store(now, Ordering::Release);
@@ -849,22 +842,32 @@ impl FleetHost {
         Step::Again
     }
 
-    /// Apply what the store said about the host: the fleet's pace, concurrency and pause.
-    fn learn(&self, cell: &Arc<HostCell>, grant: &super::Grant, now: u64) {
-        if grant.interval_us > 0 && grant.interval_us != interval_us(cell) {
-            cell.set_rps(1e6 / grant.interval_us as f64);
+    /// Apply what the store said about the host (with a bucket token or a lease): the
+    /// fleet's interval (0: none learned), concurrency and pause left. Returns the end of a
+    /// pause this started or extended.
+    fn learn(
+        &self,
+        cell: &Arc<HostCell>,
+        (interval, max_concurrent, paused_for): (u64, Option<u32>, Duration),
+        now: u64,
+    ) -> Option<u64> {
+        if interval > 0 && interval != interval_us(cell) {
+            cell.set_rps(1e6 / interval as f64);
         }
-        if let Some(mc) = grant.max_concurrent {
+        if let Some(mc) = max_concurrent {
             if mc != cell.max_concurrent() {
                 cell.set_max_concurrent(mc);
             }
         }
-        if !grant.paused_for.is_zero() {
-            let until = now.saturating_add(grant.paused_for.as_nanos() as u64);
-            if cell.pause_until_by(until, crate::admission::PauseOrigin::Fleet) {
-                tracing::debug!(host = &*self.key, "pause learned from the fleet");
-            }
+        if paused_for.is_zero() {
+            return None;
         }
+        let until = now.saturating_add(paused_for.as_nanos() as u64);
+        if !cell.pause_until_by(until, crate::admission::PauseOrigin::Fleet) {
+            return None;
+        }
+        tracing::debug!(host = &*self.key, "pause learned from the fleet");
+        Some(until)
     }
 
     async fn give_back(&self, fleet: &Arc<Fleet>, cell: &Arc<HostCell>, available: usize) {
