@@ -34,6 +34,9 @@ pub struct Line<'a> {
     pub error_name: Option<&'a str>,
     /// Why, in words (a refusal's message, what to do about it).
     pub reason: Option<&'a str>,
+    /// The HTTP version spoken with the client, and with the upstream that answered (none
+    /// when sluice answered itself), for a proxied request.
+    pub protocol: Option<(&'static str, Option<&'static str>)>,
 }
 
 impl Line<'_> {
@@ -62,6 +65,8 @@ impl Line<'_> {
                 .or(self.error.map(Code::as_str))
                 .unwrap_or("-"),
             reason = self.reason.unwrap_or("-"),
+            protocol = self.protocol.map_or("-", |p| p.0),
+            upstream_protocol = self.protocol.and_then(|p| p.1).unwrap_or("-"),
         );
     }
 
@@ -71,6 +76,13 @@ impl Line<'_> {
         shared
             .metrics
             .record(self.way, host_label, self.error, self.elapsed.as_secs_f64());
+        if let Some((client, upstream)) = self.protocol {
+            shared
+                .metrics
+                .protocols
+                .with_label_values(&[client, upstream.unwrap_or("none")])
+                .inc();
+        }
         self.write(generation);
     }
 }

@@ -25,3 +25,4 @@ pub mod state;
 pub mod sweeper;
 pub mod target;
 pub mod tunnel;
+pub mod upstream;

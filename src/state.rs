@@ -7,7 +7,6 @@ use crate::generation::Generation;
 use crate::metrics::Metrics;
 use crate::regions::Regions;
 use arc_swap::ArcSwap;
-use pingora_core::connectors::http::Connector;
 use pingora_core::connectors::ConnectorOptions;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,7 +28,7 @@ pub struct Shared {
     /// Configured hosts' regions: health, ejection, latency, retry budgets.
     pub regions: Regions,
     /// Connections to regions (and health checks), pooled.
-    pub upstream: Connector,
+    pub upstream: Arc<crate::upstream::Upstreams>,
     /// This process's id in `Via`, to refuse a request that comes back (a peer loop).
     pub instance: String,
     /// The `Via` value this process adds.
@@ -96,7 +95,7 @@ impl Shared {
         let instance = instance_id();
         Ok(Arc::new(Shared {
             regions: Regions::with_connector(&generation, connector.clone()),
-            upstream: Connector::new(connector),
+            upstream: crate::upstream::Upstreams::new(connector),
             via: format!("1.1 sluice-{instance}"),
             instance,
             current: ArcSwap::from_pointee(generation),

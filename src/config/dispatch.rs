@@ -49,6 +49,20 @@ pub enum Quota {
     Region,
 }
 
+/// Which HTTP versions sluice speaks to a host's upstreams.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Http2 {
+    /// Over TLS, offer h2 and HTTP/1.1 by ALPN and speak what the upstream picks; over plain
+    /// HTTP, HTTP/1.1, except for gRPC, which only speaks h2 (h2c with prior knowledge).
+    #[default]
+    Auto,
+    /// h2 only (h2c with prior knowledge over plain HTTP).
+    Always,
+    /// HTTP/1.1 only.
+    Never,
+}
+
 /// When a hedge is sent: after a fixed delay, or after a percentile of the chosen region's
 /// observed latency.
 #[derive(Clone, Copy, Debug, PartialEq)]

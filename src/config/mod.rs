@@ -13,7 +13,7 @@ mod validate;
 
 pub use callers::{CallerBy, Callers, Priority};
 pub use dispatch::{
-    default_retry_on, HealthCheckConfig, HedgeAfter, Mode, Outlier, Quota, RegionConfig,
+    default_retry_on, HealthCheckConfig, HedgeAfter, Http2, Mode, Outlier, Quota, RegionConfig,
     RetryBudget, RetryOn,
 };
 pub use duration::HumanDuration;
@@ -257,6 +257,8 @@ pub struct HostLimits {
     /// Longest silence within a response body once its head arrived (a streamed answer while
     /// the model thinks). Never cut by the deadline.
     pub body_idle_timeout: HumanDuration,
+    /// HTTP/2 to the host's upstreams: `auto`, `always` or `never`.
+    pub http2: Http2,
 }
 
 impl Default for HostLimits {
@@ -283,6 +285,7 @@ impl Default for HostLimits {
             quota: Quota::Host,
             request_timeout: HumanDuration::from_secs(600),
             body_idle_timeout: HumanDuration::from_secs(300),
+            http2: Http2::Auto,
         }
     }
 }
@@ -330,6 +333,7 @@ pub struct HostOverride {
     pub quota: Option<Quota>,
     pub request_timeout: Option<HumanDuration>,
     pub body_idle_timeout: Option<HumanDuration>,
+    pub http2: Option<Http2>,
     /// The host's regions; without any, the host is one region: its DNS answer.
     #[serde(default)]
     pub regions: Vec<RegionConfig>,
@@ -367,6 +371,7 @@ impl HostOverride {
             quota: self.quota.unwrap_or(base.quota),
             request_timeout: self.request_timeout.unwrap_or(base.request_timeout),
             body_idle_timeout: self.body_idle_timeout.unwrap_or(base.body_idle_timeout),
+            http2: self.http2.unwrap_or(base.http2),
         }
     }
 }

@@ -8,6 +8,7 @@ use crate::admission::{AtSend, Host, Permit};
 use crate::error::{self, Code};
 use crate::regions::state::InFlight;
 use crate::regions::Region;
+use crate::upstream::Session;
 use http::HeaderValue;
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -39,8 +40,7 @@ impl Admit {
 
 /// A response head from a region, with what is needed to stream its body.
 pub struct Answer {
-    pub session: HttpSession,
-    pub peer: HttpPeer,
+    pub session: Session,
     pub region: usize,
     pub started: Instant,
     /// The host's in-flight place, held until the body is streamed.
@@ -56,6 +56,8 @@ pub struct Failed {
     pub unsent: bool,
     /// It was sent on a kept-alive connection taken from the pool.
     pub reused: bool,
+    /// Its h2 stream was refused before the upstream processed it.
+    pub refused: bool,
 }
 
 pub type Outcome = std::result::Result<Answer, Failed>;
@@ -75,6 +77,7 @@ pub async fn run(
         error,
         unsent,
         reused: false,
+        refused: false,
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -101,7 +104,7 @@ pub async fn run(
         Err(e) => return Err(fail(e, true)),
     };
     let (mut session, reused) = loop {
-        let (session, pooled) = match job.shared.upstream.get_http_session(&peer).await {
+        let (session, pooled) = match job.shared.upstream.session(&peer).await {
             Ok(s) => s,
             Err(e) => return Err(fail(e.into_up(), true)),
         };
@@ -124,10 +127,7 @@ pub async fn run(
         }
         // Paused since it was admitted: the unused connection goes back to the pool while
         // the request waits out the pause like a new one.
-        job.shared
-            .upstream
-            .release_http_session(session, &peer, peer.options.idle_timeout)
-            .await;
+        session.release().await;
         // Its in-flight place is given back first (a host with room for one would wait on
         // itself).
         drop(permit.take());
@@ -144,25 +144,47 @@ pub async fn run(
     // `server.read_timeout` when one is set.
     session.set_read_timeout(job.read_timeout());
     session.set_write_timeout(Some(job.generation().config.server.write_timeout.get()));
-    let head = match request_head(job, r, head) {
+    let head = match request_head(job, r, head).and_then(|h| for_version(job, &session, h)) {
         Ok(h) => h,
         Err(e) => return Err(fail(e, true)),
     };
-    let sent_fail = |error: Box<pingora_error::Error>| Failed {
-        reused,
-        ..fail(error, false)
+    // A stream the upstream refused (or left past its GOAWAY) was never processed: it goes
+    // again, to the same endpoint on another connection, whatever its method.
+    let after_send = |error: Box<pingora_error::Error>| match never_processed(&error) {
+        true => Failed {
+            region,
+            error: error::error(
+                Code::UpstreamClosed,
+                "the upstream refused the h2 stream before processing it",
+            ),
+            unsent: true,
+            reused: true,
+            refused: true,
+        },
+        false => Failed {
+            reused,
+            ..fail(error.into_up(), false)
+        },
     };
     // From here the upstream may count the request's tokens: they are kept if it fails.
     if let Some(p) = &mut permit {
         p.mark_sent();
     }
-    if let Err(e) = send(&mut session, head, body).await {
-        return Err(sent_fail(e.into_up()));
-    }
-    let read = read_final_head(&mut session).await;
+    let read = match send(&mut session, head, body).await {
+        Ok(()) => read_final_head(&mut session).await,
+        // An h2 stream that stopped taking the body ended for a reason its answer tells: an
+        // answer sent early (the upstream stops the upload), or the stream's own error.
+        Err(e) if head_sent_on_h2(&session) => {
+            match tokio::time::timeout(STREAM_END_WAIT, read_final_head(&mut session)).await {
+                Ok(read) => read,
+                Err(_) => Err(e),
+            }
+        }
+        Err(e) => return Err(after_send(e)),
+    };
     pending.armed = false;
     if let Err(e) = read {
-        return Err(sent_fail(e.into_up()));
+        return Err(after_send(e));
     }
     // A 429 used no tokens (whether it is retried or passed on).
     if let (Some(p), Some(h)) = (&mut permit, session.response_header()) {
@@ -174,7 +196,6 @@ pub async fn run(
     }
     Ok(Answer {
         session,
-        peer,
         region,
         started: pending.started,
         permit,
@@ -247,6 +268,75 @@ async fn send(session: &mut HttpSession, head: RequestHeader, body: Source) -> R
     session.finish_request_body().await
 }
 
+/// Did the head go out on an h2 stream (so that its answer, or its error, can be read)?
+fn head_sent_on_h2(session: &HttpSession) -> bool {
+    matches!(session, HttpSession::H2(h2) if h2.request_header().is_some())
+}
+
+/// Longest wait for the answer (or the error) of an h2 stream whose body could not be sent.
+const STREAM_END_WAIT: Duration = Duration::from_secs(1);
+
+/// Did this error say the upstream never processed the request: its h2 stream refused
+/// (`REFUSED_STREAM`), or past the last stream a graceful `GOAWAY` kept (RFC 9113 8.7)?
+fn never_processed(e: &pingora_error::Error) -> bool {
+    let Some(h2) = e.root_cause().downcast_ref::<h2::Error>() else {
+        return false;
+    };
+    let refused = h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+    let past_goaway = h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR);
+    h2.is_remote() && (refused || past_goaway)
+}
+
+/// The head as the session's version carries it. Over HTTP/1.1, that version. Over h2: the target with its scheme and
+/// authority (from `Host`, then dropped: `:authority` says it), no HTTP/1.1 framing, and
+/// `te: trailers` when the client accepts trailers (gRPC needs it).
+fn for_version(
+    job: &Outbound<'_>,
+    session: &Session,
+    mut head: RequestHeader,
+) -> Result<RequestHeader> {
+    if session.protocol() != crate::upstream::Protocol::H2 {
+        // A request that came over h2 goes on as HTTP/1.1 (an HTTP/1.0 one stays 1.0).
+        if head.version != http::Version::HTTP_10 {
+            head.set_version(http::Version::HTTP_11);
+        }
+        if job.plan.unsized_body {
+            head.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        }
+        return Ok(head);
+    }
+    let authority = head
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| job.plan.origin.host_header());
+    let scheme = if session.peer().is_tls() {
+        "https"
+    } else {
+        "http"
+    };
+    let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = http::Uri::builder()
+        .scheme(scheme)
+        .authority(authority.as_str())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| {
+            error::error(
+                Code::BadTarget,
+                format!("no h2 target from {authority:?} and {path:?}: {e}"),
+            )
+        })?;
+    head.set_uri(uri);
+    head.remove_header(&http::header::HOST);
+    head.remove_header(&http::header::TRANSFER_ENCODING);
+    if job.plan.trailers {
+        head.insert_header(http::header::TE, "trailers")?;
+    }
+    Ok(head)
+}
+
 /// Most interim (1xx) responses read before the final one.
 const MAX_INTERIM: usize = 16;
 
@@ -265,6 +355,13 @@ pub async fn read_final_head(session: &mut HttpSession) -> Result<()> {
         }
         let asked = match &*session {
             HttpSession::H1(h1) => h1.is_upgrade_req(),
+            // h2 passes no interim response on, and its head is read once.
+            _ if status < 200 => {
+                return Err(error::error(
+                    Code::UpstreamProtocol,
+                    format!("the upstream answered status {status} over h2"),
+                ))
+            }
             _ => false,
         };
         if status == 101 && asked {
@@ -327,6 +424,9 @@ pub async fn peer_for(job: &Outbound<'_>, r: &Region) -> Result<HttpPeer> {
         }
     };
     super::peer_options(&mut peer, job.generation(), job.read_timeout());
+    let tls = peer.is_tls();
+    peer.options.alpn = crate::upstream::alpn(job.plan.limits.http2, tls, job.plan.grpc);
+    peer.options.max_h2_streams = crate::upstream::MAX_H2_STREAMS;
     Ok(peer)
 }
 

@@ -29,6 +29,8 @@ pub struct Ctx {
     pub body_bytes: u64,
     /// The configured region that answered.
     pub region: Option<String>,
+    /// The HTTP version the answering upstream spoke.
+    pub upstream_protocol: Option<crate::upstream::Protocol>,
 }
 
 impl Ctx {
@@ -53,6 +55,7 @@ impl Ctx {
             client: None,
             body_bytes: 0,
             region: None,
+            upstream_protocol: None,
         }
     }
 }

@@ -7,7 +7,9 @@
 use super::attempt::{self, Answer, Failed, Outcome};
 use super::body::{Source, Upload};
 use super::pace::Admitted;
-use super::policy::{self, Action, Count, Ended, Env, Launch, Policy, Rules, Unanswered, Why};
+use super::policy::{
+    self, Action, Count, Ended, Env, FailKind, Launch, Policy, Rules, Unanswered, Why,
+};
 use super::prepare::Plan;
 use super::record::Recorder;
 use super::timing::hedge_from_percentiles;
@@ -126,7 +128,7 @@ pub async fn run(
     match result {
         Ok((answer, attempts, body_idle)) => {
             ctx.attempts = attempts;
-            respond::stream(shared, session, ctx, host, &plan.cell, answer, body_idle).await
+            respond::stream(shared, session, ctx, plan, answer, body_idle).await
         }
         Err((failed, attempts)) => {
             ctx.attempts = attempts;
@@ -301,8 +303,26 @@ impl Exec<'_, '_> {
             Err(Failed {
                 region,
                 error,
+                refused: true,
+                ..
+            }) => {
+                // Not the endpoint's failure: its connection's life (a GOAWAY, a refusal).
+                let r = &job.plan.route.host.regions[region];
+                job.shared
+                    .metrics
+                    .record_region_attempt(self.label, &r.name, "refused_stream");
+                Ended::Failed {
+                    kind: FailKind::Refused,
+                    same_again: true,
+                    error,
+                }
+            }
+            Err(Failed {
+                region,
+                error,
                 unsent,
                 reused,
+                refused: false,
             }) => {
                 let code = Code::of(&error);
                 match Ended::failed(code, unsent, reused, error) {

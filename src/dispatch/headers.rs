@@ -57,6 +57,25 @@ pub fn upgrade_of(req: &RequestHeader) -> Option<http::HeaderValue> {
         .flatten()
 }
 
+/// Is this a gRPC call (`content-type: application/grpc`, `application/grpc+proto`, ...)?
+pub fn is_grpc(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.get(..16))
+        .is_some_and(|v| v.eq_ignore_ascii_case("application/grpc"))
+}
+
+/// Does the client accept trailers (`TE: trailers`)?
+pub fn accepts_trailers(req: &RequestHeader) -> bool {
+    req.headers
+        .get_all(http::header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
 /// Clean a request before it goes upstream; `via` is this process's `Via` value.
 pub fn clean_request(req: &mut RequestHeader, via: &str) {
     for name in names_to_drop(&req.headers, true) {

@@ -78,6 +78,12 @@ pub fn learn(
     let mut status = resp.status.as_u16();
     let mut h = hints::parse(&resp.headers, SystemTime::now());
     h.model = model.cloned();
+    // A trailers-only gRPC answer carries its status in the head: `RESOURCE_EXHAUSTED` is
+    // the upstream's 429.
+    if let Some(pushback) = grpc_exhausted(&resp.headers) {
+        status = 429;
+        h.retry_after = h.retry_after.or(pushback);
+    }
     let m = &shared.metrics;
     for name in &h.invalid {
         m.hint_errors.with_label_values(&[name]).inc();
@@ -111,6 +117,58 @@ pub fn learn(
         None if !pause_left(shared, cell).is_zero() => PauseEffect::HostPaused,
         None => PauseEffect::Nothing,
     }
+}
+
+/// gRPC's status code for a spent quota.
+const GRPC_RESOURCE_EXHAUSTED: &[u8] = b"8";
+/// Longest pause a gRPC `grpc-retry-pushback-ms` may ask for (as long as a `Retry-After`).
+const GRPC_PUSHBACK_MAX: Duration = Duration::from_secs(3600);
+
+/// A gRPC `RESOURCE_EXHAUSTED` status in `headers` (a trailers-only head, or trailers), with
+/// the pause `grpc-retry-pushback-ms` asks for, bounded (a negative or malformed one asks for
+/// none).
+pub fn grpc_exhausted(headers: &http::HeaderMap) -> Option<Option<Duration>> {
+    let status = headers.get("grpc-status")?;
+    if status.as_bytes().trim_ascii() != GRPC_RESOURCE_EXHAUSTED {
+        return None;
+    }
+    let pushback = headers
+        .get("grpc-retry-pushback-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|ms| Duration::from_millis(ms).min(GRPC_PUSHBACK_MAX));
+    Some(pushback)
+}
+
+/// Take in what a gRPC answer's trailers say: `RESOURCE_EXHAUSTED` pauses the host like a 429
+/// (or, with `host_quota` off, says nothing: its region was already answered). Returns
+/// whether the host is paused now.
+pub fn learn_trailers(
+    shared: &Shared,
+    cell: &Host,
+    generation: &Generation,
+    trailers: &http::HeaderMap,
+    host_quota: bool,
+) -> bool {
+    let Some(pushback) = grpc_exhausted(trailers) else {
+        return false;
+    };
+    if !host_quota {
+        return false;
+    }
+    let h = hints::Hints {
+        retry_after: pushback,
+        ..Default::default()
+    };
+    let learned = shared.admission.learn(cell, generation, 429, &h);
+    if let Some((_, source)) = learned.paused {
+        shared
+            .metrics
+            .pauses
+            .with_label_values(&[source.as_str()])
+            .inc();
+    }
+    !pause_left(shared, cell).is_zero()
 }
 
 /// How long the host is paused from now.

@@ -81,6 +81,10 @@ pub trait Env {
     fn hedge_delay(&self, r: usize) -> Duration;
 }
 
+/// Most refused h2 streams of one request sent again outside `max_attempts` and the retry
+/// budget; past it, a refusal counts like any attempt.
+const MAX_REFUSED: u32 = 5;
+
 /// How an attempt's failure counts against `retry_on`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailKind {
@@ -90,6 +94,11 @@ pub enum FailKind {
     Timeout,
     /// The connection broke after the request may have been sent: `retry_on = "timeout"`.
     Reset,
+    /// The upstream refused its h2 stream before processing it (`REFUSED_STREAM`, or past a
+    /// graceful GOAWAY's last stream): sent again whatever the method and `retry_on`, to the
+    /// same endpoint, outside the retry budget and `max_attempts` (the h2 connection's life,
+    /// not a failure), up to `MAX_REFUSED` times.
+    Refused,
 }
 
 impl FailKind {
@@ -113,6 +122,7 @@ impl FailKind {
             FailKind::Connect => "connect",
             FailKind::Timeout => "timeout",
             FailKind::Reset => "reset",
+            FailKind::Refused => "refused",
         }
     }
 }
@@ -265,6 +275,8 @@ pub struct Policy<A, E> {
     picker: Picker,
     /// Attempts sent (a refused one is taken back).
     sent: u32,
+    /// Its h2 streams refused before the upstream processed them, sent again freely.
+    refused: u32,
     /// Attempts started and not ended.
     running: usize,
     /// Attempts decided but waiting for the whole body (they replay it).
@@ -299,6 +311,7 @@ impl<A, E> Policy<A, E> {
             rules,
             picker: Picker::new(order, regions),
             sent: 0,
+            refused: 0,
             running: 0,
             waiting: Vec::new(),
             hedge_delay: Duration::ZERO,
@@ -391,7 +404,7 @@ impl<A, E> Policy<A, E> {
                 // answer the same). A region's own quota: on to another one now.
                 let same = host_paused.then_some(region);
                 self.fallback = Some(answer);
-                self.retry(reason, same, env, out);
+                self.retry(reason, same, false, env, out);
             }
             Ended::Answered { answer, .. } => {
                 if why == Why::Hedge {
@@ -415,9 +428,17 @@ impl<A, E> Policy<A, E> {
                 let retry = match kind {
                     FailKind::Connect => self.rules.retry_on.connect,
                     FailKind::Timeout | FailKind::Reset => self.rules.retry_on.timeout,
+                    FailKind::Refused => true,
                 };
+                let free = kind == FailKind::Refused && self.refused < MAX_REFUSED;
+                if free {
+                    // Not an attempt the upstream saw.
+                    self.refused += 1;
+                    self.sent = self.sent.saturating_sub(1);
+                }
                 if retry {
-                    self.retry(kind.reason(), same_again.then_some(region), env, out);
+                    let same = same_again.then_some(region);
+                    self.retry(kind.reason(), same, free, env, out);
                 }
             }
             Ended::Refused { error } => {
@@ -496,6 +517,7 @@ impl<A, E> Policy<A, E> {
         &mut self,
         reason: &'static str,
         same: Option<usize>,
+        free: bool,
         env: &mut impl Env,
         out: &mut Vec<Action<A, E>>,
     ) {
@@ -511,7 +533,7 @@ impl<A, E> Policy<A, E> {
             None => self.picker.next(env),
         };
         let Some((r, nth)) = pick else { return };
-        if env.take_extra() {
+        if free || env.take_extra() {
             out.push(Action::Count(Count::Retry(reason)));
             self.waiting.push(Launch {
                 why: Why::Retry,

@@ -4,7 +4,7 @@
 //! answered before any wait or upstream byte. The plan is the whole request as the next
 //! stages see it: admission (`pace::admit`) and the attempts (`exec::run`) only read it.
 
-use super::{control, Control, Ctx};
+use super::{control, headers, Control, Ctx};
 use crate::admission::{Ask, Caller, Due, Host, TokenCost};
 use crate::config::HostLimits;
 use crate::error::{self, Code};
@@ -47,6 +47,13 @@ pub struct Plan {
     pub body: Option<bytes::Bytes>,
     /// The model its body asks for (`"model"`), when it was read.
     pub model: Option<std::sync::Arc<str>>,
+    /// A gRPC call (`content-type: application/grpc...`): it goes to the upstream over h2.
+    pub grpc: bool,
+    /// The client accepts trailers (`te: trailers`), asked of an h2 upstream too.
+    pub trailers: bool,
+    /// It came over h2 with a body of no stated length: to an HTTP/1.1 upstream it goes
+    /// chunked.
+    pub unsized_body: bool,
 }
 
 /// The deadline rule: the slot must leave the answer its expected time before the deadline.
@@ -212,6 +219,13 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
     let cell = shared.admission.host(key, &origin.host, &generation);
     ctx.profile = Some(cell.profile());
     let order = endpoints(shared, &route, &control);
+    let grpc = headers::is_grpc(req);
+    let trailers = headers::accepts_trailers(req);
+    let unsized_body = content_length(req).is_none()
+        && session
+            .as_downstream()
+            .as_http2()
+            .is_some_and(|h2| !h2.is_body_empty());
     Ok(Plan {
         origin,
         upstream_path: dest.path,
@@ -227,6 +241,9 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         cost: TokenCost::default(),
         body: None,
         model: None,
+        grpc,
+        trailers,
+        unsized_body,
     })
 }
 

@@ -9,7 +9,6 @@ use super::{headers, pace, Ctx};
 use crate::admission::TokenCost;
 use crate::error::{self, Code};
 use crate::generation::Generation;
-use crate::regions::HostRegions;
 use crate::state::Shared;
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -17,9 +16,6 @@ use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use std::time::Duration;
-
-/// Idle time of a pooled upstream connection.
-const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
 /// Turn the client's request head into the one sent upstream: the upstream path, no
 /// hop-by-hop or control headers, this hop in `Via`, and the destination's `Host`.
@@ -49,6 +45,9 @@ pub fn client_head(
         .metrics
         .record_upstream_status(ctx.way, resp.status.as_u16());
     headers::clean_response(resp, &shared.via);
+    // An h2 answer goes to an HTTP/1.1 client as HTTP/1.1 (an h2 client's session writes
+    // h2 whatever the head says).
+    resp.set_version(http::Version::HTTP_11);
     resp.insert_header("Sluice-Region", region)?;
     resp.insert_header("Sluice-Attempts", ctx.attempts.to_string())?;
     resp.insert_header("Sluice-Queued-Ms", ctx.queued.as_millis().to_string())?;
@@ -62,27 +61,29 @@ pub fn peer_options(peer: &mut HttpPeer, generation: &Generation, read_timeout: 
     peer.options.total_connection_timeout = Some(server.connect_timeout.get());
     peer.options.read_timeout = read_timeout;
     peer.options.write_timeout = Some(server.write_timeout.get());
-    peer.options.idle_timeout = Some(UPSTREAM_IDLE);
+    peer.options.idle_timeout = Some(crate::upstream::IDLE);
 }
 
-/// Stream the winning answer to the client, then pool its connection.
+/// Stream the winning answer to the client, then pool its connection. An h2 answer's
+/// trailers (a gRPC call's status) go to a client on h2; a gRPC `RESOURCE_EXHAUSTED` in them
+/// pauses the host like a 429.
 pub async fn stream(
     shared: &Shared,
     session: &mut Session,
     ctx: &mut Ctx,
-    host: &HostRegions,
-    cell: &crate::admission::Host,
+    plan: &Plan,
     answer: Answer,
     body_idle: Duration,
 ) -> Result<()> {
+    let (host, cell) = (&plan.route.host, &plan.cell);
     let Answer {
         session: mut upstream,
-        peer,
         region,
         started: _,
         permit,
         in_flight,
     } = answer;
+    ctx.upstream_protocol = Some(upstream.protocol());
     let Some(up_head) = upstream.response_header() else {
         return Err(error::error(
             Code::Internal,
@@ -126,9 +127,10 @@ pub async fn stream(
     // Decided on the head the client gets: a framing header the upstream named in its own
     // `Connection` is gone from it.
     if !switched && close_delimited(session.req_header(), &resp) {
-        // The upstream ends this body by closing, so its end cannot be told from a cut. The
-        // client gets it chunked (HTTP/1.0: close-delimited, the connection not kept), so
-        // a body cut upstream reaches it without a last chunk, never as complete.
+        // The upstream ends this body by closing (or, over h2, by its stream's end, which
+        // an HTTP/1.1 client cannot be told otherwise), so its end cannot be told from a
+        // cut. The client gets it chunked (HTTP/1.0: close-delimited, the connection not
+        // kept), so a body cut upstream reaches it without a last chunk, never as complete.
         if session.req_header().version >= http::Version::HTTP_11 {
             resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
         } else {
@@ -151,7 +153,25 @@ pub async fn stream(
         }
         session.write_response_body(Some(chunk), false).await?;
     }
-    session.write_response_body(None, true).await?;
+    let trailers = match &mut *upstream {
+        HttpSession::H2(h2) => h2.read_trailers().await.map_err(|e| e.into_up())?,
+        _ => None,
+    };
+    if let Some(t) = &trailers {
+        let host_quota = plan.limits.quota == crate::config::Quota::Host;
+        pace::learn_trailers(shared, cell, &ctx.generation, t, host_quota);
+    }
+    match trailers {
+        // Sending the trailers ends the client's stream.
+        Some(t) if session.as_downstream().is_http2() => {
+            session
+                .as_downstream_mut()
+                .write_response_trailers(t)
+                .await?
+        }
+        // An HTTP/1.1 client gets none (Pingora 0.9.1 writes no HTTP/1.1 trailers).
+        _ => session.write_response_body(None, true).await?,
+    }
     if let (Some(used), Some(p)) = (tap.and_then(super::usage::Tap::finish), &mut permit) {
         let estimated = shared.admission.settle(p, used);
         if !estimated.is_zero() {
@@ -164,10 +184,7 @@ pub async fn stream(
     drop(in_flight);
     drop(permit);
     if upstream.response_done() {
-        shared
-            .upstream
-            .release_http_session(upstream, &peer, Some(UPSTREAM_IDLE))
-            .await;
+        upstream.release().await;
     }
     Ok(())
 }
@@ -190,11 +207,11 @@ fn close_delimited(req: &RequestHeader, resp: &ResponseHeader) -> bool {
 async fn relay_upgraded(
     shared: &Shared,
     session: &mut Session,
-    mut upstream: HttpSession,
+    mut upstream: crate::upstream::Session,
     permit: Option<crate::admission::Permit>,
     in_flight: crate::regions::state::InFlight,
 ) -> Result<()> {
-    let HttpSession::H1(up) = &mut upstream else {
+    let HttpSession::H1(up) = &mut *upstream else {
         return Err(error::error(
             Code::UpstreamProtocol,
             "an upgrade over HTTP/2",

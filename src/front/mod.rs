@@ -103,6 +103,15 @@ impl Front {
             };
             // What came after the head: this request's body, or requests sent ahead.
             let rest = buf.split_off(head_length(&buf).unwrap_or(buf.len()));
+            if !served && &buf[..] == H2_PREFACE_HEAD {
+                // h2 with prior knowledge (or by ALPN inside a tunnel): the preface, then
+                // frames. Every byte read so far goes back for the h2 handshake.
+                buf.unsplit(rest);
+                stream.serve(buf, crate::framing::Body::Open);
+                let tunnel = tunnel.map(Arc::new);
+                Box::pin(self.serve_h2(stream, shutdown, tunnel)).await;
+                return None;
+            }
             if let Some((info, authorization)) = &tunnel {
                 match in_tunnel(&buf, info, authorization.as_deref()) {
                     Ok(rewritten) => buf = BytesMut::from(&rewritten[..]),
@@ -152,6 +161,209 @@ impl Front {
             idle = Duration::from_secs(KEEPALIVE_SECS);
             served = true;
         }
+    }
+}
+
+impl Front {
+    /// Serve an h2 connection: each stream a request through the same pipeline, on its own
+    /// task. Pingora's h2 defaults bound it (100 streams at once, 64 KiB of header list, the
+    /// h2 crate's flow-control windows); it closes like an idle HTTP/1.1 connection when no
+    /// stream has been open for the keep-alive time, and gracefully (GOAWAY) on shutdown.
+    async fn serve_h2(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+        tunnel: Option<Arc<(crate::intercept::TunnelInfo, Option<Vec<u8>>)>>,
+    ) {
+        use pingora_core::protocols::http::v2::server;
+        let digest = Arc::new(pingora_core::protocols::Digest {
+            ssl_digest: stream.get_ssl_digest(),
+            timing_digest: stream.get_timing_digest(),
+            proxy_digest: stream.get_proxy_digest(),
+            socket_digest: stream.get_socket_digest(),
+        });
+        let mut conn = match server::handshake(stream, None).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "h2 handshake with a client failed");
+                return;
+            }
+        };
+        let streams = Arc::new(Streams::default());
+        let mut watch = shutdown.clone();
+        let mut closing = false;
+        loop {
+            let next = tokio::select! {
+                s = server::HttpSession::from_h2_conn(&mut conn, digest.clone()) => s,
+                _ = watch.wait_for(|down| *down), if !closing => {
+                    conn.graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
+                _ = streams.idle_for(Duration::from_secs(KEEPALIVE_SECS)), if !closing => {
+                    conn.graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
+            };
+            let h2 = match next {
+                Ok(Some(server::H2Accept::Session(h2))) => h2,
+                // Malformed (a forbidden byte, conflicting lengths): answered or reset.
+                Ok(Some(server::H2Accept::Rejected)) => continue,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "h2 connection from a client ended");
+                    break;
+                }
+            };
+            let open = Streams::open(&streams);
+            let front = self.clone();
+            let shutdown = shutdown.clone();
+            let tunnel = tunnel.clone();
+            tokio::spawn(async move {
+                let _open = open;
+                let mut session = ServerSession::new_http2(h2);
+                let head = session.req_header_mut();
+                let made = match &tunnel {
+                    Some(t) => h2_in_tunnel(head, &t.0, t.1.as_deref()),
+                    None => h2_on_listener(head),
+                };
+                if let Err((code, why)) = made {
+                    refuse_h2(session, &front.shared, code, &why).await;
+                    return;
+                }
+                front.http.process_new_http(session, &shutdown).await;
+            });
+        }
+    }
+}
+
+/// The h2 client preface's first part, which reads like a request head (RFC 9113 3.4).
+const H2_PREFACE_HEAD: &[u8] = b"PRI * HTTP/2.0\r\n\r\n";
+
+/// Streams open on one h2 connection, and a wake-up when the count changes.
+#[derive(Default)]
+struct Streams {
+    count: AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+/// One open stream, until dropped.
+struct OpenStream(Arc<Streams>);
+
+impl Streams {
+    fn open(this: &Arc<Streams>) -> OpenStream {
+        this.count.fetch_add(1, Ordering::AcqRel);
+        this.changed.notify_waiters();
+        OpenStream(this.clone())
+    }
+
+    /// Returns once no stream has been open for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.count.load(Ordering::Acquire) == 0 {
+                if tokio::time::timeout(idle, changed).await.is_err() {
+                    return;
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// An h2 request on the listener, made the shape the pipeline reads: its target in origin
+/// form (the destination comes from a route or `Sluice-Target`, never from `:authority`,
+/// which names sluice), and `:authority` as its `Host`.
+fn h2_on_listener(head: &mut pingora_http::RequestHeader) -> Result<(), (Code, String)> {
+    let authority = head.uri.authority().map(|a| a.as_str().to_string());
+    let path = head
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    head.set_raw_path(path.as_bytes())
+        .map_err(|e| (Code::BadRequest, format!("h2 request path: {e}")))?;
+    if let (Some(a), false) = (authority, head.headers.contains_key(http::header::HOST)) {
+        head.insert_header(http::header::HOST, a)
+            .map_err(|e| (Code::BadRequest, format!("h2 :authority: {e}")))?;
+    }
+    Ok(())
+}
+
+/// An h2 request inside an intercepted tunnel, made to go where the tunnel goes, as
+/// [`in_tunnel`] does for HTTP/1.1: its `:authority` must be the tunnel's.
+fn h2_in_tunnel(
+    head: &mut pingora_http::RequestHeader,
+    info: &crate::intercept::TunnelInfo,
+    authorization: Option<&[u8]>,
+) -> Result<(), (Code, String)> {
+    if let Some(a) = head.uri.authority() {
+        let default_port = format!("{}:443", a.as_str());
+        let same = a.as_str().eq_ignore_ascii_case(&info.authority)
+            || default_port.eq_ignore_ascii_case(&info.authority);
+        if !same {
+            return Err((
+                Code::BadTarget,
+                format!(
+                    "a request for {:?} inside a tunnel to {}",
+                    a.as_str(),
+                    info.authority
+                ),
+            ));
+        }
+    }
+    let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    let absolute = format!("{}://{}{path}", info.scheme, info.authority);
+    head.set_raw_path(absolute.as_bytes())
+        .map_err(|e| (Code::BadRequest, format!("h2 request path: {e}")))?;
+    let bad = |e: pingora_error::BError| (Code::BadRequest, format!("h2 request head: {e}"));
+    head.insert_header(http::header::HOST, info.authority.as_str())
+        .map_err(bad)?;
+    head.remove_header(crate::target::SLUICE_TARGET);
+    head.remove_header(&http::header::PROXY_AUTHORIZATION);
+    if let Some(a) = authorization {
+        head.insert_header(http::header::PROXY_AUTHORIZATION, a)
+            .map_err(bad)?;
+    }
+    Ok(())
+}
+
+/// Refuse one h2 stream with `code` (the connection's other streams go on).
+async fn refuse_h2(mut session: ServerSession, shared: &Shared, code: Code, message: &str) {
+    crate::access::Line {
+        way: WayIn::Unknown,
+        status: code.status(),
+        error: Some(code),
+        reason: Some(message),
+        protocol: Some(("h2", None)),
+        ..Default::default()
+    }
+    .finish(shared, &shared.generation(), OTHER_HOST);
+    let body = crate::error::json_body(code, message);
+    let written = async {
+        let mut resp = pingora_http::ResponseHeader::build(code.status(), Some(3))?;
+        resp.insert_header("Sluice-Error", code.as_str())?;
+        resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        session.write_response_header(Box::new(resp)).await?;
+        session
+            .write_response_body(bytes::Bytes::from(body), true)
+            .await
+    }
+    .await;
+    if let Err(e) = written {
+        tracing::debug!(error = %e, "h2 client gone before the refusal");
     }
 }
 

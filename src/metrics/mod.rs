@@ -42,7 +42,7 @@ pub const INTERCEPT_RESULTS: [&str; 8] = [
 ];
 
 /// The `reason` values of `sluice_retries_total`.
-pub const RETRY_REASONS: [&str; 5] = ["connect", "timeout", "reset", "status", "429"];
+pub const RETRY_REASONS: [&str; 6] = ["connect", "timeout", "reset", "refused", "status", "429"];
 
 pub struct Metrics {
     registry: Registry,
@@ -75,6 +75,8 @@ pub struct Metrics {
     /// `sluice_upstream_429_total{action="passed"}`: 429s handed to the client (a resend is a
     /// retry: `sluice_retries_total{reason="429"}`).
     pub upstream_429: IntCounterVec,
+    /// `sluice_requests_by_protocol_total{client="http/1.1|h2",upstream="http/1.1|h2|none"}`.
+    pub protocols: IntCounterVec,
     /// `sluice_learned_limits_total{kind="rps|max_concurrent"}`.
     pub learned: IntCounterVec,
     /// `sluice_hint_errors_total{header}`: rate-limit headers whose values did not parse.
@@ -203,6 +205,14 @@ impl Metrics {
                 "429s from upstreams passed to the client (resends count in sluice_retries_total)",
             ),
             &["action"],
+        )?;
+        let protocols = IntCounterVec::new(
+            Opts::new(
+                "sluice_requests_by_protocol_total",
+                "Requests by the HTTP version spoken with the client and with the upstream \
+                 (none: sluice answered itself)",
+            ),
+            &["client", "upstream"],
         )?;
         let learned = IntCounterVec::new(
             Opts::new(
@@ -358,6 +368,7 @@ impl Metrics {
             &rejections,
             &pauses,
             &upstream_429,
+            &protocols,
             &learned,
             &hint_errors,
             &config_reloads,
@@ -393,6 +404,11 @@ impl Metrics {
             pauses.with_label_values(&[src.as_str()]);
         }
         upstream_429.with_label_values(&["passed"]);
+        for client in ["http/1.1", "h2"] {
+            for upstream in ["http/1.1", "h2", "none"] {
+                protocols.with_label_values(&[client, upstream]);
+            }
+        }
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(upstream_attempts.clone()))?;
         registry.register(Box::new(upstream_responses.clone()))?;
@@ -448,6 +464,7 @@ impl Metrics {
             tokens,
             pauses,
             upstream_429,
+            protocols,
             learned,
             hint_errors,
             hosts_tracked,

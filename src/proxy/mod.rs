@@ -99,6 +99,13 @@ impl ProxyHttp for SluiceProxy {
             bytes_in: session.body_bytes_read() as u64,
             bytes_out: session.body_bytes_sent() as u64,
             error: ctx.error.or_else(|| e.map(Code::of)),
+            protocol: Some((
+                match session.as_downstream().is_http2() {
+                    true => crate::upstream::Protocol::H2.as_str(),
+                    false => crate::upstream::Protocol::H1.as_str(),
+                },
+                ctx.upstream_protocol.map(crate::upstream::Protocol::as_str),
+            )),
             ..Default::default()
         }
         .finish(&self.shared, &ctx.generation, ctx.host_label());

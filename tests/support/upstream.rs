@@ -1,9 +1,10 @@
-//! A programmable fake upstream on 127.0.0.1:0 (HTTP/1.1, optional TLS), run on its own thread
+//! A programmable fake upstream on 127.0.0.1:0 (HTTP/1.1, optional TLS, optional h2: by ALPN
+//! over TLS, with prior knowledge over plain TCP), run on its own thread
 //! and runtime so tests may block freely; and a raw TCP echo server for tunnels.
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use hyper::{Request, Response};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ pub struct Reply {
     fail_first: usize,
     fail_status: u16,
     retry_after: Option<String>,
+    trailers: Vec<(String, String)>,
 }
 
 impl Reply {
@@ -35,7 +37,14 @@ impl Reply {
             fail_first: 0,
             fail_status: 503,
             retry_after: None,
+            trailers: Vec::new(),
         }
+    }
+
+    /// Send these trailers after the body (h2 only: HTTP/1.1 answers drop them).
+    pub fn trailer(mut self, name: &str, value: &str) -> Reply {
+        self.trailers.push((name.to_string(), value.to_string()));
+        self
     }
 
     /// A body sent with chunked transfer coding, one chunk per part.
@@ -73,6 +82,8 @@ impl Reply {
 #[derive(Clone, Debug)]
 pub struct Received {
     pub method: String,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
     /// The request target as sent (origin-form expected).
     pub target: String,
     pub headers: Vec<(String, String)>,
@@ -107,6 +118,8 @@ struct State {
 pub struct Builder {
     routes: Vec<(String, Reply)>,
     tls: Option<(String, String)>,
+    h2: bool,
+    goaway_after: Option<usize>,
 }
 
 impl Builder {
@@ -120,6 +133,19 @@ impl Builder {
     /// Serve TLS with the test CA's server certificate.
     pub fn tls(mut self, ca: &super::TestCa) -> Builder {
         self.tls = Some((ca.cert_pem.clone(), ca.key_pem.clone()));
+        self
+    }
+
+    /// Speak h2: offered by ALPN beside HTTP/1.1 over TLS, with prior knowledge (h2c) over
+    /// plain TCP.
+    pub fn h2(mut self) -> Builder {
+        self.h2 = true;
+        self
+    }
+
+    /// On h2, end each connection gracefully (GOAWAY) once it has received `n` requests.
+    pub fn goaway_after(mut self, n: usize) -> Builder {
+        self.goaway_after = Some(n);
         self
     }
 
@@ -140,7 +166,13 @@ impl Builder {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
-        let acceptor = self.tls.map(|(cert, key)| tls_acceptor(&cert, &key));
+        let acceptor = self
+            .tls
+            .map(|(cert, key)| tls_acceptor(&cert, &key, self.h2));
+        let speak = Speak {
+            h2: self.h2,
+            goaway_after: self.goaway_after,
+        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
         let thread = std::thread::spawn(move || {
@@ -148,7 +180,7 @@ impl Builder {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(serve(listener, st, acceptor, stop_rx));
+            rt.block_on(serve(listener, st, acceptor, speak, stop_rx));
         });
         FakeUpstream {
             addr,
@@ -159,7 +191,7 @@ impl Builder {
     }
 }
 
-fn tls_acceptor(cert_pem: &str, key_pem: &str) -> tokio_rustls::TlsAcceptor {
+fn tls_acceptor(cert_pem: &str, key_pem: &str, h2: bool) -> tokio_rustls::TlsAcceptor {
     let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .expect("certs");
@@ -167,19 +199,30 @@ fn tls_acceptor(cert_pem: &str, key_pem: &str) -> tokio_rustls::TlsAcceptor {
         .expect("key")
         .expect("one key");
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("versions")
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .expect("server config");
+    if h2 {
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    }
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// Which versions the upstream speaks.
+#[derive(Clone, Copy)]
+struct Speak {
+    h2: bool,
+    goaway_after: Option<usize>,
 }
 
 async fn serve(
     listener: std::net::TcpListener,
     state: Arc<State>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
+    speak: Speak,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
@@ -192,26 +235,92 @@ async fn serve(
         let state = state.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
-            let builder = hyper::server::conn::http1::Builder::new();
             match acceptor {
                 Some(acc) => {
                     if let Ok(tls) = acc.accept(tcp).await {
-                        let io = hyper_util::rt::TokioIo::new(tls);
-                        if let Err(e) = builder.serve_connection(io, svc).await {
-                            eprintln!("fake upstream (tls) connection: {e}");
-                        }
+                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                        connection(tls, state, h2, speak.goaway_after).await;
                     }
                 }
-                None => {
-                    let io = hyper_util::rt::TokioIo::new(tcp);
-                    if let Err(e) = builder.serve_connection(io, svc).await {
-                        eprintln!("fake upstream connection: {e}");
-                    }
-                }
+                None => connection(tcp, state, speak.h2, speak.goaway_after).await,
             }
         });
     }
+}
+
+/// Serve one connection, HTTP/1.1 or h2; on h2 with `goaway_after`, a graceful GOAWAY once
+/// that many requests arrived on it.
+async fn connection<I>(io: I, state: Arc<State>, h2: bool, goaway_after: Option<usize>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(io);
+    if !h2 {
+        let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
+        if let Err(e) = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, svc)
+            .await
+        {
+            eprintln!("fake upstream connection: {e}");
+        }
+        return;
+    }
+    match goaway_after {
+        Some(n) => h2_going_away(io.into_inner(), state, n).await,
+        None => {
+            let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
+            let conn =
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(io, svc);
+            if let Err(e) = conn.await {
+                eprintln!("fake upstream h2 connection: {e}");
+            }
+        }
+    }
+}
+
+/// An h2 connection (the h2 crate's server, driven here) that goes away gracefully once it
+/// has received `n` requests: a GOAWAY, every request it took answered, then closed.
+async fn h2_going_away<I>(io: I, state: Arc<State>, n: usize)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok(mut conn) = h2::server::handshake(io).await else {
+        return;
+    };
+    let mut seen = 0;
+    while let Some(next) = conn.accept().await {
+        let Ok((req, mut respond)) = next else {
+            break;
+        };
+        seen += 1;
+        if seen == n {
+            conn.graceful_shutdown();
+        }
+        let state = state.clone();
+        tokio::spawn(async move {
+            let (parts, mut body) = req.into_parts();
+            let mut bytes = Vec::new();
+            while let Some(Ok(chunk)) = body.data().await {
+                body.flow_control().release_capacity(chunk.len()).ok();
+                bytes.extend_from_slice(&chunk);
+            }
+            let req = Request::from_parts(parts, full(bytes));
+            let (status, body) = match handle_full(state, req).await {
+                Ok(x) => x,
+                Err(_) => return,
+            };
+            let resp = http::Response::builder()
+                .status(status)
+                .body(())
+                .expect("response");
+            if let Ok(mut out) = respond.send_response(resp, false) {
+                out.send_data(Bytes::from(body), true).ok();
+            }
+        });
+    }
+    // Drive the connection until every answer it took has gone out.
+    std::future::poll_fn(|cx| conn.poll_closed(cx)).await.ok();
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -220,7 +329,18 @@ fn full(bytes: Vec<u8>) -> Body {
     Full::new(Bytes::from(bytes)).boxed()
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// `handle`, its answer read whole: status and body.
+async fn handle_full(state: Arc<State>, req: Request<Body>) -> Result<(u16, Vec<u8>), ()> {
+    let resp = handle(state, req).await.map_err(|_| ())?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.map_err(|_| ())?;
+    Ok((status, body.to_bytes().to_vec()))
+}
+
+async fn handle<B>(state: Arc<State>, req: Request<B>) -> Result<Response<Body>, Infallible>
+where
+    B: hyper::body::Body<Data = Bytes>,
+{
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -231,13 +351,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         .uri
         .path_and_query()
         .map_or(parts.uri.to_string(), |p| p.to_string());
-    let target = if parts.uri.scheme().is_some() {
+    // An h2 request always names its scheme and authority; its target is its path.
+    let target = if parts.uri.scheme().is_some() && parts.version != http::Version::HTTP_2 {
         parts.uri.to_string()
     } else {
         target
     };
     let received = Received {
         method: parts.method.to_string(),
+        version: format!("{:?}", parts.version),
         target: target.clone(),
         headers: parts
             .headers
@@ -289,16 +411,40 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     }
     let body = match (&reply.chunks, failing) {
         (Some(chunks), false) => {
-            let frames: Vec<Result<Frame<Bytes>, Infallible>> = chunks
+            let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = chunks
                 .iter()
                 .map(|c| Ok(Frame::data(Bytes::from(c.clone()))))
                 .collect();
+            if let Some(t) = trailers_of(reply) {
+                frames.push(Ok(Frame::trailers(t)));
+            }
             StreamBody::new(futures_util::stream::iter(frames)).boxed()
         }
         (_, true) => full(format!("failing ({status})").into_bytes()),
-        (None, false) => full(reply.body.clone()),
+        (None, false) => match trailers_of(reply) {
+            Some(t) => {
+                let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+                    Ok(Frame::data(Bytes::from(reply.body.clone()))),
+                    Ok(Frame::trailers(t)),
+                ];
+                StreamBody::new(futures_util::stream::iter(frames)).boxed()
+            }
+            None => full(reply.body.clone()),
+        },
     };
     Ok(b.body(body).expect("route response"))
+}
+
+fn trailers_of(reply: &Reply) -> Option<http::HeaderMap> {
+    if reply.trailers.is_empty() {
+        return None;
+    }
+    let mut map = http::HeaderMap::new();
+    for (k, v) in &reply.trailers {
+        let name = http::HeaderName::from_bytes(k.as_bytes()).expect("trailer name");
+        map.append(name, http::HeaderValue::from_str(v).expect("trailer value"));
+    }
+    Some(map)
 }
 
 /// A running fake upstream; stops when dropped.
@@ -314,6 +460,8 @@ impl FakeUpstream {
         Builder {
             routes: Vec::new(),
             tls: None,
+            h2: false,
+            goaway_after: None,
         }
     }
 

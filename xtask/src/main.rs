@@ -4,7 +4,7 @@
 //! - `cargo xtask run [ARGS]`: install what building and running need (cmake for Pingora's
 //!   zlib-ng, a C compiler, CA roots), then `cargo run --release -- ARGS`.
 //! - `cargo xtask test [ARGS]`: install what the tests need as well (curl, redis-server,
-//!   chromium, promtool from prometheus, Python's venv), check formatting and lints
+//!   chromium, promtool from prometheus, Python's venv, nginx), check formatting and lints
 //!   (`cargo fmt --check`, `cargo clippy --all-targets -- -D warnings`), then `cargo test ARGS`
 //!   with Redis and those tools required (`SLUICE_REQUIRE_REDIS=1`, `SLUICE_REQUIRE_TOOLS=1`); then the
 //!   clients' own tests against the binary that built: the Rust middleware's `cargo test`,
@@ -74,6 +74,11 @@ const TEST: &[Need] = &[
         package: "python3",
         provides: "python3",
         why: "the Python client's tests (pytest)",
+    },
+    Need {
+        package: "nginx",
+        provides: "/usr/sbin/nginx",
+        why: "an h2 upstream that goes away (GOAWAY) after its keepalive_requests",
     },
 ];
 

@@ -1,0 +1,241 @@
+//! Connections to upstream endpoints, HTTP/1.1 and h2, pooled. An h2 connection carries many
+//! requests at once, so an endpoint that speaks h2 is reached through as few connections as
+//! its server's `SETTINGS_MAX_CONCURRENT_STREAMS` allows: the callers that find no stream free
+//! wait while one of them opens the next connection, instead of each opening its own.
+//!
+//! Every h2 stream taken from here goes back when its [`Session`] ends, whether it was read
+//! to its end, cut by an error, or dropped as the loser of a hedge or race (its stream reset,
+//! its connection kept for the others).
+
+use pingora_core::connectors::http::{v1, v2};
+use pingora_core::connectors::ConnectorOptions;
+use pingora_core::protocols::http::client::HttpSession;
+use pingora_core::upstreams::peer::{HttpPeer, Peer, ALPN};
+use pingora_error::Result;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Idle time of a pooled upstream connection.
+pub const IDLE: Duration = Duration::from_secs(60);
+/// Most streams sluice opens at once on one h2 connection; the server's own
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` applies below it.
+pub const MAX_H2_STREAMS: usize = 100;
+/// Endpoints remembered (their connect gate and whether they answered h2); past it, the
+/// ones nobody is using are forgotten.
+const MAX_ENDPOINTS: usize = 4096;
+
+/// The version an exchange spoke on one side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    H1,
+    H2,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::H1 => "http/1.1",
+            Protocol::H2 => "h2",
+        }
+    }
+
+    pub fn of(session: &HttpSession) -> Protocol {
+        match session {
+            HttpSession::H2(_) => Protocol::H2,
+            _ => Protocol::H1,
+        }
+    }
+}
+
+/// One endpoint's gate: held while an h2 stream is taken or a connection opened for it.
+#[derive(Default)]
+struct Endpoint {
+    gate: tokio::sync::Mutex<()>,
+    /// Its server chose HTTP/1.1 when offered both: later connections skip the gate.
+    speaks_h1: AtomicBool,
+}
+
+pub struct Upstreams {
+    h1: v1::Connector,
+    h2: v2::Connector,
+    endpoints: Mutex<HashMap<u64, Arc<Endpoint>>>,
+    /// Upstream streams open now (an HTTP/1.1 exchange is one), by protocol.
+    pub open_h1: AtomicI64,
+    pub open_h2: AtomicI64,
+}
+
+impl Upstreams {
+    pub fn new(options: Option<ConnectorOptions>) -> Arc<Upstreams> {
+        Arc::new(Upstreams {
+            h1: v1::Connector::new(options.clone()),
+            h2: v2::Connector::new(options),
+            endpoints: Mutex::new(HashMap::new()),
+            open_h1: AtomicI64::new(0),
+            open_h2: AtomicI64::new(0),
+        })
+    }
+
+    fn endpoint(&self, key: u64) -> Arc<Endpoint> {
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_ENDPOINTS && !map.contains_key(&key) {
+            map.retain(|_, e| Arc::strong_count(e) > 1);
+        }
+        map.entry(key).or_default().clone()
+    }
+
+    /// A session to `peer`: a free stream of a pooled h2 connection, a pooled HTTP/1.1
+    /// connection, or a new connection of whichever version the peer's ALPN allows and the
+    /// server picks. The second value: it came from the pool.
+    pub async fn session(self: &Arc<Self>, peer: &HttpPeer) -> Result<(Session, bool)> {
+        let (session, reused) = self.connect(peer).await?;
+        let protocol = Protocol::of(&session);
+        self.count(protocol).fetch_add(1, Ordering::Relaxed);
+        let session = Session {
+            inner: Some(session),
+            peer: peer.clone(),
+            pool: self.clone(),
+            protocol,
+        };
+        Ok((session, reused))
+    }
+
+    fn count(&self, protocol: Protocol) -> &AtomicI64 {
+        match protocol {
+            Protocol::H1 => &self.open_h1,
+            Protocol::H2 => &self.open_h2,
+        }
+    }
+
+    async fn connect(&self, peer: &HttpPeer) -> Result<(HttpSession, bool)> {
+        let alpn = &peer.options.alpn;
+        if alpn.get_max_http_version() == 1 {
+            let (h1, reused) = self.h1.get_http_session(peer).await?;
+            return Ok((HttpSession::H1(h1), reused));
+        }
+        let h2_only = alpn.get_min_http_version() == 2;
+        let endpoint = self.endpoint(peer.reuse_hash());
+        if !h2_only && endpoint.speaks_h1.load(Ordering::Relaxed) {
+            if let Some(h1) = self.h1.reused_http_session(peer).await {
+                return Ok((HttpSession::H1(h1), true));
+            }
+            let session = self.h2.new_http_session(peer).await?;
+            if matches!(session, HttpSession::H2(_)) {
+                endpoint.speaks_h1.store(false, Ordering::Relaxed);
+            }
+            return Ok((session, false));
+        }
+        // One caller at a time looks for a free stream and, finding none, opens the next
+        // connection, which the others then share.
+        let _turn = endpoint.gate.lock().await;
+        if let Some(h2) = self.h2.reused_http_session(peer).await? {
+            return Ok((HttpSession::H2(h2), true));
+        }
+        if !h2_only {
+            if let Some(h1) = self.h1.reused_http_session(peer).await {
+                return Ok((HttpSession::H1(h1), true));
+            }
+        }
+        let session = self.h2.new_http_session(peer).await?;
+        if matches!(session, HttpSession::H1(_)) {
+            endpoint.speaks_h1.store(true, Ordering::Relaxed);
+        }
+        Ok((session, false))
+    }
+
+    /// Upstream exchanges open now: over HTTP/1.1, over h2.
+    pub fn snapshot(&self) -> (i64, i64) {
+        (
+            self.open_h1.load(Ordering::Relaxed).max(0),
+            self.open_h2.load(Ordering::Relaxed).max(0),
+        )
+    }
+}
+
+/// The ALPN for a peer: which versions sluice offers the endpoint. `grpc`: the request only
+/// works over h2 (trailers).
+pub fn alpn(http2: crate::config::Http2, tls: bool, grpc: bool) -> ALPN {
+    use crate::config::Http2;
+    match http2 {
+        Http2::Never => ALPN::H1,
+        Http2::Always => ALPN::H2,
+        Http2::Auto if grpc => ALPN::H2,
+        Http2::Auto if tls => ALPN::H2H1,
+        Http2::Auto => ALPN::H1,
+    }
+}
+
+/// A session to an upstream, given back to its pool when it ends: by [`Session::release`]
+/// once its answer was read to the end, or when dropped (an HTTP/1.1 connection is then
+/// closed; an h2 stream is reset and its connection kept).
+pub struct Session {
+    inner: Option<HttpSession>,
+    peer: HttpPeer,
+    pool: Arc<Upstreams>,
+    protocol: Protocol,
+}
+
+impl Session {
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    pub fn peer(&self) -> &HttpPeer {
+        &self.peer
+    }
+
+    /// Give the session back for reuse (its answer was read to its end).
+    pub async fn release(mut self) {
+        let Some(session) = self.inner.take() else {
+            return;
+        };
+        self.pool
+            .count(self.protocol)
+            .fetch_sub(1, Ordering::Relaxed);
+        match session {
+            HttpSession::H1(h1) => {
+                self.pool
+                    .h1
+                    .release_http_session(h1, &self.peer, Some(IDLE))
+                    .await
+            }
+            HttpSession::H2(h2) => self
+                .pool
+                .h2
+                .release_http_session(h2, &self.peer, Some(IDLE)),
+            _ => {}
+        }
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = HttpSession;
+    fn deref(&self) -> &HttpSession {
+        // Only `release` and `drop` take it, and both consume the session.
+        self.inner.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut HttpSession {
+        self.inner.as_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let Some(session) = self.inner.take() else {
+            return;
+        };
+        self.pool
+            .count(self.protocol)
+            .fetch_sub(1, Ordering::Relaxed);
+        if let HttpSession::H2(h2) = session {
+            // The stream is reset (dropped unfinished); its connection serves the others.
+            self.pool
+                .h2
+                .release_http_session(h2, &self.peer, Some(IDLE));
+        }
+    }
+}
