@@ -57,13 +57,60 @@ struct Endpoint {
     speaks_h1: AtomicBool,
 }
 
+/// Exchanges open now with upstreams (an h2 stream, or an HTTP/1.1 request on its
+/// connection), by HTTP version; and connections opened so far.
+#[derive(Debug, Default)]
+pub struct Open {
+    h1: AtomicI64,
+    h2: AtomicI64,
+    opened_h1: AtomicI64,
+    opened_h2: AtomicI64,
+}
+
+impl Open {
+    /// Add `other`'s counts to these (a host's, from its endpoints').
+    pub fn add(&self, other: &Open) {
+        for (a, b) in [
+            (&self.h1, &other.h1),
+            (&self.h2, &other.h2),
+            (&self.opened_h1, &other.opened_h1),
+            (&self.opened_h2, &other.opened_h2),
+        ] {
+            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    fn count(&self, protocol: Protocol, by: i64, opened: bool) {
+        let (now, total) = match protocol {
+            Protocol::H1 => (&self.h1, &self.opened_h1),
+            Protocol::H2 => (&self.h2, &self.opened_h2),
+        };
+        now.fetch_add(by, Ordering::Relaxed);
+        if opened {
+            total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `{"http/1.1": n, "h2": n, "connections_opened": {"http/1.1": n, "h2": n}}`.
+    pub fn json(&self) -> serde_json::Value {
+        let get = |a: &AtomicI64| a.load(Ordering::Relaxed).max(0);
+        serde_json::json!({
+            "http/1.1": get(&self.h1),
+            "h2": get(&self.h2),
+            "connections_opened": {
+                "http/1.1": get(&self.opened_h1),
+                "h2": get(&self.opened_h2),
+            },
+        })
+    }
+}
+
 pub struct Upstreams {
     h1: v1::Connector,
     h2: v2::Connector,
     endpoints: Mutex<HashMap<u64, Arc<Endpoint>>>,
-    /// Upstream streams open now (an HTTP/1.1 exchange is one), by protocol.
-    pub open_h1: AtomicI64,
-    pub open_h2: AtomicI64,
+    /// Exchanges open now with every upstream.
+    pub open: Open,
 }
 
 impl Upstreams {
@@ -72,8 +119,7 @@ impl Upstreams {
             h1: v1::Connector::new(options.clone()),
             h2: v2::Connector::new(options),
             endpoints: Mutex::new(HashMap::new()),
-            open_h1: AtomicI64::new(0),
-            open_h2: AtomicI64::new(0),
+            open: Open::default(),
         })
     }
 
@@ -87,25 +133,25 @@ impl Upstreams {
 
     /// A session to `peer`: a free stream of a pooled h2 connection, a pooled HTTP/1.1
     /// connection, or a new connection of whichever version the peer's ALPN allows and the
-    /// server picks. The second value: it came from the pool.
-    pub async fn session(self: &Arc<Self>, peer: &HttpPeer) -> Result<(Session, bool)> {
+    /// server picks; counted open in `here` (its endpoint's count) until it ends. The second
+    /// value: it came from the pool.
+    pub async fn session(
+        self: &Arc<Self>,
+        peer: &HttpPeer,
+        here: &Arc<Open>,
+    ) -> Result<(Session, bool)> {
         let (session, reused) = self.connect(peer).await?;
         let protocol = Protocol::of(&session);
-        self.count(protocol).fetch_add(1, Ordering::Relaxed);
+        self.open.count(protocol, 1, !reused);
+        here.count(protocol, 1, !reused);
         let session = Session {
             inner: Some(session),
             peer: peer.clone(),
             pool: self.clone(),
+            here: here.clone(),
             protocol,
         };
         Ok((session, reused))
-    }
-
-    fn count(&self, protocol: Protocol) -> &AtomicI64 {
-        match protocol {
-            Protocol::H1 => &self.open_h1,
-            Protocol::H2 => &self.open_h2,
-        }
     }
 
     async fn connect(&self, peer: &HttpPeer) -> Result<(HttpSession, bool)> {
@@ -143,14 +189,6 @@ impl Upstreams {
         }
         Ok((session, false))
     }
-
-    /// Upstream exchanges open now: over HTTP/1.1, over h2.
-    pub fn snapshot(&self) -> (i64, i64) {
-        (
-            self.open_h1.load(Ordering::Relaxed).max(0),
-            self.open_h2.load(Ordering::Relaxed).max(0),
-        )
-    }
 }
 
 /// The ALPN for a peer: which versions sluice offers the endpoint. `grpc`: the request only
@@ -173,10 +211,17 @@ pub struct Session {
     inner: Option<HttpSession>,
     peer: HttpPeer,
     pool: Arc<Upstreams>,
+    here: Arc<Open>,
     protocol: Protocol,
 }
 
 impl Session {
+    /// No longer open (released or dropped).
+    fn closed(&self) {
+        self.pool.open.count(self.protocol, -1, false);
+        self.here.count(self.protocol, -1, false);
+    }
+
     pub fn protocol(&self) -> Protocol {
         self.protocol
     }
@@ -190,9 +235,7 @@ impl Session {
         let Some(session) = self.inner.take() else {
             return;
         };
-        self.pool
-            .count(self.protocol)
-            .fetch_sub(1, Ordering::Relaxed);
+        self.closed();
         match session {
             HttpSession::H1(h1) => {
                 self.pool
@@ -228,9 +271,7 @@ impl Drop for Session {
         let Some(session) = self.inner.take() else {
             return;
         };
-        self.pool
-            .count(self.protocol)
-            .fetch_sub(1, Ordering::Relaxed);
+        self.closed();
         if let HttpSession::H2(h2) = session {
             // The stream is reset (dropped unfinished); its connection serves the others.
             self.pool

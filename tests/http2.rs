@@ -149,6 +149,25 @@ fn fifty_concurrent_requests_share_one_h2_connection_and_never_stays_on_http1() 
         sluice.metric("sluice_requests_by_protocol_total{client=\"http/1.1\",upstream=\"h2\"}"),
         50.0
     );
+    // /status: no exchange open now, and the h2 connections opened, for sluice and per host.
+    let (_, status) = sluice.admin_get("/status");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    let open = &status["upstream_streams"];
+    assert_eq!(open["h2"], 0, "{open}");
+    assert_eq!(
+        open["connections_opened"]["h2"].as_u64(),
+        Some(up.connections() as u64),
+        "{open}"
+    );
+    let host = status["upstream_hosts"]
+        .as_array()
+        .and_then(|hosts| hosts.iter().find(|h| h["host"] == format!("{HOST}:443")))
+        .unwrap_or_else(|| panic!("{HOST} in /status: {}", status["upstream_hosts"]));
+    assert_eq!(
+        host["connections_opened"]["h2"].as_u64(),
+        Some(up.connections() as u64),
+        "{host}"
+    );
     let before = up.connections();
     support::rt().block_on(fifty_at_once(&client, &sluice, NEVER));
     let seen = up.requests();

@@ -146,6 +146,8 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         ),
         "hosts": hosts,
         "regions": crate::regions::status_json(&shared.regions),
+        "upstream_streams": shared.upstream.open.json(),
+        "upstream_hosts": crate::regions::upstream_json(&shared.regions),
         "refusals": shared.metrics.refusals_by_code(),
         "intercept": intercept_json(shared),
         "jobs": shared.jobs.summary(),

@@ -104,10 +104,15 @@ pub async fn run(
         Err(e) => return Err(fail(e, true)),
     };
     let (mut session, reused) = loop {
-        let (session, pooled) = match job.shared.upstream.session(&peer).await {
+        let (session, pooled) = match job.shared.upstream.session(&peer, &r.state.open).await {
             Ok(s) => s,
             Err(e) => return Err(fail(e.into_up(), true)),
         };
+        if !pooled {
+            // A host without regions that holds connections is remembered (its counts in
+            // `/status`).
+            job.shared.regions.keep(&job.plan.route.host);
+        }
         let Some(p) = permit.as_ref() else {
             break (session, pooled);
         };

@@ -229,6 +229,26 @@ fn build_region(rc: &RegionConfig, previous: Option<&Region>) -> Region {
 }
 
 /// Current health of a host's regions as JSON, for `/status`.
+/// Upstream exchanges open now and connections opened, per host (configured, or without
+/// regions and remembered: one that opened a connection is), for `/status`.
+pub fn upstream_json(regions: &Regions) -> serde_json::Value {
+    let mut hosts = regions.all();
+    hosts.extend(regions.kept_implicit());
+    let list: Vec<serde_json::Value> = hosts
+        .iter()
+        .map(|h| {
+            let sum = crate::upstream::Open::default();
+            for r in &h.regions {
+                sum.add(&r.state.open);
+            }
+            let mut v = sum.json();
+            v["host"] = serde_json::Value::from(h.host.as_str());
+            v
+        })
+        .collect();
+    serde_json::Value::Array(list)
+}
+
 pub fn status_json(regions: &Regions) -> serde_json::Value {
     let now = regions.now();
     let hosts: Vec<serde_json::Value> = regions
@@ -256,6 +276,7 @@ pub fn status_json(regions: &Regions) -> serde_json::Value {
                         "ejected_ms": s.ejected_for(now) / 1_000_000,
                         "ejections": s.ejections(),
                         "in_flight": s.in_flight(),
+                        "upstream_streams": s.open.json(),
                         "latency_ewma_ms": ms(s.ewma()),
                         "latency_p50_ms": ms(sketch.as_ref().map(|k| k.at(50))),
                         "latency_p95_ms": ms(sketch.as_ref().map(|k| k.at(95))),

@@ -39,6 +39,8 @@ pub struct RegionState {
     /// When the region last told us anything about its latency (an answer, or an attempt
     /// cancelled while waiting); 0 = never.
     observed_at: AtomicU64,
+    /// Exchanges open now with its upstreams, by HTTP version.
+    pub open: std::sync::Arc<crate::upstream::Open>,
 }
 
 impl RegionState {
@@ -59,6 +61,7 @@ impl RegionState {
             sketch: std::array::from_fn(|_| AtomicU32::new(0)),
             samples: AtomicU32::new(0),
             observed_at: AtomicU64::new(0),
+            open: Default::default(),
         }
     }
 
