@@ -13,6 +13,9 @@
 #   VARIANTS="sluice_forward nginx_reverse" benches/load.sh   # only these HTTP variants, no CONNECT
 #   SLUICE_BUILDS="a=/path/to/sluice b=/other/sluice" benches/load.sh   # adds sluice_a, sluice_b
 #                                                       # (forward proxy): A/B of builds, interleaved
+#   VARIANTS="sluice_tls_h1 sluice_tls_h2" benches/load.sh   # the same TLS origin (nginx, h2 and
+#                                                       # HTTP/1.1 by ALPN) through sluice over
+#                                                       # HTTP/1.1 (http2 = "never") and over h2
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -65,10 +68,20 @@ wait_port() {
 }
 
 ORIGIN=$(free_port); RP=$(free_port); HA=$(free_port); SQ=$(free_port); TP=$(free_port)
-SL=$(free_port); SL_ADMIN=$(free_port); PF=$(free_port); ATS=$(free_port)
+SL=$(free_port); SL_ADMIN=$(free_port); PF=$(free_port); ATS=$(free_port); ORIGIN_TLS=$(free_port)
 SMALL=$(python3 -c 'print("x"*100, end="")')
 head -c 10240 /dev/zero | tr '\0' 'y' > "$work/big"
 chmod 0644 "$work/big"
+
+# The origin's TLS listener (h2 and HTTP/1.1 by ALPN): a CA sluice trusts, and its leaf.
+openssl req -x509 -newkey rsa:2048 -nodes -keyout "$work/ca.key" -out "$work/ca.pem" -days 2 \
+  -subj /CN=sluice-bench-ca -addext basicConstraints=critical,CA:TRUE 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -keyout "$work/leaf.key" -out "$work/leaf.csr" \
+  -subj /CN=origin.test 2>/dev/null
+printf 'subjectAltName=DNS:origin.test\n' > "$work/leaf.ext"
+openssl x509 -req -in "$work/leaf.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
+  -out "$work/leaf.pem" -days 2 -extfile "$work/leaf.ext" 2>/dev/null
+chmod 0644 "$work"/*.pem "$work"/*.key
 
 nginx_common="worker_processes 1; daemon off; error_log $work/%s.err; pid $work/%s.pid;
 events { worker_connections 16384; }"
@@ -80,6 +93,13 @@ http {
   uwsgi_temp_path $work/o_uwsgi; scgi_temp_path $work/o_scgi;
   server {
     listen 127.0.0.1:$ORIGIN;
+    location = /small { default_type text/plain; return 200 "$SMALL"; }
+    location = /big { default_type text/plain; alias $work/big; }
+  }
+  server {
+    listen 127.0.0.1:$ORIGIN_TLS ssl http2;
+    ssl_certificate $work/leaf.pem; ssl_certificate_key $work/leaf.key;
+    http2_max_concurrent_streams 1000;
     location = /small { default_type text/plain; return 200 "$SMALL"; }
     location = /big { default_type text/plain; alias $work/big; }
   }
@@ -151,11 +171,18 @@ access_log = false
 log_level = "warn"
 pid_file = "$work/sluice.pid"
 upgrade_sock = "$work/sluice.sock"
+upstream_ca_file = "$work/ca.pem"
 [defaults]
 rps = 1000000.0
 burst = 100000
 [hosts."origin.region"]
 regions = [{ name = "o", address = "127.0.0.1:$ORIGIN" }]
+[hosts."origin.h1"]
+http2 = "never"
+regions = [{ name = "o", address = "127.0.0.1:$ORIGIN_TLS", tls = true, sni = "origin.test" }]
+[hosts."origin.h2"]
+http2 = "always"
+regions = [{ name = "o", address = "127.0.0.1:$ORIGIN_TLS", tls = true, sni = "origin.test" }]
 [security]
 allow_cidrs = ["127.0.0.0/8"]
 connect_any_port = true
@@ -213,7 +240,7 @@ start tinyproxy 0 tinyproxy -d -c "$work/tinyproxy.conf"
 start sluice 0 "$SLUICE" --config "$work/sluice.toml"
 start pingora_floor 0 "$PINGORA_FLOOR" "127.0.0.1:$PF" "127.0.0.1:$ORIGIN"
 start ats 0 env PROXY_CONFIG_CONFIG_DIR="$work/ats/conf" traffic_server
-ports="$ORIGIN $RP $HA $SQ $TP $SL $PF $ATS"
+ports="$ORIGIN $ORIGIN_TLS $RP $HA $SQ $TP $SL $PF $ATS"
 builds=()
 for b in $SLUICE_BUILDS; do # name=binary: the same configuration on its own ports
   name=${b%%=*}; port=$(free_port); admin=$(free_port)
@@ -298,6 +325,8 @@ for round in $(seq 1 "$ROUNDS"); do
     run_http sluice_forward "$size" "$SL" "$PID_sluice" "http://$O/$size" "$O"
     run_http sluice_target "$size" "$SL" "$PID_sluice" "/$size" "sluice" "http://$O"
     run_http sluice_region "$size" "$SL" "$PID_sluice" "/$size" "sluice" "http://origin.region"
+    run_http sluice_tls_h1 "$size" "$SL" "$PID_sluice" "/$size" "sluice" "https://origin.h1"
+    run_http sluice_tls_h2 "$size" "$SL" "$PID_sluice" "/$size" "sluice" "https://origin.h2"
     for b in "${builds[@]}"; do
       pid_var="PID_sluice_${b%%:*}"
       run_http "sluice_${b%%:*}" "$size" "${b#*:}" "${!pid_var}" "http://$O/$size" "$O"

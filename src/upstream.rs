@@ -22,6 +22,8 @@ pub const IDLE: Duration = Duration::from_secs(60);
 /// Most streams sluice opens at once on one h2 connection; the server's own
 /// `SETTINGS_MAX_CONCURRENT_STREAMS` applies below it.
 pub const MAX_H2_STREAMS: usize = 100;
+/// Longest wait for an endpoint's gate when the peer names no connect timeout.
+const GATE_WAIT: Duration = Duration::from_secs(5);
 /// Endpoints remembered (their connect gate and whether they answered h2); past it, the
 /// ones nobody is using are forgotten.
 const MAX_ENDPOINTS: usize = 4096;
@@ -162,7 +164,9 @@ impl Upstreams {
         }
         let h2_only = alpn.get_min_http_version() == 2;
         let endpoint = self.endpoint(peer.reuse_hash());
-        if !h2_only && endpoint.speaks_h1.load(Ordering::Relaxed) {
+        // A server that chose HTTP/1.1 (or, offered only h2, no protocol at all) is reached
+        // over pooled HTTP/1.1 connections, without the gate.
+        if endpoint.speaks_h1.load(Ordering::Relaxed) {
             if let Some(h1) = self.h1.reused_http_session(peer).await {
                 return Ok((HttpSession::H1(h1), true));
             }
@@ -173,8 +177,11 @@ impl Upstreams {
             return Ok((session, false));
         }
         // One caller at a time looks for a free stream and, finding none, opens the next
-        // connection, which the others then share.
-        let _turn = endpoint.gate.lock().await;
+        // connection, which the others then share. A caller waits for its turn at most a
+        // connect's time (an endpoint whose connects hang does not make each caller wait for
+        // all the others' connects), then opens its own.
+        let wait = peer.options.connection_timeout.unwrap_or(GATE_WAIT);
+        let _turn = tokio::time::timeout(wait, endpoint.gate.lock()).await.ok();
         if let Some(h2) = self.h2.reused_http_session(peer).await? {
             return Ok((HttpSession::H2(h2), true));
         }

@@ -14,6 +14,19 @@ use support::*;
 const HOST: &str = "api.example.test";
 const NEVER: &str = "never.example.test";
 
+/// The metric once it reads `want` (it is counted as each answer's log line is written, just
+/// after the answer went out), or what it reads after 5 s.
+fn metric_settles(sluice: &Sluice, series: &str, want: f64) -> f64 {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = sluice.metric(series);
+        if got == want || std::time::Instant::now() > until {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A gRPC message frame: not compressed, its length, the bytes.
 fn grpc_frame(message: &[u8]) -> Vec<u8> {
     let mut f = vec![0u8];
@@ -38,6 +51,8 @@ struct H2Answer {
     headers: http::HeaderMap,
     body: Vec<u8>,
     trailers: Option<http::HeaderMap>,
+    /// The stream ended with the response head (`END_STREAM` on `HEADERS`).
+    ended_with_head: bool,
 }
 
 impl H2Answer {
@@ -68,6 +83,7 @@ async fn h2_call(
         .expect("answer within 20 s")
         .expect("answer");
     let (parts, mut incoming) = resp.into_parts();
+    let ended_with_head = incoming.is_end_stream();
     let mut bytes = Vec::new();
     while let Some(chunk) = incoming.data().await {
         let chunk = chunk.expect("body chunk");
@@ -80,6 +96,7 @@ async fn h2_call(
         headers: parts.headers,
         body: bytes,
         trailers,
+        ended_with_head,
     }
 }
 
@@ -145,10 +162,8 @@ fn fifty_concurrent_requests_share_one_h2_connection_and_never_stays_on_http1() 
         "50 concurrent requests over {} connections",
         up.connections()
     );
-    assert_eq!(
-        sluice.metric("sluice_requests_by_protocol_total{client=\"http/1.1\",upstream=\"h2\"}"),
-        50.0
-    );
+    let series = "sluice_requests_by_protocol_total{client=\"http/1.1\",upstream=\"h2\"}";
+    assert_eq!(metric_settles(&sluice, series, 50.0), 50.0);
     // /status: no exchange open now, and the h2 connections opened, for sluice and per host.
     let (_, status) = sluice.admin_get("/status");
     let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
@@ -239,10 +254,8 @@ fn h2c_with_prior_knowledge_to_a_route_is_answered_over_h2() {
     });
     assert_eq!(up.count(), 10);
     assert!(up.requests().iter().all(|r| r.version == "HTTP/1.1"));
-    assert_eq!(
-        sluice.metric("sluice_requests_by_protocol_total{client=\"h2\",upstream=\"http/1.1\"}"),
-        10.0
-    );
+    let series = "sluice_requests_by_protocol_total{client=\"h2\",upstream=\"http/1.1\"}";
+    assert_eq!(metric_settles(&sluice, series, 10.0), 10.0);
 }
 
 #[test]
@@ -261,13 +274,21 @@ fn grpc_through_a_route_keeps_its_trailers_and_resource_exhausted_pauses_the_hos
             Reply::text(200, &unary)
                 .header("content-type", "application/grpc")
                 .trailer("grpc-status", "0")
-                .trailer("grpc-message", "fine"),
+                .trailer("grpc-message", "fine")
+                .trailer("sluice-error", "forged"),
         )
         .route(
             "/pkg.Echo/Stream",
             Reply::chunked(200, &parts)
                 .header("content-type", "application/grpc")
                 .trailer("grpc-status", "0"),
+        )
+        .route(
+            "/pkg.Echo/Gone",
+            Reply::text(200, "")
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "5")
+                .header("grpc-message", "no such thing"),
         )
         .route(
             "/pkg.Echo/Busy",
@@ -300,6 +321,11 @@ fn grpc_through_a_route_keeps_its_trailers_and_resource_exhausted_pauses_the_hos
         assert_eq!(a.body, grpc_frame(b"pong"));
         assert_eq!(a.trailer("grpc-status"), Some("0"));
         assert_eq!(a.trailer("grpc-message"), Some("fine"));
+        assert_eq!(
+            a.trailer("sluice-error"),
+            None,
+            "only sluice speaks Sluice-*"
+        );
 
         let a = h2_call(
             &send,
@@ -310,6 +336,17 @@ fn grpc_through_a_route_keeps_its_trailers_and_resource_exhausted_pauses_the_hos
         assert_eq!(a.status, 200);
         assert_eq!(a.body, stream_frames.concat());
         assert_eq!(a.trailer("grpc-status"), Some("0"));
+
+        // A trailers-only answer (its status in the head) ends with its head here too.
+        let a = h2_call(
+            &send,
+            grpc_request(&format!("{base}/pkg.Echo/Gone")),
+            Some(grpc_frame(b"where")),
+        )
+        .await;
+        assert_eq!(a.header("grpc-status"), "5");
+        assert_eq!(a.header("grpc-message"), "no such thing");
+        assert!(a.ended_with_head && a.body.is_empty() && a.trailers.is_none());
 
         let a = h2_call(
             &send,
@@ -327,7 +364,7 @@ fn grpc_through_a_route_keeps_its_trailers_and_resource_exhausted_pauses_the_hos
         assert_eq!(a.header("sluice-error"), "rate_limited");
     });
     let seen = up.requests();
-    assert_eq!(seen.len(), 3, "the refused call never reached the upstream");
+    assert_eq!(seen.len(), 4, "the refused call never reached the upstream");
     assert!(seen.iter().all(|r| r.version == "HTTP/2.0"));
     assert_eq!(seen[0].header("te"), Some("trailers"));
     assert_eq!(seen[0].body, grpc_frame(b"ping"));
@@ -449,10 +486,8 @@ fn an_intercepted_client_offering_h2_gets_h2_and_grpc_passes_with_its_trailers()
     assert_eq!(seen.len(), 2);
     assert!(seen.iter().all(|r| r.version == "HTTP/2.0"));
     assert_eq!(seen[0].target, "/v1/inside");
-    assert_eq!(
-        sluice.metric("sluice_requests_total{way=\"intercept\",outcome=\"ok\"}"),
-        2.0
-    );
+    let series = "sluice_requests_total{way=\"intercept\",outcome=\"ok\"}";
+    assert_eq!(metric_settles(&sluice, series, 2.0), 2.0);
 }
 
 /// nginx as an h2 TLS upstream (Debian's nginx 1.22), on a free port, answering every
@@ -614,4 +649,25 @@ fn an_upstream_goaway_in_a_load_loses_no_request_and_sends_none_twice() {
     eprintln!("requests sent again after a GOAWAY or a refused stream: {retried}");
     assert_eq!(sluice.metric("sluice_retry_budget_exhausted_total"), 0.0);
     assert_eq!(sluice.metric("sluice_region_ejections_total"), 0.0);
+}
+
+#[test]
+fn an_h2_client_that_stops_after_the_preface_is_closed_by_the_head_timeout() {
+    use std::io::{Read, Write};
+    let sluice = Sluice::start("header_read_timeout = \"1s\"\n", "");
+    let mut tcp = std::net::TcpStream::connect(sluice.proxy).expect("connect");
+    // The preface's first part only: no SETTINGS ever follows.
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\n").expect("preface");
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let mut buf = [0u8; 1024];
+    let mut read = Vec::new();
+    loop {
+        match tcp.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => read.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("still open after 20 s ({e}); read {read:?}"),
+        }
+    }
+    assert!(read.is_empty() || read.len() < 100, "{read:?}");
 }

@@ -193,7 +193,7 @@ pub async fn run(
     }
     // A 429 used no tokens (whether it is retried or passed on).
     if let (Some(p), Some(h)) = (&mut permit, session.response_header()) {
-        if h.status.as_u16() == 429 {
+        if h.status.as_u16() == 429 || super::pace::grpc_exhausted(&h.headers).is_some() {
             job.shared
                 .admission
                 .settle(p, crate::admission::TokenCost::default());
@@ -308,6 +308,18 @@ fn for_version(
         if job.plan.unsized_body {
             head.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
         }
+        // An h2 client may send its cookies as several fields; HTTP/1.1 has one (RFC 9113
+        // 8.2.3).
+        let cookies: Vec<&[u8]> = head
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        if cookies.len() > 1 {
+            let joined = cookies.join(&b"; "[..]);
+            head.insert_header(http::header::COOKIE, joined)?;
+        }
         return Ok(head);
     }
     let authority = head
@@ -334,8 +346,18 @@ fn for_version(
             )
         })?;
     head.set_uri(uri);
-    head.remove_header(&http::header::HOST);
-    head.remove_header(&http::header::TRANSFER_ENCODING);
+    // h2 carries none of HTTP/1.1's connection-specific headers (RFC 9113 8.2.2).
+    for name in [
+        http::header::HOST,
+        http::header::TRANSFER_ENCODING,
+        http::header::CONNECTION,
+        http::header::UPGRADE,
+        http::header::TE,
+        http::header::HeaderName::from_static("keep-alive"),
+        http::header::HeaderName::from_static("proxy-connection"),
+    ] {
+        head.remove_header(&name);
+    }
     if job.plan.trailers {
         head.insert_header(http::header::TE, "trailers")?;
     }
@@ -430,7 +452,11 @@ pub async fn peer_for(job: &Outbound<'_>, r: &Region) -> Result<HttpPeer> {
     };
     super::peer_options(&mut peer, job.generation(), job.read_timeout());
     let tls = peer.is_tls();
-    peer.options.alpn = crate::upstream::alpn(job.plan.limits.http2, tls, job.plan.grpc);
+    peer.options.alpn = match job.plan.upgrade {
+        // An upgrade (a WebSocket) is an HTTP/1.1 exchange.
+        true => pingora_core::upstreams::peer::ALPN::H1,
+        false => crate::upstream::alpn(job.plan.limits.http2, tls, job.plan.grpc),
+    };
     peer.options.max_h2_streams = crate::upstream::MAX_H2_STREAMS;
     Ok(peer)
 }

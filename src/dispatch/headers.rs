@@ -86,6 +86,14 @@ pub fn clean_request(req: &mut RequestHeader, via: &str) {
     }
 }
 
+/// Clean an upstream's trailers before they go to the client: no hop-by-hop or `Sluice-*`
+/// fields (an upstream could forge `Sluice-Error` there too).
+pub fn clean_trailers(trailers: &mut HeaderMap) {
+    for name in names_to_drop(trailers, true) {
+        trailers.remove(&name);
+    }
+}
+
 /// Clean a response before it goes to the client. `Sluice-*` headers from upstream are
 /// dropped too: only this sluice speaks with them (an upstream could forge `Sluice-Error`).
 pub fn clean_response(resp: &mut ResponseHeader, via: &str) {

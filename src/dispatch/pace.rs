@@ -80,7 +80,8 @@ pub fn learn(
     h.model = model.cloned();
     // A trailers-only gRPC answer carries its status in the head: `RESOURCE_EXHAUSTED` is
     // the upstream's 429.
-    if let Some(pushback) = grpc_exhausted(&resp.headers) {
+    let grpc = grpc_exhausted(&resp.headers);
+    if let Some(pushback) = grpc {
         status = 429;
         h.retry_after = h.retry_after.or(pushback);
     }
@@ -89,7 +90,7 @@ pub fn learn(
         m.hint_errors.with_label_values(&[name]).inc();
     }
     let mut region_pause = None;
-    if !host_quota && (pause_signal(resp) || h.exhausted_any().is_some()) {
+    if !host_quota && (pause_signal(resp) || grpc.is_some() || h.exhausted_any().is_some()) {
         let d = h
             .retry_after
             .or(h.exhausted_any())
@@ -121,6 +122,9 @@ pub fn learn(
 
 /// gRPC's status code for a spent quota.
 const GRPC_RESOURCE_EXHAUSTED: &[u8] = b"8";
+/// What gRPC libraries say of a message over the size limit (`grpc-message`; its spaces may
+/// come percent-encoded).
+const GRPC_TOO_LARGE: [&[u8]; 2] = [b"larger than max", b"larger%20than%20max"];
 /// Longest pause a gRPC `grpc-retry-pushback-ms` may ask for (as long as a `Retry-After`).
 const GRPC_PUSHBACK_MAX: Duration = Duration::from_secs(3600);
 
@@ -130,6 +134,19 @@ const GRPC_PUSHBACK_MAX: Duration = Duration::from_secs(3600);
 pub fn grpc_exhausted(headers: &http::HeaderMap) -> Option<Option<Duration>> {
     let status = headers.get("grpc-status")?;
     if status.as_bytes().trim_ascii() != GRPC_RESOURCE_EXHAUSTED {
+        return None;
+    }
+    // gRPC says RESOURCE_EXHAUSTED of a message over the size limit too: that one call's
+    // fault, not the quota's.
+    let message = headers
+        .get("grpc-message")
+        .map_or(&b""[..], |v| v.as_bytes());
+    let says = |words: &[u8]| {
+        message
+            .windows(words.len())
+            .any(|w| w.eq_ignore_ascii_case(words))
+    };
+    if GRPC_TOO_LARGE.iter().any(|w| says(w)) {
         return None;
     }
     let pushback = headers
@@ -194,4 +211,57 @@ pub fn set_retry_after(
 pub fn pause_signal(resp: &ResponseHeader) -> bool {
     let status = resp.status.as_u16();
     status == 429 || (status == 503 && resp.headers.contains_key(http::header::RETRY_AFTER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trailers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(*k, http::HeaderValue::from_static(v));
+        }
+        map
+    }
+
+    #[test]
+    fn resource_exhausted_is_the_quota_and_its_pushback_is_bounded() {
+        let t = |pairs| grpc_exhausted(&trailers(pairs));
+        assert_eq!(t(&[("grpc-status", "0")]), None);
+        assert_eq!(t(&[("grpc-status", "14")]), None);
+        assert_eq!(t(&[("grpc-status", "8")]), Some(None));
+        assert_eq!(
+            t(&[("grpc-status", "8"), ("grpc-retry-pushback-ms", "2500")]),
+            Some(Some(Duration::from_millis(2500)))
+        );
+        // Bounded, and a negative or malformed pushback asks for no time (the backoff).
+        assert_eq!(
+            t(&[
+                ("grpc-status", "8"),
+                ("grpc-retry-pushback-ms", "99999999999")
+            ]),
+            Some(Some(GRPC_PUSHBACK_MAX))
+        );
+        assert_eq!(
+            t(&[("grpc-status", "8"), ("grpc-retry-pushback-ms", "-1")]),
+            Some(None)
+        );
+        assert_eq!(
+            t(&[("grpc-status", "8"), ("grpc-retry-pushback-ms", "soon")]),
+            Some(None)
+        );
+        // A message over the size limit is that call's fault, not the quota's.
+        for message in [
+            "grpc: received message larger than max (4194305 vs. 4194304)",
+            "Received%20message%20larger%20than%20max",
+        ] {
+            let mut map = trailers(&[("grpc-status", "8")]);
+            map.insert(
+                "grpc-message",
+                http::HeaderValue::from_str(message).expect("value"),
+            );
+            assert_eq!(grpc_exhausted(&map), None, "{message}");
+        }
+    }
 }

@@ -51,6 +51,8 @@ pub struct Plan {
     pub grpc: bool,
     /// The client accepts trailers (`te: trailers`), asked of an h2 upstream too.
     pub trailers: bool,
+    /// An upgrade (a WebSocket): always HTTP/1.1 to the upstream.
+    pub upgrade: bool,
     /// It came over h2 with a body of no stated length: to an HTTP/1.1 upstream it goes
     /// chunked.
     pub unsized_body: bool,
@@ -221,6 +223,7 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
     let order = endpoints(shared, &route, &control);
     let grpc = headers::is_grpc(req);
     let trailers = headers::accepts_trailers(req);
+    let upgrade = headers::upgrade_of(req).is_some();
     let unsized_body = content_length(req).is_none()
         && session
             .as_downstream()
@@ -243,6 +246,7 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         model: None,
         grpc,
         trailers,
+        upgrade,
         unsized_body,
     })
 }

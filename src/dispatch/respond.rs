@@ -137,6 +137,21 @@ pub async fn stream(
             session.set_keepalive(None);
         }
     }
+    // An h2 answer that ended with its head (gRPC's trailers-only answer: its status in the
+    // head) ends with its head for an h2 client too.
+    let head_only = session.as_downstream().is_http2()
+        && matches!(&*upstream, HttpSession::H2(h2) if h2.response_finished());
+    if head_only {
+        use pingora_core::protocols::http::HttpTask;
+        session
+            .as_downstream_mut()
+            .response_duplex_vec(vec![HttpTask::Header(Box::new(resp), true)])
+            .await?;
+        drop(in_flight);
+        drop(permit);
+        upstream.release().await;
+        return Ok(());
+    }
     session.write_response_header(Box::new(resp), false).await?;
     // The body is bounded by its silences, never by the deadline (a long stream is not cut).
     upstream.set_read_timeout(Some(body_idle));
@@ -157,9 +172,12 @@ pub async fn stream(
         HttpSession::H2(h2) => h2.read_trailers().await.map_err(|e| e.into_up())?,
         _ => None,
     };
-    if let Some(t) = &trailers {
-        let host_quota = plan.limits.quota == crate::config::Quota::Host;
+    let mut trailers = trailers;
+    if let Some(t) = &mut trailers {
+        // A host without regions speaks for its whole quota (as in `exec`).
+        let host_quota = host.implicit || plan.limits.quota == crate::config::Quota::Host;
         pace::learn_trailers(shared, cell, &ctx.generation, t, host_quota);
+        headers::clean_trailers(t);
     }
     match trailers {
         // Sending the trailers ends the client's stream.

@@ -166,9 +166,13 @@ impl Front {
 
 impl Front {
     /// Serve an h2 connection: each stream a request through the same pipeline, on its own
-    /// task. Pingora's h2 defaults bound it (100 streams at once, 64 KiB of header list, the
-    /// h2 crate's flow-control windows); it closes like an idle HTTP/1.1 connection when no
-    /// stream has been open for the keep-alive time, and gracefully (GOAWAY) on shutdown.
+    /// task. Bounded: the handshake within the head read timeout, 100 streams at once (and
+    /// 100 requests running: a stream the client resets keeps its place until its request
+    /// ends, so resets cannot pile up work), a header list of `security.max_header_bytes`,
+    /// the h2 crate's flow-control windows. It closes like an idle HTTP/1.1 connection when
+    /// no stream has been open for the keep-alive time (shorter as the listener fills), and
+    /// gracefully (GOAWAY) on shutdown; a client that then leaves its last streams silent
+    /// for `DRAIN` is dropped.
     async fn serve_h2(
         self: &Arc<Self>,
         stream: Stream,
@@ -182,10 +186,23 @@ impl Front {
             proxy_digest: stream.get_proxy_digest(),
             socket_digest: stream.get_socket_digest(),
         });
-        let mut conn = match server::handshake(stream, None).await {
-            Ok(c) => c,
-            Err(e) => {
+        let generation = self.shared.generation();
+        let security = &generation.config.security;
+        let (max_head, max_connections) = (security.max_header_bytes, security.max_connections);
+        let head_timeout = generation.config.server.header_read_timeout.get();
+        drop(generation);
+        let mut options = server::default_h2_options();
+        options.max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
+        options.max_concurrent_streams(H2_MAX_STREAMS as u32);
+        let handshake = server::handshake(stream, Some(options));
+        let mut conn = match tokio::time::timeout(head_timeout, handshake).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "h2 handshake with a client failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("h2 handshake with a client not done within {head_timeout:?}");
                 return;
             }
         };
@@ -193,6 +210,8 @@ impl Front {
         let mut watch = shutdown.clone();
         let mut closing = false;
         loop {
+            let open = self.shared.connections.load(Ordering::Relaxed);
+            let idle = keepalive_for(open, max_connections);
             let next = tokio::select! {
                 s = server::HttpSession::from_h2_conn(&mut conn, digest.clone()) => s,
                 _ = watch.wait_for(|down| *down), if !closing => {
@@ -200,11 +219,13 @@ impl Front {
                     closing = true;
                     continue;
                 }
-                _ = streams.idle_for(Duration::from_secs(KEEPALIVE_SECS)), if !closing => {
+                _ = streams.idle_for(idle), if !closing => {
                     conn.graceful_shutdown();
                     closing = true;
                     continue;
                 }
+                // Closing: the client had its time to finish (or answer the GOAWAY's ping).
+                _ = streams.idle_for(H2_DRAIN), if closing => break,
             };
             let h2 = match next {
                 Ok(Some(server::H2Accept::Session(h2))) => h2,
@@ -216,6 +237,13 @@ impl Front {
                     break;
                 }
             };
+            if streams.count.load(Ordering::Acquire) >= H2_MAX_STREAMS {
+                // As many requests running as streams allowed (the client reset some and
+                // opened more): this one is refused before any work.
+                let mut session = ServerSession::new_http2(h2);
+                session.shutdown_with_reason(h2::Reason::REFUSED_STREAM);
+                continue;
+            }
             let open = Streams::open(&streams);
             let front = self.clone();
             let shutdown = shutdown.clone();
@@ -237,6 +265,11 @@ impl Front {
         }
     }
 }
+
+/// Streams (and requests running) at once on one h2 connection from a client.
+const H2_MAX_STREAMS: usize = 100;
+/// How long a closing h2 connection waits, with no stream open, for its client to finish.
+const H2_DRAIN: Duration = Duration::from_secs(5);
 
 /// The h2 client preface's first part, which reads like a request head (RFC 9113 3.4).
 const H2_PREFACE_HEAD: &[u8] = b"PRI * HTTP/2.0\r\n\r\n";

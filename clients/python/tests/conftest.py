@@ -38,7 +38,7 @@ def sluice_binary() -> pathlib.Path:
 class Sluice:
     """A running sluice process on free ports."""
 
-    def __init__(self, tmp: pathlib.Path, extra: str = "") -> None:
+    def __init__(self, tmp: pathlib.Path, extra: str = "", server_extra: str = "") -> None:
         self.port = free_port()
         self.admin_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -51,6 +51,7 @@ state_dir = "{tmp / 'state'}"
 pid_file = "{tmp / 'sluice.pid'}"
 upgrade_sock = "{tmp / 'upgrade.sock'}"
 dns_servers = ["127.0.0.1:{free_port()}"]
+{server_extra}
 [security]
 allow_cidrs = ["127.0.0.0/8"]
 [webhooks]
@@ -159,10 +160,10 @@ def answer(h: BaseHTTPRequestHandler, status: int, body: bytes, headers: Optiona
 def start_sluice(tmp_path: pathlib.Path):
     started: List[Sluice] = []
 
-    def start(extra: str = "") -> Sluice:
+    def start(extra: str = "", server_extra: str = "") -> Sluice:
         d = tmp_path / f"s{len(started)}"
         d.mkdir()
-        s = Sluice(d, extra)
+        s = Sluice(d, extra, server_extra)
         started.append(s)
         return s
 
