@@ -671,3 +671,85 @@ fn an_h2_client_that_stops_after_the_preface_is_closed_by_the_head_timeout() {
     }
     assert!(read.is_empty() || read.len() < 100, "{read:?}");
 }
+
+#[test]
+fn raced_requests_are_streams_of_one_connection_and_the_losers_are_reset_without_closing_it() {
+    let ca = TestCa::new();
+    let up = FakeUpstream::builder()
+        .route(
+            "/",
+            Reply::text(200, "raced").latency(Duration::from_millis(20)),
+        )
+        .tls(&ca)
+        .h2()
+        .start();
+    // Two regions at the same address: a race sends each request twice, as two streams of
+    // the one connection to it.
+    let region = |name: &str| {
+        format!(
+            "{{ name = \"{name}\", address = \"127.0.0.1:{}\", tls = true, sni = \"{HOST}\" }}",
+            up.port()
+        )
+    };
+    let sluice = Sluice::start(
+        &format!("upstream_ca_file = \"{}\"\n", ca.ca_path().display()),
+        &format!(
+            "[hosts.\"{HOST}\"]\nrps = 0\nmode = \"race\"\nregions = [{}, {}]\n",
+            region("a"),
+            region("b")
+        ),
+    );
+    let client = direct_client();
+    support::rt().block_on(async {
+        for i in 0..20 {
+            let r = client
+                .get(format!("{}/race/{i}", sluice.proxy_url()))
+                .header("Sluice-Target", format!("https://{HOST}"))
+                .send()
+                .await
+                .expect("answer");
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.headers()["sluice-attempts"], "2");
+            assert_eq!(r.text().await.expect("body"), "raced");
+        }
+    });
+    let races = format!("sluice_races_total{{host=\"{HOST}\"}}");
+    assert_eq!(metric_settles(&sluice, &races, 20.0), 20.0);
+    assert_eq!(
+        up.connections(),
+        1,
+        "each race's loser was reset on the connection, which went on serving"
+    );
+    assert!(up.requests().iter().all(|r| r.version == "HTTP/2.0"));
+}
+
+#[test]
+fn curl_with_http2_prior_knowledge_gets_its_answer_over_h2() {
+    let Some(curl) = tool(&["curl"], "curl") else {
+        return;
+    };
+    let up = FakeUpstream::builder()
+        .route("/v1/models", Reply::text(200, "models"))
+        .start();
+    let sluice = Sluice::start(
+        "",
+        &format!(
+            "[[routes]]\nprefix = \"/openai\"\ntarget = \"http://127.0.0.1:{}\"\n",
+            up.port()
+        ),
+    );
+    let out = run_bounded(
+        std::process::Command::new(curl)
+            .arg("--http2-prior-knowledge")
+            .args(["-s", "-w", "\n%{http_version} %{http_code}"])
+            .arg(format!("http://{}/openai/v1/models", sluice.proxy)),
+        Duration::from_secs(20),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text,
+        "models\n2 200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
