@@ -146,20 +146,25 @@ impl Upstreams {
         let protocol = Protocol::of(&session);
         self.open.count(protocol, 1, !reused);
         here.count(protocol, 1, !reused);
-        let session = Session {
+        let session = Session(Box::new(Held {
             inner: Some(session),
             peer: peer.clone(),
             pool: self.clone(),
             here: here.clone(),
             protocol,
-        };
+        }));
         Ok((session, reused))
     }
 
     async fn connect(&self, peer: &HttpPeer) -> Result<(HttpSession, bool)> {
+        // A new connection's future (TCP, TLS, the h2 handshake) is large and rare with
+        // keep-alive: it is boxed, so that every request's future stays small.
         let alpn = &peer.options.alpn;
         if alpn.get_max_http_version() == 1 {
-            let (h1, reused) = self.h1.get_http_session(peer).await?;
+            if let Some(h1) = self.h1.reused_http_session(peer).await {
+                return Ok((HttpSession::H1(h1), true));
+            }
+            let (h1, reused) = Box::pin(self.h1.get_http_session(peer)).await?;
             return Ok((HttpSession::H1(h1), reused));
         }
         let h2_only = alpn.get_min_http_version() == 2;
@@ -170,7 +175,7 @@ impl Upstreams {
             if let Some(h1) = self.h1.reused_http_session(peer).await {
                 return Ok((HttpSession::H1(h1), true));
             }
-            let session = self.h2.new_http_session(peer).await?;
+            let session = Box::pin(self.h2.new_http_session(peer)).await?;
             if matches!(session, HttpSession::H2(_)) {
                 endpoint.speaks_h1.store(false, Ordering::Relaxed);
             }
@@ -190,7 +195,7 @@ impl Upstreams {
                 return Ok((HttpSession::H1(h1), true));
             }
         }
-        let session = self.h2.new_http_session(peer).await?;
+        let session = Box::pin(self.h2.new_http_session(peer)).await?;
         if matches!(session, HttpSession::H1(_)) {
             endpoint.speaks_h1.store(true, Ordering::Relaxed);
         }
@@ -213,8 +218,11 @@ pub fn alpn(http2: crate::config::Http2, tls: bool, grpc: bool) -> ALPN {
 
 /// A session to an upstream, given back to its pool when it ends: by [`Session::release`]
 /// once its answer was read to the end, or when dropped (an HTTP/1.1 connection is then
-/// closed; an h2 stream is reset and its connection kept).
-pub struct Session {
+/// closed; an h2 stream is reset and its connection kept). Boxed: Pingora's sessions are
+/// large, and every future that holds one (an attempt, the answer's streaming) stays small.
+pub struct Session(Box<Held>);
+
+struct Held {
     inner: Option<HttpSession>,
     peer: HttpPeer,
     pool: Arc<Upstreams>,
@@ -222,38 +230,44 @@ pub struct Session {
     protocol: Protocol,
 }
 
-impl Session {
+impl Held {
     /// No longer open (released or dropped).
     fn closed(&self) {
         self.pool.open.count(self.protocol, -1, false);
         self.here.count(self.protocol, -1, false);
     }
+}
 
+impl Session {
     pub fn protocol(&self) -> Protocol {
-        self.protocol
+        self.0.protocol
     }
 
     pub fn peer(&self) -> &HttpPeer {
-        &self.peer
+        &self.0.peer
     }
 
     /// Give the session back for reuse (its answer was read to its end).
     pub async fn release(mut self) {
-        let Some(session) = self.inner.take() else {
+        let held = &mut *self.0;
+        let Some(session) = held.inner.take() else {
             return;
         };
-        self.closed();
+        held.closed();
         match session {
+            // Pingora's HTTP/1.1 release is a large future (it may drain the body): boxed,
+            // so that the futures of every request that holds a session stay small.
             HttpSession::H1(h1) => {
-                self.pool
+                let release = held
+                    .pool
                     .h1
-                    .release_http_session(h1, &self.peer, Some(IDLE))
-                    .await
+                    .release_http_session(h1, &held.peer, Some(IDLE));
+                Box::pin(release).await
             }
-            HttpSession::H2(h2) => self
+            HttpSession::H2(h2) => held
                 .pool
                 .h2
-                .release_http_session(h2, &self.peer, Some(IDLE)),
+                .release_http_session(h2, &held.peer, Some(IDLE)),
             _ => {}
         }
     }
@@ -263,27 +277,28 @@ impl std::ops::Deref for Session {
     type Target = HttpSession;
     fn deref(&self) -> &HttpSession {
         // Only `release` and `drop` take it, and both consume the session.
-        self.inner.as_ref().unwrap_or_else(|| unreachable!())
+        self.0.inner.as_ref().unwrap_or_else(|| unreachable!())
     }
 }
 
 impl std::ops::DerefMut for Session {
     fn deref_mut(&mut self) -> &mut HttpSession {
-        self.inner.as_mut().unwrap_or_else(|| unreachable!())
+        self.0.inner.as_mut().unwrap_or_else(|| unreachable!())
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let Some(session) = self.inner.take() else {
+        let held = &mut *self.0;
+        let Some(session) = held.inner.take() else {
             return;
         };
-        self.closed();
+        held.closed();
         if let HttpSession::H2(h2) = session {
             // The stream is reset (dropped unfinished); its connection serves the others.
-            self.pool
+            held.pool
                 .h2
-                .release_http_session(h2, &self.peer, Some(IDLE));
+                .release_http_session(h2, &held.peer, Some(IDLE));
         }
     }
 }

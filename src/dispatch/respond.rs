@@ -156,7 +156,8 @@ pub async fn stream(
     // The body is bounded by its silences, never by the deadline (a long stream is not cut).
     upstream.set_read_timeout(Some(body_idle));
     if switched {
-        return relay_upgraded(shared, session, upstream, permit, in_flight).await;
+        // Rare, and a large future: boxed.
+        return Box::pin(relay_upgraded(shared, session, upstream, permit, in_flight)).await;
     }
     while let Some(chunk) = upstream
         .read_response_body()
