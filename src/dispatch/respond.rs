@@ -180,6 +180,17 @@ pub async fn stream(
         pace::learn_trailers(shared, cell, &ctx.generation, t, host_quota);
         headers::clean_trailers(t);
     }
+    // The usage the answer reported is settled before the client sees its end: whoever reads
+    // the metrics (or the budget) once the answer is over finds it counted.
+    if let (Some(used), Some(p)) = (tap.and_then(super::usage::Tap::finish), &mut permit) {
+        let estimated = shared.admission.settle(p, used);
+        if !estimated.is_zero() {
+            shared
+                .metrics
+                .tokens
+                .settled(ctx.host_label(), estimated, used);
+        }
+    }
     match trailers {
         // Sending the trailers ends the client's stream.
         Some(t) if session.as_downstream().is_http2() => {
@@ -190,15 +201,6 @@ pub async fn stream(
         }
         // An HTTP/1.1 client gets none (Pingora 0.9.1 writes no HTTP/1.1 trailers).
         _ => session.write_response_body(None, true).await?,
-    }
-    if let (Some(used), Some(p)) = (tap.and_then(super::usage::Tap::finish), &mut permit) {
-        let estimated = shared.admission.settle(p, used);
-        if !estimated.is_zero() {
-            shared
-                .metrics
-                .tokens
-                .settled(ctx.host_label(), estimated, used);
-        }
     }
     drop(in_flight);
     drop(permit);
