@@ -12,9 +12,8 @@ use pingora_core::connectors::ConnectorOptions;
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::upstreams::peer::{HttpPeer, Peer, ALPN};
 use pingora_error::Result;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Idle time of a pooled upstream connection.
@@ -110,7 +109,8 @@ impl Open {
 pub struct Upstreams {
     h1: v1::Connector,
     h2: v2::Connector,
-    endpoints: Mutex<HashMap<u64, Arc<Endpoint>>>,
+    /// Read on every h2-capable request: a concurrent map, no lock.
+    endpoints: papaya::HashMap<u64, Arc<Endpoint>, foldhash::fast::RandomState>,
     /// Exchanges open now with every upstream.
     pub open: Open,
 }
@@ -120,17 +120,20 @@ impl Upstreams {
         Arc::new(Upstreams {
             h1: v1::Connector::new(options.clone()),
             h2: v2::Connector::new(options),
-            endpoints: Mutex::new(HashMap::new()),
+            endpoints: papaya::HashMap::default(),
             open: Open::default(),
         })
     }
 
     fn endpoint(&self, key: u64) -> Arc<Endpoint> {
-        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_ENDPOINTS && !map.contains_key(&key) {
+        let map = self.endpoints.pin();
+        if let Some(e) = map.get(&key) {
+            return e.clone();
+        }
+        if map.len() >= MAX_ENDPOINTS {
             map.retain(|_, e| Arc::strong_count(e) > 1);
         }
-        map.entry(key).or_default().clone()
+        map.get_or_insert_with(key, Default::default).clone()
     }
 
     /// A session to `peer`: a free stream of a pooled h2 connection, a pooled HTTP/1.1

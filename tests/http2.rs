@@ -14,19 +14,6 @@ use support::*;
 const HOST: &str = "api.example.test";
 const NEVER: &str = "never.example.test";
 
-/// The metric once it reads `want` (it is counted as each answer's log line is written, just
-/// after the answer went out), or what it reads after 5 s.
-fn metric_settles(sluice: &Sluice, series: &str, want: f64) -> f64 {
-    let until = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = sluice.metric(series);
-        if got == want || std::time::Instant::now() > until {
-            return got;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A gRPC message frame: not compressed, its length, the bytes.
 fn grpc_frame(message: &[u8]) -> Vec<u8> {
     let mut f = vec![0u8];
@@ -163,7 +150,12 @@ fn fifty_concurrent_requests_share_one_h2_connection_and_never_stays_on_http1() 
         up.connections()
     );
     let series = "sluice_requests_by_protocol_total{client=\"http/1.1\",upstream=\"h2\"}";
-    assert_eq!(metric_settles(&sluice, series, 50.0), 50.0);
+    assert_eventually!(
+        sluice.metric(series) == 50.0,
+        "{}: {}",
+        series,
+        sluice.metric(series)
+    );
     // /status: no exchange open now, and the h2 connections opened, for sluice and per host.
     let (_, status) = sluice.admin_get("/status");
     let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
@@ -255,7 +247,12 @@ fn h2c_with_prior_knowledge_to_a_route_is_answered_over_h2() {
     assert_eq!(up.count(), 10);
     assert!(up.requests().iter().all(|r| r.version == "HTTP/1.1"));
     let series = "sluice_requests_by_protocol_total{client=\"h2\",upstream=\"http/1.1\"}";
-    assert_eq!(metric_settles(&sluice, series, 10.0), 10.0);
+    assert_eventually!(
+        sluice.metric(series) == 10.0,
+        "{}: {}",
+        series,
+        sluice.metric(series)
+    );
 }
 
 #[test]
@@ -371,17 +368,6 @@ fn grpc_through_a_route_keeps_its_trailers_and_resource_exhausted_pauses_the_hos
     assert!(sluice.metric("sluice_pauses_total{source=\"retry_after\"}") >= 1.0);
 }
 
-/// A CA made by `sluice ca init` in `dir`.
-fn sluice_ca(dir: &std::path::Path) -> (PathBuf, PathBuf) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["ca", "init"])
-        .arg(dir.join("ca"))
-        .output()
-        .expect("sluice ca init");
-    assert!(out.status.success());
-    (dir.join("ca/ca.pem"), dir.join("ca/ca.key"))
-}
-
 /// A CONNECT tunnel to `HOST:443` through sluice, TLS inside it offering only h2 by ALPN.
 async fn h2_in_tunnel(sluice: &Sluice, ca_pem: &str) -> h2::client::SendRequest<Bytes> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -487,7 +473,12 @@ fn an_intercepted_client_offering_h2_gets_h2_and_grpc_passes_with_its_trailers()
     assert!(seen.iter().all(|r| r.version == "HTTP/2.0"));
     assert_eq!(seen[0].target, "/v1/inside");
     let series = "sluice_requests_total{way=\"intercept\",outcome=\"ok\"}";
-    assert_eq!(metric_settles(&sluice, series, 2.0), 2.0);
+    assert_eventually!(
+        sluice.metric(series) == 2.0,
+        "{}: {}",
+        series,
+        sluice.metric(series)
+    );
 }
 
 /// nginx as an h2 TLS upstream (Debian's nginx 1.22), on a free port, answering every
@@ -714,7 +705,12 @@ fn raced_requests_are_streams_of_one_connection_and_the_losers_are_reset_without
         }
     });
     let races = format!("sluice_races_total{{host=\"{HOST}\"}}");
-    assert_eq!(metric_settles(&sluice, &races, 20.0), 20.0);
+    assert_eventually!(
+        sluice.metric(&races) == 20.0,
+        "{}: {}",
+        &races,
+        sluice.metric(&races)
+    );
     assert_eq!(
         up.connections(),
         1,

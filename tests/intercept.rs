@@ -6,33 +6,12 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HOST: &str = "api.example.test";
-
-/// A CA made by `sluice ca init` in `dir`.
-fn sluice_ca(dir: &std::path::Path) -> (PathBuf, PathBuf) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["ca", "init"])
-        .arg(dir.join("ca"))
-        .output()
-        .expect("sluice ca init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("SSL_CERT_FILE") && text.contains("NODE_EXTRA_CA_CERTS"),
-        "{text}"
-    );
-    (dir.join("ca/ca.pem"), dir.join("ca/ca.key"))
-}
 
 /// An HTTPS client through sluice that trusts only `ca` (sluice's CA, or an upstream's).
 fn https_client(sluice: &Sluice, ca_pem: &str) -> reqwest::Client {

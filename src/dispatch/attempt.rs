@@ -346,18 +346,11 @@ fn for_version(
             )
         })?;
     head.set_uri(uri);
-    // h2 carries none of HTTP/1.1's connection-specific headers (RFC 9113 8.2.2).
-    for name in [
-        http::header::HOST,
-        http::header::TRANSFER_ENCODING,
-        http::header::CONNECTION,
-        http::header::UPGRADE,
-        http::header::TE,
-        http::header::HeaderName::from_static("keep-alive"),
-        http::header::HeaderName::from_static("proxy-connection"),
-    ] {
-        head.remove_header(&name);
-    }
+    // h2 carries none of HTTP/1.1's connection-specific headers (RFC 9113 8.2.2): the
+    // hop-by-hop ones went with `headers::clean_request` (an upgrade, which adds its own
+    // back, never goes over h2); the framing is h2's own.
+    head.remove_header(&http::header::HOST);
+    head.remove_header(&http::header::TRANSFER_ENCODING);
     if job.plan.trailers {
         head.insert_header(http::header::TE, "trailers")?;
     }

@@ -169,11 +169,10 @@ pub async fn stream(
         }
         session.write_response_body(Some(chunk), false).await?;
     }
-    let trailers = match &mut *upstream {
+    let mut trailers = match &mut *upstream {
         HttpSession::H2(h2) => h2.read_trailers().await.map_err(|e| e.into_up())?,
         _ => None,
     };
-    let mut trailers = trailers;
     if let Some(t) = &mut trailers {
         // A host without regions speaks for its whole quota (as in `exec`).
         let host_quota = host.implicit || plan.limits.quota == crate::config::Quota::Host;

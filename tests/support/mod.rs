@@ -30,6 +30,26 @@ macro_rules! assert_eventually {
     }};
 }
 
+/// A CA made by `sluice ca init` in `dir`.
+pub fn sluice_ca(dir: &Path) -> (PathBuf, PathBuf) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["ca", "init"])
+        .arg(dir.join("ca"))
+        .output()
+        .expect("sluice ca init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("SSL_CERT_FILE") && text.contains("NODE_EXTRA_CA_CERTS"),
+        "{text}"
+    );
+    (dir.join("ca/ca.pem"), dir.join("ca/ca.key"))
+}
+
 /// A tokio runtime for a test's client side: current-thread.
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
