@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Memory of a running sluice (release, one worker thread): resident set at idle, with 10,000
-# kept-alive client connections (beside an nginx reverse proxy measured the same way), and
-# with 1,000,000 destination hosts tracked by admission (HOSTS=0 skips that phase).
-# Needs nginx and wrk (benches/load.sh installs them); traffic stays on 127.0.0.0/8.
+# Memory of a running sluice (release, one worker thread): resident set at idle, with 5,000
+# kept-alive client connections (beside an nginx reverse proxy and Apache Traffic Server as a
+# forward proxy, measured the same way in the same run), and with 1,000,000 destination hosts
+# tracked by admission (HOSTS=0 skips that phase).
+# Needs nginx, wrk and trafficserver (benches/load.sh installs them); traffic stays on
+# 127.0.0.0/8.
 #
-#   benches/memory.sh            # CONNS=10000 HOSTS=1000000
+#   benches/memory.sh            # CONNS=5000 HOSTS=1000000
 #   SLUICE=/tmp/sluice-other benches/memory.sh   # measure that binary instead of building
+#   BASELINE=/tmp/sluice-old benches/memory.sh   # and that one too, as sluice_baseline
 set -euo pipefail
-CONNS=${CONNS:-10000}
+CONNS=${CONNS:-5000}
 HOSTS=${HOSTS:-1000000}
 root=$(cd "$(dirname "$0")/.." && pwd)
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -85,6 +88,15 @@ PY
 }
 echo "idle: $(rss) MiB"
 kept_alive sluice "$SL" "$SPID"
+if [ -n "${BASELINE:-}" ]; then
+  kill "$SPID"; wait "$SPID" 2>/dev/null || true
+  "$BASELINE" --config "$work/sluice.toml" >"$work/baseline.out" 2>&1 &
+  BPID=$!; pids+=($BPID)
+  sleep 1.5
+  kept_alive sluice_baseline "$SL" "$BPID"
+  kill "$BPID"; wait "$BPID" 2>/dev/null || true
+  start_sluice
+fi
 # nginx as a reverse proxy (one worker), measured the same way (its worker's resident set).
 RP=$(free_port)
 cat > "$work/rp.conf" <<NGINX
@@ -100,6 +112,52 @@ NGINX
 nginx -c "$work/rp.conf" -p "$work" >/dev/null 2>&1 & RPID=$!; pids+=($RPID)
 sleep 1
 kept_alive nginx_reverse "$RP" "$(pgrep -P "$RPID" | head -n 1)"
+# Apache Traffic Server as a forward proxy (one exec thread, no cache), measured the same way.
+if command -v traffic_server >/dev/null 2>&1; then
+  ATS=$(free_port)
+  mkdir -p "$work/ats/run" "$work/ats/log" "$work/ats/cache"
+  cp -r /etc/trafficserver "$work/ats/conf"
+  python3 - "$work/ats" "$ATS" "$(id -u)" "$((CONNS + 1000))" <<'PY'
+import re, sys
+d, port, uid, conns = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+path = f"{d}/conf/records.config"
+text = open(path).read()
+user = "trafficserver" if uid == "0" else "#-1"
+for name, typ, value in [
+    ("proxy.config.http.server_ports", "STRING", port),
+    ("proxy.config.exec_thread.autoconfig", "INT", "0"),
+    ("proxy.config.exec_thread.limit", "INT", "1"),
+    ("proxy.config.accept_threads", "INT", "0"),
+    ("proxy.config.task_threads", "INT", "1"),
+    ("proxy.config.http.cache.http", "INT", "0"),
+    ("proxy.config.cache.ram_cache.size", "INT", "0"),
+    ("proxy.config.url_remap.remap_required", "INT", "0"),
+    ("proxy.config.admin.user_id", "STRING", user),
+    ("proxy.config.local_state_dir", "STRING", f"{d}/run"),
+    ("proxy.config.log.logfile_dir", "STRING", f"{d}/log"),
+    ("proxy.config.log.logging_enabled", "INT", "0"),
+    ("proxy.config.net.connections_throttle", "INT", conns),
+    ("proxy.config.net.max_connections_in", "INT", conns),
+    ("proxy.config.http.keep_alive_no_activity_timeout_in", "INT", "300"),
+    ("proxy.config.body_factory.template_sets_dir", "STRING", "/etc/trafficserver/body_factory"),
+]:
+    line = f"CONFIG {name} {typ} {value}"
+    pat = re.compile(r"^CONFIG " + re.escape(name) + r" \S+ .*$", re.M)
+    text = pat.sub(line, text) if pat.search(text) else text + "\n" + line
+open(path, "w").write(text)
+open(f"{d}/conf/storage.config", "w").write(f"{d}/cache 64M\n")
+PY
+  [ "$(id -u)" = 0 ] && chown -R trafficserver "$work/ats/run" "$work/ats/log" "$work/ats/cache"
+  PROXY_CONFIG_CONFIG_DIR="$work/ats/conf" traffic_server >"$work/ats.out" 2>&1 & APID=$!; pids+=($APID)
+  for _ in $(seq 50); do
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', $ATS))" 2>/dev/null && break
+    sleep 0.2
+  done
+  sleep 2
+  kept_alive ats_forward "$ATS" "$APID" || echo "ats_forward: failed (resets past about 5,000 connections here)"
+else
+  echo "ats_forward: skipped (traffic_server not installed; benches/load.sh installs it)"
+fi
 
 cat > "$work/hosts.lua" <<LUA
 counter = tonumber(os.getenv("START") or "0")

@@ -2,23 +2,16 @@
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::front::Front;
+use crate::front::{Front, ProxyListener};
 use crate::metrics::Metrics;
 use crate::proxy::SluiceProxy;
 use crate::state::Shared;
-use pingora_core::listeners::ListenerConfig;
-use pingora_core::protocols::l4::stream::L4BufferSettings;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::listening::Service;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
-/// Read buffer of each client connection's stream.
-const CLIENT_READ_BUFFER: usize = 4096;
-/// Write buffer of each client connection's stream (Pingora's default: one segment).
-const CLIENT_WRITE_BUFFER: usize = 1460;
 
 /// Process options that pass through to Pingora.
 #[derive(Clone, Copy, Debug, Default)]
@@ -69,18 +62,12 @@ pub fn build_server(
     }
 
     let http = pingora_proxy::http_proxy(&proxy_conf, SluiceProxy::new(shared.clone()));
-    let mut front = Service::new("sluice proxy".to_string(), Front::new(shared.clone(), http));
-    // A small read buffer per client connection: sluice reads request heads into its own
-    // buffer, and Pingora reads bodies in 64 KiB chunks that bypass this one, so Pingora's
-    // 64 KiB default mostly cost memory (about 82 KiB per kept-alive connection in all).
-    front
-        .endpoints()
-        .add_listener(
-            ListenerConfig::tcp(listen.as_str()).l4_buffer(L4BufferSettings::new(
-                CLIENT_READ_BUFFER,
-                CLIENT_WRITE_BUFFER,
-            )),
-        );
+    let front = ProxyListener::new(
+        "sluice proxy",
+        Front::new(shared.clone(), http),
+        &listen,
+        None,
+    );
 
     let sweeper = pingora_core::services::background::background_service(
         "sluice sweeper",

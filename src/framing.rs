@@ -16,8 +16,8 @@ use pingora_core::protocols::{
 };
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, ReadBuf};
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// `AsyncWrite` for a wrapper whose writes all go to its `inner` stream as they are (vectored
 /// writes included): `write_through!(impl[S: AsyncWrite + Unpin] Wrapper<S>)`.
@@ -98,6 +98,8 @@ pub struct OneAtATime {
     limit: Limit,
     /// The client closed its side after the bytes in `ahead`.
     eof: bool,
+    /// Small writes gathered until a flush (none between requests).
+    out: Vec<u8>,
 }
 
 impl OneAtATime {
@@ -107,6 +109,7 @@ impl OneAtATime {
             ahead: BytesMut::new(),
             limit: Limit::Open,
             eof: false,
+            out: Vec::new(),
         }
     }
 
@@ -225,7 +228,82 @@ impl AsyncRead for OneAtATime {
     }
 }
 
-write_through!(impl[] OneAtATime);
+/// Writes smaller than this are gathered (a response head and a small body go out in one
+/// send, as through Pingora's own stream buffer); larger ones go straight to the socket.
+const WRITE_GATHER: usize = 1460;
+
+impl OneAtATime {
+    /// Send what is gathered; the buffer is freed once it is empty, so that a connection
+    /// between requests holds none.
+    fn poll_send_gathered(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.out.is_empty() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.out.drain(..n);
+        }
+        self.out = Vec::new();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for OneAtATime {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if this.out.len() + buf.len() > WRITE_GATHER {
+            ready!(this.poll_send_gathered(cx))?;
+        }
+        if buf.len() >= WRITE_GATHER {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        if this.out.capacity() == 0 {
+            this.out.reserve_exact(WRITE_GATHER);
+        }
+        this.out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if this.out.len() + total > WRITE_GATHER {
+            ready!(this.poll_send_gathered(cx))?;
+        }
+        if total >= WRITE_GATHER {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        if this.out.capacity() == 0 {
+            this.out.reserve_exact(WRITE_GATHER);
+        }
+        for b in bufs {
+            this.out.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(total))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_send_gathered(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_send_gathered(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 #[async_trait]
 impl Shutdown for OneAtATime {
@@ -379,6 +457,70 @@ mod tests {
         let mut c = Chunks::default();
         assert_eq!(c.feed(b"5\r\nhel"), 6);
         assert!(!c.done());
+    }
+
+    /// Bytes the peer of a duplex pipe can read at once, without waiting.
+    fn readable_now(peer: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        use futures_util::FutureExt;
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16384];
+        while let Some(Ok(n)) = peer.read(&mut buf).now_or_never() {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn small_writes_go_out_together_at_the_flush_and_leave_no_buffer() {
+        use tokio::io::AsyncWriteExt;
+        let (near, mut peer) = tokio::io::duplex(1 << 20);
+        let mut stream = OneAtATime::new(Box::new(near));
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
+        stream.write_all(head).await.expect("write");
+        stream.write_all(b"hello").await.expect("write");
+        assert!(readable_now(&mut peer).is_empty(), "sent before the flush");
+        stream.flush().await.expect("flush");
+        let mut want = head.to_vec();
+        want.extend_from_slice(b"hello");
+        assert_eq!(readable_now(&mut peer), want);
+        assert_eq!(stream.out.capacity(), 0, "a buffer kept after the flush");
+
+        // Vectored writes are gathered the same way.
+        let parts = [
+            std::io::IoSlice::new(b"5\r\n"),
+            std::io::IoSlice::new(b"hello"),
+        ];
+        let n = stream.write_vectored(&parts).await.expect("write");
+        assert_eq!(n, 8);
+        assert!(readable_now(&mut peer).is_empty());
+        stream.flush().await.expect("flush");
+        assert_eq!(readable_now(&mut peer), b"5\r\nhello");
+    }
+
+    #[tokio::test]
+    async fn a_large_write_goes_straight_out_after_what_was_gathered() {
+        use tokio::io::AsyncWriteExt;
+        let (near, mut peer) = tokio::io::duplex(1 << 20);
+        let mut stream = OneAtATime::new(Box::new(near));
+        stream.write_all(b"head").await.expect("write");
+        let large = vec![b'x'; 4 * WRITE_GATHER];
+        stream.write_all(&large).await.expect("write");
+        // In order, without a flush: the gathered bytes first, then the large write.
+        let got = readable_now(&mut peer);
+        assert_eq!(&got[..4], b"head");
+        assert_eq!(&got[4..], &large[..]);
+        // Gathered bytes that would overflow the buffer are sent first.
+        let almost = vec![b'y'; WRITE_GATHER - 10];
+        stream.write_all(&almost).await.expect("write");
+        assert!(readable_now(&mut peer).is_empty());
+        stream.write_all(b"0123456789abc").await.expect("write");
+        assert_eq!(readable_now(&mut peer), almost);
+        AsyncWriteExt::shutdown(&mut stream).await.expect("shutdown");
+        assert_eq!(readable_now(&mut peer), b"0123456789abc");
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! requests on one connection.
 
 mod head;
+mod listen;
 
 pub use head::{inspect, HeadAction};
+pub use listen::ProxyListener;
 
 use crate::error::Code;
 use crate::framing::OneAtATime;
@@ -15,10 +17,9 @@ use crate::proxy::SluiceProxy;
 use crate::state::Shared;
 use crate::target::WayIn;
 use crate::tunnel;
-use async_trait::async_trait;
 use bytes::BytesMut;
 use head::{absolute_authority, head_end, head_error, head_length, MAX_HEADERS};
-use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
@@ -80,6 +81,8 @@ impl Front {
         loop {
             stream.head();
             let open = (&self.shared.connections, max_connections);
+            // Awaited where it is made: a future held in a local would be kept in this one's
+            // state twice (the local and the await), for the connection's whole life.
             let head = read_head(
                 &mut stream,
                 idle,
@@ -88,8 +91,9 @@ impl Front {
                 shutdown,
                 served,
                 open,
-            );
-            let mut buf = match head.await {
+            )
+            .await;
+            let mut buf = match head {
                 Head::Complete(buf) => buf,
                 Head::Gone => return None,
                 Head::Tls => {
@@ -145,16 +149,21 @@ impl Front {
                     stream.serve(rest, body);
                 }
             }
-            let mut session = ServerSession::new_http1(stream);
-            match settings.take() {
-                Some(s) => s.apply_to_session(&mut session),
-                None => session.set_keepalive(Some(KEEPALIVE_SECS)),
-            }
-            session.set_pipelined_prefix(buf);
-            if *shutdown.borrow() {
-                session.set_keepalive(None);
-            }
-            let reused = Box::pin(self.http.process_new_http(session, shutdown)).await?;
+            // The session is made in a block of its own: a local moved into the boxed
+            // request would otherwise keep its room in this future's state.
+            let request = {
+                let mut session = ServerSession::new_http1(stream);
+                match settings.take() {
+                    Some(s) => s.apply_to_session(&mut session),
+                    None => session.set_keepalive(Some(KEEPALIVE_SECS)),
+                }
+                session.set_pipelined_prefix(buf);
+                if *shutdown.borrow() {
+                    session.set_keepalive(None);
+                }
+                Box::pin(self.http.process_new_http(session, shutdown))
+            };
+            let reused = request.await?;
             let (next, next_settings) = reused.consume();
             stream = OneAtATime::take_back(next)?;
             settings = next_settings;
@@ -545,16 +554,14 @@ async fn read_head(
     reused: bool,
     open: (&AtomicUsize, usize),
 ) -> Head {
-    // Wait for the first byte without a head buffer: an idle kept-alive connection holds
-    // none. The stream's own read buffer takes what the client sent, so reading one byte
-    // first costs no extra system call.
-    let mut first = [0u8; 1];
-    let got = if reused {
+    // Wait for the first bytes without a head buffer: an idle kept-alive connection holds
+    // none (see `first_bytes`).
+        let got = if reused {
         // Idle between requests: a shutdown closes the connection, and so does the idle
         // time allowed, which shrinks while the listener fills up (looked at every second).
         let since = tokio::time::Instant::now();
         let mut shutdown = shutdown.clone();
-        let read = stream.read(&mut first);
+        let read = first_bytes(stream);
         tokio::pin!(read);
         loop {
             let allowed = keepalive_for(open.0.load(Ordering::Relaxed), open.1).min(idle);
@@ -569,22 +576,20 @@ async fn read_head(
             }
         }
     } else {
-        match tokio::time::timeout(idle, stream.read(&mut first)).await {
+        match tokio::time::timeout(idle, first_bytes(stream)).await {
             Ok(r) => r,
             Err(_) => return Head::Gone,
         }
     };
-    match got {
-        Ok(n) if n > 0 => {}
+    let mut buf = match got {
+        Ok(buf) if !buf.is_empty() => buf,
         _ => return Head::Gone,
-    }
-    if first[0] == TLS_HANDSHAKE {
+    };
+    if buf[0] == TLS_HANDSHAKE {
         // No request line starts with this byte: a TLS ClientHello, from a client told to
         // reach sluice with `https://`. Nothing it could read is sent: closed at once.
         return Head::Tls;
     }
-    let mut buf = BytesMut::with_capacity(HEAD_BUFFER);
-    buf.extend_from_slice(&first);
     let deadline = tokio::time::Instant::now() + head_timeout;
     let mut scanned = 0;
     loop {
@@ -608,6 +613,27 @@ async fn read_head(
     }
 }
 
+/// Wait for a client's next bytes, then read what it sent (up to `HEAD_BUFFER`) into a new
+/// head buffer: the buffer exists only once bytes have come, so a connection waiting for its
+/// next request holds none, and the first read is the only system call. Empty: the client
+/// closed.
+async fn first_bytes(stream: &mut OneAtATime) -> std::io::Result<BytesMut> {
+    std::future::poll_fn(|cx| {
+        // On the stack of this poll, not in the future: nothing is kept while waiting.
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); HEAD_BUFFER];
+        let mut read = tokio::io::ReadBuf::uninit(&mut chunk);
+        std::task::ready!(tokio::io::AsyncRead::poll_read(
+            std::pin::Pin::new(&mut *stream),
+            cx,
+            &mut read
+        ))?;
+        let mut buf = BytesMut::with_capacity(HEAD_BUFFER.max(read.filled().len()));
+        buf.extend_from_slice(read.filled());
+        std::task::Poll::Ready(Ok(buf))
+    })
+    .await
+}
+
 /// Close gracefully after a refusal: send FIN, then read and drop what the client still sends
 /// for a moment, so that unread request bytes do not turn the close into a reset that would
 /// destroy the response before the client reads it.
@@ -616,7 +642,8 @@ async fn linger(stream: &mut Stream) {
         tracing::trace!(error = %e, "shutdown after a refusal");
         return;
     }
-    let mut sink = [0u8; 4096];
+    // On the heap: a buffer in the future would be part of every connection's task.
+    let mut sink = vec![0u8; 4096];
     let mut budget: usize = 256 * 1024;
     let until = tokio::time::Instant::now() + Duration::from_millis(500);
     while budget > 0 {
@@ -645,8 +672,19 @@ fn tls_on_plain_listener(shared: &Shared, way: WayIn) {
 }
 
 /// Refuse a head with `code`, counted and logged under `way` (`unknown` on the listener, as
-/// the way is not known before the head parses; `intercept` inside a tunnel).
-async fn refuse(mut stream: Stream, shared: &Shared, way: WayIn, code: Code, message: &str) {
+/// the way is not known before the head parses; `intercept` inside a tunnel). Boxed: refusals
+/// are rare, and their state would otherwise be part of every connection's task.
+fn refuse<'a>(
+    stream: Stream,
+    shared: &'a Shared,
+    way: WayIn,
+    code: Code,
+    message: &'a str,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(refuse_now(stream, shared, way, code, message))
+}
+
+async fn refuse_now(mut stream: Stream, shared: &Shared, way: WayIn, code: Code, message: &str) {
     // Counted and logged before the answer goes out: whoever reads the refusal finds it
     // counted.
     crate::access::Line {
@@ -669,13 +707,10 @@ async fn refuse(mut stream: Stream, shared: &Shared, way: WayIn, code: Code, mes
     linger(&mut stream).await;
 }
 
-#[async_trait]
-impl ServerApp for Front {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
+impl Front {
+    /// Serve a client connection, from its accept to its close: counted against the
+    /// listener's and its address's limits, then its requests.
+    pub async fn serve_client(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) {
         let generation = self.shared.generation();
         let security = &generation.config.security;
         let open = self.shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
@@ -690,7 +725,7 @@ impl ServerApp for Front {
                 &why,
             )
             .await;
-            return None;
+            return;
         }
         let ip = stream
             .get_socket_digest()
@@ -712,17 +747,18 @@ impl ServerApp for Front {
                         &why,
                     )
                     .await;
-                    return None;
+                    return;
                 }
                 Some(from)
             }
             None => None,
         };
         drop(generation);
-        self.serve_http(stream, shutdown, None).await
+        self.serve_http(stream, shutdown, None).await;
     }
 
-    async fn cleanup(&self) {
+    /// What Pingora's proxy does once the listener has stopped.
+    pub async fn cleanup(&self) {
         self.http.http_cleanup().await;
     }
 }
