@@ -519,7 +519,9 @@ mod tests {
         assert!(readable_now(&mut peer).is_empty());
         stream.write_all(b"0123456789abc").await.expect("write");
         assert_eq!(readable_now(&mut peer), almost);
-        AsyncWriteExt::shutdown(&mut stream).await.expect("shutdown");
+        AsyncWriteExt::shutdown(&mut stream)
+            .await
+            .expect("shutdown");
         assert_eq!(readable_now(&mut peer), b"0123456789abc");
     }
 

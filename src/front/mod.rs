@@ -161,7 +161,8 @@ impl Front {
                 if *shutdown.borrow() {
                     session.set_keepalive(None);
                 }
-                Box::pin(self.http.process_new_http(session, shutdown))
+                // Boxed already (an `async_trait` method).
+                self.http.process_new_http(session, shutdown)
             };
             let reused = request.await?;
             let (next, next_settings) = reused.consume();
@@ -556,7 +557,7 @@ async fn read_head(
 ) -> Head {
     // Wait for the first bytes without a head buffer: an idle kept-alive connection holds
     // none (see `first_bytes`).
-        let got = if reused {
+    let got = if reused {
         // Idle between requests: a shutdown closes the connection, and so does the idle
         // time allowed, which shrinks while the listener fills up (looked at every second).
         let since = tokio::time::Instant::now();
