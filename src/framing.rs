@@ -308,6 +308,10 @@ impl AsyncWrite for OneAtATime {
 #[async_trait]
 impl Shutdown for OneAtATime {
     async fn shutdown(&mut self) {
+        // What is gathered goes out before the end of the stream.
+        if let Err(e) = std::future::poll_fn(|cx| self.poll_send_gathered(cx)).await {
+            tracing::debug!(error = %e, "sending the last writes before a shutdown");
+        }
         self.inner.shutdown().await
     }
 }
@@ -523,6 +527,45 @@ mod tests {
             .await
             .expect("shutdown");
         assert_eq!(readable_now(&mut peer), b"0123456789abc");
+    }
+
+    #[tokio::test]
+    async fn gathered_and_large_writes_arrive_whole_and_in_order_through_a_narrow_pipe() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A 7-byte pipe: every send is partial and most wait for the reader.
+        let (near, mut peer) = tokio::io::duplex(7);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).await.map(|_| got)
+        });
+        let mut stream = OneAtATime::new(Box::new(near));
+        let mut want = Vec::new();
+        for i in 0..50u8 {
+            let small = vec![i; usize::from(i) * 7 + 1];
+            stream.write_all(&small).await.expect("write");
+            want.extend_from_slice(&small);
+            if i % 10 == 0 {
+                let large = vec![255 - i; 3 * WRITE_GATHER + usize::from(i)];
+                stream.write_all(&large).await.expect("write");
+                want.extend_from_slice(&large);
+            }
+            if i % 7 == 0 {
+                let body = [i; 2000];
+                let parts = [std::io::IoSlice::new(b"vec"), std::io::IoSlice::new(&body)];
+                // A vectored write may take part of its slices: the rest goes plainly.
+                let n = stream.write_vectored(&parts).await.expect("write");
+                let mut flat = b"vec".to_vec();
+                flat.extend_from_slice(&[i; 2000]);
+                stream.write_all(&flat[n..]).await.expect("write");
+                want.extend_from_slice(&flat);
+            }
+        }
+        // Pingora's own shutdown (not tokio's) sends what is gathered before the end.
+        Shutdown::shutdown(&mut stream).await;
+        drop(stream);
+        let got = reader.await.expect("reader").expect("read");
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "bytes lost or out of order");
     }
 
     #[test]

@@ -141,6 +141,8 @@ async fn accept_loop(front: Arc<Front>, listener: Arc<Listener>, mut shutdown: S
                     tracing::debug!(error = %e, "TCP_NODELAY on a client connection");
                 }
                 let (front, shutdown) = (front.clone(), shutdown.clone());
+                // On this service's runtime: one thread, or several that steal work from each
+                // other (app.rs turns stealing on whenever there is more than one).
                 // Boxed before the task is made, so that the task holds a pointer to it.
                 let stream: pingora_core::protocols::Stream = Box::new(stream);
                 tokio::spawn(async move { front.serve_client(stream, &shutdown).await });
@@ -151,7 +153,7 @@ async fn accept_loop(front: Arc<Front>, listener: Arc<Listener>, mut shutdown: S
                     tracing::warn!(error = %e, "out of file descriptors: not accepting for 1 s");
                     tokio::time::sleep(OUT_OF_FDS_PAUSE).await;
                 } else {
-                    tracing::debug!(error = %e, "accepting a client connection failed");
+                    tracing::warn!(error = %e, "accepting a client connection failed");
                 }
             }
         }
