@@ -190,41 +190,9 @@ max_connections = 100000
 max_connections_per_client = 100000
 SLUICE
 # Apache Traffic Server as a forward proxy: one exec thread, no cache, no remap required.
-mkdir -p "$work/ats/run" "$work/ats/log" "$work/ats/cache"
-cp -r /etc/trafficserver "$work/ats/conf"
-python3 - "$work/ats" "$ATS" "$(id -u)" <<'PY'
-import re, sys
-d, port, uid = sys.argv[1], sys.argv[2], sys.argv[3]
-path = f"{d}/conf/records.config"
-text = open(path).read()
-# traffic_server refuses to run as root; as root it switches to its own user.
-user = "trafficserver" if uid == "0" else "#-1"
-for name, typ, value in [
-    ("proxy.config.http.server_ports", "STRING", port),
-    ("proxy.config.exec_thread.autoconfig", "INT", "0"),
-    ("proxy.config.exec_thread.limit", "INT", "1"),
-    ("proxy.config.exec_thread.affinity", "INT", "0"),
-    ("proxy.config.accept_threads", "INT", "0"),
-    ("proxy.config.task_threads", "INT", "1"),
-    ("proxy.config.http.cache.http", "INT", "0"),
-    ("proxy.config.cache.ram_cache.size", "INT", "0"),
-    ("proxy.config.url_remap.remap_required", "INT", "0"),
-    ("proxy.config.admin.user_id", "STRING", user),
-    ("proxy.config.local_state_dir", "STRING", f"{d}/run"),
-    ("proxy.config.log.logfile_dir", "STRING", f"{d}/log"),
-    ("proxy.config.log.logging_enabled", "INT", "0"),
-    ("proxy.config.http.keep_alive_no_activity_timeout_in", "INT", "300"),
-    ("proxy.config.http.insert_request_via_str", "INT", "0"),
-    ("proxy.config.http.insert_response_via_str", "INT", "0"),
-    ("proxy.config.body_factory.template_sets_dir", "STRING", "/etc/trafficserver/body_factory"),
-]:
-    line = f"CONFIG {name} {typ} {value}"
-    pat = re.compile(r"^CONFIG " + re.escape(name) + r" \S+ .*$", re.M)
-    text = pat.sub(line, text) if pat.search(text) else text + "\n" + line
-open(path, "w").write(text)
-open(f"{d}/conf/storage.config", "w").write(f"{d}/cache 64M\n")
-PY
-[ "$(id -u)" = 0 ] && chown -R trafficserver "$work/ats/run" "$work/ats/log" "$work/ats/cache"
+# shellcheck source=benches/ats_setup.sh
+. "$root/benches/ats_setup.sh"
+ats_setup "$work/ats" "$ATS"
 
 start() { # name core cmd...
   local name=$1 core=$2; shift 2

@@ -115,39 +115,11 @@ kept_alive nginx_reverse "$RP" "$(pgrep -P "$RPID" | head -n 1)"
 # Apache Traffic Server as a forward proxy (one exec thread, no cache), measured the same way.
 if command -v traffic_server >/dev/null 2>&1; then
   ATS=$(free_port)
-  mkdir -p "$work/ats/run" "$work/ats/log" "$work/ats/cache"
-  cp -r /etc/trafficserver "$work/ats/conf"
-  python3 - "$work/ats" "$ATS" "$(id -u)" "$((CONNS + 1000))" <<'PY'
-import re, sys
-d, port, uid, conns = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-path = f"{d}/conf/records.config"
-text = open(path).read()
-user = "trafficserver" if uid == "0" else "#-1"
-for name, typ, value in [
-    ("proxy.config.http.server_ports", "STRING", port),
-    ("proxy.config.exec_thread.autoconfig", "INT", "0"),
-    ("proxy.config.exec_thread.limit", "INT", "1"),
-    ("proxy.config.accept_threads", "INT", "0"),
-    ("proxy.config.task_threads", "INT", "1"),
-    ("proxy.config.http.cache.http", "INT", "0"),
-    ("proxy.config.cache.ram_cache.size", "INT", "0"),
-    ("proxy.config.url_remap.remap_required", "INT", "0"),
-    ("proxy.config.admin.user_id", "STRING", user),
-    ("proxy.config.local_state_dir", "STRING", f"{d}/run"),
-    ("proxy.config.log.logfile_dir", "STRING", f"{d}/log"),
-    ("proxy.config.log.logging_enabled", "INT", "0"),
-    ("proxy.config.net.connections_throttle", "INT", conns),
-    ("proxy.config.net.max_connections_in", "INT", conns),
-    ("proxy.config.http.keep_alive_no_activity_timeout_in", "INT", "300"),
-    ("proxy.config.body_factory.template_sets_dir", "STRING", "/etc/trafficserver/body_factory"),
-]:
-    line = f"CONFIG {name} {typ} {value}"
-    pat = re.compile(r"^CONFIG " + re.escape(name) + r" \S+ .*$", re.M)
-    text = pat.sub(line, text) if pat.search(text) else text + "\n" + line
-open(path, "w").write(text)
-open(f"{d}/conf/storage.config", "w").write(f"{d}/cache 64M\n")
-PY
-  [ "$(id -u)" = 0 ] && chown -R trafficserver "$work/ats/run" "$work/ats/log" "$work/ats/cache"
+  # shellcheck source=benches/ats_setup.sh
+  . "$root/benches/ats_setup.sh"
+  ats_setup "$work/ats" "$ATS" \
+    "proxy.config.net.connections_throttle=$((CONNS + 1000))" \
+    "proxy.config.net.max_connections_in=$((CONNS + 1000))"
   PROXY_CONFIG_CONFIG_DIR="$work/ats/conf" traffic_server >"$work/ats.out" 2>&1 & APID=$!; pids+=($APID)
   for _ in $(seq 50); do
     python3 -c "import socket; socket.create_connection(('127.0.0.1', $ATS))" 2>/dev/null && break
