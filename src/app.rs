@@ -62,12 +62,7 @@ pub fn build_server(
     }
 
     let http = pingora_proxy::http_proxy(&proxy_conf, SluiceProxy::new(shared.clone()));
-    let front = ProxyListener::new(
-        "sluice proxy",
-        Front::new(shared.clone(), http),
-        &listen,
-        None,
-    );
+    let front = ProxyListener::new("sluice proxy", Front::new(shared.clone(), http), &listen);
 
     let sweeper = pingora_core::services::background::background_service(
         "sluice sweeper",

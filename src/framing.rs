@@ -246,6 +246,21 @@ impl OneAtATime {
         self.out = Vec::new();
         Poll::Ready(Ok(()))
     }
+
+    /// Make room to gather `len` more bytes, sending what is gathered if they would not fit.
+    /// `false`: they are too many to gather and go straight to the socket.
+    fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<std::io::Result<bool>> {
+        if self.out.len() + len > WRITE_GATHER {
+            ready!(self.poll_send_gathered(cx))?;
+        }
+        if len >= WRITE_GATHER {
+            return Poll::Ready(Ok(false));
+        }
+        if self.out.capacity() == 0 {
+            self.out.reserve_exact(WRITE_GATHER);
+        }
+        Poll::Ready(Ok(true))
+    }
 }
 
 impl AsyncWrite for OneAtATime {
@@ -255,14 +270,8 @@ impl AsyncWrite for OneAtATime {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
-        if this.out.len() + buf.len() > WRITE_GATHER {
-            ready!(this.poll_send_gathered(cx))?;
-        }
-        if buf.len() >= WRITE_GATHER {
+        if !ready!(this.poll_room(cx, buf.len()))? {
             return Pin::new(&mut this.inner).poll_write(cx, buf);
-        }
-        if this.out.capacity() == 0 {
-            this.out.reserve_exact(WRITE_GATHER);
         }
         this.out.extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
@@ -275,14 +284,8 @@ impl AsyncWrite for OneAtATime {
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if this.out.len() + total > WRITE_GATHER {
-            ready!(this.poll_send_gathered(cx))?;
-        }
-        if total >= WRITE_GATHER {
+        if !ready!(this.poll_room(cx, total))? {
             return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        }
-        if this.out.capacity() == 0 {
-            this.out.reserve_exact(WRITE_GATHER);
         }
         for b in bufs {
             this.out.extend_from_slice(b);

@@ -32,16 +32,14 @@ pub struct ProxyListener {
     front: Arc<Front>,
     addr: String,
     name: String,
-    threads: Option<usize>,
 }
 
 impl ProxyListener {
-    pub fn new(name: &str, front: Front, addr: &str, threads: Option<usize>) -> ProxyListener {
+    pub fn new(name: &str, front: Front, addr: &str) -> ProxyListener {
         ProxyListener {
             front: Arc::new(front),
             addr: addr.to_string(),
             name: name.to_string(),
-            threads,
         }
     }
 }
@@ -79,10 +77,6 @@ impl pingora_core::services::Service for ProxyListener {
 
     fn name(&self) -> &str {
         &self.name
-    }
-
-    fn threads(&self) -> Option<usize> {
-        self.threads
     }
 
     fn listen_addresses(&self) -> Option<Vec<String>> {

@@ -58,7 +58,7 @@ impl Front {
         stream: Stream,
         shutdown: &ShutdownWatch,
         tunnel: Option<(crate::intercept::TunnelInfo, Option<Vec<u8>>)>,
-    ) -> Option<Stream> {
+    ) {
         let generation = self.shared.generation();
         let server = &generation.config.server;
         let security = &generation.config.security;
@@ -95,14 +95,14 @@ impl Front {
             .await;
             let mut buf = match head {
                 Head::Complete(buf) => buf,
-                Head::Gone => return None,
+                Head::Gone => return,
                 Head::Tls => {
                     tls_on_plain_listener(&self.shared, way);
-                    return None;
+                    return;
                 }
                 Head::Refuse(code, why) => {
                     refuse(stream, &self.shared, way, code, &why).await;
-                    return None;
+                    return;
                 }
             };
             // What came after the head: this request's body, or requests sent ahead.
@@ -114,32 +114,35 @@ impl Front {
                 stream.serve(buf, crate::framing::Body::Open);
                 let tunnel = tunnel.map(Arc::new);
                 Box::pin(self.serve_h2(stream, shutdown, tunnel)).await;
-                return None;
+                return;
             }
             if let Some((info, authorization)) = &tunnel {
                 match in_tunnel(&buf, info, authorization.as_deref()) {
                     Ok(rewritten) => buf = BytesMut::from(&rewritten[..]),
                     Err((code, why)) => {
                         refuse(stream, &self.shared, way, code, &why).await;
-                        return None;
+                        return;
                     }
                 }
             }
             match inspect(&buf, max_head, max_uri) {
                 Err((code, why)) => {
                     refuse(stream, &self.shared, way, code, &why).await;
-                    return None;
+                    return;
                 }
                 Ok(HeadAction::Connect) if tunnel.is_some() => {
                     let why = "CONNECT inside a tunnel";
                     refuse(stream, &self.shared, way, Code::BadRequest, why).await;
-                    return None;
+                    return;
                 }
                 Ok(HeadAction::Connect) => {
                     buf.unsplit(rest);
                     // Boxed, like the HTTP session below, so that the state of an idle
                     // connection's task is only what waiting for its next head needs.
-                    let inside = Box::pin(tunnel::serve(&self.shared, stream, buf)).await?;
+                    let Some(inside) = Box::pin(tunnel::serve(&self.shared, stream, buf)).await
+                    else {
+                        return;
+                    };
                     let tunnel = Some((inside.info, inside.authorization));
                     return Box::pin(self.serve_http(inside.stream, shutdown, tunnel)).await;
                 }
@@ -164,9 +167,12 @@ impl Front {
                 // Boxed already (an `async_trait` method).
                 self.http.process_new_http(session, shutdown)
             };
-            let reused = request.await?;
+            let Some(reused) = request.await else { return };
             let (next, next_settings) = reused.consume();
-            stream = OneAtATime::take_back(next)?;
+            let Some(next) = OneAtATime::take_back(next) else {
+                return;
+            };
+            stream = next;
             settings = next_settings;
             idle = Duration::from_secs(KEEPALIVE_SECS);
             served = true;
@@ -628,7 +634,7 @@ async fn first_bytes(stream: &mut OneAtATime) -> std::io::Result<BytesMut> {
             cx,
             &mut read
         ))?;
-        let mut buf = BytesMut::with_capacity(HEAD_BUFFER.max(read.filled().len()));
+        let mut buf = BytesMut::with_capacity(HEAD_BUFFER);
         buf.extend_from_slice(read.filled());
         std::task::Poll::Ready(Ok(buf))
     })
