@@ -160,8 +160,9 @@ impl AsyncRead for OneAtATime {
         if matches!(state.limit, Limit::Done) {
             // Keep what the client sends ahead; pass on its leaving.
             while !state.eof && state.ahead.len() < MAX_AHEAD {
-                let mut chunk = [0u8; 8192];
-                let mut read = ReadBuf::new(&mut chunk);
+                // Not zeroed: the stream writes what it reads, and only that is looked at.
+                let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+                let mut read = ReadBuf::uninit(&mut chunk);
                 match Pin::new(&mut state.inner).poll_read(cx, &mut read) {
                     Poll::Ready(Ok(())) if read.filled().is_empty() => state.eof = true,
                     Poll::Ready(Ok(())) => state.ahead.extend_from_slice(read.filled()),
@@ -189,8 +190,12 @@ impl AsyncRead for OneAtATime {
             state.ahead.advance(n);
         } else if state.eof {
             return Poll::Ready(Ok(()));
+        } else if room == buf.remaining() {
+            // Straight into the caller's buffer, its room left as it is (not zeroed first).
+            ready!(Pin::new(&mut state.inner).poll_read(cx, buf))?;
         } else {
-            // At most `room` bytes, read straight into the caller's buffer.
+            // At most `room` bytes (the rest of a body), read straight into the caller's
+            // buffer; only those are zeroed first.
             let dst = buf.initialize_unfilled_to(room);
             let mut limited = ReadBuf::new(dst);
             match Pin::new(&mut state.inner).poll_read(cx, &mut limited) {
