@@ -18,6 +18,7 @@ use crate::config::{HedgeAfter, Mode, Quota};
 use crate::error::{self, Code};
 use crate::regions::budget::Budget;
 use crate::state::Shared;
+use futures_util::future::{Fuse, FusedFuture, FutureExt};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use pingora_error::{Error, Result};
 use pingora_proxy::Session;
@@ -181,7 +182,11 @@ impl Exec<'_, '_> {
             !job.plan.deadline_from_client,
             upload.done,
         );
-        let mut running = FuturesUnordered::new();
+        // Attempts in flight. The first one sent while none runs is polled in place (a
+        // request that is never duplicated has only such attempts: no set, no allocation);
+        // a duplicate beside it (a hedge, a race) joins the set, made when it is needed.
+        let mut one = std::pin::pin!(Fuse::terminated());
+        let mut more = None;
         let mut first = Some((first_body, first_permit));
         // One buffer for every event's actions, drained and reused.
         let mut actions = Vec::new();
@@ -208,7 +213,12 @@ impl Exec<'_, '_> {
                                 (Source::Whole(whole), None)
                             }
                         };
-                        running.push(tagged(send, job, permit, (head, body)));
+                        let attempt = tagged(send, job, permit, (head, body));
+                        if one.is_terminated() {
+                            one.set(attempt.fuse());
+                        } else {
+                            more.get_or_insert_with(FuturesUnordered::new).push(attempt);
+                        }
                     }
                     Action::Count(count) => self.count(count),
                     Action::Deliver { answer, attempts } => return Ok((answer, attempts)),
@@ -247,8 +257,11 @@ impl Exec<'_, '_> {
             };
             tokio::select! {
                 biased;
-                done = running.next(), if !running.is_empty() => {
-                    let Some((send, outcome)) = done else { continue };
+                (send, outcome) = &mut one, if !one.is_terminated() => {
+                    let ended = self.judge(outcome);
+                    policy.ended(send.why, send.region, ended, &mut env, &mut actions);
+                }
+                Some((send, outcome)) = next_of(&mut more) => {
                     let ended = self.judge(outcome);
                     policy.ended(send.why, send.region, ended, &mut env, &mut actions);
                 }
@@ -413,6 +426,14 @@ impl Drop for Extras<'_> {
                 b.done();
             }
         }
+    }
+}
+
+/// The next attempt of the set to end; none while there is no set (or it is empty).
+async fn next_of<S: futures_util::Stream + Unpin>(set: &mut Option<S>) -> Option<S::Item> {
+    match set {
+        Some(set) => set.next().await,
+        None => None,
     }
 }
 
