@@ -113,9 +113,9 @@ pub fn authenticate<'g>(
 }
 
 /// Names a caller by itself (`Sluice-Caller`) when clients do not authenticate.
-pub const SLUICE_CALLER: &str = "sluice-caller";
+pub const SLUICE_CALLER: http::HeaderName = http::HeaderName::from_static("sluice-caller");
 /// A request's class at a contended host: `high`, `normal` or `low`.
-pub const SLUICE_PRIORITY: &str = "sluice-priority";
+pub const SLUICE_PRIORITY: http::HeaderName = http::HeaderName::from_static("sluice-priority");
 /// Longest `Sluice-Caller` value.
 const MAX_CALLER_NAME: usize = 64;
 

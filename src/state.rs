@@ -31,8 +31,8 @@ pub struct Shared {
     pub upstream: Arc<crate::upstream::Upstreams>,
     /// This process's id in `Via`, to refuse a request that comes back (a peer loop).
     pub instance: String,
-    /// The `Via` value this process adds.
-    pub via: String,
+    /// The `Via` value this process adds (made once: each head gets a shared copy).
+    pub via: http::HeaderValue,
     /// Client connections open on the proxy listener (tunnels included).
     pub connections: std::sync::atomic::AtomicUsize,
     /// The same, by client address.
@@ -96,7 +96,8 @@ impl Shared {
         Ok(Arc::new(Shared {
             regions: Regions::with_connector(&generation, connector.clone()),
             upstream: crate::upstream::Upstreams::new(connector),
-            via: format!("1.1 sluice-{instance}"),
+            via: http::HeaderValue::try_from(format!("1.1 sluice-{instance}"))
+                .unwrap_or_else(|_| http::HeaderValue::from_static("1.1 sluice")),
             instance,
             current: ArcSwap::from_pointee(generation),
             metrics,

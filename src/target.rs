@@ -279,7 +279,7 @@ pub fn ip_literal(host: &str) -> Option<IpAddr> {
 }
 
 /// Header naming an explicit destination on an origin-form request.
-pub const SLUICE_TARGET: &str = "sluice-target";
+pub const SLUICE_TARGET: http::HeaderName = http::HeaderName::from_static("sluice-target");
 
 /// Where a request goes: its way in, the origin, and the path and query to send there.
 #[derive(Clone, Debug, PartialEq, Eq)]

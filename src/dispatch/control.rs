@@ -2,17 +2,18 @@
 //! and `Sluice-Retry-On`, over the host's configured defaults.
 
 use crate::config::{HedgeAfter, HostLimits, Mode, RetryOn};
+use http::HeaderName;
 use pingora_http::RequestHeader;
 use std::time::Duration;
 
 /// Header a client uses to bound the whole request, queueing included.
-pub const SLUICE_TIMEOUT: &str = "sluice-timeout";
+pub const SLUICE_TIMEOUT: HeaderName = HeaderName::from_static("sluice-timeout");
 /// Longest `Sluice-Timeout` a client may ask for.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
-pub const SLUICE_MODE: &str = "sluice-mode";
-pub const SLUICE_REGIONS: &str = "sluice-regions";
-pub const SLUICE_HEDGE_AFTER: &str = "sluice-hedge-after";
-pub const SLUICE_RETRY_ON: &str = "sluice-retry-on";
+pub const SLUICE_MODE: HeaderName = HeaderName::from_static("sluice-mode");
+pub const SLUICE_REGIONS: HeaderName = HeaderName::from_static("sluice-regions");
+pub const SLUICE_HEDGE_AFTER: HeaderName = HeaderName::from_static("sluice-hedge-after");
+pub const SLUICE_RETRY_ON: HeaderName = HeaderName::from_static("sluice-retry-on");
 /// Longest `Sluice-Hedge-After` a client may ask for (a duration that must meet a clock).
 pub const MAX_HEDGE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -29,8 +30,11 @@ pub struct Control {
 impl Control {
     /// The controls of a request; a malformed header is an error naming it.
     pub fn read(req: &RequestHeader, limits: &HostLimits) -> Result<Control, String> {
-        let text = |name: &str| -> Result<Option<&str>, String> {
-            match req.headers.get(name) {
+        if !super::headers::names_sluice(&req.headers) {
+            return Ok(Control::of(limits));
+        }
+        let text = |name: HeaderName| -> Result<Option<&str>, String> {
+            match req.headers.get(&name) {
                 None => Ok(None),
                 Some(v) => v
                     .to_str()
@@ -80,6 +84,17 @@ impl Control {
             retry_on,
             max_attempts: limits.max_attempts,
         })
+    }
+
+    /// The host's configured defaults (a request that names none of the controls).
+    fn of(limits: &HostLimits) -> Control {
+        Control {
+            mode: limits.mode,
+            regions: None,
+            hedge_after: limits.hedge_after,
+            retry_on: limits.retry_on,
+            max_attempts: limits.max_attempts,
+        }
     }
 }
 

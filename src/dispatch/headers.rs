@@ -1,7 +1,7 @@
 //! Header hygiene between client and upstream: hop-by-hop headers, proxy credentials and
 //! sluice's own control headers never cross; `Via` records the hop.
 
-use http::header::{HeaderMap, HeaderName};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use pingora_http::{RequestHeader, ResponseHeader};
 
 /// Headers meaningful only for one connection (RFC 9110 7.6.1), plus proxy credentials.
@@ -37,6 +37,17 @@ fn names_to_drop(headers: &HeaderMap, control: bool) -> Vec<HeaderName> {
         }
     }
     drop
+}
+
+/// Does the request carry any `Sluice-*` field? Most carry none: one pass over the names
+/// spares a lookup per control header.
+pub fn names_sluice(headers: &HeaderMap) -> bool {
+    headers.keys().any(|k| {
+        k.as_str()
+            .as_bytes()
+            .get(..7)
+            .is_some_and(|p| p == b"sluice-")
+    })
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, named in `Connection`), as
@@ -77,11 +88,11 @@ pub fn accepts_trailers(req: &RequestHeader) -> bool {
 }
 
 /// Clean a request before it goes upstream; `via` is this process's `Via` value.
-pub fn clean_request(req: &mut RequestHeader, via: &str) {
+pub fn clean_request(req: &mut RequestHeader, via: &HeaderValue) {
     for name in names_to_drop(&req.headers, true) {
         req.remove_header(&name);
     }
-    if let Err(e) = req.append_header(http::header::VIA, via) {
+    if let Err(e) = req.append_header(http::header::VIA, via.clone()) {
         tracing::debug!(error = %e, "could not append Via");
     }
 }
@@ -96,11 +107,11 @@ pub fn clean_trailers(trailers: &mut HeaderMap) {
 
 /// Clean a response before it goes to the client. `Sluice-*` headers from upstream are
 /// dropped too: only this sluice speaks with them (an upstream could forge `Sluice-Error`).
-pub fn clean_response(resp: &mut ResponseHeader, via: &str) {
+pub fn clean_response(resp: &mut ResponseHeader, via: &HeaderValue) {
     for name in names_to_drop(&resp.headers, true) {
         resp.remove_header(&name);
     }
-    if let Err(e) = resp.append_header(http::header::VIA, via) {
+    if let Err(e) = resp.append_header(http::header::VIA, via.clone()) {
         tracing::debug!(error = %e, "could not append Via");
     }
 }
@@ -126,7 +137,7 @@ mod tests {
         ] {
             req.append_header(k, v).expect("header");
         }
-        clean_request(&mut req, "1.1 sluice-ab12");
+        clean_request(&mut req, &HeaderValue::from_static("1.1 sluice-ab12"));
         let names: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), 3, "{names:?}");
         assert!(req.headers.contains_key("authorization"));
@@ -138,12 +149,23 @@ mod tests {
     }
 
     #[test]
+    fn names_sluice_sees_any_control_field_and_only_those() {
+        let mut req = RequestHeader::build("GET", b"/", None).expect("req");
+        req.append_header("Host", "a.test").expect("h");
+        req.append_header("X-Sluice-Like", "1").expect("h");
+        req.append_header("Sluice", "1").expect("h");
+        assert!(!names_sluice(&req.headers));
+        req.append_header("SLUICE-Timeout", "1s").expect("h");
+        assert!(names_sluice(&req.headers));
+    }
+
+    #[test]
     fn response_keeps_upstream_sluice_like_headers_but_drops_hops() {
         let mut resp = ResponseHeader::build(200, None).expect("resp");
         resp.append_header("Connection", "close").expect("h");
         resp.append_header("Via", "1.1 upstream-cdn").expect("h");
         resp.append_header("Content-Type", "text/plain").expect("h");
-        clean_response(&mut resp, "1.1 sluice-ab12");
+        clean_response(&mut resp, &HeaderValue::from_static("1.1 sluice-ab12"));
         assert!(!resp.headers.contains_key("connection"));
         let via: Vec<_> = resp.headers.get_all("via").iter().collect();
         assert_eq!(via.len(), 2);

@@ -125,6 +125,8 @@ const GRPC_RESOURCE_EXHAUSTED: &[u8] = b"8";
 /// What gRPC libraries say of a message over the size limit (`grpc-message`; its spaces may
 /// come percent-encoded).
 const GRPC_TOO_LARGE: [&[u8]; 2] = [b"larger than max", b"larger%20than%20max"];
+/// The field of a gRPC call's status.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 /// Longest pause a gRPC `grpc-retry-pushback-ms` may ask for (as long as a `Retry-After`).
 const GRPC_PUSHBACK_MAX: Duration = Duration::from_secs(3600);
 
@@ -132,7 +134,7 @@ const GRPC_PUSHBACK_MAX: Duration = Duration::from_secs(3600);
 /// the pause `grpc-retry-pushback-ms` asks for, bounded (a negative or malformed one asks for
 /// none).
 pub fn grpc_exhausted(headers: &http::HeaderMap) -> Option<Option<Duration>> {
-    let status = headers.get("grpc-status")?;
+    let status = headers.get(GRPC_STATUS)?;
     if status.as_bytes().trim_ascii() != GRPC_RESOURCE_EXHAUSTED {
         return None;
     }

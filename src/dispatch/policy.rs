@@ -61,11 +61,14 @@ impl Rules {
     }
 }
 
+/// The header by which an upstream recognises a repeated request.
+const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+
 /// May this request be sent more than once? An idempotent method, or an `Idempotency-Key`
 /// (the upstream recognises a repeat), or a host that allows duplicating unsafe requests
 /// (`duplicate_unsafe`).
 pub fn duplicable(req: &pingora_http::RequestHeader, duplicate_unsafe: bool) -> bool {
-    req.method.is_idempotent() || req.headers.contains_key("idempotency-key") || duplicate_unsafe
+    req.method.is_idempotent() || req.headers.contains_key(IDEMPOTENCY_KEY) || duplicate_unsafe
 }
 
 /// What the policy asks of the world it runs in.

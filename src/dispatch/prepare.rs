@@ -152,9 +152,10 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         ctx.way = WayIn::Intercept;
     }
     ctx.origin = Some(dest.origin.clone());
-    let job = req
-        .headers
-        .get(crate::jobs::JOB_TOKEN)
+    // Every header this stage reads but `Host`, `Via` and the framing is a `Sluice-*` one.
+    let named = headers::names_sluice(&req.headers);
+    let sluice_field = |name| named.then(|| req.headers.get(name)).flatten();
+    let job = sluice_field(crate::jobs::JOB_TOKEN)
         .is_some_and(|t| auth::same_secret(t.as_bytes(), shared.jobs.token.as_bytes()));
     // The client is borrowed from this handle on the generation (`ctx` is written meanwhile).
     let generation = ctx.generation.clone();
@@ -164,7 +165,7 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
     };
     let client = authenticated.and_then(|c| client_pace(shared, c));
     let mut deadline = None;
-    if let Some(v) = req.headers.get(control::SLUICE_TIMEOUT) {
+    if let Some(v) = sluice_field(control::SLUICE_TIMEOUT) {
         let t = control::parse_timeout(v).map_err(|m| error::error(Code::BadRequest, m))?;
         deadline = ctx.started.checked_add(t);
     }
@@ -210,8 +211,8 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
     let who = gate::Who {
         client: authenticated,
         job,
-        caller_header: req.headers.get(gate::SLUICE_CALLER).map(|v| v.as_bytes()),
-        priority_header: req.headers.get(gate::SLUICE_PRIORITY).map(|v| v.as_bytes()),
+        caller_header: sluice_field(gate::SLUICE_CALLER).map(|v| v.as_bytes()),
+        priority_header: sluice_field(gate::SLUICE_PRIORITY).map(|v| v.as_bytes()),
         addr: session
             .client_addr()
             .and_then(|a| a.as_inet())

@@ -19,7 +19,11 @@ use std::time::Duration;
 
 /// Turn the client's request head into the one sent upstream: the upstream path, no
 /// hop-by-hop or control headers, this hop in `Via`, and the destination's `Host`.
-pub fn upstream_head(upstream: &mut RequestHeader, plan: &Plan, via: &str) -> Result<()> {
+pub fn upstream_head(
+    upstream: &mut RequestHeader,
+    plan: &Plan,
+    via: &http::HeaderValue,
+) -> Result<()> {
     let uri = http::Uri::try_from(plan.upstream_path.as_str()).map_err(|e| {
         error::error(
             Code::BadTarget,
@@ -49,8 +53,9 @@ pub fn client_head(
     // h2 whatever the head says).
     resp.set_version(http::Version::HTTP_11);
     resp.insert_header("Sluice-Region", region)?;
-    resp.insert_header("Sluice-Attempts", ctx.attempts.to_string())?;
-    resp.insert_header("Sluice-Queued-Ms", ctx.queued.as_millis().to_string())?;
+    resp.insert_header("Sluice-Attempts", http::HeaderValue::from(ctx.attempts))?;
+    let queued_ms = u64::try_from(ctx.queued.as_millis()).unwrap_or(u64::MAX);
+    resp.insert_header("Sluice-Queued-Ms", http::HeaderValue::from(queued_ms))?;
     Ok(())
 }
 

@@ -379,7 +379,7 @@ fn h2_in_tunnel(
     let bad = |e: pingora_error::BError| (Code::BadRequest, format!("h2 request head: {e}"));
     head.insert_header(http::header::HOST, info.authority.as_str())
         .map_err(bad)?;
-    head.remove_header(crate::target::SLUICE_TARGET);
+    head.remove_header(&crate::target::SLUICE_TARGET);
     head.remove_header(&http::header::PROXY_AUTHORIZATION);
     if let Some(a) = authorization {
         head.insert_header(http::header::PROXY_AUTHORIZATION, a)
@@ -461,8 +461,9 @@ fn in_tunnel(
     let mut out = Vec::with_capacity(buf.len() + 64);
     out.extend_from_slice(format!("{method} {absolute} HTTP/{version}\r\n").as_bytes());
     out.extend_from_slice(format!("Host: {}\r\n", info.authority).as_bytes());
+    let target = crate::target::SLUICE_TARGET;
+    let skip = ["host", "proxy-authorization", target.as_str()];
     for h in req.headers.iter() {
-        let skip = ["host", "proxy-authorization", crate::target::SLUICE_TARGET];
         if skip.iter().any(|s| h.name.eq_ignore_ascii_case(s)) {
             continue;
         }

@@ -39,7 +39,7 @@ use tokio::sync::Notify;
 pub(crate) const STORE_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Header carrying this process's job credential on its own loopback requests.
-pub const JOB_TOKEN: &str = "sluice-job-token";
+pub const JOB_TOKEN: http::HeaderName = http::HeaderName::from_static("sluice-job-token");
 /// With it, the client whose job it is (its limits apply).
 pub const JOB_CLIENT: &str = "sluice-job-client";
 

@@ -8,7 +8,7 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 
 /// Header carrying a client token on explicit-target and route requests.
-pub const SLUICE_KEY: &str = "sluice-key";
+pub const SLUICE_KEY: http::HeaderName = http::HeaderName::from_static("sluice-key");
 
 /// A configured client, with its digests decoded.
 #[derive(Debug, Clone)]
