@@ -136,6 +136,30 @@ impl Origin {
         }
     }
 
+    /// Is `value` exactly [`Origin::host_header`]? Compared in place, with nothing formatted.
+    pub fn is_host_header(&self, value: &[u8]) -> bool {
+        let host = self.host.as_bytes();
+        let rest = match self.host.contains(':') {
+            true => value
+                .strip_prefix(b"[")
+                .and_then(|v| v.strip_prefix(host))
+                .and_then(|v| v.strip_prefix(b"]")),
+            false => value.strip_prefix(host),
+        };
+        match rest {
+            None => false,
+            Some(port) if self.port == self.scheme.default_port() => port.is_empty(),
+            Some(port) => port.strip_prefix(b":").is_some_and(|digits| {
+                digits.first().is_some_and(|d| (b'1'..=b'9').contains(d))
+                    && digits.iter().all(u8::is_ascii_digit)
+                    && std::str::from_utf8(digits)
+                        .ok()
+                        .and_then(|d| d.parse::<u16>().ok())
+                        == Some(self.port)
+            }),
+        }
+    }
+
     /// `host:port`, the key used for pacing and static resolution.
     pub fn host_port(&self) -> String {
         host_port(&self.host, self.port)
@@ -411,6 +435,51 @@ pub fn destination(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn is_host_header_is_host_header_compared() {
+        let origins = [
+            "http://a.test",
+            "http://a.test:80",
+            "https://a.test:443",
+            "https://a.test:8443",
+            "http://127.0.0.1:18091",
+            "http://[::1]:8080",
+            "https://[::1]",
+        ];
+        let values = [
+            "a.test",
+            "a.test:80",
+            "a.test:443",
+            "a.test:8443",
+            "a.test:08443",
+            "a.test:+8443",
+            "a.test:",
+            "A.test",
+            "127.0.0.1:18091",
+            "127.0.0.1",
+            "[::1]:8080",
+            "[::1]",
+            "::1",
+            "[::1]:",
+            "[::1]:8080x",
+            "",
+            "a.test:65536",
+        ];
+        for o in origins {
+            let origin = Origin::parse(o).expect("origin");
+            for v in values {
+                assert_eq!(
+                    origin.is_host_header(v.as_bytes()),
+                    origin.host_header() == v,
+                    "{o} / {v:?}"
+                );
+            }
+            assert!(
+                origin.is_host_header(origin.host_header().as_bytes()),
+                "{o}"
+            );
+        }
+    }
     use super::*;
 
     #[test]

@@ -32,7 +32,16 @@ pub fn upstream_head(
     })?;
     upstream.set_uri(uri);
     headers::clean_request(upstream, via);
-    upstream.insert_header(http::header::HOST, plan.origin.host_header())?;
+    // Most requests (a forward proxy's, whose head the front made) carry the destination's
+    // `Host` already, as their one `Host`.
+    let mut hosts = upstream.headers.get_all(http::header::HOST).iter();
+    let carried = match (hosts.next(), hosts.next()) {
+        (Some(h), None) => plan.origin.is_host_header(h.as_bytes()),
+        _ => false,
+    };
+    if !carried {
+        upstream.insert_header(http::header::HOST, plan.origin.host_header())?;
+    }
     Ok(())
 }
 
