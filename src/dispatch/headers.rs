@@ -4,18 +4,22 @@
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use pingora_http::{RequestHeader, ResponseHeader};
 
-/// Headers meaningful only for one connection (RFC 9110 7.6.1), plus proxy credentials.
-/// `Transfer-Encoding` is left to Pingora, which owns body framing on each side.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
-];
+/// Is this header meaningful only for one connection (RFC 9110 7.6.1), or a proxy
+/// credential? `Transfer-Encoding` is left to Pingora, which owns body framing on each side.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    use http::header::{CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, UPGRADE};
+    // Known names compare as tags; the two unregistered ones by their text.
+    [
+        CONNECTION,
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+        TE,
+        TRAILER,
+        UPGRADE,
+    ]
+    .contains(name)
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
 
 /// Names to drop from `headers`: the fixed hop-by-hop set, those listed in `Connection`, and,
 /// when `control` is set, every `sluice-*` header.
@@ -23,16 +27,19 @@ fn names_to_drop(headers: &HeaderMap, control: bool) -> Vec<HeaderName> {
     let mut drop: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(http::header::CONNECTION) {
         if let Ok(text) = value.to_str() {
-            for token in text.split(',') {
-                if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
-                    drop.push(name);
+            // Only a name the head carries is dropped (`close` and `keep-alive` usually name
+            // none).
+            for token in text.split(',').map(str::trim) {
+                if headers.contains_key(token) {
+                    if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                        drop.push(name);
+                    }
                 }
             }
         }
     }
     for name in headers.keys() {
-        let s = name.as_str();
-        if HOP_BY_HOP.contains(&s) || (control && s.starts_with("sluice-")) {
+        if hop_by_hop(name) || (control && name.as_str().starts_with("sluice-")) {
             drop.push(name.clone());
         }
     }
