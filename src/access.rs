@@ -77,11 +77,7 @@ impl Line<'_> {
             .metrics
             .record(self.way, host_label, self.error, self.elapsed.as_secs_f64());
         if let Some((client, upstream)) = self.protocol {
-            shared
-                .metrics
-                .protocols
-                .with_label_values(&[client, upstream.unwrap_or("none")])
-                .inc();
+            shared.metrics.record_protocols(client, upstream);
         }
         self.write(generation);
     }

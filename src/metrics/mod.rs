@@ -20,13 +20,55 @@ pub const OUTCOME_OK: &str = "ok";
 
 /// `1xx` .. `5xx`.
 pub fn status_class(status: u16) -> &'static str {
+    STATUS_CLASSES[class_index(status)]
+}
+
+/// The status classes of `sluice_upstream_responses_total`, in [`class_index`] order.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Where `status`'s class is in [`STATUS_CLASSES`] (as [`status_class`] names it).
+fn class_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
+}
+
+/// The protocols of `sluice_requests_by_protocol_total`: the client's, then the upstream's.
+const CLIENT_PROTOCOLS: [&str; 2] = ["http/1.1", "h2"];
+const UPSTREAM_PROTOCOLS: [&str; 3] = ["http/1.1", "h2", "none"];
+
+/// Series whose labels are all fixed sets (the way in, a status class, a protocol): each is
+/// looked up by label once, when the metrics are made, not on every request.
+struct Hot {
+    duration: [prometheus::Histogram; WayIn::ALL.len()],
+    responses: [[prometheus::IntCounter; STATUS_CLASSES.len()]; WayIn::ALL.len()],
+    protocols: [[prometheus::IntCounter; UPSTREAM_PROTOCOLS.len()]; CLIENT_PROTOCOLS.len()],
+}
+
+impl Hot {
+    fn new(duration: &HistogramVec, responses: &IntCounterVec, protocols: &IntCounterVec) -> Hot {
+        let way = |i: usize| WayIn::ALL[i].as_str();
+        Hot {
+            duration: std::array::from_fn(|w| duration.with_label_values(&[way(w)])),
+            responses: std::array::from_fn(|w| {
+                std::array::from_fn(|c| responses.with_label_values(&[way(w), STATUS_CLASSES[c]]))
+            }),
+            protocols: std::array::from_fn(|c| {
+                std::array::from_fn(|u| {
+                    protocols.with_label_values(&[CLIENT_PROTOCOLS[c], UPSTREAM_PROTOCOLS[u]])
+                })
+            }),
+        }
+    }
+}
+
+/// Where `way` is in [`WayIn::ALL`].
+fn way_index(way: WayIn) -> usize {
+    WayIn::ALL.iter().position(|w| *w == way).unwrap_or(0)
 }
 
 /// The `result` values of `sluice_intercept_tunnels_total`.
@@ -46,6 +88,8 @@ pub const RETRY_REASONS: [&str; 6] = ["connect", "timeout", "reset", "refused", 
 
 pub struct Metrics {
     registry: Registry,
+    /// The series of fixed labels that every answered request touches, looked up once.
+    hot: Hot,
     /// `sluice_requests_total{way, host, outcome}`: host is a name from `[hosts]` or `other`;
     /// outcome is `ok` or an error code.
     pub requests: IntCounterVec,
@@ -404,11 +448,6 @@ impl Metrics {
             pauses.with_label_values(&[src.as_str()]);
         }
         upstream_429.with_label_values(&["passed"]);
-        for client in ["http/1.1", "h2"] {
-            for upstream in ["http/1.1", "h2", "none"] {
-                protocols.with_label_values(&[client, upstream]);
-            }
-        }
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(upstream_attempts.clone()))?;
         registry.register(Box::new(upstream_responses.clone()))?;
@@ -422,17 +461,13 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         // Pre-create the series a dashboard expects so they read 0 rather than missing.
+        // (and those of `Hot`, made by it).
+        let hot = Hot::new(&request_duration, &upstream_responses, &protocols);
         for way in WayIn::ALL {
             requests.with_label_values(&[way.as_str(), OTHER_HOST, OUTCOME_OK]);
-            request_duration.with_label_values(&[way.as_str()]);
         }
         for dir in ["up", "down"] {
             tunnel_bytes.with_label_values(&[dir]);
-        }
-        for way in WayIn::ALL {
-            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
-                upstream_responses.with_label_values(&[way.as_str(), class]);
-            }
         }
         for reason in crate::admission::Rejection::REASONS {
             rejections.with_label_values(&[reason]);
@@ -449,6 +484,7 @@ impl Metrics {
         }
         Ok(Metrics {
             registry,
+            hot,
             requests,
             upstream_attempts,
             upstream_responses,
@@ -503,16 +539,23 @@ impl Metrics {
         self.requests
             .with_label_values(&[way.as_str(), host, outcome])
             .inc();
-        self.request_duration
-            .with_label_values(&[way.as_str()])
-            .observe(seconds);
+        self.hot.duration[way_index(way)].observe(seconds);
     }
 
     /// Count an upstream response by status class.
     pub fn record_upstream_status(&self, way: WayIn, status: u16) {
-        self.upstream_responses
-            .with_label_values(&[way.as_str(), status_class(status)])
-            .inc();
+        self.hot.responses[way_index(way)][class_index(status)].inc();
+    }
+
+    /// Count a request by its client's protocol and its upstream's (`None`: it reached none).
+    pub fn record_protocols(&self, client: &str, upstream: Option<&str>) {
+        let upstream = upstream.unwrap_or("none");
+        let c = CLIENT_PROTOCOLS.iter().position(|p| *p == client);
+        let u = UPSTREAM_PROTOCOLS.iter().position(|p| *p == upstream);
+        match (c, u) {
+            (Some(c), Some(u)) => self.hot.protocols[c][u].inc(),
+            _ => self.protocols.with_label_values(&[client, upstream]).inc(),
+        }
     }
 
     /// Count one attempt sent to an endpoint of `region` (`default` for a host without
