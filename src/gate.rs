@@ -144,6 +144,26 @@ impl<'a> Who<'a> {
     }
 }
 
+/// A caller named by its address: the last name made on this thread, when the address is
+/// the same (a client's requests come one after another), else a new one.
+fn address_name(ip: std::net::IpAddr) -> Arc<str> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(std::net::IpAddr, Arc<str>)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((seen, name)) if *seen == ip => name.clone(),
+            _ => {
+                let name: Arc<str> = Arc::from(ip.to_string());
+                *last = Some((ip, name.clone()));
+                name
+            }
+        }
+    })
+}
+
 /// The caller of a request at a host whose limits are `limits`, as `[callers]` says to tell
 /// callers apart: the authenticated client; else one of sluice's own jobs (`jobs`); else
 /// `Sluice-Caller`, then the client's address (`by = "auto"`); or only the address
@@ -186,7 +206,7 @@ pub fn caller(
                 (Arc::from(header.unwrap_or(OTHER)), 1, None, false)
             }
             (None, _) => match who.addr {
-                Some(ip) => (Arc::from(ip.to_string()), 1, None, false),
+                Some(ip) => (address_name(ip), 1, None, false),
                 None => (OTHER_CALLER.clone(), 1, None, false),
             },
         };
