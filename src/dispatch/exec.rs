@@ -191,6 +191,11 @@ impl Exec<'_, '_> {
         // One buffer for every event's actions, drained and reused.
         let mut actions = Vec::new();
         policy.start(&mut env, &mut actions);
+        // One timer for the deadline, moved when the deadline moves (its clock stops while
+        // the body streams in), not one made for every event.
+        let mut armed = policy.deadline();
+        let mut deadline_timer =
+            std::pin::pin!(tokio::time::sleep_until(armed.unwrap_or_else(Instant::now)));
         loop {
             for action in actions.drain(..) {
                 match action {
@@ -243,14 +248,14 @@ impl Exec<'_, '_> {
             }
             let hedge_at = policy.hedge_at();
             let deadline = policy.deadline();
+            if deadline != armed {
+                if let Some(at) = deadline {
+                    deadline_timer.as_mut().reset(at);
+                }
+                armed = deadline;
+            }
             let hedge_sleep = async {
                 match hedge_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let deadline_sleep = async {
-                match deadline {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
@@ -275,7 +280,7 @@ impl Exec<'_, '_> {
                 _ = hedge_sleep, if hedge_at.is_some() => {
                     policy.hedge_timer(&mut env, &mut actions);
                 }
-                _ = deadline_sleep, if deadline.is_some() => {
+                _ = &mut deadline_timer, if armed.is_some() => {
                     policy.deadline_passed(&mut actions);
                 }
             }
