@@ -380,6 +380,20 @@ mod tests {
             ..Who::default()
         };
         assert_eq!(named(&auto, by_addr).expect("ok").as_ref(), "10.0.0.7");
+        // Addresses in turn (the thread keeps the last name it made): each its own.
+        for ip in [[10, 0, 0, 8], [10, 0, 0, 7], [10, 0, 0, 7], [192, 0, 2, 1]] {
+            let who = Who {
+                addr: Some(std::net::IpAddr::from(ip)),
+                ..Who::default()
+            };
+            let want = std::net::IpAddr::from(ip).to_string();
+            assert_eq!(named(&auto, who).expect("ok").as_ref(), want);
+        }
+        let v6 = Who {
+            addr: Some("2001:db8::1".parse().expect("ip")),
+            ..Who::default()
+        };
+        assert_eq!(named(&auto, v6).expect("ok").as_ref(), "2001:db8::1");
         let job = Who {
             job: true,
             caller_header: Some(b"x"),

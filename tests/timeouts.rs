@@ -93,6 +93,49 @@ fn get(sluice: &Sluice, extra: &str) -> (u16, String, String, Duration) {
     (status, head, body, started.elapsed())
 }
 
+/// The host's `request_timeout` clock stops while the body streams in and starts when it is
+/// whole: an upload longer than the bound to an upstream that never answers still ends, with
+/// `504`, once the bound has run after the body's end (the deadline's timer moved, not lost).
+#[test]
+fn the_deadline_runs_again_once_a_streamed_body_is_whole() {
+    let (port, connections) = silent_upstream();
+    let sluice = Sluice::start("", &pinned(port, "request_timeout = \"1s\""));
+    let mut s = TcpStream::connect(sluice.proxy).expect("connect");
+    s.set_nodelay(true).ok();
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok();
+    s.write_all(
+        format!(
+            "POST /slow HTTP/1.1\r\nHost: sluice\r\nSluice-Target: http://{HOST}\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .expect("head");
+    // Eight pieces 200 ms apart: the body takes 1.6 s, past the 1 s request_timeout.
+    for _ in 0..8 {
+        s.write_all(b"5\r\nhello\r\n").expect("piece");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s.write_all(b"0\r\n\r\n").expect("end");
+    let whole = Instant::now();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .expect("response before the client's 20 s read timeout");
+    let after_body = whole.elapsed();
+    let (status, head, body) = split_response(&raw);
+    assert_eq!(status, 504, "{head}\n{body}");
+    assert_eq!(
+        header_of(&head, "sluice-error").as_deref(),
+        Some("upstream_timeout")
+    );
+    // Not at the body's end: the bound runs from there (less the few ms before the body).
+    assert!(
+        after_body >= Duration::from_millis(500),
+        "cut {after_body:?} after the body's end, before its 1 s request_timeout ran"
+    );
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+}
+
 /// Before: no deadline unless the client sent one, and each of three attempts waited the
 /// 60 s read timeout on the same address (180 s). Now the host's `request_timeout` bounds the
 /// request, and the one address is asked once.

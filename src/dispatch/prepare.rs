@@ -153,8 +153,8 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
     }
     ctx.origin = Some(dest.origin.clone());
     // Every header this stage reads but `Host`, `Via` and the framing is a `Sluice-*` one.
-    let named = headers::names_sluice(&req.headers);
-    let sluice_field = |name| named.then(|| req.headers.get(name)).flatten();
+    let has_sluice = headers::names_sluice(&req.headers);
+    let sluice_field = |name| has_sluice.then(|| req.headers.get(name)).flatten();
     let job = sluice_field(crate::jobs::JOB_TOKEN)
         .is_some_and(|t| auth::same_secret(t.as_bytes(), shared.jobs.token.as_bytes()));
     // The client is borrowed from this handle on the generation (`ctx` is written meanwhile).
