@@ -43,21 +43,17 @@ work=$(mktemp -d /tmp/sluice-instr.XXXXXX)
 chmod 0777 "$work"
 pids=()
 cleanup() {
+  # nginx's master stops its worker on TERM (killed outright, it would leave it behind).
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.5
   for p in "${pids[@]}"; do { kill -9 "$p" && wait "$p"; } 2>/dev/null || true; done
   [ -n "${PROFILE_DIR:-}" ] && { mkdir -p "$PROFILE_DIR"; cp "$work"/cg.* "$PROFILE_DIR"/ 2>/dev/null || true; }
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 300); do
-    python3 -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(('127.0.0.1',$1)))" && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2
-  return 1
-}
+# shellcheck source=benches/ports.sh
+. "$root/benches/ports.sh"
 
 ORIGIN=$(free_port)
 SMALL=$(python3 -c 'print("x"*100, end="")')
@@ -87,7 +83,7 @@ measure() {
     "$@" > "$work/$name.log" 2>&1 &
   local pid=$!
   pids+=("$pid")
-  wait_port "$port"
+  wait_port "$port" 300   # valgrind starts slowly
   wrk -t1 -c"$CONNS" -d3s ${lua:+-s "$lua"} "http://127.0.0.1:$port/small" > /dev/null
   callgrind_control -z "$pid" > /dev/null 2>&1
   wrk -t1 -c"$CONNS" -d"${DURATION}s" ${lua:+-s "$lua"} "http://127.0.0.1:$port/small" \

@@ -56,16 +56,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 100); do
-    python3 -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(('127.0.0.1',$1)))" && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on $1; logs:" >&2
-  tail -n 5 "$work"/*.out "$work"/*.err "$work"/*.log 2>/dev/null >&2 || true
-  return 1
-}
+# shellcheck source=benches/ports.sh
+. "$root/benches/ports.sh"
 
 ORIGIN=$(free_port); RP=$(free_port); HA=$(free_port); SQ=$(free_port); TP=$(free_port)
 SL=$(free_port); SL_ADMIN=$(free_port); PF=$(free_port); ATS=$(free_port); ORIGIN_TLS=$(free_port)

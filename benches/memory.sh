@@ -22,7 +22,8 @@ work=$(mktemp -d /tmp/sluice-mem.XXXXXX); chmod 0777 "$work"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/ports.sh
+. "$root/benches/ports.sh"
 ORIGIN=$(free_port); SL=$(free_port); ADMIN=$(free_port); CLOSED=$(free_port)
 cat > "$work/origin.conf" <<NGINX
 worker_processes 1; daemon off; error_log $work/origin.err; pid $work/origin.pid;
