@@ -93,13 +93,9 @@ fn get(sluice: &Sluice, extra: &str) -> (u16, String, String, Duration) {
     (status, head, body, started.elapsed())
 }
 
-/// The host's `request_timeout` clock stops while the body streams in and starts when it is
-/// whole: an upload longer than the bound to an upstream that never answers still ends, with
-/// `504`, once the bound has run after the body's end (the deadline's timer moved, not lost).
-#[test]
-fn the_deadline_runs_again_once_a_streamed_body_is_whole() {
-    let (port, connections) = silent_upstream();
-    let sluice = Sluice::start("", &pinned(port, "request_timeout = \"1s\""));
+/// A chunked POST through an explicit target whose body comes as `pieces` pieces of 5 bytes,
+/// 200 ms apart, then its end; the connection, to read the answer from (20 s at most).
+fn slow_upload(sluice: &Sluice, pieces: usize) -> TcpStream {
     let mut s = TcpStream::connect(sluice.proxy).expect("connect");
     s.set_nodelay(true).ok();
     s.set_read_timeout(Some(Duration::from_secs(20))).ok();
@@ -111,12 +107,23 @@ fn the_deadline_runs_again_once_a_streamed_body_is_whole() {
         .as_bytes(),
     )
     .expect("head");
-    // Eight pieces 200 ms apart: the body takes 1.6 s, past the 1 s request_timeout.
-    for _ in 0..8 {
+    for _ in 0..pieces {
         s.write_all(b"5\r\nhello\r\n").expect("piece");
         std::thread::sleep(Duration::from_millis(200));
     }
     s.write_all(b"0\r\n\r\n").expect("end");
+    s
+}
+
+/// The host's `request_timeout` clock stops while the body streams in and starts when it is
+/// whole: an upload longer than the bound to an upstream that never answers still ends, with
+/// `504`, once the bound has run after the body's end (the deadline's timer moved, not lost).
+#[test]
+fn the_deadline_runs_again_once_a_streamed_body_is_whole() {
+    let (port, connections) = silent_upstream();
+    let sluice = Sluice::start("", &pinned(port, "request_timeout = \"1s\""));
+    // Eight pieces 200 ms apart: the body takes 1.6 s, past the 1 s request_timeout.
+    let mut s = slow_upload(&sluice, 8);
     let whole = Instant::now();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)
@@ -288,23 +295,8 @@ fn a_client_that_leaves_mid_stream_is_client_closed_not_an_error() {
 fn an_upload_longer_than_request_timeout_is_not_cut() {
     let up = FakeUpstream::builder().start();
     let sluice = Sluice::start("", &pinned(up.port(), "request_timeout = \"1s\""));
-    let mut s = TcpStream::connect(sluice.proxy).expect("connect");
-    s.set_nodelay(true).ok();
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok();
-    s.write_all(
-        format!(
-            "POST /slow HTTP/1.1\r\nHost: sluice\r\nSluice-Target: http://{HOST}\r\n\
-             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .expect("head");
     // Ten pieces 200 ms apart: the body takes 2 s, twice the request_timeout.
-    for _ in 0..10 {
-        s.write_all(b"5\r\nhello\r\n").expect("piece");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    s.write_all(b"0\r\n\r\n").expect("end");
+    let mut s = slow_upload(&sluice, 10);
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("response");
     let (status, head, body) = split_response(&raw);
