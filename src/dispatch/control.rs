@@ -30,9 +30,6 @@ pub struct Control {
 impl Control {
     /// The controls of a request; a malformed header is an error naming it.
     pub fn read(req: &RequestHeader, limits: &HostLimits) -> Result<Control, String> {
-        if !super::headers::names_sluice(&req.headers) {
-            return Ok(Control::of(limits));
-        }
         let text = |name: HeaderName| -> Result<Option<&str>, String> {
             match req.headers.get(&name) {
                 None => Ok(None),
@@ -87,7 +84,7 @@ impl Control {
     }
 
     /// The host's configured defaults (a request that names none of the controls).
-    fn of(limits: &HostLimits) -> Control {
+    pub fn of(limits: &HostLimits) -> Control {
         Control {
             mode: limits.mode,
             regions: None,
@@ -127,6 +124,13 @@ mod tests {
             r.insert_header(k.to_string(), *v).expect("header");
         }
         r
+    }
+
+    #[test]
+    fn the_defaults_are_what_a_request_without_controls_reads() {
+        let l = HostLimits::default();
+        let read = Control::read(&req(&[("Accept", "*/*")]), &l).expect("ok");
+        assert_eq!(read, Control::of(&l));
     }
 
     #[test]

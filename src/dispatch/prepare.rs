@@ -194,7 +194,10 @@ pub async fn prepare(shared: &Shared, session: &Session, ctx: &mut Ctx) -> Resul
         // No `Sluice-Timeout`: the host's own bound, so that no request waits forever.
         deadline = ctx.started.checked_add(limits.request_timeout.get());
     }
-    let control = Control::read(req, &limits).map_err(|m| error::error(Code::BadRequest, m))?;
+    let control = match has_sluice {
+        true => Control::read(req, &limits).map_err(|m| error::error(Code::BadRequest, m))?,
+        false => Control::of(&limits),
+    };
     let configured = (named && generation.has_regions)
         .then(|| shared.regions.get(generation.host_label(profile)))
         .flatten();
