@@ -104,14 +104,25 @@ impl Hints {
     }
 }
 
+/// Whether `headers` may carry a hint: a name that starts with `retry-after` or
+/// `x-ezthrottle-`, or mentions `ratelimit`. Most answers have none, and need no clock.
+pub fn present(headers: &HeaderMap) -> bool {
+    headers.keys().any(|k| {
+        let s = k.as_str().as_bytes();
+        s.starts_with(b"retry-after")
+            || s.starts_with(b"x-ezthrottle-")
+            || s.windows(RATELIMIT.len())
+                .any(|w| w[0] == b'r' && w == RATELIMIT)
+    })
+}
+
+const RATELIMIT: &[u8] = b"ratelimit";
+
 /// Read every hint from `headers`; `now` is the wall clock (for HTTP-dates and epoch resets).
 pub fn parse(headers: &HeaderMap, now: SystemTime) -> Hints {
     let mut h = Hints::default();
     // Fast exit for the common response with none of these headers.
-    if !headers.keys().any(|k| {
-        let s = k.as_str();
-        s.starts_with("retry-after") || s.starts_with("x-ezthrottle-") || s.contains("ratelimit")
-    }) {
+    if !present(headers) {
         return h;
     }
     let get = |name: &'static str| headers.get(name).and_then(|v| v.to_str().ok());

@@ -14,7 +14,7 @@ use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::Result;
 use pingora_http::RequestHeader;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How an attempt takes its admission.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +42,8 @@ impl Admit {
 pub struct Answer {
     pub session: Session,
     pub region: usize,
-    pub started: Instant,
+    /// When the attempt began, on the clock of region state (`Regions::now`).
+    pub started: u64,
     /// The host's in-flight place, held until the body is streamed.
     pub permit: Option<Permit>,
     pub in_flight: InFlight,
@@ -96,7 +97,7 @@ pub async fn run(
     let mut pending = Pending {
         state: &r.state,
         regions: &job.shared.regions,
-        started: Instant::now(),
+        started: job.shared.regions.now(),
         armed: true,
     };
     let peer = match peer_for(job, r).await {
@@ -117,7 +118,7 @@ pub async fn run(
             break (session, pooled);
         };
         let cell = &job.plan.cell;
-        let look = Instant::now();
+        let look = job.shared.regions.now();
         let send = job
             .shared
             .admission
@@ -125,8 +126,9 @@ pub async fn run(
             .await;
         // Time spent waiting for its place among the host's sends is not the region's
         // latency: it is the request's wait.
-        pending.started += look.elapsed();
-        job.waited(look.elapsed());
+        let waited = job.shared.regions.now().saturating_sub(look);
+        pending.started = pending.started.saturating_add(waited);
+        job.waited(Duration::from_nanos(waited));
         if send == AtSend::Go {
             break (session, pooled);
         }
@@ -137,13 +139,14 @@ pub async fn run(
         // itself).
         drop(permit.take());
         let wait = admit.wait(job);
-        let look = Instant::now();
+        let look = job.shared.regions.now();
         permit = Some(
             admit_attempt(job, cell, wait)
                 .await
                 .map_err(|e| fail(e, true))?,
         );
-        pending.started += look.elapsed();
+        let waited = job.shared.regions.now().saturating_sub(look);
+        pending.started = pending.started.saturating_add(waited);
     };
     // The deadline bounds the wait for the head (exec's deadline arm); each read only by
     // `server.read_timeout` when one is set.
@@ -231,15 +234,17 @@ async fn admit_attempt(
 struct Pending<'a> {
     state: &'a crate::regions::state::RegionState,
     regions: &'a crate::regions::Regions,
-    started: Instant,
+    /// On the clock of region state.
+    started: u64,
     armed: bool,
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.state
-                .record_censored(self.started.elapsed(), self.regions.now());
+            let now = self.regions.now();
+            let waited = Duration::from_nanos(now.saturating_sub(self.started));
+            self.state.record_censored(waited, now);
         }
     }
 }

@@ -53,8 +53,9 @@ pub struct Upload {
     pub done: bool,
     /// Toward the streamed attempt, while it listens.
     tx: Option<mpsc::Sender<Piece>>,
-    /// The floor on the body's pace: (when reading began, bytes/s, grace).
-    pace: (std::time::Instant, u64, std::time::Duration),
+    /// The floor on the body's pace, for a body still to read under one: (when reading
+    /// began, bytes/s, grace).
+    pace: Option<(std::time::Instant, u64, std::time::Duration)>,
 }
 
 /// The slowest a request body may come: `min_rate` bytes/s on average, once `grace` has
@@ -125,7 +126,6 @@ impl Upload {
     /// The body of `session`'s request, with a replay buffer of `cap` bytes. Returns the source
     /// of the first attempt.
     pub fn start(session: &mut Session, cap: u64, max: u64, pace: BodyPace) -> (Upload, Source) {
-        let pace = (std::time::Instant::now(), pace.min_rate, pace.grace);
         if session.as_downstream_mut().is_body_empty() {
             let upload = Upload {
                 replay: Some(BytesMut::new()),
@@ -135,11 +135,13 @@ impl Upload {
                 read: 0,
                 done: true,
                 tx: None,
-                pace,
+                pace: None,
             };
             return (upload, Source::Whole(Bytes::new()));
         }
         let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+        let pace =
+            (pace.min_rate > 0).then(|| (std::time::Instant::now(), pace.min_rate, pace.grace));
         let upload = Upload {
             replay: Some(BytesMut::new()),
             whole: None,
@@ -173,10 +175,9 @@ impl Upload {
             Some(tx) => tx.reserve_owned().await.ok(),
             None => None,
         };
-        let (started, rate, grace) = self.pace;
-        if rate == 0 {
+        let Some((started, rate, grace)) = self.pace else {
             return (permit, session.read_request_body().await);
-        }
+        };
         // The next byte is due when the average since `grace` would fall under the floor.
         let due = started
             + grace

@@ -124,8 +124,11 @@ pub async fn run(
     ctx.body_bytes = upload.read;
     // Concurrent attempts (a hedge, a race) wait side by side: never more than the time
     // the request has taken.
-    ctx.queued =
-        (ctx.queued + Duration::from_nanos(waited.into_inner())).min(ctx.started.elapsed());
+    // (No clock read for a request that never waited.)
+    let queued = ctx.queued + Duration::from_nanos(waited.into_inner());
+    if !queued.is_zero() {
+        ctx.queued = queued.min(ctx.started.elapsed());
+    }
     match result {
         Ok((answer, attempts, body_idle)) => {
             ctx.attempts = attempts;

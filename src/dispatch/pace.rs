@@ -76,7 +76,11 @@ pub fn learn(
     model: Option<&std::sync::Arc<str>>,
 ) -> PauseEffect {
     let mut status = resp.status.as_u16();
-    let mut h = hints::parse(&resp.headers, SystemTime::now());
+    // The wall clock only for an answer that has hints (HTTP-dates, epoch resets).
+    let mut h = match hints::present(&resp.headers) {
+        true => hints::parse(&resp.headers, SystemTime::now()),
+        false => hints::Hints::default(),
+    };
     h.model = model.cloned();
     // A trailers-only gRPC answer carries its status in the head: `RESOURCE_EXHAUSTED` is
     // the upstream's 429.

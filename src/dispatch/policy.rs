@@ -290,7 +290,8 @@ pub struct Policy<A, E> {
     /// The deadline's clock stops while the body streams in (the host's `request_timeout`,
     /// not the client's `Sluice-Timeout`).
     stretch: bool,
-    started: Instant,
+    /// When the policy began, if its deadline stretches over a body still to come.
+    started: Option<Instant>,
     body: BodyState,
     /// The best answer so far that asked for a retry (a 429, a retryable 5xx): delivered if
     /// no better one comes.
@@ -321,7 +322,8 @@ impl<A, E> Policy<A, E> {
             hedge_at: None,
             deadline,
             stretch,
-            started: Instant::now(),
+            // Only a deadline that stretches over a body still to come reads it.
+            started: (stretch && !body_complete).then(Instant::now),
             body: BodyState {
                 complete: body_complete,
                 replayable: true,
@@ -458,9 +460,10 @@ impl<A, E> Policy<A, E> {
     pub fn body(&mut self, complete: bool, replayable: bool, out: &mut Vec<Action<A, E>>) {
         if complete && !self.body.complete && self.stretch {
             // The deadline's clock stood still while the body streamed in.
-            self.deadline = self
-                .deadline
-                .and_then(|d| d.checked_add(self.started.elapsed()));
+            self.deadline = self.deadline.and_then(|d| match self.started {
+                Some(started) => d.checked_add(started.elapsed()),
+                None => Some(d),
+            });
         }
         self.body = BodyState {
             complete,

@@ -8,7 +8,7 @@ use crate::error::Code;
 use crate::regions::HostRegions;
 use crate::state::Shared;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 /// Where an attempt's end is written down: its endpoint's state (latency, failures,
 /// ejection), the metrics, and what the host's answer teaches admission.
@@ -25,14 +25,15 @@ pub struct Recorder<'a> {
 }
 
 impl Recorder<'_> {
-    /// A response head from `region`, `started` when the attempt began; returns its status
+    /// A response head from `region`, `started` when the attempt began (on the clock of
+    /// region state); returns its status
     /// and whether it paused the host.
     pub fn answered(
         &self,
         ctx: &Ctx,
         region: usize,
         session: &pingora_core::protocols::http::client::HttpSession,
-        started: Instant,
+        started: u64,
     ) -> (u16, bool) {
         let r = &self.host.regions[region];
         let head = session.response_header();
@@ -66,8 +67,10 @@ impl Recorder<'_> {
         if (500..600).contains(&status) {
             self.failed_in(region, false);
         } else {
-            r.state.record_latency(started.elapsed());
-            r.state.on_success(self.shared.regions.now());
+            let now = self.shared.regions.now();
+            r.state
+                .record_latency(Duration::from_nanos(now.saturating_sub(started)));
+            r.state.on_success(now);
         }
         (status, paused)
     }

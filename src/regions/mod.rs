@@ -21,7 +21,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 /// A latency estimate not refreshed for this long (ns) no longer ranks its region.
 const STALE_AFTER: u64 = 30_000_000_000;
@@ -105,7 +104,11 @@ pub struct Regions {
     options: Option<pingora_core::connectors::ConnectorOptions>,
     /// Kept implicit routes, by `host:port`.
     implicit: implicit::Kept,
-    epoch: Instant,
+    /// The clock of region state, read several times per request: the TSC (as admission's),
+    /// a few nanoseconds a read where the system clock costs a call into the vDSO.
+    clock: quanta::Clock,
+    /// The clock's raw reading when the registry started.
+    epoch: u64,
 }
 
 impl Regions {
@@ -118,19 +121,22 @@ impl Regions {
         generation: &Generation,
         options: Option<pingora_core::connectors::ConnectorOptions>,
     ) -> Regions {
+        let clock = quanta::Clock::new();
         let r = Regions {
             hosts: ArcSwap::from_pointee(HashMap::new()),
             options,
             implicit: implicit::Kept::default(),
-            epoch: Instant::now(),
+            epoch: clock.raw(),
+            clock,
         };
         r.apply_generation(generation);
         r
     }
 
     /// Nanoseconds since the registry started: the clock of region state.
+    #[inline]
     pub fn now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+        self.clock.delta_as_nanos(self.epoch, self.clock.raw())
     }
 
     /// The regions of a `[hosts]` key, if it has any.
