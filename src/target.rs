@@ -191,7 +191,11 @@ impl Origin {
 /// Split `scheme://authority<rest>`; `rest` is what follows the authority (path, query), with
 /// any fragment dropped.
 pub fn split_absolute(text: &str) -> Result<(Origin, &str), TargetError> {
-    let Some((scheme, after)) = text.split_once("://") else {
+    // The scheme ends at the first ':' (a scheme has none), and "//" follows it.
+    let split = text
+        .find(':')
+        .and_then(|i| Some((&text[..i], text[i + 1..].strip_prefix("//")?)));
+    let Some((scheme, after)) = split else {
         return bad(format!(
             "{text:?} is not an absolute http:// or https:// URI"
         ));
@@ -290,11 +294,19 @@ pub fn parse_authority(
 
 /// `host:port` (IPv6 hosts in brackets): the key of a destination host.
 pub fn host_port(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
+    // Made once per request (the pacing key): written directly, not through `format!`.
+    let v6 = host.contains(':');
+    let mut key = String::with_capacity(host.len() + 8);
+    if v6 {
+        key.push('[');
     }
+    key.push_str(host);
+    if v6 {
+        key.push(']');
+    }
+    key.push(':');
+    key.push_str(itoa::Buffer::new().format(port));
+    key
 }
 
 /// The host as an IP address, when it is a literal.
@@ -493,6 +505,9 @@ mod tests {
         assert_eq!((o.host.as_str(), o.port), ("::1", 8080));
         assert_eq!(o.host_header(), "[::1]:8080");
         assert_eq!(o.host_port(), "[::1]:8080");
+        assert_eq!(host_port("a.test", 0), "a.test:0");
+        assert_eq!(host_port("a.test", 65535), "a.test:65535");
+        assert_eq!(host_port("fe80::1%eth0", 443), "[fe80::1%eth0]:443");
         assert!(Origin::parse("https://a.test/v1").is_err());
         let o = Origin::parse_with_base("https://a.test/v1/").expect("ok");
         assert_eq!(o.base_path, "/v1");
@@ -526,6 +541,18 @@ mod tests {
         assert_eq!(rest, "");
         let (_, rest) = split_absolute("http://a.test?q").expect("ok");
         assert_eq!(rest, "?q");
+        let (o, _) = split_absolute("HTTPS://A.test").expect("ok");
+        assert_eq!((o.scheme, o.host.as_str()), (Scheme::Https, "a.test"));
+        for t in [
+            "a.test:8080/x",
+            "http:/a.test",
+            "http:a.test://b",
+            ":///",
+            "",
+            "http",
+        ] {
+            assert!(split_absolute(t).is_err(), "{t:?} should be rejected");
+        }
     }
 
     #[test]
