@@ -478,6 +478,28 @@ mod tests {
         h
     }
 
+    #[test]
+    fn present_sees_a_hint_name_and_only_those() {
+        for (name, hint) in [
+            ("r", false),
+            ("rate", false),
+            ("ratelimi", false),
+            ("x-request-id", false),
+            ("content-type", false),
+            ("retry", false),
+            ("ratelimit", true),
+            ("x-ratelimit-reset", true),
+            ("anthropic-ratelimit-tokens-remaining", true),
+            ("retry-after", true),
+            ("retry-after-ms", true),
+            ("x-ezthrottle-rps", true),
+        ] {
+            let h = headers(&[("date", "x"), (name, "1")]);
+            assert_eq!(present(&h), hint, "{name}");
+        }
+        assert!(!present(&HeaderMap::new()));
+    }
+
     fn now() -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_700_000_000)
     }

@@ -325,6 +325,21 @@ mod tests {
     }
 
     #[test]
+    fn the_region_clock_counts_nanoseconds() {
+        // Measured against the system's monotonic clock over the same stretch: raw TSC ticks
+        // (a few per nanosecond) or microseconds would be far out.
+        let r = regions();
+        let (a, since) = (r.now(), std::time::Instant::now());
+        std::thread::sleep(Duration::from_millis(20));
+        let (b, took) = (r.now(), since.elapsed());
+        let ratio = (b - a) as f64 / took.as_nanos() as f64;
+        assert!(
+            (0.8..1.25).contains(&ratio),
+            "region clock / system clock = {ratio}"
+        );
+    }
+
+    #[test]
     fn order_prefers_unmeasured_then_fastest_and_skips_ejected() {
         let r = regions();
         let h = r.get("api.test").expect("host");
