@@ -1,5 +1,6 @@
-//! The admission clock: nanoseconds since it started, from the TSC in service (cheap enough
-//! to read on every decision) or from tokio's clock in tests (which pause and advance it).
+//! The admission clock (region state keeps time on one too): nanoseconds since it started,
+//! from the TSC in service (cheap enough to read on every decision) or from tokio's clock in
+//! tests (which pause and advance it).
 
 /// Nanoseconds since the admission clock started.
 pub enum Clock {

@@ -126,9 +126,7 @@ pub async fn run(
             .await;
         // Time spent waiting for its place among the host's sends is not the region's
         // latency: it is the request's wait.
-        let waited = job.shared.regions.now().saturating_sub(look);
-        pending.started = pending.started.saturating_add(waited);
-        job.waited(Duration::from_nanos(waited));
+        job.waited(pending.set_aside(look));
         if send == AtSend::Go {
             break (session, pooled);
         }
@@ -145,8 +143,7 @@ pub async fn run(
                 .await
                 .map_err(|e| fail(e, true))?,
         );
-        let waited = job.shared.regions.now().saturating_sub(look);
-        pending.started = pending.started.saturating_add(waited);
+        pending.set_aside(look);
     };
     // The deadline bounds the wait for the head (exec's deadline arm); each read only by
     // `server.read_timeout` when one is set.
@@ -237,6 +234,16 @@ struct Pending<'a> {
     /// On the clock of region state.
     started: u64,
     armed: bool,
+}
+
+impl Pending<'_> {
+    /// The time since `since` (on the clock of region state) was the request's wait, not the
+    /// region's latency: set it aside, and return it.
+    fn set_aside(&mut self, since: u64) -> Duration {
+        let waited = self.regions.now().saturating_sub(since);
+        self.started = self.started.saturating_add(waited);
+        Duration::from_nanos(waited)
+    }
 }
 
 impl Drop for Pending<'_> {

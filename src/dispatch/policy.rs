@@ -1193,8 +1193,9 @@ mod tests {
         assert_eq!(p.deadline(), Some(deadline));
         tokio::time::advance(Duration::from_secs(5)).await;
         body(&mut p, true, true);
-        assert_eq!(p.deadline(), Some(deadline)); // The host's request_timeout over a body that was whole from the start: armed at
-                                                  // once, never moved.
+        assert_eq!(p.deadline(), Some(deadline));
+        // The host's request_timeout over a body that was whole from the start: armed at
+        // once, never moved.
         let mut p: P = Policy::new(rules, vec![0], 1, Some(deadline), true, true);
         start(&mut p, &mut w);
         assert_eq!(p.deadline(), Some(deadline));

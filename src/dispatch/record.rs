@@ -26,8 +26,7 @@ pub struct Recorder<'a> {
 
 impl Recorder<'_> {
     /// A response head from `region`, `started` when the attempt began (on the clock of
-    /// region state); returns its status
-    /// and whether it paused the host.
+    /// region state); returns its status and whether it paused the host.
     pub fn answered(
         &self,
         ctx: &Ctx,

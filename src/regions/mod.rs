@@ -11,6 +11,7 @@ pub mod state;
 
 pub use implicit::{HostRoute, IMPLICIT_REGION};
 
+use crate::admission::Clock;
 use crate::config::{HealthCheckConfig, RegionConfig};
 use crate::generation::Generation;
 use crate::target::Origin;
@@ -104,11 +105,9 @@ pub struct Regions {
     options: Option<pingora_core::connectors::ConnectorOptions>,
     /// Kept implicit routes, by `host:port`.
     implicit: implicit::Kept,
-    /// The clock of region state, read several times per request: the TSC (as admission's),
-    /// a few nanoseconds a read where the system clock costs a call into the vDSO.
-    clock: quanta::Clock,
-    /// The clock's raw reading when the registry started.
-    epoch: u64,
+    /// The clock of region state, read several times per request: admission's TSC clock, a
+    /// few nanoseconds a read where the system clock costs a call into the vDSO.
+    clock: Clock,
 }
 
 impl Regions {
@@ -121,13 +120,11 @@ impl Regions {
         generation: &Generation,
         options: Option<pingora_core::connectors::ConnectorOptions>,
     ) -> Regions {
-        let clock = quanta::Clock::new();
         let r = Regions {
             hosts: ArcSwap::from_pointee(HashMap::new()),
             options,
             implicit: implicit::Kept::default(),
-            epoch: clock.raw(),
-            clock,
+            clock: Clock::quanta(),
         };
         r.apply_generation(generation);
         r
@@ -136,7 +133,7 @@ impl Regions {
     /// Nanoseconds since the registry started: the clock of region state.
     #[inline]
     pub fn now(&self) -> u64 {
-        self.clock.delta_as_nanos(self.epoch, self.clock.raw())
+        self.clock.now()
     }
 
     /// The regions of a `[hosts]` key, if it has any.
